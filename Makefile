@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= /usr/share/datasets/fashion-mnist
-MODEL  ?= resnet_demo
+MODEL  ?=
+INIT   ?=
 ACT    ?= gelu
 EPOCHS ?=
 BATCH  ?=
@@ -26,15 +27,20 @@ RUN := $(VENV)/bin/torchrun --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_
 else
 RUN := $(PY)
 endif
-TRAIN = $(RUN) gradnorm.py --model=$(MODEL) --act=$(ACT) --data=$(DATA) \
+# unset variables leave gradnorm.py's defaults: the demo's, or the paper's recipe when DATA is ImageNet
+TRAIN = $(RUN) gradnorm.py --act=$(ACT) --data=$(DATA) $(if $(MODEL),--model=$(MODEL)) $(if $(INIT),--init=$(INIT)) \
         $(if $(EPOCHS),--epochs=$(EPOCHS)) $(if $(BATCH),--batch_size=$(BATCH)) $(ARGS)
 
 .PHONY: setup data train-gradnorm train-standard train-pgd train-edge eval test clean
 
 setup: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+ifneq ($(FFCV),0)
+	dpkg -s $(FFCV_DEBS) >/dev/null 2>&1 || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(FFCV_DEBS))
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-data.txt
+endif
 	touch $@
 
 # The built-in default data: real Fashion-MNIST (MIT licence) from Debian's package.
@@ -53,10 +59,45 @@ train-edge: setup data
 	$(TRAIN) --objective=edge --out=$(OUT)/edge_$(ACT)
 
 eval: setup data
-	$(PY) attack.py --ckpt=$(CKPT) --eps $(EPS) $(ARGS)
+	$(RUN) attack.py --ckpt=$(CKPT) --eps $(EPS) $(ARGS)
 
 test: setup data
-	$(PY) -m pytest -q -x test_smoke.py
+	$(PY) -m pytest -q test_smoke.py test_resilience.py test_data.py test_attack.py test_compile.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache __pycache__
+
+# ---------------------------------------------------------------- FFCV data path (data.py)
+# FFCV=0 skips building FFCV in `setup` (then: the in-memory demo, or --loader=torchvision on ImageFolder data)
+FFCV      ?= 1
+FFCV_DEBS := pkg-config g++ libturbojpeg0-dev libopencv-dev
+IMAGENET  ?=
+BETON     ?= $(IMAGENET)-beton
+MAX_SIDE  ?= 500
+QUALITY   ?= 90
+COMPRESS  ?= 0.5
+export NUMBA_THREADING_LAYER = omp
+
+# ImageFolder IMAGENET/{train,val}/<class>/<image> -> BETON/{train,val}.beton; then train with DATA=$(BETON)
+beton: setup
+	@test -n "$(IMAGENET)" || (echo 'usage: make beton IMAGENET=/path/to/imagenet [BETON=out_dir]'; exit 2)
+	$(PY) data.py write $(IMAGENET) $(BETON) --max-side=$(MAX_SIDE) --quality=$(QUALITY) --compress=$(COMPRESS)
+
+bench-loader: setup
+	$(PY) data.py bench
+
+# Step cost of standard, GradNorm (exact, compiled, finite-difference), EdgeReg and PGD-3 AT, side by side.
+# Default: the demo model on the CPU; resnet50 and vit_small at 224 (bf16, channels_last) where there is a GPU.
+RES ?=
+BENCH_MODELS = $(or $(MODEL),$(if $(filter-out 0,$(GPUS)),resnet50 vit_small,resnet_demo))
+.PHONY: bench
+bench: setup
+	for m in $(BENCH_MODELS); do $(PY) bench.py --model=$$m $(if $(RES),--res=$(RES)) $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
+
+# Gradient statistics, pictures and PGD accuracy of one or more checkpoints (CKPT, CKPT2, ... or CKPTS="a.pt b.pt").
+.PHONY: characterize bench-attack
+characterize: setup data
+	$(PY) characterize.py $(or $(CKPTS),$(CKPT) $(CKPT2) $(CKPT3) $(CKPT4) $(CKPT5) $(CKPT6)) $(ARGS)
+# PGD-10 seconds per 1,000 images on the demo model, eager vs torch.compile, side by side.
+bench-attack: setup
+	$(PY) attack.py bench $(ARGS)

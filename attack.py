@@ -1,10 +1,18 @@
-"""L-inf PGD and the evaluator: clean and robust accuracy of a checkpoint for a list of eps.
+"""PGD and an evaluator you can trust: L-inf and L2, restarts, CE / margin / DLR losses, the worst
+case per sample over steps, restarts and attacks, and checks that flag gradient masking.
 
-    python attack.py --ckpt runs/demo/ckpt.pt --eps 0.05 0.1 --steps 20 --n 1000
+    python attack.py --ckpt runs/gradnorm_gelu/ckpt.pt --eps 0.05 0.1 --attacks ce-20 dlr-20 ce-50x2
+    torchrun --nproc_per_node=8 attack.py --ckpt imagenet.pt --eps 4/255   # counts summed over ranks
+    python attack.py bench             # PGD-10 seconds per 1,000 images, eager vs compiled
+An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100.
 """
 import argparse
 import json
+import math
+import os
 import sys
+import time
+from contextlib import nullcontext
 from fractions import Fraction
 
 import torch
@@ -16,59 +24,237 @@ class UserError(Exception):
     """A problem the user can fix: printed as one line, never as a traceback."""
 
 
-def pgd(model, x, y, eps, steps, step_size, random_start=True, keep_best=False):
-    """L-inf PGD on the cross-entropy from a random start in the eps-ball; the result stays in
-    the ball and in [0,1]. keep_best (for evaluation): return, per sample, a point that fools
-    the model if the clean input or any iterate did, else the one with the highest loss, so a
-    sample counts as robust only if nothing the attack visited fooled it."""
-    x = x.detach()
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) if random_start else x.clone()
-    if keep_best:
-        with torch.no_grad():
-            logits = model(x)
-        best, fooled = x.clone(), logits.argmax(1) != y
-        best_loss = F.cross_entropy(logits, y, reduction='none')
-    for i in range(steps + keep_best):
-        x_adv.requires_grad_(True)
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y, reduction='none')
-        if keep_best:
-            wrong = logits.argmax(1) != y
-            better = (wrong & ~fooled) | ((wrong == fooled) & (loss > best_loss))
-            best = torch.where(better.view(-1, 1, 1, 1), x_adv.detach(), best)
-            best_loss = torch.where(better, loss.detach(), best_loss)
-            fooled |= wrong
-            if i == steps:
+# ---------------------------------------------------------------- losses (per sample, maximized)
+
+def ce_loss(logits, y):
+    return F.cross_entropy(logits.float(), y, reduction='none')
+
+
+def margin_loss(logits, y):
+    """Carlini-Wagner logit margin: best wrong logit minus the true one; > 0 exactly when fooled.
+    Unlike CE it does not saturate when the softmax is confident."""
+    z = logits.float()
+    other = z.scatter(1, y[:, None], float('-inf')).amax(1)
+    return other - z.gather(1, y[:, None]).squeeze(1)
+
+
+def dlr_loss(logits, y):
+    """Croce & Hein's DLR: the margin over z_(1) - z_(3) of the sorted logits, so rescaling the
+    logits (a cheap way to mask CE gradients) changes nothing."""
+    if logits.shape[1] < 3:
+        raise UserError('the DLR loss needs at least 3 classes: use the margin loss (margin-STEPS)')
+    s = logits.float().sort(1, descending=True).values
+    return margin_loss(logits, y) / (s[:, 0] - s[:, 2] + 1e-12)
+
+
+LOSSES = {'ce': ce_loss, 'margin': margin_loss, 'dlr': dlr_loss}
+
+
+# ---------------------------------------------------------------- threat models
+
+def _per_sample(v, like):
+    return v.view(-1, *[1] * (like.ndim - 1))
+
+
+def project(delta, eps, norm):
+    """Nearest point of the eps-ball (L-inf: clip; L2: rescale)."""
+    if norm == 'linf':
+        return delta.clamp(-eps, eps)
+    n = delta.flatten(1).norm(dim=1)
+    return delta * _per_sample((eps / n.clamp_min(1e-12)).clamp(max=1), delta)
+
+
+def distance(a, b, norm):
+    d = (a - b).flatten(1)
+    return d.abs().amax(1) if norm == 'linf' else d.norm(dim=1)
+
+
+def random_delta(x, eps, norm):
+    """Uniform in the L-inf ball; uniform in the L2 ball (Gaussian direction, radius eps*U^(1/d))."""
+    if norm == 'linf':
+        return torch.empty_like(x).uniform_(-eps, eps)
+    d = torch.randn_like(x)
+    r = eps * torch.rand(len(x), device=x.device).pow(1 / x[0].numel())
+    return d * _per_sample(r / d.flatten(1).norm(dim=1), d)
+
+
+def step(x, x_adv, grad, size, eps, norm):
+    """Steepest ascent for the norm (sign / normalized gradient), back into the ball and [0,1].
+    Clamping to [0,1] only shrinks each |delta_i| (x is in [0,1]), so it never leaves the ball."""
+    if norm == 'linf':
+        d = grad.sign()
+    else:
+        d = grad / _per_sample(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+    return (x + project(x_adv + size * d - x, eps, norm)).clamp(0, 1)
+
+
+def step_size_at(size, i, steps, schedule):
+    """constant, or cosine from size down to 0 (big moves first, fine search last)."""
+    if schedule == 'constant':
+        return size
+    if schedule == 'cosine':
+        return size * 0.5 * (1 + math.cos(math.pi * i / steps))
+    raise UserError(f'unknown step-size schedule {schedule!r}: use constant or cosine')
+
+
+# ---------------------------------------------------------------- PGD
+
+def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=False,
+        norm='linf', loss='ce', restarts=1, schedule='constant'):
+    """PGD on inputs in [0,1]; every point returned is in the eps-ball around x and in [0,1].
+
+    keep_best=False (adversarial training): one run, the last iterate, one forward and one
+    backward per step. keep_best=True (evaluation): returns (x_adv, fooled). A sample counts as
+    fooled if the clean input or any iterate of any restart was misclassified; x_adv is that
+    point, else the highest-loss point seen. Restarts and later steps attack only the samples
+    still standing, which changes nothing but the cost. step_size defaults to 2.5*eps/steps."""
+    if norm not in ('linf', 'l2'):
+        raise UserError(f'unknown norm {norm!r}: use linf or l2')
+    if loss not in LOSSES:
+        raise UserError(f'unknown attack loss {loss!r}; choose one of {", ".join(LOSSES)}')
+    loss_fn, size, x = LOSSES[loss], step_size or 2.5 * eps / steps, x.detach()
+    if not keep_best:
+        x_adv = (x + random_delta(x, eps, norm)).clamp(0, 1) if random_start else x.clone()
+        for i in range(steps):
+            x_adv.requires_grad_(True)
+            (g,) = torch.autograd.grad(loss_fn(model(x_adv), y).sum(), x_adv)
+            x_adv = step(x, x_adv.detach(), g, step_size_at(size, i, steps, schedule), eps, norm)
+        return x_adv.detach()
+
+    with torch.no_grad():
+        fooled = model(x).argmax(1) != y
+    best, best_loss = x.clone(), torch.full(y.shape, float('-inf'), device=x.device)
+    for _ in range(restarts):
+        act = (~fooled).nonzero().squeeze(1)  # indices of the samples still standing
+        xa, ya = x[act], y[act]
+        x_adv = (xa + random_delta(xa, eps, norm)).clamp(0, 1) if random_start else xa.clone()
+        for i in range(steps + 1):
+            with torch.enable_grad() if i < steps else torch.no_grad():
+                x_adv.requires_grad_(i < steps)
+                logits = model(x_adv)
+                l = loss_fn(logits, ya)
+            wrong = logits.argmax(1) != ya
+            take = wrong | (l.detach() > best_loss[act])
+            best[act[take]] = x_adv.detach()[take]
+            best_loss[act[take]] = l.detach()[take]
+            fooled[act[wrong]] = True
+            if i == steps or wrong.all():
                 break
-        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-    return best if keep_best else x_adv.detach()
+            (g,) = torch.autograd.grad(l.sum(), x_adv)
+            keep = ~wrong
+            x_adv = step(xa[keep], x_adv.detach()[keep], g[keep], step_size_at(size, i, steps, schedule), eps, norm)
+            act, xa, ya = act[keep], xa[keep], ya[keep]
+        if fooled.all():
+            break
+    return best, fooled
 
 
-def robust_accuracy(model, batches, eps_list, steps, step_size=None):
-    """Clean and PGD accuracy over an iterable of (x, y); under torchrun each rank passes its
-    shard and the counts are summed. Step size defaults to 2.5*eps/steps (Madry et al.)."""
-    was_training = model.training
-    grads = [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)  # attacks need input gradients only
-    counts = torch.zeros(2 + len(eps_list), dtype=torch.float64)
+# ---------------------------------------------------------------- evaluator
+
+def parse_attack(spec):
+    """'dlr-50x2' -> ('dlr', 50, 2)"""
+    try:
+        loss, _, rest = spec.partition('-')
+        steps, _, restarts = rest.partition('x')
+        a = (loss, int(steps), int(restarts or 1))
+        assert loss in LOSSES and a[1] > 0 and a[2] > 0
+        return a
+    except (ValueError, AssertionError):
+        raise UserError(f'cannot read attack {spec!r}: write LOSS-STEPS[xRESTARTS] with LOSS in '
+                        f'{"/".join(LOSSES)}, e.g. ce-20 or dlr-50x2') from None
+
+
+def forward_fn(model, compile=False, bf16=False):
+    """The model's forward, optionally compiled (AOTAutograd compiles its backward too) and in
+    bf16 autocast; losses are computed in float32 either way."""
+    fwd = torch.compile(model, dynamic=True) if compile else model
+    if not bf16:
+        return fwd
+
+    def autocast_fwd(x):
+        with torch.autocast(x.device.type, torch.bfloat16):
+            return fwd(x)
+    return autocast_fwd
+
+
+def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule='constant',
+             step_size=None, big_eps=None, compile=False, bf16=False):
+    """Clean accuracy and, per eps, robust accuracy per attack and the worst case over attacks
+    (per sample: robust only if every attack failed). Under torchrun each rank passes its shard
+    and the counts are summed. big_eps adds one ce-10 attack at that eps for the sanity checks.
+    -> {'n', 'clean', 'robust': {eps: {attack: acc, 'worst': acc}}, 'big_eps': acc or None}"""
+    specs = [parse_attack(a) for a in attacks]
+    was_training, grads = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)  # no dropout or batch statistics; input gradients only
+    fwd = forward_fn(model, compile, bf16)
+    counts = torch.zeros(2 + len(eps_list) * (len(specs) + 1) + 1, dtype=torch.float64)
     for x, y in batches:
         with torch.no_grad():
             counts[0] += len(y)
-            counts[1] += (model(x).argmax(1) == y).sum().item()
-        for j, eps in enumerate(eps_list):
-            x_adv = pgd(model, x, y, eps, steps, step_size or 2.5 * eps / steps, keep_best=True)
-            with torch.no_grad():
-                counts[2 + j] += (model(x_adv).argmax(1) == y).sum().item()
+            counts[1] += (fwd(x).argmax(1) == y).sum().item()
+        k = 2
+        for eps in eps_list:
+            robust_all = torch.ones_like(y, dtype=torch.bool)
+            for loss, steps, restarts in specs:
+                x_adv, fooled = pgd(fwd, x, y, eps, steps, step_size and step_size * eps, keep_best=True,
+                                    norm=norm, loss=loss, restarts=restarts, schedule=schedule)
+                d = distance(x_adv, x, norm).max().item()
+                if d > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:  # never trust, verify
+                    raise RuntimeError(f'attack left the eps-ball or [0,1]: distance {d} > eps {eps}')
+                counts[k] += (~fooled).sum().item()
+                robust_all &= ~fooled
+                k += 1
+            counts[k] += robust_all.sum().item()
+            k += 1
+        if big_eps:
+            counts[k] += (~pgd(fwd, x, y, big_eps, 10, keep_best=True, norm=norm)[1]).sum().item()
     model.train(was_training)
     for p, g in zip(model.parameters(), grads):
         p.requires_grad_(g)
     if dist.is_initialized():
         dist.all_reduce(counts)
-    n = counts[0].item()
-    return {'n': int(n), 'clean': counts[1].item() / n,
-            'robust': {eps: counts[2 + j].item() / n for j, eps in enumerate(eps_list)}}
+    acc = (counts / counts[0]).tolist()
+    names, per = list(attacks) + ['worst'], len(specs) + 1
+    robust = {eps: dict(zip(names, acc[2 + j * per: 2 + (j + 1) * per])) for j, eps in enumerate(eps_list)}
+    return {'n': int(counts[0]), 'clean': acc[1], 'robust': robust, 'big_eps': acc[-1] if big_eps else None}
+
+
+def robust_accuracy(model, batches, eps_list, steps):
+    """The per-epoch number in training: clean and PGD-steps accuracy (CE, one restart, step
+    2.5*eps/steps, worst iterate). -> {'n', 'clean', 'robust': {eps: acc}}"""
+    r = evaluate(model, batches, eps_list, [f'ce-{steps}'])
+    return {'n': r['n'], 'clean': r['clean'], 'robust': {e: r['robust'][e]['worst'] for e in eps_list}}
+
+
+def sanity_checks(result, attacks, big_eps, num_classes, gap=0.1, slack_images=2):
+    """Symptoms of gradient masking, each -> (ok, message). Attacks at different eps or with
+    different steps are independent random runs, so a weaker one can win by an image or two
+    through luck: comparisons tolerate slack_images; more than that means do not trust."""
+    eps_list, out, slack = sorted(result['robust']), [], slack_images / result['n'] + 1e-12
+    acc = lambda e, a: result['robust'][e][a]
+    for name in list(attacks) + ['worst']:
+        bad = [(a, b) for a, b in zip(eps_list, eps_list[1:]) if acc(b, name) > acc(a, name) + slack]
+        out.append((not bad, f'{name}: robust accuracy never increases with eps'
+                    + (f' (it does from eps {bad[0][0]:.4g} to {bad[0][1]:.4g})' if bad else '')))
+    if big_eps:
+        chance = 1 / num_classes
+        out.append((result['big_eps'] <= chance, f'eps {big_eps:.4g} (reaches uniform gray from any image): '
+                    f'ce-10 robust accuracy {100 * result["big_eps"]:.1f}% <= chance {100 * chance:.0f}%'))
+    specs = {a: parse_attack(a) for a in attacks}
+    for a in attacks:
+        for b in attacks:
+            (la, sa, ra), (lb, sb, rb) = specs[a], specs[b]
+            if a != b and la == lb and sb >= sa and rb >= ra:
+                worse = [e for e in eps_list if acc(e, b) > acc(e, a) + slack]
+                out.append((not worse, f'{b} (more steps/restarts) <= {a} at every eps'
+                            + (f' (not at {worse[0]:.4g})' if worse else '')))
+    ce = [a for a in attacks if specs[a][0] == 'ce']
+    mg = [a for a in attacks if specs[a][0] != 'ce']
+    if ce and mg:
+        d = max(min(acc(e, a) for a in ce) - min(acc(e, a) for a in mg) for e in eps_list)
+        out.append((d <= gap, f'margin/DLR attacks at most {100 * gap:.0f} points stronger than CE '
+                    f'(largest gap {100 * d:.1f}; a big gap means CE gradients are masked)'))
+    return out
 
 
 def parse_eps(text):
@@ -83,35 +269,109 @@ def main(argv):
     import gradnorm
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', required=True)
-    p.add_argument('--eps', nargs='+', default=['0.1'], help='L-inf budgets, e.g. 0.1 or 4/255')
-    p.add_argument('--steps', type=int, default=20)
-    p.add_argument('--n', type=int, default=1000, help='first n validation images')
+    p.add_argument('--eps', nargs='+', default=None,
+                   help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the training eps)')
+    p.add_argument('--norm', default='linf', choices=['linf', 'l2'])
+    p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'], help='LOSS-STEPS[xRESTARTS]')
+    p.add_argument('--steps', type=int, default=None, help='shorthand for --attacks ce-STEPS')
+    p.add_argument('--schedule', default='constant', choices=['constant', 'cosine'])
+    p.add_argument('--step-size', type=float, default=None, help='as a fraction of eps (default 2.5/steps)')
+    p.add_argument('--n', type=int, default=None, help='first n validation images (default 5000 on ImageNet, else 1000)')
     p.add_argument('--data', default=None, help='data path (default: the one used in training)')
     p.add_argument('--ema', action='store_true', help='evaluate the EMA weights')
-    p.add_argument('--json', default=None, help='also write the results here')
+    p.add_argument('--json', default=None, help='write the results here (default: next to the checkpoint)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help='auto = on CUDA only')
+    p.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA)')
+    p.add_argument('--no-checks', action='store_true', help='skip the gradient-masking sanity checks')
     args = p.parse_args(argv)
-    eps_list = [parse_eps(e) for e in args.eps]
-    torch.manual_seed(args.seed)
+    attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
+    [parse_attack(a) for a in attacks]
+
+    distributed = 'RANK' in os.environ
+    if distributed:
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
     ck = gradnorm.load_checkpoint(args.ckpt)
-    model = gradnorm.model_from_checkpoint(ck, 'ema' if args.ema else 'model')
-    cfg = gradnorm.Config(**{**ck['config'], 'eval_n': args.n})
+    model = gradnorm.model_from_checkpoint(ck, 'ema' if args.ema else 'model').to(device)
+    imagenet = ck['data_info'].get('num_classes') == 1000
+    eps_text = args.eps or (['4/255'] if imagenet else [f'{ck["config"]["eps"]:g}'])
+    eps_list = [parse_eps(e) for e in eps_text]
+    norm_name = {'linf': 'L-inf', 'l2': 'L2'}[args.norm]
+    big_eps = None if args.no_checks else (0.5 if args.norm == 'linf' else None)
+    cfg = gradnorm.Config(**{**ck['config'], 'eval_n': args.n or (5000 if imagenet else 1000)})
     cfg.data = args.data or cfg.data
-    _, _, robust_val, _ = gradnorm.make_loaders(cfg, 0, 1, torch.device('cpu'))
-    r = robust_accuracy(model, robust_val, eps_list, args.steps)
-    print(f'{args.ckpt}: {cfg.objective} {cfg.model}/{cfg.act}, {r["n"]} images, PGD-{args.steps}, seed {args.seed}')
-    print(f'{"eps":>10} {"accuracy":>9}')
-    print(f'{"clean":>10} {100 * r["clean"]:8.1f}%')
-    for eps, text in zip(eps_list, args.eps):
-        print(f'{text:>10} {100 * r["robust"][eps]:8.1f}%')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'ckpt': args.ckpt, 'steps': args.steps, 'seed': args.seed, 'n': r['n'], 'clean': r['clean'],
-                       'robust': {t: r['robust'][e] for e, t in zip(eps_list, args.eps)}}, f, indent=1)
+    _, _, robust_val, info = gradnorm.make_loaders(cfg, rank, world, device)
+    if not args.no_checks and args.norm == 'l2':  # the L2 distance from any image to uniform gray
+        big_eps = 0.5 * math.sqrt(info['in_ch'] * info.get('img_size', 28) ** 2)
+    torch.manual_seed(args.seed + rank)
+    compile = args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda')
+    t0 = time.time()
+    r = evaluate(model, robust_val, eps_list, attacks, args.norm, args.schedule, args.step_size, big_eps,
+                 compile, args.bf16 and device.type == 'cuda')
+    seconds = time.time() - t0
+    if rank == 0:
+        checks = [] if args.no_checks else sanity_checks(r, attacks, big_eps, info['num_classes'])
+        c = ck['config']
+        print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {r["n"]} images | {norm_name} | '
+              f'seed {args.seed} | {seconds:.0f} s{" | bf16" if args.bf16 else ""}{" | compiled" if compile else ""}')
+        names = attacks + ['worst']
+        print(f'{"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
+        for e, t in zip(eps_list, eps_text):
+            print(f'{t:>8} {100 * r["clean"]:7.1f} ' + ' '.join(f'{100 * r["robust"][e][a]:8.1f}' for a in names))
+        for ok, msg in checks:
+            print(f'  {"ok  " if ok else "WARN"} {msg}')
+        path = args.json or os.path.join(os.path.dirname(args.ckpt) or '.', f'eval_{args.norm}.json')
+        with open(path, 'w') as f:
+            json.dump({'ckpt': args.ckpt, 'objective': c['objective'], 'model': c['model'], 'act': c['act'],
+                       'norm': args.norm, 'attacks': attacks, 'schedule': args.schedule, 'n': r['n'],
+                       'seed': args.seed, 'seconds': seconds, 'clean': r['clean'], 'big_eps': big_eps,
+                       'big_eps_acc': r['big_eps'], 'robust': {t: r['robust'][e] for e, t in zip(eps_list, eps_text)},
+                       'checks': [{'ok': ok, 'check': m} for ok, m in checks]}, f, indent=1)
+        print(f'wrote {path}')
+    if distributed:
+        dist.destroy_process_group()
+
+
+def bench(argv):
+    """PGD-10 seconds per 1,000 images on the demo model, eager vs torch.compile, same process."""
+    import gradnorm
+    from data import FASHION_MEAN, FASHION_STD
+    p = argparse.ArgumentParser(description=bench.__doc__)
+    p.add_argument('--model', default='resnet_demo')
+    p.add_argument('--batch', type=int, default=500)
+    p.add_argument('--images', type=int, default=1000)
+    p.add_argument('--steps', type=int, default=10)
+    args = p.parse_args(argv)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    torch.manual_seed(0)
+    model = gradnorm.build_model(args.model, 'gelu', in_ch=1, num_classes=10, img_size=28,
+                                 mean=FASHION_MEAN, std=FASHION_STD).to(device).eval().requires_grad_(False)
+    x, y = torch.rand(args.batch, 1, 28, 28, device=device), torch.randint(0, 10, (args.batch,), device=device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+
+    def per_1000(fwd):
+        t0 = time.time()
+        pgd(fwd, x, y, 0.1, args.steps)  # warm-up: compilation happens here
+        sync()
+        warm, t0, done = time.time() - t0, time.time(), 0
+        while done < args.images:
+            pgd(fwd, x, y, 0.1, args.steps)
+            done += args.batch
+        sync()
+        return (time.time() - t0) / done * 1000, warm
+
+    eager, _ = per_1000(model)
+    compiled, warm = per_1000(torch.compile(model))
+    print(f'PGD-{args.steps} {args.model} {device.type} batch {args.batch}: eager {eager:.2f} s/1000 img | '
+          f'compiled {compiled:.2f} s/1000 img (warm-up {warm:.0f} s) | compiled speed-up {eager / compiled:.2f}x')
 
 
 if __name__ == '__main__':
     try:
-        main(sys.argv[1:])
+        bench(sys.argv[2:]) if sys.argv[1:2] == ['bench'] else main(sys.argv[1:])
     except UserError as e:
         sys.exit(f'error: {e}')

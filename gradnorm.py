@@ -6,11 +6,13 @@ Read top to bottom: models -> objectives -> data -> training loop.
 Every model eats images in [0,1]; normalization is a buffer inside the model, so input
 gradients and attacks live in pixel space.
 """
+import copy
 import dataclasses
-import gzip
+import glob
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -22,20 +24,20 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attack import UserError, pgd, robust_accuracy
+from data import IMAGENET_MEAN, IMAGENET_STD, data_kind, make_loaders
 from edge_reg import edge_reg
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
+__version__ = '0.1.0'
 
 
 @dataclasses.dataclass
 class Config:
     objective: str = 'gradnorm'   # standard | gradnorm | pgd | edge
-    gradnorm_impl: str = 'exact'  # exact (double backprop) | fd (finite differences, no 2nd derivative)
+    gradnorm_impl: str = 'exact'  # exact (double backprop) | fd (finite differences, no 2nd derivative) | auto
     model: str = 'resnet_demo'
     act: str = 'gelu'             # relu | gelu | silu: GradNorm needs a smooth one
     data: str = '/usr/share/datasets/fashion-mnist'
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 128         # global, split over ranks
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -44,7 +46,7 @@ class Config:
     smoothing: float = 0.1        # label smoothing
     clip: float = 1.0             # gradient-norm clipping
     eps: float = 0.1              # L-inf budget in pixel units: GradNorm's eps and the eval's
-    ramp_epochs: float = 2.0      # GradNorm alpha: 0 -> 1 over these epochs (paper: 5)
+    ramp_epochs: float = 1.0      # GradNorm alpha: 0 -> 1 over these epochs (paper: 5)
     edge_alpha: str = '1,0.09,19' # EdgeReg alpha = min(a + b*epoch, c)
     pgd_steps: int = 3            # adversarial-training baseline: PGD-k, step 2*eps/k
     ema: float = 0.0              # EMA decay of the weights, 0 = off
@@ -52,16 +54,29 @@ class Config:
     eval_steps: int = 20          # PGD steps for the per-epoch robust accuracy
     compile: str = 'auto'         # auto (= on CUDA only) | on | off
     out: str = 'runs/demo'
-    resume: str = ''              # checkpoint path to continue from
+    resume: str = ''              # a checkpoint to continue from, or 'auto': the newest valid one in --out
+    ckpt_every: int = 0           # also checkpoint every N steps (0: at epoch ends only)
+    keep: int = 3                 # checkpoints kept in --out
+    max_bad_steps: int = 5        # non-finite steps in a row before training stops
     seed: int = 0
     loader: str = 'ffcv'          # ffcv | torchvision (fallback for ImageFolder data)
     res: int = 224                # ImageNet training/eval resolution
     workers: int = 8
     init: str = ''                # '' | torchvision: start from torchvision's pretrained weights
+    fd_h: float = 1e-3            # finite-difference step of --gradnorm_impl=fd (pixel units)
+    res_start: int = 0            # progressive resizing: train res ramps res_start -> res (0 = off)
+    mixup: float = 0.0            # Mixup/CutMix alpha (one of the two per batch), 0 = off
+
+
+# The paper's ImageNet recipe: the defaults when --data is ImageNet (.beton files or an ImageFolder).
+# epochs and batch_size are this repo's choice (the recipe scales lr with the global batch).
+IMAGENET_RECIPE = dict(model='resnet50', epochs=100, batch_size=1024, weight_decay=0.05, warmup_epochs=5.0,
+                       min_lr=1e-5, smoothing=0.1, ema=0.9998, clip=1.0, ramp_epochs=5.0, eps=4 / 255, res=224,
+                       eval_n=5000)
 
 
 def parse_config(argv):
-    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
+    cfg, fields, given = Config(), {f.name: f for f in dataclasses.fields(Config)}, set()
     for arg in argv:
         key, _, val = arg.lstrip('-').partition('=')
         key = key.replace('-', '_')
@@ -71,6 +86,14 @@ def parse_config(argv):
             setattr(cfg, key, type(getattr(cfg, key))(val))
         except ValueError:
             raise UserError(f'--{key}={val}: expected a {type(getattr(cfg, key)).__name__}')
+        given.add(key)
+    if data_kind(cfg.data) != 'fashion':
+        for key, val in IMAGENET_RECIPE.items():
+            setattr(cfg, key, getattr(cfg, key) if key in given else val)
+        if 'lr' not in given:
+            cfg.lr = 1.25e-3 * cfg.batch_size / 512
+        if 'init' not in given and cfg.model == 'resnet50':
+            cfg.init = 'torchvision'  # the paper fine-tunes torchvision's ResNet-50 with GELU swapped in
     return cfg
 
 
@@ -266,6 +289,31 @@ def gradnorm(model, x, y, eps, alpha, smoothing=0.1):
     return 0.8 * ce + 1.2 * alpha * penalty, {'ce': ce, 'gradnorm': penalty}
 
 
+def gradnorm_fd(model, x, y, eps, alpha, h=1e-3, smoothing=0.1):
+    """GradNorm without second derivatives (Finlay & Oberman 2019): two forward-backward passes.
+
+    With s = sign(grad_x CE) held fixed, the penalty's parameter gradient is eps times the derivative
+    of grad_theta CE along s: eps * [grad_theta CE(x + h*s) - grad_theta CE(x)] / h + O(h).
+    Pass 1 gets grad_x (for s and the penalty) and G0 = grad_theta CE(x) from one backward. Pass 2's
+    CE(x + h*s) goes into a surrogate whose backward (the training loop's, so DDP syncs as usual) is
+    0.8*G0 + k*(G1 - G0), k = 1.2*alpha*eps/h, and whose value is the true loss.
+    Error vs double backprop (demo ResNet, GELU): ~7*h relative from the O(h) term, plus float32
+    rounding ~1.4e-7/h, so h=1e-3 gives ~0.7%. Needs float32 and a smooth activation (ReLU: >80%).
+    No second derivative, so fused attention kernels work; BatchNorm's running stats see both passes.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not x.requires_grad:
+        x = x.detach().requires_grad_()
+    ce = F.cross_entropy(model(x), y, label_smoothing=smoothing)
+    gx, *g0 = torch.autograd.grad(ce, [x, *params])
+    penalty = eps * x.shape[0] * gx.abs().flatten(1).sum(1).mean()
+    k = 1.2 * alpha * eps / h
+    ce_h = F.cross_entropy(model(x.detach() + h * gx.sign()), y, label_smoothing=smoothing)
+    surrogate = k * ce_h + (0.8 - k) * sum((g * p).sum() for g, p in zip(g0, params))
+    loss = 0.8 * ce + 1.2 * alpha * penalty
+    return surrogate + (loss - surrogate).detach(), {'ce': ce.detach(), 'gradnorm': penalty}
+
+
 def pgd_at(model, x, y, eps, steps=3, smoothing=0.1):
     """Adversarial-training baseline: CE on PGD-k examples (random start, step 2*eps/k)."""
     x_adv = pgd(model, x, y, eps, steps, 2 * eps / steps)
@@ -273,96 +321,58 @@ def pgd_at(model, x, y, eps, steps=3, smoothing=0.1):
     return ce, {'ce_adv': ce}
 
 
-def objective(cfg, device):
+def gradnorm_impl(cfg, device):
+    """auto: finite differences where they are accurate (float32 on the CPU, smooth activation) and
+    cheaper; double backprop on CUDA, whose bf16/TF32 rounding swamps the difference quotient."""
+    impl = cfg.gradnorm_impl
+    if impl == 'auto':
+        impl = 'fd' if device.type == 'cpu' and cfg.act != 'relu' else 'exact'
+    if impl not in ('exact', 'fd'):
+        raise UserError(f'unknown --gradnorm_impl={impl}; choose exact, fd or auto')
+    if impl == 'fd' and device.type == 'cuda':
+        raise UserError('--gradnorm_impl=fd needs float32, but CUDA training runs bf16 and TF32: use exact')
+    return impl
+
+
+def objective(cfg, device, compiled=False):
     """-> fn(model, x, y, t) for the configured objective; t = epochs elapsed (float).
-    Alphas go in as tensors, so a compiled step is not recompiled when they change."""
+    Only the objective itself is compiled, and alphas go in as tensors, so nothing recompiles
+    when they change."""
     a, b, c = map(float, cfg.edge_alpha.split(','))
     scalar = lambda v: torch.tensor(float(v), device=device)
+    fd = cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd'
+    fn = {'standard': standard, 'gradnorm': gradnorm_fd if fd else gradnorm, 'pgd': pgd_at,
+          'edge': edge_reg}[cfg.objective]
+    # fullgraph, so a double backward cannot silently fall back to eager; PGD's attack loop makes
+    # intermediates require grad, which Dynamo can only handle with a graph break
+    fn = torch.compile(fn, fullgraph=cfg.objective != 'pgd') if compiled else fn
+    h = {'h': cfg.fd_h} if fd else {}
     return {
-        'standard': lambda m, x, y, t: standard(m, x, y, cfg.smoothing),
-        'gradnorm': lambda m, x, y, t: gradnorm(
-            m, x, y, cfg.eps, scalar(min(t / max(cfg.ramp_epochs, 1e-9), 1.0)), cfg.smoothing),
-        'pgd': lambda m, x, y, t: pgd_at(m, x, y, cfg.eps, cfg.pgd_steps, cfg.smoothing),
-        'edge': lambda m, x, y, t: edge_reg(m, x, y, scalar(min(a + b * int(t), c)), smoothing=cfg.smoothing),
+        'standard': lambda m, x, y, t: fn(m, x, y, cfg.smoothing),
+        'gradnorm': lambda m, x, y, t: fn(
+            m, x, y, cfg.eps, scalar(min(t / max(cfg.ramp_epochs, 1e-9), 1.0)), smoothing=cfg.smoothing, **h),
+        'pgd': lambda m, x, y, t: fn(m, x, y, cfg.eps, cfg.pgd_steps, cfg.smoothing),
+        'edge': lambda m, x, y, t: fn(m, x, y, scalar(min(a + b * int(t), c)), smoothing=cfg.smoothing),
     }[cfg.objective]
-
-
-# ---------------------------------------------------------------- data
-
-def read_idx(path):
-    """One IDX file (the MNIST format): big-endian dims after a 4-byte magic."""
-    with gzip.open(path) as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
-
-
-def load_fashion_mnist(root):
-    names = ['train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
-             't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz']
-    missing = [n for n in names if not os.path.exists(os.path.join(root, n))]
-    if missing:
-        raise UserError(f'no Fashion-MNIST in {root!r} (missing {missing[0]}): run `make data` '
-                        '(apt-get install dataset-fashion-mnist) or pass --data=DIR')
-    xtr, ytr, xte, yte = (read_idx(os.path.join(root, n)) for n in names)
-    return (xtr[:, None], ytr.long()), (xte[:, None], yte.long())
-
-
-class TensorLoader:
-    """In-memory uint8 images -> float batches in [0,1] on the device. Each rank reads its own
-    shard of an order that changes every epoch and is reproducible from the seed."""
-
-    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world=1):
-        self.images, self.labels, self.train, self.seed = images, labels, train, seed
-        self.device, self.rank, self.world = device, rank, world
-        self.batch = batch_size // world if train else batch_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        per_rank = len(self.labels) // self.world if self.train else -(-len(self.labels) // self.world)
-        return per_rank // self.batch if self.train else -(-per_rank // self.batch)
-
-    def __iter__(self):
-        n = len(self.labels)
-        if self.train:  # drop_last: a new batch shape would make torch.compile recompile
-            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-            idx = torch.randperm(n, generator=g)[: n // self.world * self.world][self.rank::self.world]
-        else:
-            idx = torch.arange(self.rank, n, self.world)
-        for i in range(len(self)):
-            j = idx[i * self.batch:(i + 1) * self.batch]
-            x = self.images[j].to(self.device, non_blocking=True).float().div_(255)
-            if self.train:  # random horizontal flip
-                flip = torch.rand(len(j), generator=g) < 0.5
-                x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
-            yield x.contiguous(memory_format=torch.channels_last), self.labels[j].to(self.device)
-
-
-def make_loaders(cfg, rank, world, device):
-    """-> train loader, val loader, and what the model needs to know about the data.
-    The seam for other datasets: return the same three things."""
-    (xtr, ytr), (xte, yte) = load_fashion_mnist(cfg.data)
-    info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
-    train = TensorLoader(xtr, ytr, cfg.batch_size, device, True, cfg.seed, rank, world)
-    val = TensorLoader(xte, yte, 500, device, False, rank=rank, world=world)
-    robust_val = TensorLoader(xte[:cfg.eval_n], yte[:cfg.eval_n], 500, device, False, rank=rank, world=world)
-    return train, val, robust_val, info
 
 
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, state):
-    """Atomic: a crash mid-write leaves the previous checkpoint, never a truncated one."""
+    """Atomic (temp file, fsync, rename): a crash or a full disk mid-write leaves the earlier
+    checkpoints as they were, never a truncated file under a valid name."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise UserError(f'cannot write checkpoint {path!r} ({e.strerror}); earlier checkpoints are '
+                        'intact: free some disk space or pass --out=DIR, then --resume=auto') from None
 
 
 def load_checkpoint(path):
@@ -370,10 +380,29 @@ def load_checkpoint(path):
         raise UserError(f'no checkpoint at {path!r}')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code; truncation fails to unzip
-        why = 'it holds pickled objects, refused by weights_only=True' if 'weights_only' in str(e) \
-            else 'it is truncated or corrupt'
+    except Exception as e:  # weights_only refuses pickled code; a truncated file fails to unzip
+        why = 'it holds pickled Python objects, refused by torch.load(weights_only=True)' \
+            if 'weights_only' in str(e) else 'it is truncated or corrupt'
         raise UserError(f'cannot load checkpoint {path!r}: {why}') from None
+
+
+def find_resume(cfg, log):
+    """--resume=PATH, or --resume=auto: the newest checkpoint in --out that loads."""
+    if cfg.resume != 'auto':
+        return cfg.resume, load_checkpoint(cfg.resume)
+    for path in sorted(glob.glob(os.path.join(cfg.out, 'ckpt-*.pt')), reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            log(f'warning: skipping {e}')
+    return None, None
+
+
+def check_same_model(ck, cfg, path):
+    old = ck['config']
+    if (old['model'], old['act']) != (cfg.model, cfg.act):
+        raise UserError(f'{path} holds a {old["model"]}/{old["act"]} model, not the requested '
+                        f'{cfg.model}/{cfg.act}: pass --model={old["model"]} --act={old["act"]} or another --out')
 
 
 def model_from_checkpoint(ck, key='model'):
@@ -385,6 +414,10 @@ def model_from_checkpoint(ck, key='model'):
 
 # ---------------------------------------------------------------- training
 
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 (SLURM, Kubernetes): a checkpoint was written; rerun with --resume=auto."""
+
+
 def lr_at(cfg, t):
     """Linear warm-up, then cosine decay to min_lr; t = epochs elapsed."""
     if t < cfg.warmup_epochs:
@@ -393,23 +426,22 @@ def lr_at(cfg, t):
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
-def evaluate(model, val, robust_val, eps, steps):
-    correct, n = 0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for x, y in val:
-            correct += (model(x).argmax(1) == y).sum().item()
-            n += len(y)
-    counts = torch.tensor([correct, n], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    robust = robust_accuracy(model, robust_val, [eps], steps)
-    model.train(was_training)
+def evaluate(model, val, robust_val, eps, steps, seed):
+    """Clean accuracy on the validation set, PGD accuracy on its fixed subset. Its own RNG stream:
+    the same attack every epoch, and training's random numbers are left as they were."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.eval()
+        with torch.no_grad():
+            counts = sum(torch.tensor([(model(x).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+                         for x, y in val)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        robust = robust_accuracy(model, robust_val, [eps], steps)
     return {'clean_acc': (counts[0] / counts[1]).item(), 'pgd_acc': robust['robust'][eps]}
 
 
-def train(cfg):
+def setup_distributed():
     distributed = 'RANK' in os.environ  # set by torchrun
     if distributed:
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
@@ -420,76 +452,126 @@ def train(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device('cpu')
+    return distributed, rank, world, device
+
+
+def train(cfg):
+    distributed, rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+        except OSError as e:
+            raise UserError(f'cannot create output directory {cfg.out!r} ({e.strerror}): pass --out=DIR') from None
     torch.manual_seed(cfg.seed)
     train_loader, val, robust_val, info = make_loaders(cfg, rank, world, device)
-
     model = build_model(cfg.model, cfg.act, **info)
-    resume = load_checkpoint(cfg.resume) if cfg.resume else None
-    if resume:
-        old = resume['config']
-        if (old['model'], old['act']) != (cfg.model, cfg.act):
-            raise UserError(f'{cfg.resume} holds a {old["model"]}/{old["act"]} model, not the '
-                            f'requested {cfg.model}/{cfg.act}: pass --model={old["model"]} --act={old["act"]}')
-        model.load_state_dict(resume['model'])
-    model = model.to(device, memory_format=torch.channels_last)
-    ema = None
-    if cfg.ema:
-        import copy
-        ema = copy.deepcopy(model).requires_grad_(False)
-        if resume:
-            ema.load_state_dict(resume['ema'])
+    if cfg.init == 'torchvision':  # same parameter names; the activation stays cfg.act (e.g. GELU for ReLU)
+        import torchvision
+        if cfg.model != 'resnet50' or info['num_classes'] != 1000:
+            raise UserError(f'--init=torchvision loads ImageNet-1k ResNet-50 weights: needs --model=resnet50 and '
+                            f'1000 classes, not {cfg.model} with {info["num_classes"]}; pass --init= to start from scratch')
+        model.load_state_dict(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), strict=True)
+    elif cfg.init:
+        raise UserError(f'unknown --init={cfg.init}: use torchvision or leave it empty')
+    resume_path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
+    if ck:
+        check_same_model(ck, cfg, resume_path)
+        model.load_state_dict(ck['model'])
+    # channels_last pays on GPUs; on the CPU it makes double backward several times slower (measured)
+    memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
     decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on norms and biases
     rest = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
                              {'params': rest, 'weight_decay': 0.0}], lr=cfg.lr, fused=device.type == 'cuda')
-    start_epoch = 0
-    if resume:
-        opt.load_state_dict(resume['optimizer'])
-        start_epoch = resume['epoch'] + 1
-        log(f'resumed from {cfg.resume} at epoch {start_epoch}')
+    steps = len(train_loader)
+    step, bad_steps = 0, 0  # step: optimizer steps taken (or skipped) since the start of training
+    torch.manual_seed(cfg.seed + rank)  # PGD starts, EdgeReg's sampled classes: differ across ranks
+    if ck:
+        opt.load_state_dict(ck['optimizer'])
+        if ema is not None and ck['ema'] is not None:
+            ema.load_state_dict(ck['ema'])
+        step = ck['step']
+        if rank == 0:
+            torch.set_rng_state(ck['rng'])
+        log(f'resumed from {resume_path} at epoch {step // steps} step {step % steps}')
 
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
-    loss_fn = objective(cfg, device)
     compiled = cfg.compile == 'on' or (cfg.compile == 'auto' and device.type == 'cuda')
     if compiled:
         torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
         torch._dynamo.config.optimize_ddp = False       # one graph: DDP syncs after backward
-        loss_fn = torch.compile(loss_fn, fullgraph=True)
+    loss_fn = objective(cfg, device, compiled)
     autocast = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
-    os.makedirs(cfg.out, exist_ok=True) if rank == 0 else None
-    ckpt_path = os.path.join(cfg.out, 'ckpt.pt')
     log(f'{cfg.objective} | {cfg.model} {cfg.act} | {sum(p.numel() for p in model.parameters()):,} params '
-        f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g}')
+        f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g} | v{__version__}'
+        + (f' | gradnorm_impl={gradnorm_impl(cfg, device)}' if cfg.objective == 'gradnorm' else ''))
 
-    steps = len(train_loader)
+    def checkpoint():
+        if rank != 0:
+            return
+        path = os.path.join(cfg.out, f'ckpt-{step:08d}.pt')
+        save_checkpoint(path, dict(
+            model=model.state_dict(), ema=ema.state_dict() if ema else None, optimizer=opt.state_dict(),
+            step=step, epoch=step // steps, rng=torch.get_rng_state(), config=dataclasses.asdict(cfg),
+            data_info=info, version=__version__))
+        latest = os.path.join(cfg.out, 'ckpt.pt')  # a hard link to the newest, for eval and users
+        os.link(path, latest + '.tmp')
+        os.replace(latest + '.tmp', latest)
+        for old in sorted(glob.glob(os.path.join(cfg.out, 'ckpt-*.pt')))[:-cfg.keep]:
+            os.remove(old)
+
+    stop = []  # the signal that asked us to stop, if any
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
     metrics = {}
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(step // steps, cfg.epochs):
         train_loader.set_epoch(epoch)
         net.train()
         sums, seen, t0 = {}, 0, time.time()
         for i, (x, y) in enumerate(train_loader):
+            if i < step - epoch * steps:  # resuming inside this epoch: same order, skip what was done
+                continue
             t = epoch + i / steps
             for group in opt.param_groups:
                 group['lr'] = lr_at(cfg, t)
             x.requires_grad_(cfg.objective in ('gradnorm', 'edge'))  # a leaf outside any compiled code
             with autocast:
                 loss, parts = loss_fn(net, x, y, t)
-            if not torch.isfinite(loss):
-                bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ['loss']
-                raise UserError(f'non-finite {bad[0]} at epoch {epoch} step {i}; training stopped, '
-                                f'last good checkpoint {ckpt_path} is intact (try a lower --lr)')
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
-                        e.lerp_(p, 1 - cfg.ema) if e.is_floating_point() else e.copy_(p)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            # one all-reduce a step: every rank skips the same steps and stops at the same one
+            flags = torch.tensor([float(bool(stop)), float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))],
+                                 device=device)
+            if distributed:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            if flags[1]:
+                bad_steps += 1
+                bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ['gradient']
+                log(f'\nwarning: non-finite {bad[0]} at epoch {epoch} step {i}: step skipped ({bad_steps} in a row)')
+                if bad_steps >= cfg.max_bad_steps:
+                    raise UserError(f'non-finite {bad[0]} for {bad_steps} steps in a row at epoch {epoch} step {i}: '
+                                    f'training stopped, the last good checkpoint in {cfg.out} is intact (try a lower --lr)')
+            else:
+                bad_steps = 0
+                opt.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+                            e.lerp_(p, 1 - cfg.ema) if e.is_floating_point() else e.copy_(p)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+            step += 1
             seen += len(y) * world
+            if flags[0]:
+                checkpoint()
+                raise Preempted(f'signal {stop[0] if stop else "on another rank"}: checkpoint at step {step} '
+                                f'in {cfg.out}; continue with --resume=auto')
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and i < steps - 1:
+                checkpoint()
             if rank == 0 and (i % 20 == 0 or i == steps - 1):
                 done = int(30 * (i + 1) / steps)
                 terms = ' '.join(f'{k} {v.item() / (i + 1):.3f}' for k, v in sums.items())
@@ -497,22 +579,24 @@ def train(cfg):
                       f'{seen / (time.time() - t0):.0f} img/s', end='', flush=True)
         seconds = time.time() - t0
         log()
+        if compiled and not metrics:  # once; a fullgraph objective is one graph, each extra one a recompile
+            graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+            log(f'torch.compile: {graphs} graph(s) in the first epoch' + (
+                f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'))
         metrics = dict(epoch=epoch, lr=lr_at(cfg, epoch + 1), img_per_s=seen / seconds, seconds=seconds,
                        **{k: v.item() / steps for k, v in sums.items()},
-                       **evaluate(model, val, robust_val, cfg.eps, cfg.eval_steps))
+                       **evaluate(model, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed))
         if ema is not None:
             metrics.update({f'ema_{k}': v for k, v in
-                            evaluate(ema, val, robust_val, cfg.eps, cfg.eval_steps).items()})
+                            evaluate(ema, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed).items()})
         log(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
         if rank == 0:
             with open(os.path.join(cfg.out, 'metrics.jsonl'), 'a') as f:
                 f.write(json.dumps(metrics) + '\n')
-            save_checkpoint(ckpt_path, dict(
-                model=model.state_dict(), ema=ema.state_dict() if ema else None,
-                optimizer=opt.state_dict(), config=dataclasses.asdict(cfg), data_info=info, epoch=epoch))
+        checkpoint()
     if metrics:
         log(f'final: clean {100 * metrics["clean_acc"]:.1f}% | PGD-{cfg.eval_steps} L-inf eps={cfg.eps:.4g} '
-            f'on {cfg.eval_n} test images {100 * metrics["pgd_acc"]:.1f}% | checkpoint {ckpt_path}')
+            f'on {cfg.eval_n} test images {100 * metrics["pgd_acc"]:.1f}% | {cfg.out}/ckpt.pt')
     if distributed:
         dist.destroy_process_group()
     return model
@@ -523,3 +607,6 @@ if __name__ == '__main__':
         train(parse_config(sys.argv[1:]))
     except UserError as e:
         sys.exit(f'\nerror: {e}')
+    except Preempted as e:
+        print(f'\npreempted: {e}', file=sys.stderr)
+        sys.exit(75)  # EX_TEMPFAIL: try again, e.g. requeue with --resume=auto

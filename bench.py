@@ -1,0 +1,147 @@
+"""What a training step costs: standard, GradNorm (exact eager, compiled, finite-difference), EdgeReg
+and PGD-3 adversarial training, timed interleaved in one process, medians after warm-up and compile.
+
+    python bench.py                                  # the demo model on Fashion-MNIST-shaped batches
+    python bench.py --model=resnet50 --res=224       # on a GPU: bf16 autocast and channels_last
+A step is everything the training loop does: objective, backward, clipping, AdamW. Peak memory is
+torch's allocator peak on CUDA, the peak resident-set growth over the step on the CPU.
+"""
+import argparse
+import copy
+import ctypes
+import platform
+import re
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+from edge_reg import edge_reg
+from gradnorm import build_model, gradnorm, gradnorm_fd, pgd_at, standard
+
+LIBC = ctypes.CDLL(None)
+
+
+def methods(compile_all, compile_gradnorm, eps, h, device):
+    """-> {name: (objective(model, x, y), compiled?)}; the input-gradient objectives need x to be a leaf."""
+    alpha = torch.tensor(1.0, device=device)  # a tensor: the value is not baked into a compiled graph
+    c = lambda fn, on: torch.compile(fn, fullgraph=fn is not pgd_at) if on else fn  # PGD: see objective()
+    rows = {'standard': (lambda m, x, y: standard(m, x, y), False)}
+    if compile_all:
+        rows['standard compiled'] = (lambda m, x, y, f=c(standard, True): f(m, x, y), True)
+    rows['gradnorm exact'] = (lambda m, x, y: gradnorm(m, x, y, eps, alpha), False)
+    if compile_gradnorm:
+        rows['gradnorm exact compiled'] = (lambda m, x, y, f=c(gradnorm, True): f(m, x, y, eps, alpha), True)
+    rows['gradnorm fd'] = (lambda m, x, y: gradnorm_fd(m, x, y, eps, alpha, h), False)
+    rows['edgereg'] = (lambda m, x, y: edge_reg(m, x, y, alpha), False)
+    if compile_all:
+        rows['edgereg compiled'] = (lambda m, x, y, f=c(edge_reg, True): f(m, x, y, alpha), True)
+    rows['pgd3 at'] = (lambda m, x, y: pgd_at(m, x, y, eps, 3), False)
+    if compile_all:
+        rows['pgd3 at compiled'] = (lambda m, x, y, f=c(pgd_at, True): f(m, x, y, eps, 3), True)
+    return rows
+
+
+def rss_kib(key):
+    return int(re.search(key + r':\s+(\d+)', open('/proc/self/status').read()).group(1))
+
+
+def timed_step(model, opt, fn, x, y, device, autocast):
+    """One training step -> (seconds, peak bytes above the memory in use before it)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        LIBC.malloc_trim(0)  # hand cached free memory back, so the step's allocations show in the RSS
+        open('/proc/self/clear_refs', 'w').write('5')  # resets the peak RSS (Linux >= 4.0)
+        base = rss_kib('VmRSS') * 1024
+    t0 = time.perf_counter()
+    x = x.detach().requires_grad_()  # a leaf before any compiled code; standard and PGD ignore it
+    with autocast:
+        loss, _ = fn(model, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = rss_kib('VmHWM') * 1024 - base
+    return time.perf_counter() - t0, peak
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='resnet_demo')
+    p.add_argument('--res', type=int, default=0, help='image size (default: 28 for *_demo, else 224)')
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--act', default='gelu')
+    p.add_argument('--eps', type=float, default=0.1)
+    p.add_argument('--fd_h', type=float, default=1e-3)
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps per method (the first compiles)')
+    p.add_argument('--repeats', type=int, default=15, help='timed steps per method, interleaved')
+    p.add_argument('--compile', default='auto', choices=['auto', 'all', 'gradnorm', 'none'],
+                   help='auto: all objectives on CUDA, only GradNorm on the CPU (no speed-up there)')
+    p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    demo = args.model.endswith('_demo')
+    res = args.res or (28 if demo else 224)
+    in_ch, classes = (1, 10) if demo else (3, 1000)
+    mode = {'auto': 'all' if device.type == 'cuda' else 'gradnorm'}.get(args.compile, args.compile)
+    if mode != 'none':
+        torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
+
+    torch.manual_seed(0)
+    base = build_model(args.model, args.act, in_ch=in_ch, num_classes=classes, img_size=res)
+    base = base.to(device, memory_format=torch.channels_last).train()
+    x = torch.rand(args.batch, in_ch, res, res, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (args.batch,), device=device)
+    rows = methods(mode == 'all', mode in ('all', 'gradnorm'), args.eps, args.fd_h, device)
+    state = {}
+    for name, (fn, compiled) in rows.items():
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == 'cuda')
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            timed_step(model, opt, fn, x, y, device, autocast)
+        print(f'warm-up {name}: {time.perf_counter() - t0:.1f} s' + (' (includes compiling)' if compiled else ''),
+              flush=True)
+        state[name] = (model, opt, [], [])
+    for _ in range(args.repeats):  # interleaved: load from other processes hits every method alike
+        for name, (fn, _) in rows.items():
+            model, opt, times, peaks = state[name]
+            t, m = timed_step(model, opt, fn, x, y, device, autocast)
+            times.append(t)
+            peaks.append(m)
+
+    hw = torch.cuda.get_device_name() if device.type == 'cuda' else f'{platform.processor() or platform.machine()} CPU'
+    print(f'\n{hw}, {torch.get_num_threads()} threads | torch {torch.__version__} | {args.model} {args.act} '
+          f'{in_ch}x{res}x{res} batch {args.batch} | {"bf16 autocast, " if device.type == "cuda" else "float32, "}'
+          f'channels_last | eps {args.eps} fd_h {args.fd_h} | median of {args.repeats} interleaved steps '
+          f'after {args.warmup} warm-up')
+    med = {name: statistics.median(s[2]) for name, s in state.items()}
+    std = med['standard']
+    print(f'{"method":<24} {"step ms":>8} {"img/s":>8} {"peak MiB":>9} {"x standard":>11}')
+    for name, s in state.items():
+        print(f'{name:<24} {1000 * med[name]:8.1f} {args.batch / med[name]:8.0f} '
+              f'{statistics.median(s[3]) / 2 ** 20:9.1f} {med[name] / std:10.2f}x')
+    gn = {n: t for n, t in med.items() if n.startswith('gradnorm')}
+    best = min(gn, key=gn.get)
+    pgd = min(t for n, t in med.items() if n.startswith('pgd3'))
+    exact = ', '.join(f'{n[len("gradnorm "):]} {t / pgd:.2f}' for n, t in gn.items() if 'exact' in n)
+    print(f'gradnorm/pgd3 {gn[best] / pgd:.2f} (best: {best}) | double backprop: {exact} | '
+          f'pgd3/standard {pgd / std:.2f}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,205 @@
+"""Read robustness from natural input gradients: robust models have small, image-like, edge-aligned
+gradients of the loss on clean images; vulnerable ones have large, noise-like ones.
+
+    python characterize.py runs/standard_gelu/ckpt.pt runs/gradnorm_gelu/ckpt.pt --n 1000
+Per checkpoint, on the same first n test images: per-image L1 and L2 norms of g = d CE_i / d x_i
+(mean, quantiles), per-channel statistics of g, edge alignment (Pearson correlation between |g|
+and the EdgeReg teacher's edge energy, per image), clean and PGD accuracy (attack.evaluate).
+Writes to --out: characterize.json, characterize.csv, gradients.png, norm_vs_robust.png.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+
+from attack import UserError, evaluate, parse_eps
+from edge_reg import edge_energy
+
+QUANTILES = {'q10': 0.1, 'q25': 0.25, 'median': 0.5, 'q75': 0.75, 'q90': 0.9}
+
+
+def input_gradients(model, x, y):
+    """d CE_i / d x_i per image. In eval mode images do not interact (no batch statistics), so
+    the gradient of the summed loss holds each image's own gradient."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction='sum'), x)
+    return g
+
+
+def pearson(a, b):
+    """Correlation per row of two (B, ...) tensors."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)).float()
+
+
+def edge_alignment(g, x):
+    """Per image: correlation of |g| with the edge energy of x (1: the gradient is the edges)."""
+    return pearson(g.abs(), edge_energy(x))
+
+
+def summary(v):
+    v = v.double()
+    return {'mean': v.mean().item(), **{k: v.quantile(q).item() for k, q in QUANTILES.items()}}
+
+
+def gradient_stats(model, batches):
+    """-> per-image L1, L2, edge alignment (tensors over all images) and per-channel statistics."""
+    model.eval().requires_grad_(False)
+    l1, l2, align, abs_sum, signed_sum, n = [], [], [], 0, 0, 0
+    for x, y in batches:
+        g = input_gradients(model, x, y).float()
+        l1.append(g.flatten(1).abs().sum(1))
+        l2.append(g.flatten(1).norm(dim=1))
+        align.append(edge_alignment(g, x))
+        abs_sum = abs_sum + g.abs().sum((0, 2, 3)).double()
+        signed_sum = signed_sum + g.sum((0, 2, 3)).double()
+        n += g.shape[0] * g.shape[2] * g.shape[3]
+    channels = [{'mean_abs': (a / n).item(), 'mean': (s / n).item(), 'l1_share': (a / abs_sum.sum()).item()}
+                for a, s in zip(abs_sum, signed_sum)]
+    return torch.cat(l1), torch.cat(l2), torch.cat(align), channels
+
+
+# ---------------------------------------------------------------- pictures
+
+def display(t, size):
+    """(B, C, H, W) -> (B, 3, size, size) for a grid: gray -> RGB, nearest-neighbour upscaling."""
+    t = t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t[:, :3]
+    return F.interpolate(t.float(), size=(size, size), mode='nearest')
+
+
+def normalized_map(m):
+    """Sum over channels, divide by the image's own 99th percentile, clip to [0,1]: every map is
+    scaled alone, so the picture compares shape (edges vs noise), the table compares size."""
+    m = m.sum(1, keepdim=True)
+    return (m / m.flatten(1).quantile(0.99, dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def text_strip(labels, width, height, x_positions):
+    """A black strip with white labels (Pillow's built-in bitmap font: no font files needed)."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor
+    img = Image.new('RGB', (width, height))
+    draw = ImageDraw.Draw(img)
+    for x, label in zip(x_positions, labels):
+        draw.text((x, 2), label, fill=(255, 255, 255))
+    return pil_to_tensor(img).float() / 255
+
+
+def gradient_grid(x, grads, names, path, size=112, pad=2):
+    """Rows: images. Columns: input, |g| per checkpoint (normalized_map), edge energy (same)."""
+    cols = [display(x, size)] + [display(normalized_map(g.abs()), size) for g in grads]
+    cols.append(display(normalized_map(edge_energy(x)), size))
+    tiles = torch.stack(cols, 1).flatten(0, 1)  # row-major: image by image
+    grid = make_grid(tiles, nrow=len(cols), padding=pad, pad_value=1.0)
+    labels = ['input'] + [n[:size // 6] for n in names] + ['edge energy']
+    header = text_strip(labels, grid.shape[2], 14, [pad + i * (size + pad) + 2 for i in range(len(cols))])
+    save_image(torch.cat([header, grid], 1), path)
+
+
+def scatter_plot(points, path, w=520, h=360):
+    """Robust accuracy (y) against the median per-image L1 gradient norm (x, log10 scale)."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor
+    img = Image.new('RGB', (w, h), 'white')
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, w - 20, 20, h - 50
+    lx = [math.log10(max(p[1], 1e-12)) for p in points]
+    lo, hi = math.floor(min(lx)), math.ceil(max(lx))
+    hi += hi == lo
+    px = lambda v: left + (v - lo) / (hi - lo) * (right - left)
+    py = lambda acc: bottom - acc * (bottom - top)
+    d.line([(left, top), (left, bottom), (right, bottom)], fill='black')
+    for e in range(lo, hi + 1):
+        d.line([(px(e), bottom), (px(e), bottom + 4)], fill='black')
+        d.text((px(e) - 12, bottom + 6), f'1e{e}', fill='black')
+    for a in range(0, 101, 20):
+        d.line([(left - 4, py(a / 100)), (left, py(a / 100))], fill='black')
+        d.text((left - 30, py(a / 100) - 5), f'{a}%', fill='black')
+    d.text((left + 60, h - 22), 'median per-image L1 norm of d CE / d x (log scale)', fill='black')
+    d.text((4, 4), 'PGD accuracy', fill='black')
+    colors = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf']
+    for i, ((name, _, acc), v) in enumerate(zip(points, lx)):
+        c = colors[i % len(colors)]
+        d.ellipse([px(v) - 4, py(acc) - 4, px(v) + 4, py(acc) + 4], fill=c)
+        d.text((px(v) + 7, py(acc) - 5 + 11 * (i % 2)), name, fill=c)
+    save_image(pil_to_tensor(img).float() / 255, path)
+
+
+# ---------------------------------------------------------------- the command
+
+def characterize(ckpts, n=1000, rows=8, eps=None, steps=20, out='runs/characterize', data=None):
+    import gradnorm
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+    results, grads, images, info0 = [], [], None, None
+    for path in ckpts:
+        ck = gradnorm.load_checkpoint(path)
+        if info0 is not None and ck['data_info'] != info0:
+            raise UserError(f'{path} was trained on other data than {ckpts[0]}: characterize them separately')
+        info0 = ck['data_info']
+        model = gradnorm.model_from_checkpoint(ck)
+        cfg = gradnorm.Config(**{**ck['config'], 'eval_n': n})
+        cfg.data = data or cfg.data
+        _, _, batches, _ = gradnorm.make_loaders(cfg, 0, 1, torch.device('cpu'))
+        l1, l2, align, channels = gradient_stats(model, batches)
+        if images is None:
+            images = next(iter(batches))
+            images = (images[0][:rows], images[1][:rows])
+        grads.append(input_gradients(model, *images))
+        e = eps if eps is not None else ck['config']['eps']
+        r = evaluate(model, batches, [e], [f'ce-{steps}'])
+        c = ck['config']
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        results.append({'name': name, 'ckpt': path, 'objective': c['objective'], 'act': c['act'], 'n': r['n'],
+                        'clean': r['clean'], 'eps': e, 'attack': f'PGD-{steps} CE L-inf', 'pgd': r['robust'][e]['worst'],
+                        'l1': summary(l1), 'l2': summary(l2), 'edge_alignment': summary(align), 'channels': channels})
+    names = [r['name'] for r in results]
+    gradient_grid(images[0], grads, names, os.path.join(out, 'gradients.png'))
+    scatter_plot([(r['name'], r['l1']['median'], r['pgd']) for r in results], os.path.join(out, 'norm_vs_robust.png'))
+    with open(os.path.join(out, 'characterize.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+            | {f'{s}_{k}': v for s in ('l1', 'l2', 'edge_alignment') for k, v in r[s].items()}
+            | {f'ch{i}_{k}': v for i, ch in enumerate(r['channels']) for k, v in ch.items()} for r in results]
+    with open(os.path.join(out, 'characterize.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+    return results
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('ckpts', nargs='+')
+    p.add_argument('--n', type=int, default=1000, help='first n test images')
+    p.add_argument('--rows', type=int, default=8, help='images in the picture grid')
+    p.add_argument('--eps', default=None, help='PGD budget (default: each checkpoint\'s training eps)')
+    p.add_argument('--steps', type=int, default=20)
+    p.add_argument('--out', default='runs/characterize')
+    p.add_argument('--data', default=None)
+    args = p.parse_args(argv)
+    res = characterize(args.ckpts, args.n, args.rows, args.eps and parse_eps(args.eps), args.steps, args.out, args.data)
+    w = max(10, *(len(r['name']) for r in res))
+    print(f'{res[0]["n"]} test images | per-image gradient norms of CE | edge corr = Pearson(|g|, edge energy)')
+    print(f'{"checkpoint":<{w}} {"clean":>6} {"PGD":>6} {"eps":>5} {"L1 median":>10} {"L1 mean":>9} '
+          f'{"L2 median":>10} {"edge corr":>9}')
+    for r in res:
+        print(f'{r["name"]:<{w}} {100 * r["clean"]:6.1f} {100 * r["pgd"]:6.1f} {r["eps"]:5.3g} {r["l1"]["median"]:10.4g} '
+              f'{r["l1"]["mean"]:9.4g} {r["l2"]["median"]:10.4g} {r["edge_alignment"]["mean"]:9.3f}')
+    print(f'wrote {args.out}/characterize.json, characterize.csv, gradients.png (columns: input, |grad| of '
+          f'{", ".join(r["name"] for r in res)}, edge energy), norm_vs_robust.png')
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f'error: {e}')

@@ -1,0 +1,550 @@
+"""Data: ImageFolder -> FFCV .beton files, and the loaders that feed gradnorm.train.
+
+    python data.py write /path/to/imagenet /path/to/betons   # train.beton, val.beton (make beton)
+    python data.py bench                                      # FFCV vs torchvision img/s (make bench-loader)
+Every loader yields (x, y): x float in [0,1] on the device, channels_last; y int64 (soft labels
+when mixup is on). `--data` is a Fashion-MNIST IDX folder (the demo, cached once as .beton), a
+folder with train.beton + val.beton, or an ImageFolder (train/<class>/*, val/<class>/*).
+"""
+import argparse
+import functools
+import glob
+import gzip
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+
+# numba's default threading layer aborts at exit in ~40% of runs ("terminate called without an
+# active exception"); OpenMP's does not. Must be set before numba is imported.
+os.environ.setdefault('NUMBA_THREADING_LAYER', 'omp')
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from attack import UserError
+
+INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev libopencv-dev; '
+                'pip install ffcv==1.0.2), or pass --loader=torchvision')
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
+ROBUSTBENCH_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'robustbench_imagenet_val_5000.txt')
+CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'gradnorm')
+VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evaluation crop
+
+
+_ffcv_error = ...
+
+
+def ffcv_error():
+    """None if FFCV imports, else why not. Imported on first use: it takes seconds."""
+    global _ffcv_error
+    if _ffcv_error is ...:
+        try:
+            import ffcv.fields.decoders, ffcv.loader, ffcv.transforms, ffcv.writer  # noqa: F401, E401
+            _ffcv_error = None
+        except Exception as e:  # ImportError, or OSError for a missing system library
+            _ffcv_error = f'{type(e).__name__}: {e}'
+    return _ffcv_error
+
+
+def need_ffcv():
+    if ffcv_error():
+        raise UserError(f'FFCV is not importable ({ffcv_error()}): {INSTALL_FFCV}')
+
+
+def warn(msg):
+    print(f'warning: {msg}', file=sys.stderr, flush=True)
+
+
+def channels_last(device):
+    """GPUs want channels_last; on the CPU it makes double backward several times slower."""
+    return torch.channels_last if torch.device(device).type == 'cuda' else torch.contiguous_format
+
+
+def data_kind(path):
+    """'beton' (train.beton + val.beton), 'folder' (ImageFolder train/ + val/) or 'fashion'."""
+    has = lambda name, test: test(os.path.join(path, name))
+    if has('train.beton', os.path.isfile) and has('val.beton', os.path.isfile):
+        return 'beton'
+    if has('train', os.path.isdir) and has('val', os.path.isdir):
+        return 'folder'
+    return 'fashion'
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (the demo)
+
+def read_idx(path):
+    """One IDX file (the MNIST format): big-endian dims after a 4-byte magic."""
+    with gzip.open(path) as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
+
+
+def load_fashion_mnist(root):
+    names = ['train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
+             't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz']
+    missing = [n for n in names if not os.path.exists(os.path.join(root, n))]
+    if missing:
+        raise UserError(f'no Fashion-MNIST in {root!r} (missing {missing[0]}): run `make data` '
+                        '(apt-get install dataset-fashion-mnist), or pass --data=DIR with train.beton + val.beton '
+                        'or an ImageFolder train/ + val/')
+    xtr, ytr, xte, yte = (read_idx(os.path.join(root, n)) for n in names)
+    return (xtr[:, None], ytr.long()), (xte[:, None], yte.long())
+
+
+class TensorLoader:
+    """In-memory uint8 images -> float batches in [0,1] on the device. Each rank reads its own
+    shard of an order that changes every epoch and is reproducible from the seed. The Fashion-MNIST
+    path when FFCV is not installed (or with --loader=torchvision)."""
+
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world=1):
+        self.images, self.labels, self.train, self.seed = images, labels, train, seed
+        self.device, self.rank, self.world = device, rank, world
+        self.batch = batch_size // world if train else batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        per_rank = len(self.labels) // self.world if self.train else -(-len(self.labels) // self.world)
+        return per_rank // self.batch if self.train else -(-per_rank // self.batch)
+
+    def __iter__(self):
+        n = len(self.labels)
+        if self.train:  # drop_last: a new batch shape would make torch.compile recompile
+            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            idx = torch.randperm(n, generator=g)[: n // self.world * self.world][self.rank::self.world]
+        else:
+            idx = torch.arange(self.rank, n, self.world)
+        for i in range(len(self)):
+            j = idx[i * self.batch:(i + 1) * self.batch]
+            x = self.images[j].to(self.device, non_blocking=True).float().div_(255)
+            if self.train:  # random horizontal flip
+                flip = torch.rand(len(j), generator=g) < 0.5
+                x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
+            yield x.contiguous(memory_format=channels_last(self.device)), self.labels[j].to(self.device)
+
+
+class _GrayAsRGB:
+    """FFCV's image field is RGB: each 28x28 gray image is stored raw (lossless) as 3 equal
+    channels, and the loader keeps one, so the model sees exactly the IDX pixels."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images.numpy(), labels.numpy()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return np.repeat(self.images[i, 0, :, :, None], 3, axis=2), int(self.labels[i])
+
+
+def fashion_cache(root):
+    """CACHE/fashion-mnist-<key>: the key names the source files, their sizes and times, so
+    another copy (a test's subset, say) gets its own cache."""
+    files = sorted(glob.glob(os.path.join(root, '*-ubyte.gz')))
+    key = hashlib.sha1(repr([(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode())
+    return os.path.join(CACHE, f'fashion-mnist-{key.hexdigest()[:12]}')
+
+
+def fashion_betons(root, workers):
+    """Writes Fashion-MNIST once to fashion_cache(root)/{train,val}.beton; -> that folder."""
+    out = fashion_cache(root)
+    if data_kind(out) != 'beton':
+        (xtr, ytr), (xte, yte) = load_fashion_mnist(root)
+        os.makedirs(out, exist_ok=True)
+        for split, (x, y) in (('train', (xtr, ytr)), ('val', (xte, yte))):
+            write_split(_GrayAsRGB(x, y), os.path.join(out, f'{split}.beton'), workers, write_mode='raw')
+    return out
+
+
+# ---------------------------------------------------------------- writing .beton files
+
+def load_rgb(path, draft=None):
+    """Any file PIL can decode (by content, so a PNG named .JPEG too) -> RGB. Gray and CMYK are
+    converted, alpha is composited over white. draft: let the JPEG decoder shrink by 2/4/8 while
+    both sides stay >= draft, which is exact DCT scaling and much faster on big photos."""
+    with Image.open(path) as im:
+        if draft:
+            im.draft('RGB', (draft, draft))
+        if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
+            rgba = im.convert('RGBA')
+            return Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba).convert('RGB')
+        return im.convert('RGB')
+
+
+def _decode_error(path):
+    try:
+        load_rgb(path, draft=64)  # the whole entropy-coded stream is still read: truncation fails
+        return None
+    except Exception as e:
+        return f'{type(e).__name__}: {e}'
+
+
+def list_images(folder, classes=None):
+    """ImageFolder order: sorted classes -> labels 0..C-1, sorted files. -> classes, [(path, label)]"""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    classes = classes or sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise UserError(f'{folder!r} has no class folders: expected {folder}/<class>/<image>')
+    return classes, make_dataset(folder, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+
+
+class _Photos:
+    def __init__(self, samples, max_side):
+        self.samples, self.max_side = samples, max_side
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return np.asarray(load_rgb(path, self.max_side)), label
+
+
+def write_split(dataset, path, workers, write_mode='proportion', max_side=None, quality=90, compress=0.5):
+    """FFCV DatasetWriter into path.tmp, renamed at the end: an interrupted run leaves no
+    .beton that looks complete."""
+    need_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    tmp = path + '.tmp'
+    fields = {'image': RGBImageField(write_mode=write_mode, max_resolution=max_side, jpeg_quality=quality,
+                                     compress_probability=compress), 'label': IntField()}
+    DatasetWriter(tmp, fields, num_workers=workers).from_indexed_dataset(dataset, chunksize=64)
+    os.replace(tmp, path)
+
+
+def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None):
+    """ImageFolder src/{train,val}/<class>/<image> -> out/{train,val}.beton (+ {train,val}_files.txt,
+    the relative path of each sample in order). Images that fail to decode are skipped, each with
+    a warning, and counted. -> {split: (written, skipped)}"""
+    need_ffcv()
+    workers = workers or len(os.sched_getaffinity(0))
+    os.makedirs(out, exist_ok=True)
+    mode = 'raw' if compress <= 0 else 'jpg' if compress >= 1 else 'proportion'
+    classes, result = None, {}
+    for split in ('train', 'val'):
+        folder = os.path.join(src, split)
+        if not os.path.isdir(folder):
+            raise UserError(f'no {folder!r}: expected an ImageFolder tree {src}/{{train,val}}/<class>/<image>')
+        classes, samples = list_images(folder, classes)  # val takes train's class order
+        with Pool(workers) as pool:
+            errors = pool.map(_decode_error, [p for p, _ in samples], chunksize=64)
+        for (p, _), e in zip(samples, errors):
+            if e:
+                warn(f'skipping {p}: cannot decode it ({e})')
+        good = [s for s, e in zip(samples, errors) if e is None]
+        print(f'{split}: writing {len(good)} images, {len(samples) - len(good)} skipped as undecodable', flush=True)
+        with open(os.path.join(out, f'{split}_files.txt.tmp'), 'w') as f:
+            f.writelines(os.path.relpath(p, folder).replace(os.sep, '/') + '\n' for p, _ in good)
+        write_split(_Photos(good, max_side), os.path.join(out, f'{split}.beton'), workers, mode, max_side, quality,
+                    compress)
+        os.replace(os.path.join(out, f'{split}_files.txt.tmp'), os.path.join(out, f'{split}_files.txt'))
+        size = os.path.getsize(os.path.join(out, f'{split}.beton'))
+        print(f'{out}/{split}.beton: {len(good)} images, {size / 2**20:.1f} MiB', flush=True)
+        result[split] = (len(good), len(samples) - len(good))
+    return result
+
+
+# ---------------------------------------------------------------- loaders
+
+class Batches:
+    """(uint8 NCHW, labels) batches -> x float in [0,1] on the device, channels_last, y int64;
+    optional Mixup/CutMix on the device batch. set_epoch fixes the order (and resolution)."""
+
+    def __init__(self, loader, device, set_epoch, channels=3, mix=None):
+        self.loader, self.device, self._set_epoch, self.channels, self.mix = loader, device, set_epoch, channels, mix
+        self.memory_format = channels_last(device)
+
+    def set_epoch(self, epoch):
+        self._set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            x = x[:, :self.channels].to(self.device, non_blocking=True)
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x
+            # FFCV reuses its output buffers: copy the labels
+            y = y.to(self.device, non_blocking=True).view(-1).to(torch.int64, copy=True)
+            if self.mix:
+                x, y = self.mix(x, y)
+            yield x.contiguous(memory_format=self.memory_format), y
+
+
+def res_at(epoch, res, res_start, epochs):
+    """Progressive resizing (as ffcv-imagenet): res_start -> res linearly over the first 85% of
+    the epochs, in steps of 32 px (few distinct shapes: few torch.compile recompilations)."""
+    if not res_start:
+        return res
+    r = res_start + (res - res_start) * min(epoch / max(0.85 * epochs, 1), 1.0)
+    return int(round(r / 32) * 32)
+
+
+def beton_labels(path):
+    """The label of every sample, from the .beton's metadata table (no image is read)."""
+    from ffcv.reader import Reader
+    reader = Reader(path)
+    return reader.metadata[f'f{list(reader.handlers).index("label")}']
+
+
+def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, world=1, seed=0, workers=2,
+                os_cache=True, drop_last=None, indices=None, res_start=0, epochs=1, channels=3, mix=None):
+    """train: random-resized crop + flip, shuffled (DDP: each rank its shard, distributed=True);
+    val: center crop (VAL_RATIO), in order, each rank every world-th of indices (default: all).
+    crop=False decodes fixed-size images as stored."""
+    need_ffcv()
+    from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder,
+                                      SimpleRGBImageDecoder)
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+    if not crop:
+        decoder = SimpleRGBImageDecoder()
+    elif train:
+        decoder = RandomResizedCropRGBImageDecoder((res, res))
+    else:
+        decoder = CenterCropRGBImageDecoder((res, res), VAL_RATIO)
+    device = torch.device(device)
+    # numba ops (flip) before ToTensor: after it, on the CPU the loader spins forever
+    image = [decoder] + ([RandomHorizontalFlip()] if train else []) + [
+        ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+    label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
+    order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
+    if not train:  # not distributed=True: DistributedSampler pads with repeats, which would bias accuracy
+        from ffcv.reader import Reader
+        indices = np.asarray(range(Reader(path).num_samples) if indices is None else indices)[rank::world]
+    loader = Loader(path, batch_size, num_workers=workers, os_cache=os_cache, order=order, seed=seed,
+                    distributed=train and world > 1, indices=indices, drop_last=train if drop_last is None else drop_last,
+                    pipelines={'image': image, 'label': label}, recompile=bool(res_start))
+
+    def set_epoch(epoch):
+        loader.next_epoch = epoch  # FFCV's order is a function of seed + epoch
+        if crop and train:
+            r = res_at(epoch, res, res_start, epochs)
+            decoder.output_size = (r, r)
+    return Batches(loader, device, set_epoch, channels, mix)
+
+
+def center_crop(im, res):
+    """FFCV's CenterCropRGBImageDecoder in PIL: the central square of side int(VAL_RATIO * short
+    side) (what Resize(res / VAL_RATIO) + CenterCrop(res) takes, without its rounding), resized."""
+    w, h = im.size
+    c = int(VAL_RATIO * min(w, h))
+    top, left = (h - c) // 2, (w - c) // 2
+    return im.crop((left, top, left + c, top + c)).resize((res, res), Image.BILINEAR)
+
+
+class _Folder:
+    """torchvision's ImageFolder, with load_rgb's conversions; an undecodable file is reported and
+    the next image is used in its place (the FFCV writer drops such files instead)."""
+
+    def __init__(self, folder, transform, classes=None):
+        self.classes, self.samples = list_images(folder, classes)
+        self.root, self.transform = folder, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                return self.transform(load_rgb(path)), label
+            except Exception as e:
+                warn(f'cannot decode {path} ({type(e).__name__}: {e}); using the next image in its place')
+        raise UserError(f'no image in {self.root!r} can be decoded')
+
+
+def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world=1, seed=0, workers=2,
+                       drop_last=None, indices=None, res_start=0, epochs=1, classes=None, mix=None):
+    """The fallback: same crops, same [0,1] output, a torch DataLoader instead of FFCV."""
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+    crop = T.RandomResizedCrop(res, antialias=True) if train else functools.partial(center_crop, res=res)
+    dataset = _Folder(folder, T.Compose([crop] + [T.RandomHorizontalFlip()] * train + [T.PILToTensor()]), classes)
+    if train:  # the same DistributedSampler FFCV uses under DDP
+        sampler, ds = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed), dataset
+    else:
+        idx = range(len(dataset)) if indices is None else indices
+        sampler, ds = None, Subset(dataset, list(idx)[rank::world])
+    device = torch.device(device)
+    loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == 'cuda',
+                        drop_last=train if drop_last is None else drop_last, persistent_workers=workers > 0)
+
+    def set_epoch(epoch):
+        if train:
+            sampler.set_epoch(epoch)
+            crop.size = (res_at(epoch, res, res_start, epochs),) * 2
+    return Batches(loader, device, set_epoch, mix=mix)
+
+
+def robustbench_indices(names, n):
+    """Positions in names (val files as 'wnid/file.JPEG') of the first n images of RobustBench's
+    5,000-image ImageNet list, so robust accuracy is comparable with the paper and the leaderboard;
+    None if the list does not apply (n > 5000, or some of its files are missing)."""
+    with open(ROBUSTBENCH_LIST) as f:
+        wanted = f.read().split()[:n]
+    where = {name: i for i, name in enumerate(names)}
+    if n > len(wanted) or any(w not in where for w in wanted):
+        return None
+    return [where[w] for w in wanted]
+
+
+def make_mix(alpha, num_classes):
+    if not alpha:
+        return None
+    from torchvision.transforms import v2
+    return v2.RandomChoice([v2.MixUp(alpha=alpha, num_classes=num_classes),
+                            v2.CutMix(alpha=alpha, num_classes=num_classes)])
+
+
+def make_loaders(cfg, rank, world, device):
+    """-> train loader, val loader, robust-val loader (first cfg.eval_n val images; RobustBench's
+    list on ImageNet), and what the model needs to know about the data (build_model's kwargs)."""
+    if cfg.loader not in ('ffcv', 'torchvision'):
+        raise UserError(f'unknown --loader={cfg.loader}: use ffcv or torchvision')
+    kind, workers = data_kind(cfg.data), min(cfg.workers, len(os.sched_getaffinity(0)))
+    local_rank = int(os.environ.get('LOCAL_RANK', rank))
+    batch = cfg.batch_size // world
+    mixup, res_start = cfg.mixup, cfg.res_start
+    if kind == 'fashion':
+        info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
+        mix = make_mix(mixup, 10)
+        if cfg.loader == 'torchvision' or ffcv_error():
+            if cfg.loader == 'ffcv' and rank == 0:
+                warn(f'FFCV is not importable ({ffcv_error()}); Fashion-MNIST is read in memory instead')
+            (xtr, ytr), (xte, yte) = load_fashion_mnist(cfg.data)
+            train = TensorLoader(xtr, ytr, cfg.batch_size, device, True, cfg.seed, rank, world)
+            if mix:
+                train = Batches(train, device, train.set_epoch, 1, mix)
+            return (train, TensorLoader(xte, yte, 500, device, False, rank=rank, world=world),
+                    TensorLoader(xte[:cfg.eval_n], yte[:cfg.eval_n], 500, device, False, rank=rank, world=world), info)
+        if local_rank == 0:
+            fashion_betons(cfg.data, workers)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait for the cache
+        root = fashion_cache(cfg.data)
+        kw = dict(device=device, crop=False, rank=rank, world=world, seed=cfg.seed, workers=workers, channels=1)
+        return (ffcv_loader(f'{root}/train.beton', batch, train=True, mix=mix, **kw),
+                ffcv_loader(f'{root}/val.beton', 500, train=False, **kw),
+                ffcv_loader(f'{root}/val.beton', 500, train=False, indices=range(cfg.eval_n), **kw), info)
+
+    if cfg.loader == 'torchvision':
+        if kind != 'folder':
+            raise UserError(f'--loader=torchvision reads an ImageFolder ({cfg.data}/train/<class>/...), '
+                            f'not {kind} data: pass --data=IMAGENET_DIR')
+        classes, _ = list_images(os.path.join(cfg.data, 'train'))
+        _, val_samples = list_images(os.path.join(cfg.data, 'val'), classes)
+        names = [os.path.relpath(p, os.path.join(cfg.data, 'val')).replace(os.sep, '/') for p, _ in val_samples]
+        make = lambda split, train, idx=None, mix=None: torchvision_loader(
+            os.path.join(cfg.data, split), batch, device, train, cfg.res, rank, world, cfg.seed, workers,
+            indices=idx, res_start=res_start, epochs=cfg.epochs, classes=classes, mix=mix)
+    else:
+        need_ffcv()
+        if kind != 'beton':
+            raise UserError(f'{cfg.data!r} holds no train.beton + val.beton: run `make beton IMAGENET={cfg.data}` '
+                            f'and pass --data=<its output folder>, or read the JPEGs with --loader=torchvision')
+        classes = range(int(beton_labels(f'{cfg.data}/train.beton').max()) + 1)
+        with open(os.path.join(cfg.data, 'val_files.txt')) as f:
+            names = f.read().split('\n')[:-1]
+        make = lambda split, train, idx=None, mix=None: ffcv_loader(
+            f'{cfg.data}/{split}.beton', batch, device, train, cfg.res, rank=rank, world=world, seed=cfg.seed,
+            workers=workers, indices=idx, res_start=res_start, epochs=cfg.epochs, mix=mix)
+    info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    subset = robustbench_indices(names, cfg.eval_n)
+    if subset is None:
+        subset = list(range(min(cfg.eval_n, len(names))))
+        if rank == 0:
+            warn(f'robust accuracy on the first {len(subset)} val images, not RobustBench\'s list '
+                 f'(it needs eval_n <= 5000 and the ImageNet val files): not comparable with the paper')
+    return make('train', True, mix=make_mix(mixup, len(classes))), make('val', False), make('val', False, subset), info
+
+
+# ---------------------------------------------------------------- benchmark
+
+PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry', 'hubble_deep_field',
+          'stereo_motorcycle', 'retina')
+
+
+def photo_folder(root, per_class=8, classes=4, sizes=((500, 375), (375, 500), (500, 333), (400, 400)), quality=90):
+    """An ImageFolder of real photographs (skimage.data) at ImageNet-like sizes, as JPEG files."""
+    import skimage.data
+    photos = [getattr(skimage.data, n)() for n in PHOTOS]
+    photos = [p[0] if isinstance(p, tuple) else p for p in photos]  # a stereo pair: the left image
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f'c{c}'), exist_ok=True)
+            for i in range(per_class):
+                p = Image.fromarray(photos[(c * per_class + i) % len(photos)][..., :3])
+                w, h = sizes[(c + i) % len(sizes)]
+                s = rng.uniform(0.6, 1.0)  # a random crop, so no two files are the same
+                cw, ch = int(p.width * s), int(p.height * s)
+                x, y = rng.integers(0, p.width - cw + 1), rng.integers(0, p.height - ch + 1)
+                p.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC).save(
+                    os.path.join(root, split, f'c{c}', f'{i}.JPEG'), quality=quality)
+    return root
+
+
+def bench(n=512, res=224, batch=64, workers=2, rounds=3):
+    """Same JPEG files, crops, resolution, batch size and worker count; side by side, alternating."""
+    need_ffcv()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        photo_folder(tmp, per_class=n // 4)
+        write_beton(tmp, os.path.join(tmp, 'beton'), workers=workers)
+        for train, what in ((True, 'random-resized crop + flip'), (False, 'center crop 224/256')):
+            split = 'train' if train else 'val'
+            loaders = {'ffcv': ffcv_loader(f'{tmp}/beton/{split}.beton', batch, 'cpu', train, res, workers=workers),
+                       'torchvision': torchvision_loader(f'{tmp}/{split}', batch, 'cpu', train, res, workers=workers)}
+            best = {}
+            for r in range(rounds + 1):  # round 0: numba compilation, worker start-up
+                for name, loader in loaders.items():
+                    loader.set_epoch(r)
+                    t0, seen = time.perf_counter(), 0
+                    for x, _ in loader:
+                        seen += len(x)
+                    if r:
+                        best[name] = max(best.get(name, 0), seen / (time.perf_counter() - t0))
+            print(f'{split:5} ({what}, {res} px, batch {batch}, {workers} workers, {n} JPEGs): '
+                  f'ffcv {best["ffcv"]:.0f} img/s, torchvision {best["torchvision"]:.0f} img/s, '
+                  f'ratio {best["ffcv"] / best["torchvision"]:.2f}', flush=True)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    w = sub.add_parser('write', help='ImageFolder -> train.beton, val.beton')
+    w.add_argument('src')
+    w.add_argument('out')
+    w.add_argument('--max-side', type=int, default=500, help='longer side is shrunk to this (ffcv-imagenet: 500)')
+    w.add_argument('--quality', type=int, default=90, help='JPEG quality of the compressed images')
+    w.add_argument('--compress', type=float, default=0.5,
+                   help='fraction stored as JPEG, the rest as raw pixels (0 = all raw, 1 = all JPEG)')
+    w.add_argument('--workers', type=int, default=None)
+    b = sub.add_parser('bench', help='FFCV vs torchvision images/s on the same JPEGs')
+    b.add_argument('--n', type=int, default=512)
+    b.add_argument('--workers', type=int, default=2)
+    b.add_argument('--batch', type=int, default=64)
+    args = p.parse_args(argv)
+    if args.cmd == 'write':
+        write_beton(args.src, args.out, args.max_side, args.quality, args.compress, args.workers)
+    else:
+        bench(args.n, batch=args.batch, workers=args.workers)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f'\nerror: {e}')

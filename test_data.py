@@ -1,0 +1,255 @@
+"""The data path (issue 3): ImageFolder of real photos -> .beton -> batches, FFCV and torchvision.
+    .venv/bin/python -m pytest -q test_data.py
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+import data as D
+import gradnorm as G
+
+needs_ffcv = pytest.mark.skipif(D.ffcv_error() is not None, reason=f'FFCV: {D.ffcv_error()}')
+CPU = torch.device('cpu')
+
+
+def skimage_photo(name):
+    import skimage.data
+    return Image.fromarray(getattr(skimage.data, name)())
+
+
+@pytest.fixture(scope='module')
+def tree(tmp_path_factory):
+    """3 classes of real photos in several sizes (one above max_side, one below 224 px), RGB, gray,
+    CMYK, RGBA PNG named .JPEG, and one truncated JPEG. -> (root, {split: [(path, label, ok)]})"""
+    root = tmp_path_factory.mktemp('folder')
+    rgb = ['astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry', 'hubble_deep_field']
+    gray = ['camera', 'coins', 'moon']
+    files = {}
+    for split in ('train', 'val'):
+        files[split] = []
+        for c, cls in enumerate(['apple', 'bird', 'car']):
+            os.makedirs(root / split / cls)
+            for i in range(3):
+                k = c * 3 + i + (split == 'val')
+                name = (rgb + gray)[k % 9]
+                im = skimage_photo(name)
+                w, h = [(640, 480), (333, 500), (200, 150), im.size][k % 4]
+                im = im.resize((w, h), Image.BICUBIC)
+                path = root / split / cls / f'{name}_{i}.JPEG'
+                if (c, i) == (1, 1):
+                    im.convert('CMYK').save(path, 'JPEG', quality=95)
+                elif (c, i) == (2, 1):  # a PNG with alpha under a .JPEG name, as ImageNet has one
+                    im.convert('RGBA').save(path, 'PNG')
+                else:
+                    im.save(path, 'JPEG', quality=95)
+                files[split].append((str(path), c, True))
+        bad = root / split / 'bird' / 'broken.JPEG'
+        full = (root / split / 'apple').iterdir().__next__().read_bytes()
+        bad.write_bytes(full[: len(full) // 2])
+        files[split] = sorted(files[split] + [(str(bad), 1, False)], key=lambda f: (f[1], f[0]))  # ImageFolder's order
+    return root, files
+
+
+def broken(files):
+    return next(p for p, _, ok in files if not ok)
+
+
+@pytest.fixture(scope='module')
+def betons(tree, tmp_path_factory):
+    if D.ffcv_error():
+        pytest.skip(f'FFCV: {D.ffcv_error()}')
+    out = tmp_path_factory.mktemp('beton')
+    import io
+    from contextlib import redirect_stderr
+    err = io.StringIO()
+    with redirect_stderr(err):  # all-JPEG (compress=1): the test bounds JPEG loss, the worst case
+        counts = D.write_beton(str(tree[0]), str(out), max_side=500, quality=90, compress=1.0, workers=2)
+    return out, counts, err.getvalue()
+
+
+def reference(path, res=224, max_side=None):
+    """PIL: the file shrunk to max_side (as written), its central square of side 0.875 * short side
+    resized to res. The ImageNet evaluation crop, minus Resize(256) + CenterCrop(224)'s rounding."""
+    im = Image.open(path).convert('RGB')
+    if max_side and max(im.size) > max_side:
+        r = max_side / max(im.size)
+        im = im.resize((int(im.width * r), int(im.height * r)), Image.BOX)
+    w, h = im.size
+    c = int(0.875 * min(w, h))
+    im = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c)).resize((res, res), Image.BILINEAR)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+
+
+def psnr(a, b):
+    return (10 * torch.log10(1 / ((a - b) ** 2).mean())).item()
+
+
+def collect(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def check_batch(x, y, res, classes=3):
+    assert x.shape[1:] == (3, res, res) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0 <= x.min() and x.max() <= 1 and x.std() > 0.05  # real pixels, not zeros
+    assert x.is_contiguous()  # CPU: contiguous; CUDA: channels_last (D.channels_last)
+    assert ((0 <= y) & (y < classes)).all()
+
+
+@needs_ffcv
+def test_writer_counts_skips_and_labels(betons, tree):
+    out, counts, err = betons
+    _, files = tree
+    assert counts == {'train': (9, 1), 'val': (9, 1)}
+    for split in ('train', 'val'):
+        assert f'skipping {broken(files[split])}' in err  # the broken file, by name
+        with open(out / f'{split}_files.txt') as f:
+            listed = f.read().split()
+        assert listed == [os.path.relpath(p, tree[0] / split) for p, _, ok in files[split] if ok]
+    assert not list(out.glob('*.tmp'))
+    x, y = collect(D.ffcv_loader(str(out / 'val.beton'), 4, CPU, train=False))
+    assert y.tolist() == [c for _, c, ok in files['val'] if ok]  # sorted-class labels, in order
+    check_batch(x, y, 224)
+
+
+@needs_ffcv
+def test_val_matches_pil_center_crop(betons, tree):
+    x, _ = collect(D.ffcv_loader(str(betons[0] / 'val.beton'), 4, CPU, train=False))
+    good = [p for p, _, ok in tree[1]['val'] if ok]
+    scores = [psnr(a, reference(p, max_side=500)) for a, p in zip(x, good)]
+    assert min(scores) >= 30, scores  # JPEG q90 + resampling only; a wrong crop or channel order is < 20 dB
+
+
+def test_torchvision_fallback(tree, capfd):
+    root, files = tree
+    x, y = collect(D.torchvision_loader(str(root / 'val'), 4, CPU, train=False, workers=0))
+    err = capfd.readouterr().err
+    assert f'cannot decode {broken(files["val"])}' in err
+    assert len(y) == len(files['val'])  # the broken file's slot holds the next image
+    assert [v for v, (_, _, ok) in zip(y.tolist(), files['val']) if ok] == [c for _, c, ok in files['val'] if ok]
+    good = [(a, p) for a, (p, _, ok) in zip(x, files['val']) if ok]
+    assert min(psnr(a, reference(p)) for a, p in good) >= 30
+    check_batch(x, y, 224)
+    x, y = next(iter(D.torchvision_loader(str(root / 'train'), 4, CPU, train=True, res=160, workers=0)))
+    check_batch(x, y, 160)
+
+
+# ---------------------------------------------------------------- two ranks, one epoch each sample once
+
+N_IDS = 40
+
+
+@pytest.fixture(scope='module')
+def id_folder(tmp_path_factory):
+    """Images whose pixel value is their id: any crop of a flat image is that value."""
+    root = tmp_path_factory.mktemp('ids')
+    for split in ('train', 'val'):
+        for i in range(N_IDS):
+            os.makedirs(root / split / f'c{i % 2}', exist_ok=True)
+            Image.new('RGB', (48, 40), (6 * i,) * 3).save(root / split / f'c{i % 2}' / f'{i:02d}.png')
+    if not D.ffcv_error():
+        D.write_beton(str(root), str(root / 'beton'), compress=0, workers=2)
+    return root
+
+
+def _rank(rank, root, pg_file, out):
+    dist.init_process_group('gloo', init_method=f'file://{pg_file}', rank=rank, world_size=2)
+    loaders = {'torchvision': D.torchvision_loader(f'{root}/train', 5, CPU, True, 32, rank, 2, seed=3, workers=0)}
+    if not D.ffcv_error():
+        loaders['ffcv'] = D.ffcv_loader(f'{root}/beton/train.beton', 5, CPU, True, 32, rank=rank, world=2, seed=3)
+    seen = {}
+    for name, loader in loaders.items():
+        for epoch in (0, 1, 0):
+            loader.set_epoch(epoch)
+            ids = [round(v) for x, _ in loader for v in (x.mean((1, 2, 3)) * 255 / 6).tolist()]
+            seen.setdefault(name, []).append(ids)
+    torch.save(seen, f'{out}/{rank}.pt')
+    dist.destroy_process_group()
+
+
+def test_two_ranks_each_sample_once_per_epoch(id_folder, tmp_path):
+    mp.spawn(_rank, (str(id_folder), str(tmp_path / 'pg'), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f'{r}.pt') for r in range(2)]
+    assert set(ranks[0]) == ({'torchvision'} if D.ffcv_error() else {'torchvision', 'ffcv'})
+    for name in ranks[0]:
+        for epoch in range(3):
+            a, b = ranks[0][name][epoch], ranks[1][name][epoch]
+            assert len(a) == len(b) == N_IDS // 2 and sorted(a + b) == list(range(N_IDS)), (name, epoch)
+        assert ranks[0][name][0] != ranks[0][name][1]  # a new order every epoch
+        assert ranks[0][name][0] == ranks[0][name][2]  # and the same one again for the same seed + epoch
+
+
+# ---------------------------------------------------------------- the contract gradnorm.train uses
+
+@needs_ffcv
+def test_make_loaders_on_betons(betons):
+    cfg = G.parse_config([f'--data={betons[0]}', '--batch_size=4', '--res=64', '--eval_n=5', '--workers=2'])
+    train, val, robust_val, info = D.make_loaders(cfg, 0, 1, CPU)
+    assert info == dict(in_ch=3, num_classes=3, img_size=64, mean=D.IMAGENET_MEAN, std=D.IMAGENET_STD)
+    assert sum(len(y) for _, y in val) == 9 and sum(len(y) for _, y in robust_val) == 5
+    assert len(train) == 9 // 4  # drop_last
+    train.set_epoch(0)
+    check_batch(*next(iter(train)), 64)  # random-resized crop + flip
+
+
+def test_imagenet_recipe_unless_overridden(tree):
+    cfg = G.parse_config([f'--data={tree[0]}', '--batch_size=256'])
+    assert (cfg.model, cfg.init, cfg.lr, cfg.weight_decay, cfg.warmup_epochs, cfg.min_lr) == \
+        ('resnet50', 'torchvision', 1.25e-3 * 256 / 512, 0.05, 5.0, 1e-5)
+    assert (cfg.smoothing, cfg.ema, cfg.clip, cfg.ramp_epochs, cfg.eps, cfg.res) == (0.1, 0.9998, 1.0, 5.0, 4 / 255, 224)
+    cfg = G.parse_config([f'--data={tree[0]}', '--lr=0.01', '--model=vit_small'])
+    assert (cfg.lr, cfg.model, cfg.init) == (0.01, 'vit_small', '')
+    assert G.parse_config([]).model == 'resnet_demo'  # Fashion-MNIST keeps the demo's defaults
+
+
+def test_torchvision_resnet50_loads_strictly():
+    import torchvision
+    ours = G.build_model('resnet50', 'gelu')
+    ours.load_state_dict(torchvision.models.resnet50().state_dict(), strict=True)
+    assert sum(isinstance(m, torch.nn.GELU) for m in ours.modules()) > 0
+
+
+def test_robustbench_subset():
+    with open(D.ROBUSTBENCH_LIST) as f:
+        wanted = f.read().split()
+    assert len(wanted) == len(set(wanted)) == 5000
+    names = sorted(wanted[:3] + ['n00000000/other.JPEG'])
+    assert [names[i] for i in D.robustbench_indices(names, 3)] == wanted[:3]
+    assert D.robustbench_indices(names, 4) is None  # the 4th listed file is not there
+
+
+def test_fashion_mnist_through_ffcv_is_exact():
+    if D.ffcv_error():
+        pytest.skip(f'FFCV: {D.ffcv_error()}')
+    cfg = G.parse_config(['--eval_n=700', '--workers=2'])
+    train, val, robust_val, info = D.make_loaders(cfg, 0, 1, CPU)
+    (xtr, _), (xte, yte) = D.load_fashion_mnist(cfg.data)
+    x, y = collect(robust_val)
+    assert x.shape == (700, 1, 28, 28) and torch.equal((x * 255).round().byte(), xte[:700]) and torch.equal(y, yte[:700])
+    train.set_epoch(0)
+    x, y = next(iter(train))
+    assert x.shape == (128, 1, 28, 28) and y.dtype == torch.int64 and len(train) == 60000 // 128
+
+
+def test_without_ffcv_demo_still_loads_and_imagenet_says_what_to_install(tree):
+    code = ('import sys; sys.modules["ffcv"] = None\n'
+            'import torch, data, gradnorm\n'
+            'cfg = gradnorm.parse_config(["--eval_n=10"])\n'
+            'tr, va, rv, info = data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
+            'print(type(tr).__name__, sum(len(y) for _, y in rv))\n'
+            f'cfg = gradnorm.parse_config(["--data={tree[0]}"])\n'
+            'try:\n    data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
+            'except Exception as e:\n    print(type(e).__name__, e)\n')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 0, r.stderr
+    assert 'TensorLoader 10' in r.stdout
+    assert 'UserError FFCV is not importable' in r.stdout and 'libturbojpeg0-dev' in r.stdout
+    assert '--loader=torchvision' in r.stdout

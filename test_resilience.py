@@ -1,0 +1,98 @@
+"""Long runs that survive: kill -9, preemption signals, truncated checkpoints, full disks."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import gradnorm as G
+from test_smoke import HERE, run, tiny_data, train_args  # noqa: F401  (tiny_data is a fixture)
+
+
+def wait_for(path, proc, timeout=300):
+    start = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - start < timeout, f'{path} never appeared'
+        time.sleep(0.02)
+
+
+def same_weights(a, b):
+    return all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny_data, tmp_path):
+    full, cut = tmp_path / 'full', tmp_path / 'cut'
+    r = run(train_args(tiny_data, full))  # 2 epochs x 8 steps, uninterrupted
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    proc = subprocess.Popen([sys.executable, *train_args(tiny_data, cut, '--ckpt_every=1', '--keep=100')],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(cut / 'ckpt-00000010.pt', proc)  # inside epoch 1
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    newest = sorted(cut.glob('ckpt-*.pt'))[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # and the newest file is truncated, as by a dying disk
+    assert not list(cut.glob('ckpt-00000016.pt'))
+
+    r = run(train_args(tiny_data, cut, '--resume=auto'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'skipping cannot load checkpoint {str(newest)!r}' in r.stdout
+    step = int(r.stdout.split('at epoch 1 step ')[1].split()[0])
+    assert 2 <= step < 8
+    assert same_weights(G.load_checkpoint(str(cut / 'ckpt.pt')), G.load_checkpoint(str(full / 'ckpt.pt')))
+
+
+def test_sigterm_checkpoints_and_exits_75(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, *train_args(tiny_data, out, '--epochs=50')],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / 'ckpt.pt', proc)  # epoch 0 done
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert 'preempted' in err and '--resume=auto' in err
+    ck = G.load_checkpoint(str(out / 'ckpt.pt'))
+    assert 8 < ck['step'] < 50 * 8  # stopped mid-run, at a step boundary after epoch 0
+
+
+def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_path):
+    out = tmp_path / 'ddp'
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    proc = subprocess.Popen([torchrun, '--standalone', '--nproc_per_node=2',
+                             *train_args(tiny_data, out, '--epochs=50')],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / 'ckpt.pt', proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count('preempted: signal') == 2, err[-3000:]  # both ranks stopped cleanly
+    step = G.load_checkpoint(str(out / 'ckpt.pt'))['step']
+    assert step > 8  # the global batch is split over the ranks: still 8 steps per epoch
+
+    r = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2',
+                        *train_args(tiny_data, out, '--resume=auto', f'--epochs={step // 8 + 2}')],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'at epoch {step // 8} step {step % 8}' in r.stdout
+    assert G.load_checkpoint(str(out / 'ckpt.pt'))['step'] == (step // 8 + 2) * 8
+
+
+def test_disk_full_leaves_earlier_checkpoint_intact(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt.pt')
+    G.save_checkpoint(path, {'w': torch.ones(3)})
+
+    def full_disk(obj, f):
+        f.write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    try:
+        G.save_checkpoint(path, {'w': torch.zeros(3)})
+        raise AssertionError('no error')
+    except G.UserError as e:
+        assert 'No space left on device' in str(e) and 'intact' in str(e)
+    assert torch.equal(G.load_checkpoint(path)['w'], torch.ones(3))
+    assert os.listdir(tmp_path) == ['ckpt.pt']  # the partial temporary file is gone
