@@ -12,7 +12,7 @@ BATCH  ?=
 OUT    ?= runs
 ARGS   ?=
 CKPT   ?= $(OUT)/gradnorm_$(ACT)/ckpt.pt
-EPS    ?= 0.05 0.1 0.15
+EPS    ?=
 # multi-GPU / multi-node: torchrun (DDP); one process otherwise, same code path
 GPUS        ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 NNODES      ?= 1
@@ -59,7 +59,7 @@ train-edge: setup data
 	$(TRAIN) --objective=edge --out=$(OUT)/edge_$(ACT)
 
 eval: setup data
-	$(RUN) attack.py --ckpt=$(CKPT) --eps $(EPS) $(ARGS)
+	$(RUN) attack.py --ckpt=$(CKPT) $(if $(EPS),--eps $(EPS)) $(ARGS)
 
 test: setup data
 	$(PY) -m pytest -q test_smoke.py test_resilience.py test_data.py test_attack.py test_compile.py

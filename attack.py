@@ -371,7 +371,8 @@ def bench(argv):
 
 
 if __name__ == '__main__':
+    import attack  # gradnorm and data raise attack.UserError, not this script's __main__.UserError
     try:
         bench(sys.argv[2:]) if sys.argv[1:2] == ['bench'] else main(sys.argv[1:])
-    except UserError as e:
+    except (UserError, attack.UserError) as e:
         sys.exit(f'error: {e}')

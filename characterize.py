@@ -129,7 +129,8 @@ def scatter_plot(points, path, w=520, h=360):
     for i, ((name, _, acc), v) in enumerate(zip(points, lx)):
         c = colors[i % len(colors)]
         d.ellipse([px(v) - 4, py(acc) - 4, px(v) + 4, py(acc) + 4], fill=c)
-        d.text((px(v) + 7, py(acc) - 5 + 11 * (i % 2)), name, fill=c)
+        d.ellipse([right - 150, top + 14 * i + 2, right - 142, top + 14 * i + 10], fill=c)  # legend
+        d.text((right - 136, top + 14 * i), name[:22], fill=c)
     save_image(pil_to_tensor(img).float() / 255, path)
 
 

@@ -42,7 +42,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny_data, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'skipping cannot load checkpoint {str(newest)!r}' in r.stdout
     step = int(r.stdout.split('at epoch 1 step ')[1].split()[0])
-    assert 2 <= step < 8
+    assert 1 <= step < 8  # ckpt-00000009.pt or later: inside epoch 1
     assert same_weights(G.load_checkpoint(str(cut / 'ckpt.pt')), G.load_checkpoint(str(full / 'ckpt.pt')))
 
 

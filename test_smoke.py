@@ -100,8 +100,7 @@ MODEL_CASES = [(m, a, cl) for m in G.MODELS for a in G.ACTS for cl in (False, Tr
 
 @pytest.mark.parametrize('name,act,channels_last', MODEL_CASES)
 def test_every_model_forward_and_double_backward(name, act, channels_last):
-    small = name.endswith(('_small', '_demo'))
-    size = 32 if small else 64
+    size = 16 if name.endswith(('_small', '_demo')) else 32  # small: cheap, yet every stage runs
     torch.manual_seed(0)
     model = G.build_model(name, act, in_ch=3, num_classes=7, img_size=size)
     x = torch.rand(2, 3, size, size)
