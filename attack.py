@@ -12,7 +12,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from fractions import Fraction
 
 import torch

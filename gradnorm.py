@@ -1,6 +1,7 @@
 """Robustness from natural input gradients (Rodriguez-Munoz, Wang, Torralba, ECCV 2024).
 
-Read top to bottom: models -> objectives -> data -> training loop.
+Read top to bottom: config -> objectives -> checkpoints -> training loop (models in models.py,
+data in data.py, PGD in attack.py, EdgeReg in edge_reg.py).
     python gradnorm.py --objective=gradnorm --act=gelu          # one process
     torchrun --nproc_per_node=8 gradnorm.py --objective=gradnorm  # DDP, same code path
 Every model eats images in [0,1]; normalization is a buffer inside the model, so input
@@ -15,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attack import UserError, pgd, robust_accuracy
-from data import IMAGENET_MEAN, IMAGENET_STD, data_kind, make_loaders
+from data import data_kind, make_loaders
 from edge_reg import edge_reg
+from models import build_model
 
 __version__ = '0.1.0'
 
@@ -75,6 +77,10 @@ IMAGENET_RECIPE = dict(model='resnet50', epochs=100, batch_size=1024, weight_dec
                        eval_n=5000)
 
 
+CHOICES = dict(objective=('standard', 'gradnorm', 'pgd', 'edge'), gradnorm_impl=('exact', 'fd', 'auto'),
+               compile=('auto', 'on', 'off'), loader=('ffcv', 'torchvision'))
+
+
 def parse_config(argv):
     cfg, fields, given = Config(), {f.name: f for f in dataclasses.fields(Config)}, set()
     for arg in argv:
@@ -87,6 +93,9 @@ def parse_config(argv):
         except ValueError:
             raise UserError(f'--{key}={val}: expected a {type(getattr(cfg, key)).__name__}')
         given.add(key)
+    for key, ok in CHOICES.items():
+        if getattr(cfg, key) not in ok:
+            raise UserError(f'--{key}={getattr(cfg, key)}: choose one of {", ".join(ok)}')
     if data_kind(cfg.data) != 'fashion':
         for key, val in IMAGENET_RECIPE.items():
             setattr(cfg, key, getattr(cfg, key) if key in given else val)
@@ -95,174 +104,6 @@ def parse_config(argv):
         if 'init' not in given and cfg.model == 'resnet50':
             cfg.init = 'torchvision'  # the paper fine-tunes torchvision's ResNet-50 with GELU swapped in
     return cfg
-
-
-# ---------------------------------------------------------------- models
-
-ACTS = {'relu': nn.ReLU, 'gelu': nn.GELU, 'silu': nn.SiLU}  # nn.GELU is the exact (erf) GELU
-
-
-def make_act(name):
-    if name not in ACTS:
-        raise UserError(f'unknown activation {name!r}; choose one of {", ".join(ACTS)}')
-    return ACTS[name]()
-
-
-class Normalize(nn.Module):
-    def __init__(self, mean, std):
-        super().__init__()
-        # not persistent: torchvision state_dicts (which lack them) still load with strict=True
-        self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-def conv_bn(cin, cout, k, stride=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin, width, stride, act):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.act = make_act(act)
-        self.downsample = conv_bn(cin, width, 1, stride) if stride != 1 or cin != width else None
-
-    def forward(self, x):
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.act(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, width, stride, act):
-        super().__init__()
-        cout = width * 4
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # stride here: torchvision's v1.5
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.act = make_act(act)
-        self.downsample = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
-
-    def forward(self, x):
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.act(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.act(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet(nn.Module):
-    """torchvision's parameter names and shapes, so its pretrained weights load strictly."""
-
-    def __init__(self, block, layers, widths=(64, 128, 256, 512), act='relu', in_ch=3,
-                 num_classes=1000, small_stem=False, stem_stride=1, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        # small inputs (28-32 px): a 3x3 stem and no max-pool instead of ImageNet's 4x downsampling
-        self.conv1 = nn.Conv2d(in_ch, widths[0], 3 if small_stem else 7, stem_stride if small_stem else 2,
-                               1 if small_stem else 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.act = make_act(act)
-        self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
-        cin = widths[0]
-        for i, (n, w) in enumerate(zip(layers, widths)):
-            blocks = []
-            for j in range(n):
-                blocks.append(block(cin, w, 2 if i > 0 and j == 0 else 1, act))
-                cin = w * block.expansion
-            setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
-        self.stages = len(layers)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.act(self.bn1(self.conv1(self.normalize(x)))))
-        for i in range(self.stages):
-            x = getattr(self, f'layer{i + 1}')(x)
-        return self.fc(x.mean((2, 3)))
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        # Fused kernels have no double backward; objectives that need one run this under
-        # sdpa_kernel(SDPBackend.MATH), which is plain differentiable matmuls and softmax.
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
-class Block(nn.Module):
-    def __init__(self, dim, heads, act):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), make_act(act), nn.Linear(4 * dim, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class ViT(nn.Module):
-    def __init__(self, img_size=224, patch=16, dim=192, depth=12, heads=3, act='gelu', in_ch=3,
-                 num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.patch_embed = nn.Conv2d(in_ch, dim, patch, patch)
-        self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch) ** 2, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads, act) for _ in range(depth)])
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
-
-    def forward(self, x):
-        x = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2) + self.pos_embed
-        return self.head(self.norm(self.blocks(x)).mean(1))  # mean-pooled tokens, no class token
-
-
-MODELS = {
-    'resnet18': lambda **kw: ResNet(BasicBlock, [2, 2, 2, 2], **kw),
-    'resnet50': lambda **kw: ResNet(Bottleneck, [3, 4, 6, 3], **kw),
-    'resnet18_small': lambda **kw: ResNet(BasicBlock, [2, 2, 2, 2], small_stem=True, **kw),
-    # the CPU demo: 28 px -> 14 -> 7 -> 4, ~20x cheaper than resnet18_small
-    'resnet_demo': lambda **kw: ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, stem_stride=2, **kw),
-    'vit_tiny': lambda **kw: ViT(patch=16, dim=192, depth=12, heads=3, **kw),
-    'vit_small': lambda **kw: ViT(patch=16, dim=384, depth=12, heads=6, **kw),
-    'vit_demo': lambda **kw: ViT(patch=4, dim=96, depth=4, heads=3, **kw),
-}
-
-
-def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=None, std=None):
-    if name not in MODELS:
-        raise UserError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
-    kw = dict(act=act, in_ch=in_ch, num_classes=num_classes)
-    kw.update(mean=mean or IMAGENET_MEAN[:in_ch], std=std or IMAGENET_STD[:in_ch])
-    if name.startswith('vit'):
-        kw['img_size'] = img_size
-    return MODELS[name](**kw)
-
-
-def set_activation(model, act):
-    """Swap every activation in place, e.g. ReLU -> GELU after loading torchvision weights."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, tuple(ACTS.values())):
-                setattr(module, name, make_act(act))
-    return model
 
 
 # ---------------------------------------------------------------- objectives
@@ -327,8 +168,6 @@ def gradnorm_impl(cfg, device):
     impl = cfg.gradnorm_impl
     if impl == 'auto':
         impl = 'fd' if device.type == 'cpu' and cfg.act != 'relu' else 'exact'
-    if impl not in ('exact', 'fd'):
-        raise UserError(f'unknown --gradnorm_impl={impl}; choose exact, fd or auto')
     if impl == 'fd' and device.type == 'cuda':
         raise UserError('--gradnorm_impl=fd needs float32, but CUDA training runs bf16 and TF32: use exact')
     return impl
@@ -466,14 +305,12 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     train_loader, val, robust_val, info = make_loaders(cfg, rank, world, device)
     model = build_model(cfg.model, cfg.act, **info)
-    if cfg.init == 'torchvision':  # same parameter names; the activation stays cfg.act (e.g. GELU for ReLU)
+    if cfg.init:  # torchvision's ImageNet ResNet-50: same parameter names; the activation stays cfg.act
+        if (cfg.init, cfg.model, info['num_classes']) != ('torchvision', 'resnet50', 1000):
+            raise UserError(f'--init={cfg.init} means --init=torchvision: ImageNet-1k ResNet-50 weights, for '
+                            f'--model=resnet50 and 1000 classes (not {cfg.model}, {info["num_classes"]}); or pass --init=')
         import torchvision
-        if cfg.model != 'resnet50' or info['num_classes'] != 1000:
-            raise UserError(f'--init=torchvision loads ImageNet-1k ResNet-50 weights: needs --model=resnet50 and '
-                            f'1000 classes, not {cfg.model} with {info["num_classes"]}; pass --init= to start from scratch')
         model.load_state_dict(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), strict=True)
-    elif cfg.init:
-        raise UserError(f'unknown --init={cfg.init}: use torchvision or leave it empty')
     resume_path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
     if ck:
         check_same_model(ck, cfg, resume_path)
@@ -518,6 +355,8 @@ def train(cfg):
             step=step, epoch=step // steps, rng=torch.get_rng_state(), config=dataclasses.asdict(cfg),
             data_info=info, version=__version__))
         latest = os.path.join(cfg.out, 'ckpt.pt')  # a hard link to the newest, for eval and users
+        with suppress(FileNotFoundError):
+            os.remove(latest + '.tmp')  # left by a crash between the two lines below
         os.link(path, latest + '.tmp')
         os.replace(latest + '.tmp', latest)
         for old in sorted(glob.glob(os.path.join(cfg.out, 'ckpt-*.pt')))[:-cfg.keep]:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import gradnorm as G
+import models as M
 from edge_reg import edge_reg
 
 BACKEND = 'aot_eager_decomp_partition'
@@ -24,8 +25,8 @@ BACKEND = 'aot_eager_decomp_partition'
 def tiny(name, act='gelu'):
     torch.manual_seed(0)
     if name == 'resnet':  # BatchNorm, in train mode throughout
-        return G.ResNet(G.BasicBlock, [1, 1], (8, 16), act=act, in_ch=3, num_classes=10, small_stem=True).train()
-    return G.ViT(img_size=16, patch=4, dim=24, depth=2, heads=2, act=act, num_classes=10).train()
+        return M.ResNet(M.BasicBlock, [1, 1], (8, 16), act=act, in_ch=3, num_classes=10, small_stem=True).train()
+    return M.ViT(img_size=16, patch=4, dim=24, depth=2, heads=2, act=act, num_classes=10).train()
 
 
 def batch(n=8):

@@ -8,7 +8,7 @@ import time
 import torch
 
 import gradnorm as G
-from test_smoke import HERE, run, tiny_data, train_args  # noqa: F401  (tiny_data is a fixture)
+from test_smoke import HERE, run, train_args
 
 
 def wait_for(path, proc, timeout=300):

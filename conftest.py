@@ -1,0 +1,26 @@
+"""Fixtures shared by the test files."""
+import gzip
+
+import pytest
+import torch
+
+from data import load_fashion_mnist
+
+FASHION = '/usr/share/datasets/fashion-mnist'
+
+
+def write_idx(path, t):
+    header = bytes([0, 0, 8, t.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in t.shape)
+    with gzip.open(path, 'wb') as f:
+        f.write(header + t.contiguous().numpy().tobytes())
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """A 512/256-image slice of the real Fashion-MNIST, in the same IDX format."""
+    (xtr, ytr), (xte, yte) = load_fashion_mnist(FASHION)
+    d = tmp_path_factory.mktemp('fashion')
+    for name, t in [('train-images-idx3-ubyte', xtr[:512, 0]), ('train-labels-idx1-ubyte', ytr[:512]),
+                    ('t10k-images-idx3-ubyte', xte[:256, 0]), ('t10k-labels-idx1-ubyte', yte[:256])]:
+        write_idx(d / f'{name}.gz', t.to(torch.uint8))
+    return str(d)
