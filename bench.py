@@ -103,8 +103,9 @@ def main():
 
     torch.manual_seed(0)
     base = build_model(args.model, args.act, in_ch=in_ch, num_classes=classes, img_size=res)
-    base = base.to(device, memory_format=torch.channels_last).train()
-    x = torch.rand(args.batch, in_ch, res, res, device=device).contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format  # as gradnorm.train does
+    base = base.to(device, memory_format=fmt).train()
+    x = torch.rand(args.batch, in_ch, res, res, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (args.batch,), device=device)
     rows = methods(mode == 'all', mode in ('all', 'gradnorm'), args.eps, args.fd_h, device)
     state = {}
@@ -127,7 +128,7 @@ def main():
     hw = torch.cuda.get_device_name() if device.type == 'cuda' else f'{platform.processor() or platform.machine()} CPU'
     print(f'\n{hw}, {torch.get_num_threads()} threads | torch {torch.__version__} | {args.model} {args.act} '
           f'{in_ch}x{res}x{res} batch {args.batch} | {"bf16 autocast, " if device.type == "cuda" else "float32, "}'
-          f'channels_last | eps {args.eps} fd_h {args.fd_h} | median of {args.repeats} interleaved steps '
+          f'{"channels_last" if device.type == "cuda" else "contiguous"} | eps {args.eps} fd_h {args.fd_h} | median of {args.repeats} interleaved steps '
           f'after {args.warmup} warm-up')
     med = {name: statistics.median(s[2]) for name, s in state.items()}
     std = med['standard']
