@@ -96,3 +96,26 @@ def test_disk_full_leaves_earlier_checkpoint_intact(tmp_path, monkeypatch):
         assert 'No space left on device' in str(e) and 'intact' in str(e)
     assert torch.equal(G.load_checkpoint(path)['w'], torch.ones(3))
     assert os.listdir(tmp_path) == ['ckpt.pt']  # the partial temporary file is gone
+
+
+def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch, capsys):
+    real = G.make_loaders
+
+    def with_a_nan_batch(cfg, rank, world, device):
+        train, *rest = real(cfg, rank, world, device)
+
+        class Poisoned:  # the third batch of every epoch is NaN, like a corrupt image
+            set_epoch, __len__ = train.set_epoch, train.__len__
+
+            def __iter__(self):
+                for i, (x, y) in enumerate(train):
+                    yield (torch.full_like(x, float('nan')) if i == 2 else x), y
+        return (Poisoned(), *rest)
+
+    monkeypatch.setattr(G, 'make_loaders', with_a_nan_batch)
+    cfg = G.parse_config(train_args(tiny_data, tmp_path / 'run')[1:])
+    model = G.train(cfg)
+    out = capsys.readouterr().out
+    assert out.count('step skipped (1 in a row)') == 2  # once per epoch, and training went on
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert G.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))['step'] == 16
