@@ -362,6 +362,9 @@ def train(cfg):
         for old in sorted(glob.glob(os.path.join(cfg.out, 'ckpt-*.pt')))[:-cfg.keep]:
             os.remove(old)
 
+    # (EMA tensor, model tensor) pairs, built once: state_dict() values share storage with the
+    # parameters and buffers, which the optimizer and BatchNorm update in place
+    ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values())) if ema is not None else []
     stop = []  # the signal that asked us to stop, if any
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
@@ -397,10 +400,9 @@ def train(cfg):
             else:
                 bad_steps = 0
                 opt.step()
-                if ema is not None:
-                    with torch.no_grad():
-                        for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
-                            e.lerp_(p, 1 - cfg.ema) if e.is_floating_point() else e.copy_(p)
+                with torch.no_grad():
+                    for e, p in ema_pairs:
+                        e.lerp_(p, 1 - cfg.ema) if e.is_floating_point() else e.copy_(p)
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
             step += 1
