@@ -211,6 +211,7 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
     for p, g in zip(model.parameters(), grads):
         p.requires_grad_(g)
     if dist.is_initialized():
+        counts = counts.to(next(model.parameters()).device)  # NCCL reduces GPU tensors only
         dist.all_reduce(counts)
     acc = (counts / counts[0]).tolist()
     names, per = list(attacks) + ['worst'], len(specs) + 1

@@ -2,7 +2,7 @@
 and PGD-3 adversarial training, timed interleaved in one process, medians after warm-up and compile.
 
     python bench.py                                  # the demo model on Fashion-MNIST-shaped batches
-    python bench.py --model=resnet50 --res=224       # on a GPU: bf16 autocast and channels_last
+    python bench.py --model=resnet50 --res=224       # on a GPU: bf16 autocast
 A step is everything the training loop does: objective, backward, clipping, AdamW. Peak memory is
 torch's allocator peak on CUDA, the peak resident-set growth over the step on the CPU.
 """
@@ -25,22 +25,23 @@ LIBC = ctypes.CDLL(None)
 
 
 def methods(compile_all, compile_gradnorm, eps, h, device):
-    """-> {name: (objective(model, x, y), compiled?)}; the input-gradient objectives need x to be a leaf."""
+    """-> {name: (objective(model, x, y), compiled?, double backward?)}; input-gradient objectives need x a leaf."""
     alpha = torch.tensor(1.0, device=device)  # a tensor: the value is not baked into a compiled graph
     c = lambda fn, on: torch.compile(fn, fullgraph=fn is not pgd_at) if on else fn  # PGD: see objective()
-    rows = {'standard': (lambda m, x, y: standard(m, x, y), False)}
+    rows = {'standard': (lambda m, x, y: standard(m, x, y), False, False)}
     if compile_all:
-        rows['standard compiled'] = (lambda m, x, y, f=c(standard, True): f(m, x, y), True)
-    rows['gradnorm exact'] = (lambda m, x, y: gradnorm(m, x, y, eps, alpha), False)
+        rows['standard compiled'] = (lambda m, x, y, f=c(standard, True): f(m, x, y), True, False)
+    rows['gradnorm exact'] = (lambda m, x, y: gradnorm(m, x, y, eps, alpha), False, True)
     if compile_gradnorm:
-        rows['gradnorm exact compiled'] = (lambda m, x, y, f=c(gradnorm, True): f(m, x, y, eps, alpha), True)
-    rows['gradnorm fd'] = (lambda m, x, y: gradnorm_fd(m, x, y, eps, alpha, h), False)
-    rows['edgereg'] = (lambda m, x, y: edge_reg(m, x, y, alpha), False)
+        rows['gradnorm exact compiled'] = (lambda m, x, y, f=c(gradnorm, True): f(m, x, y, eps, alpha), True, True)
+    if device.type == 'cpu':  # FD needs float32: training refuses it on CUDA, which runs bf16
+        rows['gradnorm fd'] = (lambda m, x, y: gradnorm_fd(m, x, y, eps, alpha, h), False, False)
+    rows['edgereg'] = (lambda m, x, y: edge_reg(m, x, y, alpha), False, True)
     if compile_all:
-        rows['edgereg compiled'] = (lambda m, x, y, f=c(edge_reg, True): f(m, x, y, alpha), True)
-    rows['pgd3 at'] = (lambda m, x, y: pgd_at(m, x, y, eps, 3), False)
+        rows['edgereg compiled'] = (lambda m, x, y, f=c(edge_reg, True): f(m, x, y, alpha), True, True)
+    rows['pgd3 at'] = (lambda m, x, y: pgd_at(m, x, y, eps, 3), False, False)
     if compile_all:
-        rows['pgd3 at compiled'] = (lambda m, x, y, f=c(pgd_at, True): f(m, x, y, eps, 3), True)
+        rows['pgd3 at compiled'] = (lambda m, x, y, f=c(pgd_at, True): f(m, x, y, eps, 3), True, False)
     return rows
 
 
@@ -87,6 +88,10 @@ def main():
     p.add_argument('--compile', default='auto', choices=['auto', 'all', 'gradnorm', 'none'],
                    help='auto: all objectives on CUDA, only GradNorm on the CPU (no speed-up there)')
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
+    p.add_argument('--skip', default='', help="comma-separated methods to leave out, e.g. 'edgereg compiled'")
+    p.add_argument('--memory_format', default='auto', choices=['auto', 'channels_last', 'contiguous'],
+                   help='auto: as training uses it (gradnorm.memory_format): channels_last except for '
+                        'double backward')
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,40 +107,48 @@ def main():
     autocast = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
 
     torch.manual_seed(0)
-    base = build_model(args.model, args.act, in_ch=in_ch, num_classes=classes, img_size=res)
-    fmt = torch.channels_last if device.type == 'cuda' else torch.contiguous_format  # as gradnorm.train does
-    base = base.to(device, memory_format=fmt).train()
-    x = torch.rand(args.batch, in_ch, res, res, device=device).contiguous(memory_format=fmt)
+    base = build_model(args.model, args.act, in_ch=in_ch, num_classes=classes, img_size=res).to(device).train()
+    x = torch.rand(args.batch, in_ch, res, res, device=device)
     y = torch.randint(0, classes, (args.batch,), device=device)
     rows = methods(mode == 'all', mode in ('all', 'gradnorm'), args.eps, args.fd_h, device)
-    state = {}
-    for name, (fn, compiled) in rows.items():
-        model = copy.deepcopy(base)
+    rows = {n: r for n, r in rows.items() if n not in args.skip.split(',')}
+    state, formats = {}, {}
+    for name, (fn, compiled, second_order) in list(rows.items()):
+        fmt = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}.get(
+            args.memory_format, torch.contiguous_format if second_order else torch.channels_last)
+        formats[name] = 'channels_last' if fmt == torch.channels_last else 'contiguous'
+        model = copy.deepcopy(base).to(memory_format=fmt)
         opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == 'cuda')
         t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            timed_step(model, opt, fn, x, y, device, autocast)
+        x_ = x.contiguous(memory_format=fmt)
+        try:
+            for _ in range(args.warmup):
+                timed_step(model, opt, fn, x_, y, device, autocast)
+        except Exception as e:  # a compiler bug in one row should not hide the others
+            print(f'warm-up {name}: FAILED, left out: {type(e).__name__}: {str(e).splitlines()[0]}', flush=True)
+            del rows[name]
+            continue
         print(f'warm-up {name}: {time.perf_counter() - t0:.1f} s' + (' (includes compiling)' if compiled else ''),
               flush=True)
-        state[name] = (model, opt, [], [])
+        state[name] = (model, opt, x_, [], [])
     for _ in range(args.repeats):  # interleaved: load from other processes hits every method alike
-        for name, (fn, _) in rows.items():
-            model, opt, times, peaks = state[name]
-            t, m = timed_step(model, opt, fn, x, y, device, autocast)
+        for name, (fn, *_) in rows.items():
+            model, opt, x_, times, peaks = state[name]
+            t, m = timed_step(model, opt, fn, x_, y, device, autocast)
             times.append(t)
             peaks.append(m)
 
     hw = torch.cuda.get_device_name() if device.type == 'cuda' else f'{platform.processor() or platform.machine()} CPU'
     print(f'\n{hw}, {torch.get_num_threads()} threads | torch {torch.__version__} | {args.model} {args.act} '
           f'{in_ch}x{res}x{res} batch {args.batch} | {"bf16 autocast, " if device.type == "cuda" else "float32, "}'
-          f'{"channels_last" if device.type == "cuda" else "contiguous"} | eps {args.eps} fd_h {args.fd_h} | median of {args.repeats} interleaved steps '
+          f'memory format {args.memory_format} | eps {args.eps} fd_h {args.fd_h} | median of {args.repeats} interleaved steps '
           f'after {args.warmup} warm-up')
-    med = {name: statistics.median(s[2]) for name, s in state.items()}
+    med = {name: statistics.median(s[3]) for name, s in state.items()}
     std = med['standard']
-    print(f'{"method":<24} {"step ms":>8} {"img/s":>8} {"peak MiB":>9} {"x standard":>11}')
+    print(f'{"method":<24} {"step ms":>8} {"img/s":>8} {"peak MiB":>9} {"x standard":>11}  format')
     for name, s in state.items():
         print(f'{name:<24} {1000 * med[name]:8.1f} {args.batch / med[name]:8.0f} '
-              f'{statistics.median(s[3]) / 2 ** 20:9.1f} {med[name] / std:10.2f}x')
+              f'{statistics.median(s[4]) / 2 ** 20:9.1f} {med[name] / std:10.2f}x  {formats[name]}')
     gn = {n: t for n, t in med.items() if n.startswith('gradnorm')}
     best = min(gn, key=gn.get)
     pgd = min(t for n, t in med.items() if n.startswith('pgd3'))

@@ -108,26 +108,69 @@ def test_fd_gradnorm_chosen_by_config():
     assert G.gradnorm_impl(G.Config(gradnorm_impl='auto', act='relu'), torch.device('cpu')) == 'exact'
 
 
-def _ddp_rank(rank, init_file, x, y, out):
+def _ddp_rank(rank, init_file, x, y, out, compiled):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     model = tiny('resnet')
-    net = nn.parallel.DistributedDataParallel(model)
-    shard = slice(rank * 8, (rank + 1) * 8)
-    param_grad(net, G.gradnorm_fd, x[shard], y[shard], 0.1, torch.tensor(1.0))
+    cfg = G.Config(objective='gradnorm', gradnorm_impl='exact' if compiled else 'fd', ramp_epochs=1.0)
+    with torch._dynamo.config.patch(trace_autograd_ops=True, optimize_ddp=False):
+        if compiled:  # as train() does it, with the test backend
+            torch.compile = functools.partial(torch.compile, backend=BACKEND)
+        net = nn.parallel.DistributedDataParallel(G.Step(model, G.objective(cfg, torch.device('cpu'), compiled)))
+        shard = slice(rank * 8, (rank + 1) * 8)
+        loss, _ = net(x[shard].clone().requires_grad_(), y[shard], 5.0)
+        loss.backward()
     flat = torch.cat([p.grad.flatten() for p in model.parameters()])
     if rank == 0:
         torch.save(flat, out)
     dist.destroy_process_group()
 
 
-def test_fd_gradnorm_under_ddp_averages_the_ranks_gradients():
-    """Two forwards through DDP, one backward: the synced gradient is the mean of each shard's."""
+@pytest.mark.parametrize('impl', ['fd', 'exact compiled'])
+def test_training_step_under_ddp_averages_the_ranks_gradients(impl):
+    """The step as train() runs it under torchrun: DDP wraps model + objective (G.Step); FD makes two
+    forwards and one backward, the compiled exact objective runs its double backward inside Dynamo
+    (which cannot trace DDP's own forward). The synced gradient is the mean of each shard's."""
     x, y = batch(16)
     model = tiny('resnet')
-    want = sum(param_grad(model, G.gradnorm_fd, x[s], y[s], 0.1, torch.tensor(1.0))[1]
+    fn = G.gradnorm_fd if impl == 'fd' else G.gradnorm
+    want = sum(param_grad(model, fn, x[s], y[s], 0.1, torch.tensor(1.0))[1]
                for s in (slice(0, 8), slice(8, 16))) / 2
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, 'grad.pt')
-        mp.spawn(_ddp_rank, args=(os.path.join(d, 'init'), x, y, out), nprocs=2)
+        mp.spawn(_ddp_rank, args=(os.path.join(d, 'init'), x, y, out, impl != 'fd'), nprocs=2)
         got = torch.load(out)
     assert rel(got, want) < 1e-5
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@cuda
+@pytest.mark.parametrize('arch', ['resnet', 'vit'])
+@pytest.mark.parametrize('objective', ['gradnorm', 'edge'])
+def test_cuda_inductor_step_matches_eager_in_float32_and_bf16(arch, objective, monkeypatch):
+    """The training configuration on a GPU: Inductor, training's memory format; float32 must match to
+    1e-4, and bf16 autocast must be no less accurate compiled than eager (both against float32 eager)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    fmt = G.memory_format(G.Config(objective=objective), torch.device('cuda'))
+    model = tiny(arch).cuda().to(memory_format=fmt)
+    x, y = (t.cuda() for t in batch(32))
+    x = x.contiguous(memory_format=fmt)
+    fn = {'gradnorm': functools.partial(G.gradnorm, eps=0.1), 'edge': edge_reg}[objective]
+    compiled = torch.compile(fn, fullgraph=True)
+    alpha = torch.tensor(1.0, device='cuda')
+    ref = param_grad(model, fn, x, y, alpha=alpha)[1]
+    assert rel(param_grad(model, compiled, x, y, alpha=alpha)[1], ref) < 1e-4
+    with torch.autocast('cuda', torch.bfloat16):
+        eager_bf16 = rel(param_grad(model, fn, x, y, alpha=alpha)[1], ref)
+        compiled_bf16 = rel(param_grad(model, compiled, x, y, alpha=alpha)[1], ref)
+    assert eager_bf16 < 0.1 and compiled_bf16 < 2 * eager_bf16 + 1e-2, (eager_bf16, compiled_bf16)
+
+
+@cuda
+def test_cuda_training_picks_exact_and_refuses_fd():
+    dev = torch.device('cuda')
+    assert G.gradnorm_impl(G.Config(objective='gradnorm'), dev) == 'exact'
+    with pytest.raises(G.UserError):
+        G.gradnorm_impl(G.Config(objective='gradnorm', gradnorm_impl='fd'), dev)
