@@ -92,14 +92,15 @@ def psnr(a, b):
 
 
 def collect(loader):
-    xs, ys = zip(*loader)
+    """Every batch, copied: FFCV reuses its buffers, a batch is valid until the next is drawn."""
+    xs, ys = zip(*((x.clone(), y) for x, y in loader))
     return torch.cat(xs), torch.cat(ys)
 
 
 def check_batch(x, y, res, classes=3):
     assert x.shape[1:] == (3, res, res) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert 0 <= x.min() and x.max() <= 1 and x.std() > 0.05  # real pixels, not zeros
-    assert x.is_contiguous()  # CPU: contiguous; CUDA: channels_last (D.channels_last)
+    assert x.is_contiguous(memory_format=torch.channels_last)
     assert ((0 <= y) & (y < classes)).all()
 
 
@@ -197,6 +198,32 @@ def test_make_loaders_on_betons(betons):
     assert len(train) == 9 // 4  # drop_last
     train.set_epoch(0)
     check_batch(*next(iter(train)), 64)  # random-resized crop + flip
+
+
+@pytest.mark.parametrize('loader', ['ffcv', 'torchvision'])
+def test_progressive_resizing_and_mixup(loader, tree, tmp_path_factory):
+    """--res_start grows the training resolution over the epochs (val stays at --res); --mixup gives
+    soft labels that are convex combinations of two one-hot rows, and images still in [0,1]."""
+    if loader == 'ffcv':
+        if D.ffcv_error():
+            pytest.skip(f'FFCV: {D.ffcv_error()}')
+        data = tmp_path_factory.mktemp('beton_rs')
+        D.write_beton(str(tree[0]), str(data), max_side=256, workers=2)
+    else:
+        data = tree[0]
+    cfg = G.parse_config([f'--data={data}', f'--loader={loader}', '--batch_size=4', '--res=64', '--res_start=32',
+                          '--epochs=4', '--mixup=0.8', '--workers=2'])
+    train, val, _, _ = D.make_loaders(cfg, 0, 1, CPU)
+    sizes = []
+    for epoch in (0, 3):
+        train.set_epoch(epoch)
+        x, y = next(iter(train))
+        sizes.append(x.shape[-1])
+        assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        assert y.shape == (4, 3) and torch.allclose(y.sum(1), torch.ones(4))
+        assert (y > 0).sum(1).max() <= 2 and (y.max(1).values >= 0.5 - 1e-6).all()
+    assert sizes == [32, 64]
+    assert next(iter(val))[0].shape[-1] == 64
 
 
 def test_imagenet_recipe_unless_overridden(tree):
