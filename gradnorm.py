@@ -398,7 +398,7 @@ def train(cfg):
             t = epoch + i / steps
             for group in opt.param_groups:
                 group['lr'] = lr_at(cfg, t)
-            x = x.contiguous(memory_format=fmt)  # the loaders deliver channels_last on CUDA
+            x = x.contiguous(memory_format=fmt)  # the loaders deliver channels_last
             x.requires_grad_(cfg.objective in ('gradnorm', 'edge'))  # a leaf outside any compiled code
             with autocast:
                 loss, parts = net(x, y, t)
