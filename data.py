@@ -61,12 +61,6 @@ def warn(msg):
     print(f'warning: {msg}', file=sys.stderr, flush=True)
 
 
-def channels_last(device):
-    """Batches are channels_last, as GPUs and, on the CPU, first-order steps want them; the
-    double-backward objectives convert (gradnorm.memory_format)."""
-    return torch.channels_last
-
-
 def data_kind(path):
     """'beton' (train.beton + val.beton), 'folder' (ImageFolder train/ + val/) or 'fashion'."""
     has = lambda name, test: test(os.path.join(path, name))
@@ -131,7 +125,7 @@ class TensorLoader:
             if self.train:  # random horizontal flip
                 flip = torch.rand(len(j), generator=g) < 0.5
                 x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
-            yield x.contiguous(memory_format=channels_last(self.device)), self.labels[j].to(self.device)
+            yield x.contiguous(memory_format=torch.channels_last), self.labels[j].to(self.device)
 
 
 class _GrayAsRGB:
@@ -259,12 +253,13 @@ def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None):
 # ---------------------------------------------------------------- loaders
 
 class Batches:
-    """(uint8 NCHW, labels) batches -> x float in [0,1] on the device, channels_last, y int64;
-    optional Mixup/CutMix on the device batch. set_epoch fixes the order (and resolution)."""
+    """(uint8 or [0,1] float NCHW, labels) batches -> x float in [0,1] on the device, channels_last
+    (what GPUs and first-order steps want; double-backward objectives convert, gradnorm.memory_format),
+    y int64; optional Mixup/CutMix on the device batch. set_epoch fixes the order (and resolution).
+    From FFCV on the CPU, x is its reused buffer: valid until the next batch is drawn."""
 
     def __init__(self, loader, device, set_epoch, channels=3, mix=None):
         self.loader, self.device, self._set_epoch, self.channels, self.mix = loader, device, set_epoch, channels, mix
-        self.memory_format = channels_last(device)
 
     def set_epoch(self, epoch):
         self._set_epoch(epoch)
@@ -275,7 +270,7 @@ class Batches:
     def __iter__(self):
         for x, y in self.loader:
             # the layout first, while the pixels are 1-byte; uint8 / 255 makes float32 in one pass
-            x = x[:, :self.channels].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            x = x[:, :self.channels].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             x = x.div(255) if x.dtype == torch.uint8 else x
             # FFCV reuses its output buffers: copy the labels
             y = y.to(self.device, non_blocking=True).view(-1).to(torch.int64, copy=True)
