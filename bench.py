@@ -19,29 +19,32 @@ import torch
 import torch.nn as nn
 
 from edge_reg import edge_reg
-from gradnorm import build_model, gradnorm, gradnorm_fd, pgd_at, standard
+from gradnorm import Config, build_model, gradnorm, gradnorm_fd, memory_format, pgd_at, standard
 
 LIBC = ctypes.CDLL(None)
 
 
 def methods(compile_all, compile_gradnorm, eps, h, device):
-    """-> {name: (objective(model, x, y), compiled?, double backward?)}; input-gradient objectives need x a leaf."""
+    """-> {name: (objective(model, x, y), compiled?, the Config training would run it with)};
+    input-gradient objectives need x a leaf."""
     alpha = torch.tensor(1.0, device=device)  # a tensor: the value is not baked into a compiled graph
     c = lambda fn, on: torch.compile(fn, fullgraph=fn is not pgd_at) if on else fn  # PGD: see objective()
-    rows = {'standard': (lambda m, x, y: standard(m, x, y), False, False)}
+    std, exact, fd = Config(objective='standard'), Config(gradnorm_impl='exact'), Config(gradnorm_impl='fd')
+    edge, pgd = Config(objective='edge'), Config(objective='pgd')
+    rows = {'standard': (lambda m, x, y: standard(m, x, y), False, std)}
     if compile_all:
-        rows['standard compiled'] = (lambda m, x, y, f=c(standard, True): f(m, x, y), True, False)
-    rows['gradnorm exact'] = (lambda m, x, y: gradnorm(m, x, y, eps, alpha), False, True)
+        rows['standard compiled'] = (lambda m, x, y, f=c(standard, True): f(m, x, y), True, std)
+    rows['gradnorm exact'] = (lambda m, x, y: gradnorm(m, x, y, eps, alpha), False, exact)
     if compile_gradnorm:
-        rows['gradnorm exact compiled'] = (lambda m, x, y, f=c(gradnorm, True): f(m, x, y, eps, alpha), True, True)
+        rows['gradnorm exact compiled'] = (lambda m, x, y, f=c(gradnorm, True): f(m, x, y, eps, alpha), True, exact)
     if device.type == 'cpu':  # FD needs float32: training refuses it on CUDA, which runs bf16
-        rows['gradnorm fd'] = (lambda m, x, y: gradnorm_fd(m, x, y, eps, alpha, h), False, False)
-    rows['edgereg'] = (lambda m, x, y: edge_reg(m, x, y, alpha), False, True)
+        rows['gradnorm fd'] = (lambda m, x, y: gradnorm_fd(m, x, y, eps, alpha, h), False, fd)
+    rows['edgereg'] = (lambda m, x, y: edge_reg(m, x, y, alpha), False, edge)
     if compile_all:
-        rows['edgereg compiled'] = (lambda m, x, y, f=c(edge_reg, True): f(m, x, y, alpha), True, True)
-    rows['pgd3 at'] = (lambda m, x, y: pgd_at(m, x, y, eps, 3), False, False)
+        rows['edgereg compiled'] = (lambda m, x, y, f=c(edge_reg, True): f(m, x, y, alpha), True, edge)
+    rows['pgd3 at'] = (lambda m, x, y: pgd_at(m, x, y, eps, 3), False, pgd)
     if compile_all:
-        rows['pgd3 at compiled'] = (lambda m, x, y, f=c(pgd_at, True): f(m, x, y, eps, 3), True, False)
+        rows['pgd3 at compiled'] = (lambda m, x, y, f=c(pgd_at, True): f(m, x, y, eps, 3), True, pgd)
     return rows
 
 
@@ -113,9 +116,9 @@ def main():
     rows = methods(mode == 'all', mode in ('all', 'gradnorm'), args.eps, args.fd_h, device)
     rows = {n: r for n, r in rows.items() if n not in args.skip.split(',')}
     state, formats = {}, {}
-    for name, (fn, compiled, second_order) in list(rows.items()):
+    for name, (fn, compiled, cfg) in list(rows.items()):
         fmt = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}.get(
-            args.memory_format, torch.contiguous_format if second_order else torch.channels_last)
+            args.memory_format, memory_format(cfg, device))
         formats[name] = 'channels_last' if fmt == torch.channels_last else 'contiguous'
         model = copy.deepcopy(base).to(memory_format=fmt)
         opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == 'cuda')
