@@ -384,83 +384,89 @@ def train(cfg):
     # (EMA tensor, model tensor) pairs, built once: state_dict() values share storage with the
     # parameters and buffers, which the optimizer and BatchNorm update in place
     ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values())) if ema is not None else []
-    stop = []  # the signal that asked us to stop, if any
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
-    metrics = {}
-    for epoch in range(step // steps, cfg.epochs):
-        train_loader.set_epoch(epoch)
-        net.train()
-        sums, seen, t0 = {}, 0, time.time()
-        for i, (x, y) in enumerate(train_loader):
-            if i < step - epoch * steps:  # resuming inside this epoch: same order, skip what was done
-                continue
-            t = epoch + i / steps
-            for group in opt.param_groups:
-                group['lr'] = lr_at(cfg, t)
-            x = x.contiguous(memory_format=fmt)  # the loaders deliver channels_last
-            x.requires_grad_(cfg.objective in ('gradnorm', 'edge'))  # a leaf outside any compiled code
-            with autocast:
-                loss, parts = net(x, y, t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            # one all-reduce a step: every rank skips the same steps and stops at the same one
-            flags = torch.tensor([float(bool(stop)), float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))],
-                                 device=device)
-            if distributed:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            if flags[1]:
-                bad_steps += 1
-                bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ['gradient']
-                log(f'\nwarning: non-finite {bad[0]} at epoch {epoch} step {i}: step skipped ({bad_steps} in a row)')
-                if bad_steps >= cfg.max_bad_steps:
-                    raise UserError(f'non-finite {bad[0]} for {bad_steps} steps in a row at epoch {epoch} step {i}: '
-                                    f'training stopped, the last good checkpoint in {cfg.out} is intact (try a lower --lr)')
-            else:
-                bad_steps = 0
-                opt.step()
-                with torch.no_grad():
-                    for e, p in ema_pairs:
-                        e.lerp_(p, 1 - cfg.ema) if e.is_floating_point() else e.copy_(p)
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-            step += 1
-            seen += len(y) * world
-            if flags[0]:
-                checkpoint()
-                raise Preempted(f'signal {stop[0] if stop else "on another rank"}: checkpoint at step {step} '
-                                f'in {cfg.out}; continue with --resume=auto')
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and i < steps - 1:
-                checkpoint()
-            if rank == 0 and (i % 20 == 0 or i == steps - 1):
-                done = int(30 * (i + 1) / steps)
-                terms = ' '.join(f'{k} {v.item() / (i + 1):.3f}' for k, v in sums.items())
-                print(f'\repoch {epoch} [{"#" * done}{"." * (30 - done)}] {terms} '
-                      f'{seen / (time.time() - t0):.0f} img/s', end='', flush=True)
-        seconds = time.time() - t0
-        log()
-        if compiled and not metrics:  # once; a fullgraph objective is one graph, each extra one a recompile
-            graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-            log(f'torch.compile: {graphs} graph(s) in the first epoch' + (
-                f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'))
-        metrics = dict(epoch=epoch, lr=lr_at(cfg, epoch + 1), img_per_s=seen / seconds, seconds=seconds,
-                       **{k: v.item() / steps for k, v in sums.items()},
-                       **evaluate(model, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed))
-        if ema is not None:
-            metrics.update({f'ema_{k}': v for k, v in
-                            evaluate(ema, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed).items()})
-        log(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
-        if rank == 0:
-            with open(os.path.join(cfg.out, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(metrics) + '\n')
-        checkpoint()
-    if metrics:
-        log(f'final: clean {100 * metrics["clean_acc"]:.1f}% | PGD-{cfg.eval_steps} L-inf eps={cfg.eps:.4g} '
-            f'on {cfg.eval_n} test images {100 * metrics["pgd_acc"]:.1f}% | {cfg.out}/ckpt.pt')
-    if distributed:
-        dist.destroy_process_group()
-    return model
+    stop = []  # the signal that asked us to stop, if any; the caller's handlers come back at the end
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        metrics = {}
+        for epoch in range(step // steps, cfg.epochs):
+            train_loader.set_epoch(epoch)
+            net.train()
+            sums, seen, t0 = {}, 0, time.time()
+            for i, (x, y) in enumerate(train_loader):
+                if i < step - epoch * steps:  # resuming inside this epoch: same order, skip what was done
+                    continue
+                t = epoch + i / steps
+                for group in opt.param_groups:
+                    group['lr'] = lr_at(cfg, t)
+                x = x.contiguous(memory_format=fmt)  # the loaders deliver channels_last
+                x.requires_grad_(cfg.objective in ('gradnorm', 'edge'))  # a leaf outside any compiled code
+                with autocast:
+                    loss, parts = net(x, y, t)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                # one all-reduce a step: every rank skips the same steps and stops at the same one
+                finite = torch.isfinite(loss) and torch.isfinite(grad_norm)
+                flags = torch.tensor([float(bool(stop)), float(not finite)], device=device)
+                if distributed:
+                    dist.all_reduce(flags, dist.ReduceOp.MAX)
+                if flags[1]:
+                    bad_steps += 1
+                    bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ['gradient']
+                    log(f'\nwarning: non-finite {bad[0]} at epoch {epoch} step {i}: '
+                        f'step skipped ({bad_steps} in a row)')
+                    if bad_steps >= cfg.max_bad_steps:
+                        raise UserError(f'non-finite {bad[0]} for {bad_steps} steps in a row at epoch {epoch} '
+                                        f'step {i}: training stopped, the last good checkpoint in {cfg.out} '
+                                        f'is intact (try a lower --lr)')
+                else:
+                    bad_steps = 0
+                    opt.step()
+                    with torch.no_grad():
+                        for e, p in ema_pairs:
+                            e.lerp_(p, 1 - cfg.ema) if e.is_floating_point() else e.copy_(p)
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+                step += 1
+                seen += len(y) * world
+                if flags[0]:
+                    checkpoint()
+                    raise Preempted(f'signal {stop[0] if stop else "on another rank"}: checkpoint at step {step} '
+                                    f'in {cfg.out}; continue with --resume=auto')
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and i < steps - 1:
+                    checkpoint()
+                if rank == 0 and (i % 20 == 0 or i == steps - 1):
+                    done = int(30 * (i + 1) / steps)
+                    terms = ' '.join(f'{k} {v.item() / (i + 1):.3f}' for k, v in sums.items())
+                    print(f'\repoch {epoch} [{"#" * done}{"." * (30 - done)}] {terms} '
+                          f'{seen / (time.time() - t0):.0f} img/s', end='', flush=True)
+            seconds = time.time() - t0
+            log()
+            if compiled and not metrics:  # once; a fullgraph objective is one graph, each extra one a recompile
+                graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+                log(f'torch.compile: {graphs} graph(s) in the first epoch' + (
+                    f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'))
+            metrics = dict(epoch=epoch, lr=lr_at(cfg, epoch + 1), img_per_s=seen / seconds, seconds=seconds,
+                           **{k: v.item() / steps for k, v in sums.items()},
+                           **evaluate(model, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed))
+            if ema is not None:
+                metrics.update({f'ema_{k}': v for k, v in
+                                evaluate(ema, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed).items()})
+            log(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+            if rank == 0:
+                with open(os.path.join(cfg.out, 'metrics.jsonl'), 'a') as f:
+                    f.write(json.dumps(metrics) + '\n')
+            checkpoint()
+        if metrics:
+            log(f'final: clean {100 * metrics["clean_acc"]:.1f}% | PGD-{cfg.eval_steps} L-inf eps={cfg.eps:.4g} '
+                f'on {cfg.eval_n} test images {100 * metrics["pgd_acc"]:.1f}% | {cfg.out}/ckpt.pt')
+        if distributed:
+            dist.destroy_process_group()
+        return model
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 if __name__ == '__main__':

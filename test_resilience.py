@@ -98,24 +98,44 @@ def test_disk_full_leaves_earlier_checkpoint_intact(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['ckpt.pt']  # the partial temporary file is gone
 
 
-def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch, capsys):
+def poison(monkeypatch, bad):
+    """make_loaders whose training batches number i are NaN when bad(i), like corrupt images."""
     real = G.make_loaders
 
-    def with_a_nan_batch(cfg, rank, world, device):
+    def with_nan_batches(cfg, rank, world, device):
         train, *rest = real(cfg, rank, world, device)
 
-        class Poisoned:  # the third batch of every epoch is NaN, like a corrupt image
+        class Poisoned:
             set_epoch, __len__ = train.set_epoch, train.__len__
 
             def __iter__(self):
                 for i, (x, y) in enumerate(train):
-                    yield (torch.full_like(x, float('nan')) if i == 2 else x), y
+                    yield (torch.full_like(x, float('nan')) if bad(i) else x), y
         return (Poisoned(), *rest)
+    monkeypatch.setattr(G, 'make_loaders', with_nan_batches)
 
-    monkeypatch.setattr(G, 'make_loaders', with_a_nan_batch)
+
+def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch, capsys):
+    poison(monkeypatch, lambda i: i == 2)  # the third batch of every epoch
     cfg = G.parse_config(train_args(tiny_data, tmp_path / 'run')[1:])
+    mine = signal.getsignal(signal.SIGTERM)
     model = G.train(cfg)
+    assert signal.getsignal(signal.SIGTERM) is mine  # train() called from Python leaves no handler behind
     out = capsys.readouterr().out
     assert out.count('step skipped (1 in a row)') == 2  # once per epoch, and training went on
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert G.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))['step'] == 16
+
+
+def test_handlers_come_back_when_training_fails(tiny_data, tmp_path, monkeypatch):
+    """A SIGTERM handler left behind by train() would swallow SIGTERM for good: a forked worker
+    (multiprocessing.Pool) could then never be terminated."""
+    poison(monkeypatch, lambda i: True)
+    cfg = G.parse_config(train_args(tiny_data, tmp_path / 'run')[1:] + ['--max_bad_steps=2'])
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        G.train(cfg)
+        raise AssertionError('training on NaN batches should stop')
+    except G.UserError as e:
+        assert 'non-finite' in str(e)
+    assert {s: signal.getsignal(s) for s in before} == before
