@@ -22,7 +22,7 @@ MASTER_PORT ?= 29500
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 ifeq ($(shell [ "0$(GPUS)" -gt 1 ] || [ "$(NNODES)" -gt 1 ] && echo multi),multi)
-RUN := $(VENV)/bin/torchrun --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_per_node=$(GPUS) \
+RUN := $(VENV)/bin/torchrun --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_per_node=$(or $(filter-out 0,$(GPUS)),1) \
        --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
 else
 RUN := $(PY)
@@ -76,12 +76,13 @@ BETON     ?= $(IMAGENET)-beton
 MAX_SIDE  ?= 500
 QUALITY   ?= 90
 COMPRESS  ?= 0.5
+VAL_SIDE  ?= 256
 export NUMBA_THREADING_LAYER = omp
 
 # ImageFolder IMAGENET/{train,val}/<class>/<image> -> BETON/{train,val}.beton; then train with DATA=$(BETON)
 beton: setup
 	@test -n "$(IMAGENET)" || (echo 'usage: make beton IMAGENET=/path/to/imagenet [BETON=out_dir]'; exit 2)
-	$(PY) data.py write $(IMAGENET) $(BETON) --max-side=$(MAX_SIDE) --quality=$(QUALITY) --compress=$(COMPRESS)
+	$(PY) data.py write $(IMAGENET) $(BETON) --max-side=$(MAX_SIDE) --quality=$(QUALITY) --compress=$(COMPRESS) --val-side=$(VAL_SIDE)
 
 bench-loader: setup
 	$(PY) data.py bench

@@ -12,6 +12,7 @@ import glob
 import gzip
 import hashlib
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
 ROBUSTBENCH_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'robustbench_imagenet_val_5000.txt')
 CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'gradnorm')
 VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evaluation crop
+VAL_SIDE = 256  # short side of the stored val images: 224 px center crops without resampling
 
 
 _ffcv_error = ...
@@ -194,34 +196,45 @@ def list_images(folder, classes=None):
 
 
 class _Photos:
-    def __init__(self, samples, max_side):
-        self.samples, self.max_side = samples, max_side
+    """-> (RGB uint8 HWC, label). short_side: torchvision's Resize(short_side), the first step of the
+    ImageNet evaluation transform, done once here instead of at every epoch."""
+
+    def __init__(self, samples, max_side=None, short_side=None):
+        self.samples, self.max_side, self.short_side = samples, max_side, short_side
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return np.asarray(load_rgb(path, self.max_side)), label
+        im = load_rgb(path, self.short_side or self.max_side)
+        if self.short_side:
+            from torchvision.transforms.functional import resize
+            im = resize(im, self.short_side)
+        return np.asarray(im), label
 
 
 def write_split(dataset, path, workers, write_mode='proportion', max_side=None, quality=90, compress=0.5):
-    """FFCV DatasetWriter into path.tmp, renamed at the end: an interrupted run leaves no
-    .beton that looks complete."""
+    """FFCV DatasetWriter into a temporary file, renamed at the end: an interrupted run leaves no
+    .beton that looks complete, and two writers of the same file (the first rank of each node, on a
+    shared file system) never write into each other's."""
     need_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
-    tmp = path + '.tmp'
+    tmp = f'{path}.{socket.gethostname()}-{os.getpid()}.tmp'
     fields = {'image': RGBImageField(write_mode=write_mode, max_resolution=max_side, jpeg_quality=quality,
                                      compress_probability=compress), 'label': IntField()}
     DatasetWriter(tmp, fields, num_workers=workers).from_indexed_dataset(dataset, chunksize=64)
     os.replace(tmp, path)
 
 
-def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None):
+def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None, val_side=VAL_SIDE):
     """ImageFolder src/{train,val}/<class>/<image> -> out/{train,val}.beton (+ {train,val}_files.txt,
     the relative path of each sample in order). Images that fail to decode are skipped, each with
-    a warning, and counted. -> {split: (written, skipped)}"""
+    a warning, and counted. Train images keep their longer side <= max_side (random crops need the
+    whole picture); val images are stored at short side val_side, as Resize(256) leaves them for the
+    224 px center crop, which then needs no resampling at load time (0: stored like train).
+    -> {split: (written, skipped)}"""
     need_ffcv()
     workers = workers or len(os.sched_getaffinity(0))
     os.makedirs(out, exist_ok=True)
@@ -241,8 +254,8 @@ def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None):
         print(f'{split}: writing {len(good)} images, {len(samples) - len(good)} skipped as undecodable', flush=True)
         with open(os.path.join(out, f'{split}_files.txt.tmp'), 'w') as f:
             f.writelines(os.path.relpath(p, folder).replace(os.sep, '/') + '\n' for p, _ in good)
-        write_split(_Photos(good, max_side), os.path.join(out, f'{split}.beton'), workers, mode, max_side, quality,
-                    compress)
+        sized = _Photos(good, short_side=val_side) if split == 'val' and val_side else _Photos(good, max_side)
+        write_split(sized, os.path.join(out, f'{split}.beton'), workers, mode, sized.max_side, quality, compress)
         os.replace(os.path.join(out, f'{split}_files.txt.tmp'), os.path.join(out, f'{split}_files.txt'))
         size = os.path.getsize(os.path.join(out, f'{split}.beton'))
         print(f'{out}/{split}.beton: {len(good)} images, {size / 2**20:.1f} MiB', flush=True)
@@ -337,12 +350,15 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
 
 
 def center_crop(im, res):
-    """FFCV's CenterCropRGBImageDecoder in PIL: the central square of side int(VAL_RATIO * short
-    side) (what Resize(res / VAL_RATIO) + CenterCrop(res) takes, without its rounding), resized."""
+    """The ImageNet evaluation crop, as FFCV gives it from a val .beton stored at VAL_SIDE:
+    torchvision's Resize(res / VAL_RATIO), then the central res square (offset rounded down, as FFCV
+    does; CenterCrop rounds to even). PIL resamples only that square (box=): the same pixels without
+    resizing the whole image."""
     w, h = im.size
-    c = int(VAL_RATIO * min(w, h))
-    top, left = (h - c) // 2, (w - c) // 2
-    return im.crop((left, top, left + c, top + c)).resize((res, res), Image.BILINEAR)
+    short = round(res / VAL_RATIO)
+    W, H = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's rounding
+    left, top, sx, sy = (W - res) // 2, (H - res) // 2, w / W, h / H
+    return im.resize((res, res), Image.BILINEAR, box=(left * sx, top * sy, (left + res) * sx, (top + res) * sy))
 
 
 class _Folder:
@@ -499,13 +515,13 @@ def photo_folder(root, per_class=8, classes=4, sizes=((500, 375), (375, 500), (5
     return root
 
 
-def bench(n=512, res=224, batch=64, workers=2, rounds=5):
+def bench(n=512, res=224, batch=64, workers=2, rounds=5, val_side=VAL_SIDE):
     """Same JPEG files, crops, resolution, batch size and worker count; side by side, alternating."""
     need_ffcv()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         photo_folder(tmp, per_class=n // 4)
-        write_beton(tmp, os.path.join(tmp, 'beton'), workers=workers)
+        write_beton(tmp, os.path.join(tmp, 'beton'), workers=workers, val_side=val_side)
         for train, what in ((True, 'random-resized crop + flip'), (False, 'center crop 224/256')):
             split = 'train' if train else 'val'
             loaders = {'ffcv': ffcv_loader(f'{tmp}/beton/{split}.beton', batch, 'cpu', train, res, workers=workers),
@@ -534,16 +550,19 @@ def main(argv):
     w.add_argument('--quality', type=int, default=90, help='JPEG quality of the compressed images')
     w.add_argument('--compress', type=float, default=0.5,
                    help='fraction stored as JPEG, the rest as raw pixels (0 = all raw, 1 = all JPEG)')
+    w.add_argument('--val-side', type=int, default=VAL_SIDE,
+                   help='val images are stored at this short side (224 / 0.875); 0 = like train')
     w.add_argument('--workers', type=int, default=None)
     b = sub.add_parser('bench', help='FFCV vs torchvision images/s on the same JPEGs')
     b.add_argument('--n', type=int, default=512)
     b.add_argument('--workers', type=int, default=2)
     b.add_argument('--batch', type=int, default=64)
+    b.add_argument('--val-side', type=int, default=VAL_SIDE, help='as for write (0: val stored like train)')
     args = p.parse_args(argv)
     if args.cmd == 'write':
-        write_beton(args.src, args.out, args.max_side, args.quality, args.compress, args.workers)
+        write_beton(args.src, args.out, args.max_side, args.quality, args.compress, args.workers, args.val_side)
     else:
-        bench(args.n, batch=args.batch, workers=args.workers)
+        bench(args.n, batch=args.batch, workers=args.workers, val_side=args.val_side)
 
 
 if __name__ == '__main__':
