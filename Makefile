@@ -9,9 +9,10 @@ INIT   ?=
 ACT    ?= gelu
 EPOCHS ?=
 BATCH  ?=
-OUT    ?= runs
+OUT    ?=
 ARGS   ?=
-CKPT   ?= $(OUT)/gradnorm_$(ACT)/ckpt.pt
+# train.py's default output folder names the data, model, objective and activation: one run per folder
+CKPT   ?= runs/$(notdir $(DATA))/$(or $(MODEL),resnet_demo)-gradnorm-$(ACT)/ckpt.pt
 EPS    ?=
 # multi-GPU / multi-node: torchrun (DDP); one process otherwise, same code path
 GPUS        ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
@@ -27,9 +28,9 @@ RUN := $(VENV)/bin/torchrun --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_
 else
 RUN := $(PY)
 endif
-# unset variables leave gradnorm.py's defaults: the demo's, or the paper's recipe when DATA is ImageNet
-TRAIN = $(RUN) gradnorm.py --act=$(ACT) --data=$(DATA) $(if $(MODEL),--model=$(MODEL)) $(if $(INIT),--init=$(INIT)) \
-        $(if $(EPOCHS),--epochs=$(EPOCHS)) $(if $(BATCH),--batch_size=$(BATCH)) $(ARGS)
+# unset variables leave train.py's defaults: the demo's, or the paper's recipe when DATA is ImageNet
+TRAIN = $(RUN) train.py --act=$(ACT) --data=$(DATA) $(if $(MODEL),--model=$(MODEL)) $(if $(INIT),--init=$(INIT)) \
+        $(if $(EPOCHS),--epochs=$(EPOCHS)) $(if $(BATCH),--batch_size=$(BATCH)) $(if $(OUT),--out=$(OUT)) $(ARGS)
 
 .PHONY: setup data train-gradnorm train-standard train-pgd train-edge eval test clean
 
@@ -50,22 +51,22 @@ data:
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist); fi
 
 train-gradnorm: setup data
-	$(TRAIN) --objective=gradnorm --out=$(OUT)/gradnorm_$(ACT)
+	$(TRAIN) --objective=gradnorm
 train-standard: setup data
-	$(TRAIN) --objective=standard --out=$(OUT)/standard_$(ACT)
+	$(TRAIN) --objective=standard
 train-pgd: setup data
-	$(TRAIN) --objective=pgd --out=$(OUT)/pgd_$(ACT)
+	$(TRAIN) --objective=pgd
 train-edge: setup data
-	$(TRAIN) --objective=edge --out=$(OUT)/edge_$(ACT)
+	$(TRAIN) --objective=edge
 
 eval: setup data
 	$(RUN) attack.py --ckpt=$(CKPT) $(if $(EPS),--eps $(EPS)) $(ARGS)
 
 test: setup data
-	$(PY) -m pytest -q test_smoke.py test_resilience.py test_data.py test_attack.py test_compile.py
+	$(PY) -m pytest -q $(wildcard test_*.py)
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache __pycache__
+	rm -rf $(VENV) runs .pytest_cache __pycache__
 
 # ---------------------------------------------------------------- FFCV data path (data.py)
 # FFCV=0 skips building FFCV in `setup` (then: the in-memory demo, or --loader=torchvision on ImageFolder data)
@@ -85,7 +86,7 @@ beton: setup
 	$(PY) data.py write $(IMAGENET) $(BETON) --max-side=$(MAX_SIDE) --quality=$(QUALITY) --compress=$(COMPRESS) --val-side=$(VAL_SIDE)
 
 bench-loader: setup
-	$(PY) data.py bench
+	$(PY) bench.py loader
 
 # Step cost of standard, GradNorm (exact, compiled, finite-difference), EdgeReg and PGD-3 AT, side by side.
 # Default: the demo model on the CPU; resnet50 and vit_small at 224 (bf16, channels_last) where there is a GPU.
@@ -93,7 +94,7 @@ RES ?=
 BENCH_MODELS = $(or $(MODEL),$(if $(filter-out 0,$(GPUS)),resnet50 vit_small,resnet_demo))
 .PHONY: bench
 bench: setup
-	for m in $(BENCH_MODELS); do $(PY) bench.py --model=$$m $(if $(RES),--res=$(RES)) $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
+	for m in $(BENCH_MODELS); do $(PY) bench.py step --model=$$m $(if $(RES),--res=$(RES)) $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
 
 # Gradient statistics, pictures and PGD accuracy of one or more checkpoints (CKPT, CKPT2, ... or CKPTS="a.pt b.pt").
 .PHONY: characterize bench-attack
@@ -101,4 +102,4 @@ characterize: setup data
 	$(PY) characterize.py $(or $(CKPTS),$(CKPT) $(CKPT2) $(CKPT3) $(CKPT4) $(CKPT5) $(CKPT6)) $(ARGS)
 # PGD-10 seconds per 1,000 images on the demo model, eager vs torch.compile, side by side.
 bench-attack: setup
-	$(PY) attack.py bench $(ARGS)
+	$(PY) bench.py attack $(ARGS)

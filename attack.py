@@ -3,7 +3,6 @@ case per sample over steps, restarts and attacks, and checks that flag gradient 
 
     python attack.py --ckpt runs/gradnorm_gelu/ckpt.pt --eps 0.05 0.1 --attacks ce-20 dlr-20 ce-50x2
     torchrun --nproc_per_node=8 attack.py --ckpt imagenet.pt --eps 4/255   # counts summed over ranks
-    python attack.py bench             # PGD-10 seconds per 1,000 images, eager vs compiled
 An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100.
 """
 import argparse
@@ -18,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-class UserError(Exception):
-    """A problem the user can fix: printed as one line, never as a traceback."""
+from config import (ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint,
+                    setup_distributed)
+from data import make_loaders
 
 
 # ---------------------------------------------------------------- losses (per sample, maximized)
@@ -148,6 +147,14 @@ def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=Fa
     return best, fooled
 
 
+def pgd_at(model, x, y, eps, steps=3, smoothing=0.1):
+    """The adversarial-training baseline as an objective (model, x, y, ...) -> (loss, terms): CE on
+    PGD-k examples (random start, step 2*eps/k), the last iterate."""
+    x_adv = pgd(model, x, y, eps, steps, 2 * eps / steps)
+    ce = F.cross_entropy(model(x_adv), y, label_smoothing=smoothing)
+    return ce, {'ce_adv': ce}
+
+
 # ---------------------------------------------------------------- evaluator
 
 def parse_attack(spec):
@@ -261,118 +268,104 @@ def parse_eps(text):
     """'4/255' -> 0.01568..., '0.1' -> 0.1"""
     try:
         return float(Fraction(text))
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         raise UserError(f'cannot read eps {text!r}: write it like 0.1 or 4/255') from None
 
 
-def main(argv):
-    import gradnorm
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', required=True)
-    p.add_argument('--eps', nargs='+', default=None,
+# ---------------------------------------------------------------- the command
+
+def parse_args(argv):
+    nonneg, positive = checked(int, lambda v: v >= 0, 'an integer >= 0'), checked(int, lambda v: v >= 1, 'at least 1')
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ckpt', required=True, type=checked(str, os.path.isfile, 'an existing checkpoint file'))
+    p.add_argument('--eps', nargs='+', default=None, type=checked(str, lambda t: 0 < parse_eps(t) < math.inf, 'positive'),
                    help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the training eps)')
     p.add_argument('--norm', default='linf', choices=['linf', 'l2'])
-    p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'], help='LOSS-STEPS[xRESTARTS]')
-    p.add_argument('--steps', type=int, default=None, help='shorthand for --attacks ce-STEPS')
+    p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'], help='LOSS-STEPS[xRESTARTS]',
+                   type=checked(parse_attack_text, bool, 'LOSS-STEPS[xRESTARTS], e.g. ce-20 or dlr-50x2'))
+    p.add_argument('--steps', type=positive, default=None, help='shorthand for --attacks ce-STEPS')
     p.add_argument('--schedule', default='constant', choices=['constant', 'cosine'])
-    p.add_argument('--step-size', type=float, default=None, help='as a fraction of eps (default 2.5/steps)')
-    p.add_argument('--n', type=int, default=None, help='first n validation images (default 5000 on ImageNet, else 1000)')
-    p.add_argument('--data', default=None, help='data path (default: the one used in training)')
+    p.add_argument('--step-size', type=checked(float, lambda v: 0 < v <= 10, 'in (0, 10]'), default=None,
+                   help='as a fraction of eps (default 2.5/steps)')
+    p.add_argument('--n', type=positive, default=None, help='first n validation images (default 5000 on ImageNet, else 1000)')
+    p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'),
+                   help='data path (default: the one used in training)')
     p.add_argument('--ema', action='store_true', help='evaluate the EMA weights')
-    p.add_argument('--json', default=None, help='write the results here (default: next to the checkpoint)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', default=None, help='write the results here (default: next to the checkpoint)',
+                   type=checked(str, lambda v: os.path.isdir(os.path.dirname(os.path.abspath(v))), 'in an existing folder'))
+    p.add_argument('--seed', type=nonneg, default=0)
     p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help='auto = on CUDA only')
     p.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA)')
     p.add_argument('--no-checks', action='store_true', help='skip the gradient-masking sanity checks')
     args = p.parse_args(argv)
-    attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
-    [parse_attack(a) for a in attacks]
+    args.attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
+    if args.norm == 'linf' and args.eps and max(map(parse_eps, args.eps)) > 1:
+        raise UserError(f'--eps {max(args.eps, key=parse_eps)}: an L-inf budget above 1 is larger than the whole '
+                        'pixel range [0, 1]')
+    return args
 
-    distributed = 'RANK' in os.environ
-    if distributed:
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    ck = gradnorm.load_checkpoint(args.ckpt)
-    model = gradnorm.model_from_checkpoint(ck, 'ema' if args.ema else 'model').to(device)
+
+def parse_attack_text(spec):
+    parse_attack(spec)
+    return spec
+
+
+def load(args, rank, world, device):
+    """-> the checkpoint, its model on the device, the robust-val batches of this rank, data info."""
+    ck = load_checkpoint(args.ckpt)
+    if args.ema and ck.get('ema') is None:
+        raise UserError(f'{args.ckpt} holds no EMA weights (trained with --ema=0): leave out --ema')
+    model = model_from_checkpoint(ck, 'ema' if args.ema else 'model').to(device)
     imagenet = ck['data_info'].get('num_classes') == 1000
-    eps_text = args.eps or (['4/255'] if imagenet else [f'{ck["config"]["eps"]:g}'])
-    eps_list = [parse_eps(e) for e in eps_text]
-    norm_name = {'linf': 'L-inf', 'l2': 'L2'}[args.norm]
-    big_eps = None if args.no_checks else (0.5 if args.norm == 'linf' else None)
-    cfg = gradnorm.Config(**{**ck['config'], 'eval_n': args.n or (5000 if imagenet else 1000)})
+    cfg = Config(**{**ck['config'], 'eval_n': args.n or (5000 if imagenet else 1000)})
     cfg.data = args.data or cfg.data
-    _, _, robust_val, info = gradnorm.make_loaders(cfg, rank, world, device)
-    if not args.no_checks and args.norm == 'l2':  # the L2 distance from any image to uniform gray
-        big_eps = 0.5 * math.sqrt(info['in_ch'] * info.get('img_size', 28) ** 2)
+    if not os.path.isdir(cfg.data):
+        raise UserError(f'{args.ckpt} was trained on {cfg.data}, which is not here: pass --data=DIR')
+    _, _, robust_val, info = make_loaders(cfg, rank, world, device)
+    return ck, model, robust_val, info
+
+
+def report(args, r, checks, ck, eps_text, eps_list, seconds, compiled):
+    c = ck['config']
+    print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {"EMA" if args.ema else "model"} weights | '
+          f'{r["n"]} images | {args.norm} | seed {args.seed} | {seconds:.0f} s'
+          f'{" | bf16" if args.bf16 else ""}{" | compiled" if compiled else ""}')
+    names = args.attacks + ['worst']
+    print(f'{"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
+    for e, t in zip(eps_list, eps_text):
+        print(f'{t:>8} {100 * r["clean"]:7.1f} ' + ' '.join(f'{100 * r["robust"][e][a]:8.1f}' for a in names))
+    for ok, msg in checks:
+        print(f'  {"ok  " if ok else "WARN"} {msg}')
+    path = args.json or os.path.join(os.path.dirname(args.ckpt) or '.', f'eval_{args.norm}.json')
+    with open(path, 'w') as f:
+        json.dump({'ckpt': args.ckpt, 'weights': 'ema' if args.ema else 'model', 'objective': c['objective'],
+                   'model': c['model'], 'act': c['act'], 'norm': args.norm, 'attacks': args.attacks,
+                   'schedule': args.schedule, 'n': r['n'], 'seed': args.seed, 'seconds': seconds, 'clean': r['clean'],
+                   'big_eps_acc': r['big_eps'], 'robust': {t: r['robust'][e] for e, t in zip(eps_list, eps_text)},
+                   'checks': [{'ok': ok, 'check': m} for ok, m in checks]}, f, indent=1)
+    print(f'wrote {path}')
+
+
+def main(argv):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    ck, model, robust_val, info = load(args, rank, world, device)
+    eps_text = args.eps or (['4/255'] if info['num_classes'] == 1000 else [f'{ck["config"]["eps"]:g}'])
+    eps_list = [parse_eps(t) for t in eps_text]
+    big_eps = None
+    if not args.no_checks:  # a budget that reaches uniform gray from any image
+        big_eps = 0.5 if args.norm == 'linf' else 0.5 * math.sqrt(info['in_ch'] * info.get('img_size', 28) ** 2)
     torch.manual_seed(args.seed + rank)
-    compile = args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda')
+    compiled = args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda')
     t0 = time.time()
-    r = evaluate(model, robust_val, eps_list, attacks, args.norm, args.schedule, args.step_size, big_eps,
-                 compile, args.bf16 and device.type == 'cuda')
-    seconds = time.time() - t0
+    r = evaluate(model, robust_val, eps_list, args.attacks, args.norm, args.schedule, args.step_size, big_eps,
+                 compiled, args.bf16 and device.type == 'cuda')
     if rank == 0:
-        checks = [] if args.no_checks else sanity_checks(r, attacks, big_eps, info['num_classes'])
-        c = ck['config']
-        print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {r["n"]} images | {norm_name} | '
-              f'seed {args.seed} | {seconds:.0f} s{" | bf16" if args.bf16 else ""}{" | compiled" if compile else ""}')
-        names = attacks + ['worst']
-        print(f'{"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
-        for e, t in zip(eps_list, eps_text):
-            print(f'{t:>8} {100 * r["clean"]:7.1f} ' + ' '.join(f'{100 * r["robust"][e][a]:8.1f}' for a in names))
-        for ok, msg in checks:
-            print(f'  {"ok  " if ok else "WARN"} {msg}')
-        path = args.json or os.path.join(os.path.dirname(args.ckpt) or '.', f'eval_{args.norm}.json')
-        with open(path, 'w') as f:
-            json.dump({'ckpt': args.ckpt, 'objective': c['objective'], 'model': c['model'], 'act': c['act'],
-                       'norm': args.norm, 'attacks': attacks, 'schedule': args.schedule, 'n': r['n'],
-                       'seed': args.seed, 'seconds': seconds, 'clean': r['clean'], 'big_eps': big_eps,
-                       'big_eps_acc': r['big_eps'], 'robust': {t: r['robust'][e] for e, t in zip(eps_list, eps_text)},
-                       'checks': [{'ok': ok, 'check': m} for ok, m in checks]}, f, indent=1)
-        print(f'wrote {path}')
-    if distributed:
+        checks = [] if args.no_checks else sanity_checks(r, args.attacks, big_eps, info['num_classes'])
+        report(args, r, checks, ck, eps_text, eps_list, time.time() - t0, compiled)
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def bench(argv):
-    """PGD-10 seconds per 1,000 images on the demo model, eager vs torch.compile, same process."""
-    import gradnorm
-    from data import FASHION_MEAN, FASHION_STD
-    p = argparse.ArgumentParser(description=bench.__doc__)
-    p.add_argument('--model', default='resnet_demo')
-    p.add_argument('--batch', type=int, default=500)
-    p.add_argument('--images', type=int, default=1000)
-    p.add_argument('--steps', type=int, default=10)
-    args = p.parse_args(argv)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    torch.manual_seed(0)
-    model = gradnorm.build_model(args.model, 'gelu', in_ch=1, num_classes=10, img_size=28,
-                                 mean=FASHION_MEAN, std=FASHION_STD).to(device).eval().requires_grad_(False)
-    x, y = torch.rand(args.batch, 1, 28, 28, device=device), torch.randint(0, 10, (args.batch,), device=device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-
-    def per_1000(fwd):
-        t0 = time.time()
-        pgd(fwd, x, y, 0.1, args.steps)  # warm-up: compilation happens here
-        sync()
-        warm, t0, done = time.time() - t0, time.time(), 0
-        while done < args.images:
-            pgd(fwd, x, y, 0.1, args.steps)
-            done += args.batch
-        sync()
-        return (time.time() - t0) / done * 1000, warm
-
-    eager, _ = per_1000(model)
-    compiled, warm = per_1000(torch.compile(model))
-    print(f'PGD-{args.steps} {args.model} {device.type} batch {args.batch}: eager {eager:.2f} s/1000 img | '
-          f'compiled {compiled:.2f} s/1000 img (warm-up {warm:.0f} s) | compiled speed-up {eager / compiled:.2f}x')
-
-
 if __name__ == '__main__':
-    import attack  # gradnorm and data raise attack.UserError, not this script's __main__.UserError
-    try:
-        bench(sys.argv[2:]) if sys.argv[1:2] == ['bench'] else main(sys.argv[1:])
-    except (UserError, attack.UserError) as e:
-        sys.exit(f'error: {e}')
+    sys.exit(cli(main, sys.argv[1:]))

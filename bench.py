@@ -1,25 +1,38 @@
-"""What a training step costs: standard, GradNorm (exact eager, compiled, finite-difference), EdgeReg
-and PGD-3 adversarial training, timed interleaved in one process, medians after warm-up and compile.
+"""Benchmarks, each printing ratios measured side by side in one process (never absolute timings alone).
 
-    python bench.py                                  # the demo model on Fashion-MNIST-shaped batches
-    python bench.py --model=resnet50 --res=224       # on a GPU: bf16 autocast
-A step is everything the training loop does: objective, backward, clipping, AdamW. Peak memory is
-torch's allocator peak on CUDA, the peak resident-set growth over the step on the CPU.
+    python bench.py step                             # a training step of every objective (make bench)
+    python bench.py step --model=resnet50 --res=224  # on a GPU: bf16 autocast
+    python bench.py loader                           # FFCV vs torchvision images/s (make bench-loader)
+    python bench.py attack                           # PGD-10 per 1,000 images, eager vs compiled (make bench-attack)
+step: standard, GradNorm (exact eager, compiled, finite-difference), EdgeReg and PGD-3 adversarial
+training, timed interleaved, medians after warm-up and compile. A step is everything the training
+loop does: objective, backward, clipping, AdamW. Peak memory is torch's allocator peak on CUDA, the
+peak resident-set growth over the step on the CPU.
 """
 import argparse
 import copy
 import ctypes
+import os
 import platform
 import re
 import statistics
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 
+from attack import pgd, pgd_at
+from config import ArgumentParser, Config, checked, cli
+from data import FASHION_MEAN, FASHION_STD, VAL_SIDE, ffcv_loader, need_ffcv, torchvision_loader, write_beton
 from edge_reg import edge_reg
-from gradnorm import Config, build_model, gradnorm, gradnorm_fd, memory_format, pgd_at, standard
+from gradnorm import gradnorm, gradnorm_fd, standard
+from models import build_model
+from train import memory_format
 
 LIBC = ctypes.CDLL(None)
 
@@ -78,8 +91,7 @@ def timed_step(model, opt, fn, x, y, device, autocast):
     return time.perf_counter() - t0, peak
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_args(p):
     p.add_argument('--model', default='resnet_demo')
     p.add_argument('--res', type=int, default=0, help='image size (default: 28 for *_demo, else 224)')
     p.add_argument('--batch', type=int, default=128)
@@ -93,9 +105,11 @@ def main():
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     p.add_argument('--skip', default='', help="comma-separated methods to leave out, e.g. 'edgereg compiled'")
     p.add_argument('--memory_format', default='auto', choices=['auto', 'channels_last', 'contiguous'],
-                   help='auto: as training uses it (gradnorm.memory_format): channels_last except for '
+                   help='auto: as training uses it (train.memory_format): channels_last except for '
                         'double backward')
-    args = p.parse_args()
+
+
+def bench_step(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -160,5 +174,109 @@ def main():
           f'pgd3/standard {pgd / std:.2f}')
 
 
+# ---------------------------------------------------------------- loader
+
+PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry', 'hubble_deep_field',
+          'stereo_motorcycle', 'retina')
+
+
+def photo_folder(root, per_class=8, classes=4, sizes=((500, 375), (375, 500), (500, 333), (400, 400)), quality=90):
+    """An ImageFolder of real photographs (skimage.data) at ImageNet-like sizes, as JPEG files."""
+    import skimage.data
+    photos = [getattr(skimage.data, n)() for n in PHOTOS]
+    photos = [p[0] if isinstance(p, tuple) else p for p in photos]  # a stereo pair: the left image
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f'c{c}'), exist_ok=True)
+            for i in range(per_class):
+                p = Image.fromarray(photos[(c * per_class + i) % len(photos)][..., :3])
+                w, h = sizes[(c + i) % len(sizes)]
+                s = rng.uniform(0.6, 1.0)  # a random crop, so no two files are the same
+                cw, ch = int(p.width * s), int(p.height * s)
+                x, y = rng.integers(0, p.width - cw + 1), rng.integers(0, p.height - ch + 1)
+                p.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC).save(
+                    os.path.join(root, split, f'c{c}', f'{i}.JPEG'), quality=quality)
+    return root
+
+
+def bench_loader(n=512, res=224, batch=64, workers=2, rounds=5, val_side=VAL_SIDE):
+    """Same JPEG files, crops, resolution, batch size and worker count; side by side, alternating."""
+    need_ffcv()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        photo_folder(tmp, per_class=n // 4)
+        write_beton(tmp, os.path.join(tmp, 'beton'), workers=workers, val_side=val_side)
+        for train, what in ((True, 'random-resized crop + flip'), (False, 'center crop 224/256')):
+            split = 'train' if train else 'val'
+            loaders = {'ffcv': ffcv_loader(f'{tmp}/beton/{split}.beton', batch, 'cpu', train, res, workers=workers),
+                       'torchvision': torchvision_loader(f'{tmp}/{split}', batch, 'cpu', train, res, workers=workers)}
+            best = {}
+            for r in range(rounds + 1):  # round 0: numba compilation, worker start-up
+                for name, loader in loaders.items():
+                    loader.set_epoch(r)
+                    t0, seen = time.perf_counter(), 0
+                    for x, _ in loader:
+                        seen += len(x)
+                    if r:
+                        best[name] = max(best.get(name, 0), seen / (time.perf_counter() - t0))
+            print(f'{split:5} ({what}, {res} px, batch {batch}, {workers} workers, {n} JPEGs): '
+                  f'ffcv {best["ffcv"]:.0f} img/s, torchvision {best["torchvision"]:.0f} img/s, '
+                  f'ratio {best["ffcv"] / best["torchvision"]:.2f}', flush=True)
+
+
+# ---------------------------------------------------------------- attack
+
+def bench_attack(args):
+    """PGD-10 seconds per 1,000 images on the demo model, eager vs torch.compile, same process."""
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    torch.manual_seed(0)
+    model = build_model(args.model, 'gelu', in_ch=1, num_classes=10, img_size=28,
+                        mean=FASHION_MEAN, std=FASHION_STD).to(device).eval().requires_grad_(False)
+    x, y = torch.rand(args.batch, 1, 28, 28, device=device), torch.randint(0, 10, (args.batch,), device=device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+
+    def per_1000(fwd):
+        t0 = time.time()
+        pgd(fwd, x, y, 0.1, args.steps)  # warm-up: compilation happens here
+        sync()
+        warm, t0, done = time.time() - t0, time.time(), 0
+        while done < args.images:
+            pgd(fwd, x, y, 0.1, args.steps)
+            done += args.batch
+        sync()
+        return (time.time() - t0) / done * 1000, warm
+
+    eager, _ = per_1000(model)
+    compiled, warm = per_1000(torch.compile(model))
+    print(f'PGD-{args.steps} {args.model} {device.type} batch {args.batch}: eager {eager:.2f} s/1000 img | '
+          f'compiled {compiled:.2f} s/1000 img (warm-up {warm:.0f} s) | compiled speed-up {eager / compiled:.2f}x')
+
+
+def main(argv):
+    positive = checked(int, lambda v: v >= 1, 'at least 1')
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    step_args(sub.add_parser('step', help='a training step of every objective'))
+    b = sub.add_parser('loader', help='FFCV vs torchvision images/s on the same JPEGs')
+    b.add_argument('--n', type=positive, default=512)
+    b.add_argument('--workers', type=positive, default=2)
+    b.add_argument('--batch', type=positive, default=64)
+    b.add_argument('--val-side', type=checked(int, lambda v: v == 0 or v >= 32, '0 or at least 32'), default=VAL_SIDE,
+                   help='as for data.py write (0: val stored like train)')
+    a = sub.add_parser('attack', help='PGD seconds per 1,000 images, eager vs compiled')
+    a.add_argument('--model', default='resnet_demo')
+    a.add_argument('--batch', type=positive, default=500)
+    a.add_argument('--images', type=positive, default=1000)
+    a.add_argument('--steps', type=positive, default=10)
+    args = p.parse_args(argv)
+    if args.cmd == 'step':
+        bench_step(args)
+    elif args.cmd == 'loader':
+        bench_loader(args.n, batch=args.batch, workers=args.workers, val_side=args.val_side)
+    else:
+        bench_attack(args)
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(cli(main, sys.argv[1:]))

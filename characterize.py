@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from attack import UserError, evaluate, parse_eps
+from attack import evaluate, parse_eps
+from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
+from data import make_loaders
 from edge_reg import edge_energy
 
 QUANTILES = {'q10': 0.1, 'q25': 0.25, 'median': 0.5, 'q75': 0.75, 'q90': 0.9}
@@ -137,19 +139,21 @@ def scatter_plot(points, path, w=520, h=360):
 # ---------------------------------------------------------------- the command
 
 def characterize(ckpts, n=1000, rows=8, eps=None, steps=20, out='runs/characterize', data=None):
-    import gradnorm
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create --out {out!r} ({e.strerror})') from None
     torch.manual_seed(0)
     results, grads, images, info0 = [], [], None, None
     for path in ckpts:
-        ck = gradnorm.load_checkpoint(path)
+        ck = load_checkpoint(path)
         if info0 is not None and ck['data_info'] != info0:
             raise UserError(f'{path} was trained on other data than {ckpts[0]}: characterize them separately')
         info0 = ck['data_info']
-        model = gradnorm.model_from_checkpoint(ck)
-        cfg = gradnorm.Config(**{**ck['config'], 'eval_n': n})
+        model = model_from_checkpoint(ck)
+        cfg = Config(**{**ck['config'], 'eval_n': n})
         cfg.data = data or cfg.data
-        _, _, batches, _ = gradnorm.make_loaders(cfg, 0, 1, torch.device('cpu'))
+        _, _, batches, _ = make_loaders(cfg, 0, 1, torch.device('cpu'))
         l1, l2, align, channels = gradient_stats(model, batches)
         if images is None:
             images = next(iter(batches))
@@ -178,16 +182,19 @@ def characterize(ckpts, n=1000, rows=8, eps=None, steps=20, out='runs/characteri
 
 
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('ckpts', nargs='+')
-    p.add_argument('--n', type=int, default=1000, help='first n test images')
-    p.add_argument('--rows', type=int, default=8, help='images in the picture grid')
-    p.add_argument('--eps', default=None, help='PGD budget (default: each checkpoint\'s training eps)')
-    p.add_argument('--steps', type=int, default=20)
+    positive = checked(int, lambda v: v >= 1, 'at least 1')
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('ckpts', nargs='+', type=checked(str, os.path.isfile, 'an existing checkpoint file'))
+    p.add_argument('--n', type=positive, default=1000, help='first n test images')
+    p.add_argument('--rows', type=checked(int, lambda v: 1 <= v <= 64, 'in [1, 64]'), default=8,
+                   help='images in the picture grid')
+    p.add_argument('--eps', default=None, type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
+                   help='PGD budget (default: each checkpoint\'s training eps)')
+    p.add_argument('--steps', type=positive, default=20)
     p.add_argument('--out', default='runs/characterize')
-    p.add_argument('--data', default=None)
+    p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'))
     args = p.parse_args(argv)
-    res = characterize(args.ckpts, args.n, args.rows, args.eps and parse_eps(args.eps), args.steps, args.out, args.data)
+    res = characterize(args.ckpts, args.n, args.rows, args.eps, args.steps, args.out, args.data)
     w = max(10, *(len(r['name']) for r in res))
     print(f'{res[0]["n"]} test images | per-image gradient norms of CE | edge corr = Pearson(|g|, edge energy)')
     print(f'{"checkpoint":<{w}} {"clean":>6} {"PGD":>6} {"eps":>5} {"L1 median":>10} {"L1 mean":>9} '
@@ -200,7 +207,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f'error: {e}')
+    sys.exit(cli(main, sys.argv[1:]))

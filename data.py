@@ -1,7 +1,6 @@
-"""Data: ImageFolder -> FFCV .beton files, and the loaders that feed gradnorm.train.
+"""Data: ImageFolder -> FFCV .beton files, and the loaders that feed train.py.
 
     python data.py write /path/to/imagenet /path/to/betons   # train.beton, val.beton (make beton)
-    python data.py bench                                      # FFCV vs torchvision img/s (make bench-loader)
 Every loader yields (x, y): x float in [0,1] on the device, channels_last; y int64 (soft labels
 when mixup is on). `--data` is a Fashion-MNIST IDX folder (the demo, cached once as .beton), a
 folder with train.beton + val.beton, or an ImageFolder (train/<class>/*, val/<class>/*).
@@ -14,8 +13,6 @@ import hashlib
 import os
 import socket
 import sys
-import tempfile
-import time
 from multiprocessing import Pool
 
 # numba's default threading layer aborts at exit in ~40% of runs ("terminate called without an
@@ -27,11 +24,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from attack import UserError
+from config import ArgumentParser, UserError, checked, cli, data_kind
 
 INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev libopencv-dev; '
                 'pip install ffcv==1.0.2), or pass --loader=torchvision')
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
 ROBUSTBENCH_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'robustbench_imagenet_val_5000.txt')
 CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'gradnorm')
@@ -61,16 +57,6 @@ def need_ffcv():
 
 def warn(msg):
     print(f'warning: {msg}', file=sys.stderr, flush=True)
-
-
-def data_kind(path):
-    """'beton' (train.beton + val.beton), 'folder' (ImageFolder train/ + val/) or 'fashion'."""
-    has = lambda name, test: test(os.path.join(path, name))
-    if has('train.beton', os.path.isfile) and has('val.beton', os.path.isfile):
-        return 'beton'
-    if has('train', os.path.isdir) and has('val', os.path.isdir):
-        return 'folder'
-    return 'fashion'
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (the demo)
@@ -479,7 +465,7 @@ def make_loaders(cfg, rank, world, device):
         make = lambda split, train, idx=None, mix=None: ffcv_loader(
             f'{cfg.data}/{split}.beton', batch, device, train, cfg.res, rank=rank, world=world, seed=cfg.seed,
             workers=workers, indices=idx, res_start=res_start, epochs=cfg.epochs, mix=mix)
-    info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res)  # the models' default: ImageNet's mean, std
     subset = robustbench_indices(names, cfg.eval_n)
     if subset is None:
         subset = list(range(min(cfg.eval_n, len(names))))
@@ -489,84 +475,29 @@ def make_loaders(cfg, rank, world, device):
     return make('train', True, mix=make_mix(mixup, len(classes))), make('val', False), make('val', False, subset), info
 
 
-# ---------------------------------------------------------------- benchmark
-
-PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry', 'hubble_deep_field',
-          'stereo_motorcycle', 'retina')
-
-
-def photo_folder(root, per_class=8, classes=4, sizes=((500, 375), (375, 500), (500, 333), (400, 400)), quality=90):
-    """An ImageFolder of real photographs (skimage.data) at ImageNet-like sizes, as JPEG files."""
-    import skimage.data
-    photos = [getattr(skimage.data, n)() for n in PHOTOS]
-    photos = [p[0] if isinstance(p, tuple) else p for p in photos]  # a stereo pair: the left image
-    rng = np.random.default_rng(0)
-    for split in ('train', 'val'):
-        for c in range(classes):
-            os.makedirs(os.path.join(root, split, f'c{c}'), exist_ok=True)
-            for i in range(per_class):
-                p = Image.fromarray(photos[(c * per_class + i) % len(photos)][..., :3])
-                w, h = sizes[(c + i) % len(sizes)]
-                s = rng.uniform(0.6, 1.0)  # a random crop, so no two files are the same
-                cw, ch = int(p.width * s), int(p.height * s)
-                x, y = rng.integers(0, p.width - cw + 1), rng.integers(0, p.height - ch + 1)
-                p.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC).save(
-                    os.path.join(root, split, f'c{c}', f'{i}.JPEG'), quality=quality)
-    return root
-
-
-def bench(n=512, res=224, batch=64, workers=2, rounds=5, val_side=VAL_SIDE):
-    """Same JPEG files, crops, resolution, batch size and worker count; side by side, alternating."""
-    need_ffcv()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        photo_folder(tmp, per_class=n // 4)
-        write_beton(tmp, os.path.join(tmp, 'beton'), workers=workers, val_side=val_side)
-        for train, what in ((True, 'random-resized crop + flip'), (False, 'center crop 224/256')):
-            split = 'train' if train else 'val'
-            loaders = {'ffcv': ffcv_loader(f'{tmp}/beton/{split}.beton', batch, 'cpu', train, res, workers=workers),
-                       'torchvision': torchvision_loader(f'{tmp}/{split}', batch, 'cpu', train, res, workers=workers)}
-            best = {}
-            for r in range(rounds + 1):  # round 0: numba compilation, worker start-up
-                for name, loader in loaders.items():
-                    loader.set_epoch(r)
-                    t0, seen = time.perf_counter(), 0
-                    for x, _ in loader:
-                        seen += len(x)
-                    if r:
-                        best[name] = max(best.get(name, 0), seen / (time.perf_counter() - t0))
-            print(f'{split:5} ({what}, {res} px, batch {batch}, {workers} workers, {n} JPEGs): '
-                  f'ffcv {best["ffcv"]:.0f} img/s, torchvision {best["torchvision"]:.0f} img/s, '
-                  f'ratio {best["ffcv"] / best["torchvision"]:.2f}', flush=True)
-
-
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
     w = sub.add_parser('write', help='ImageFolder -> train.beton, val.beton')
-    w.add_argument('src')
+    w.add_argument('src', type=checked(str, lambda v: all(os.path.isdir(os.path.join(v, s)) for s in ('train', 'val')),
+                                       'an ImageFolder tree with train/ and val/ folders'))
     w.add_argument('out')
-    w.add_argument('--max-side', type=int, default=500, help='longer side is shrunk to this (ffcv-imagenet: 500)')
-    w.add_argument('--quality', type=int, default=90, help='JPEG quality of the compressed images')
-    w.add_argument('--compress', type=float, default=0.5,
+    w.add_argument('--max-side', type=checked(int, lambda v: v >= 32, 'at least 32'), default=500,
+                   help='longer side is shrunk to this (ffcv-imagenet: 500)')
+    w.add_argument('--quality', type=checked(int, lambda v: 1 <= v <= 100, 'in [1, 100]'), default=90,
+                   help='JPEG quality of the compressed images')
+    w.add_argument('--compress', type=checked(float, lambda v: 0 <= v <= 1, 'in [0, 1]'), default=0.5,
                    help='fraction stored as JPEG, the rest as raw pixels (0 = all raw, 1 = all JPEG)')
-    w.add_argument('--val-side', type=int, default=VAL_SIDE,
+    w.add_argument('--val-side', type=checked(int, lambda v: v == 0 or v >= 32, '0 or at least 32'), default=VAL_SIDE,
                    help='val images are stored at this short side (224 / 0.875); 0 = like train')
-    w.add_argument('--workers', type=int, default=None)
-    b = sub.add_parser('bench', help='FFCV vs torchvision images/s on the same JPEGs')
-    b.add_argument('--n', type=int, default=512)
-    b.add_argument('--workers', type=int, default=2)
-    b.add_argument('--batch', type=int, default=64)
-    b.add_argument('--val-side', type=int, default=VAL_SIDE, help='as for write (0: val stored like train)')
+    w.add_argument('--workers', type=checked(int, lambda v: 1 <= v <= 256, 'in [1, 256]'), default=None)
     args = p.parse_args(argv)
-    if args.cmd == 'write':
-        write_beton(args.src, args.out, args.max_side, args.quality, args.compress, args.workers, args.val_side)
-    else:
-        bench(args.n, batch=args.batch, workers=args.workers, val_side=args.val_side)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create {args.out!r} ({e.strerror}): pass another output folder') from None
+    write_beton(args.src, args.out, args.max_side, args.quality, args.compress, args.workers, args.val_side)
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f'\nerror: {e}')
+    sys.exit(cli(main, sys.argv[1:]))

@@ -9,15 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attack import UserError
-from data import IMAGENET_MEAN, IMAGENET_STD
-
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ACTS = {'relu': nn.ReLU, 'gelu': nn.GELU, 'silu': nn.SiLU}  # nn.GELU is the exact (erf) GELU
 
 
 def make_act(name):
     if name not in ACTS:
-        raise UserError(f'unknown activation {name!r}; choose one of {", ".join(ACTS)}')
+        raise ValueError(f'unknown activation {name!r}; choose one of {", ".join(ACTS)}')
     return ACTS[name]()
 
 
@@ -159,9 +157,13 @@ MODELS = {
 }
 
 
+def is_model(name):
+    return name in MODELS
+
+
 def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=None, std=None):
-    if name not in MODELS:
-        raise UserError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
+    if not is_model(name):
+        raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
     kw = dict(act=act, in_ch=in_ch, num_classes=num_classes)
     kw.update(mean=mean or IMAGENET_MEAN[:in_ch], std=std or IMAGENET_STD[:in_ch])
     if name.startswith('vit'):

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 import attack
 import characterize
+import config
 import gradnorm
+import models
+import train
 from data import FASHION_MEAN, FASHION_STD, TensorLoader, load_fashion_mnist
 from edge_reg import edge_energy
 
@@ -137,14 +140,14 @@ def trained():
     torch.manual_seed(0)
     (xtr, ytr), (xte, yte) = load_fashion_mnist(DATA)
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
-    model = gradnorm.build_model('resnet_demo', 'gelu', **info)
-    cfg = gradnorm.Config(epochs=1, warmup_epochs=0.2, ramp_epochs=0.3, lr=4e-3)
+    model = models.build_model('resnet_demo', 'gelu', **info)
+    cfg = config.Config(epochs=1, warmup_epochs=0.2, ramp_epochs=0.3, lr=4e-3)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = TensorLoader(xtr[:8000], ytr[:8000], 128, torch.device('cpu'), True)
     for i, (x, y) in enumerate(loader):
         t = i / len(loader)
         for group in opt.param_groups:
-            group['lr'] = gradnorm.lr_at(cfg, t)
+            group['lr'] = train.lr_at(cfg, t)
         loss, _ = gradnorm.gradnorm(model, x, y, 0.1, torch.tensor(min(t / cfg.ramp_epochs, 1.0)))
         opt.zero_grad()
         loss.backward()
@@ -198,7 +201,7 @@ def test_sanity_checks_flag_masked_gradients(one_thread):
 
 def small_model(seed):
     torch.manual_seed(seed)
-    return gradnorm.build_model('resnet_demo', 'gelu', in_ch=1, num_classes=10, img_size=28,
+    return models.build_model('resnet_demo', 'gelu', in_ch=1, num_classes=10, img_size=28,
                                 mean=FASHION_MEAN, std=FASHION_STD).eval()
 
 
@@ -238,9 +241,9 @@ def test_characterize_writes_pictures_and_numbers(tmp_path):
     for i in range(2):
         os.makedirs(tmp_path / f'run{i}')
         paths.append(str(tmp_path / f'run{i}' / 'ckpt.pt'))
-        cfg = gradnorm.Config(data=DATA)
+        cfg = config.Config(data=DATA)
         import dataclasses
-        gradnorm.save_checkpoint(paths[-1], dict(model=small_model(i).state_dict(), config=dataclasses.asdict(cfg),
+        config.save_checkpoint(paths[-1], dict(model=small_model(i).state_dict(), config=dataclasses.asdict(cfg),
                                                  data_info=info, epoch=0))
     out = str(tmp_path / 'out')
     characterize.main(paths + ['--n', '40', '--rows', '3', '--steps', '2', '--out', out])

@@ -15,8 +15,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import config as C
 import gradnorm as G
 import models as M
+import train as T
 from edge_reg import edge_reg
 
 BACKEND = 'aot_eager_decomp_partition'
@@ -75,8 +77,8 @@ def test_compiled_step_matches_eager_and_alpha_does_not_recompile(arch, objectiv
 def test_objective_compiled_as_in_training_does_not_recompile_as_alpha_ramps(monkeypatch):
     counter = CompileCounterWithBackend(BACKEND)
     monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=counter))
-    cfg = G.Config(objective='gradnorm', gradnorm_impl='exact', ramp_epochs=2.0)
-    fn, ref = G.objective(cfg, torch.device('cpu'), compiled=True), G.objective(cfg, torch.device('cpu'))
+    cfg = C.Config(objective='gradnorm', gradnorm_impl='exact', ramp_epochs=2.0)
+    fn, ref = T.objective(cfg, torch.device('cpu'), compiled=True), T.objective(cfg, torch.device('cpu'))
     model, (x, y) = tiny('resnet'), batch()
     for t in (0.25, 0.5, 1.75, 3.0):  # alpha 0.125 .. 1
         assert rel(param_grad(model, fn, x, y, t)[1], param_grad(model, ref, x, y, t)[1]) < 1e-4
@@ -100,22 +102,22 @@ def test_fd_gradnorm_converges_to_exact_gradient_as_h_shrinks(arch):
 
 
 def test_fd_gradnorm_chosen_by_config():
-    cfg = G.Config(objective='gradnorm', gradnorm_impl='fd', fd_h=1e-3)
+    cfg = C.Config(objective='gradnorm', gradnorm_impl='fd', fd_h=1e-3)
     model, (x, y) = tiny('resnet'), batch()
-    got = param_grad(model, G.objective(cfg, torch.device('cpu')), x, y, 5.0)[1]  # t past the ramp: alpha 1
+    got = param_grad(model, T.objective(cfg, torch.device('cpu')), x, y, 5.0)[1]  # t past the ramp: alpha 1
     want = param_grad(model, G.gradnorm_fd, x, y, 0.1, torch.tensor(1.0), h=1e-3)[1]
     assert rel(got, want) < 1e-6
-    assert G.gradnorm_impl(G.Config(gradnorm_impl='auto', act='relu'), torch.device('cpu')) == 'exact'
+    assert T.gradnorm_impl(C.Config(gradnorm_impl='auto', act='relu'), torch.device('cpu')) == 'exact'
 
 
 def _ddp_rank(rank, init_file, x, y, out, compiled):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     model = tiny('resnet')
-    cfg = G.Config(objective='gradnorm', gradnorm_impl='exact' if compiled else 'fd', ramp_epochs=1.0)
+    cfg = C.Config(objective='gradnorm', gradnorm_impl='exact' if compiled else 'fd', ramp_epochs=1.0)
     with torch._dynamo.config.patch(trace_autograd_ops=True, optimize_ddp=False):
         if compiled:  # as train() does it, with the test backend
             torch.compile = functools.partial(torch.compile, backend=BACKEND)
-        net = nn.parallel.DistributedDataParallel(G.Step(model, G.objective(cfg, torch.device('cpu'), compiled)))
+        net = nn.parallel.DistributedDataParallel(T.Step(model, T.objective(cfg, torch.device('cpu'), compiled)))
         shard = slice(rank * 8, (rank + 1) * 8)
         loss, _ = net(x[shard].clone().requires_grad_(), y[shard], 5.0)
         loss.backward()
@@ -127,7 +129,7 @@ def _ddp_rank(rank, init_file, x, y, out, compiled):
 
 @pytest.mark.parametrize('impl', ['fd', 'exact compiled'])
 def test_training_step_under_ddp_averages_the_ranks_gradients(impl):
-    """The step as train() runs it under torchrun: DDP wraps model + objective (G.Step); FD makes two
+    """The step as train() runs it under torchrun: DDP wraps model + objective (T.Step); FD makes two
     forwards and one backward, the compiled exact objective runs its double backward inside Dynamo
     (which cannot trace DDP's own forward). The synced gradient is the mean of each shard's."""
     x, y = batch(16)
@@ -153,7 +155,7 @@ def test_cuda_inductor_step_matches_eager_in_float32_and_bf16(arch, objective, m
     1e-4, and bf16 autocast must be no less accurate compiled than eager (both against float32 eager)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    fmt = G.memory_format(G.Config(objective=objective), torch.device('cuda'))
+    fmt = T.memory_format(C.Config(objective=objective), torch.device('cuda'))
     model = tiny(arch).cuda().to(memory_format=fmt)
     x, y = (t.cuda() for t in batch(32))
     x = x.contiguous(memory_format=fmt)
@@ -171,6 +173,6 @@ def test_cuda_inductor_step_matches_eager_in_float32_and_bf16(arch, objective, m
 @cuda
 def test_cuda_training_picks_exact_and_refuses_fd():
     dev = torch.device('cuda')
-    assert G.gradnorm_impl(G.Config(objective='gradnorm'), dev) == 'exact'
-    with pytest.raises(G.UserError):
-        G.gradnorm_impl(G.Config(objective='gradnorm', gradnorm_impl='fd'), dev)
+    assert T.gradnorm_impl(C.Config(objective='gradnorm'), dev) == 'exact'
+    with pytest.raises(C.UserError):
+        T.gradnorm_impl(C.Config(objective='gradnorm', gradnorm_impl='fd'), dev)

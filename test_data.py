@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+import config as C
 import data as D
-import gradnorm as G
+import models as M
 
 needs_ffcv = pytest.mark.skipif(D.ffcv_error() is not None, reason=f'FFCV: {D.ffcv_error()}')
 CPU = torch.device('cpu')
@@ -215,13 +216,13 @@ def test_two_writers_of_one_beton(tmp_path):
     assert (tmp_path / 'train.beton').read_bytes() == (tmp_path / 'alone' / 'train.beton').read_bytes()
 
 
-# ---------------------------------------------------------------- the contract gradnorm.train uses
+# ---------------------------------------------------------------- the contract train.train uses
 
 @needs_ffcv
 def test_make_loaders_on_betons(betons):
-    cfg = G.parse_config([f'--data={betons[0]}', '--batch_size=4', '--res=64', '--eval_n=5', '--workers=2'])
+    cfg = C.parse_config([f'--data={betons[0]}', '--batch_size=4', '--res=64', '--eval_n=5', '--workers=2'])
     train, val, robust_val, info = D.make_loaders(cfg, 0, 1, CPU)
-    assert info == dict(in_ch=3, num_classes=3, img_size=64, mean=D.IMAGENET_MEAN, std=D.IMAGENET_STD)
+    assert info == dict(in_ch=3, num_classes=3, img_size=64)  # the models' default normalization: ImageNet's
     assert sum(len(y) for _, y in val) == 9 and sum(len(y) for _, y in robust_val) == 5
     assert len(train) == 9 // 4  # drop_last
     train.set_epoch(0)
@@ -239,7 +240,7 @@ def test_progressive_resizing_and_mixup(loader, tree, tmp_path_factory):
         D.write_beton(str(tree[0]), str(data), max_side=256, workers=2)
     else:
         data = tree[0]
-    cfg = G.parse_config([f'--data={data}', f'--loader={loader}', '--batch_size=4', '--res=64', '--res_start=32',
+    cfg = C.parse_config([f'--data={data}', f'--loader={loader}', '--batch_size=4', '--res=64', '--res_start=32',
                           '--epochs=4', '--mixup=0.8', '--workers=2'])
     train, val, _, _ = D.make_loaders(cfg, 0, 1, CPU)
     sizes = []
@@ -255,18 +256,18 @@ def test_progressive_resizing_and_mixup(loader, tree, tmp_path_factory):
 
 
 def test_imagenet_recipe_unless_overridden(tree):
-    cfg = G.parse_config([f'--data={tree[0]}', '--batch_size=256'])
+    cfg = C.parse_config([f'--data={tree[0]}', '--batch_size=256'])
     assert (cfg.model, cfg.init, cfg.lr, cfg.weight_decay, cfg.warmup_epochs, cfg.min_lr) == \
         ('resnet50', 'torchvision', 1.25e-3 * 256 / 512, 0.05, 5.0, 1e-5)
     assert (cfg.smoothing, cfg.ema, cfg.clip, cfg.ramp_epochs, cfg.eps, cfg.res) == (0.1, 0.9998, 1.0, 5.0, 4 / 255, 224)
-    cfg = G.parse_config([f'--data={tree[0]}', '--lr=0.01', '--model=vit_small'])
+    cfg = C.parse_config([f'--data={tree[0]}', '--lr=0.01', '--model=vit_small'])
     assert (cfg.lr, cfg.model, cfg.init) == (0.01, 'vit_small', '')
-    assert G.parse_config([]).model == 'resnet_demo'  # Fashion-MNIST keeps the demo's defaults
+    assert C.parse_config([]).model == 'resnet_demo'  # Fashion-MNIST keeps the demo's defaults
 
 
 def test_torchvision_resnet50_loads_strictly():
     import torchvision
-    ours = G.build_model('resnet50', 'gelu')
+    ours = M.build_model('resnet50', 'gelu')
     ours.load_state_dict(torchvision.models.resnet50().state_dict(), strict=True)
     assert sum(isinstance(m, torch.nn.GELU) for m in ours.modules()) > 0
 
@@ -283,7 +284,7 @@ def test_robustbench_subset():
 def test_fashion_mnist_through_ffcv_is_exact():
     if D.ffcv_error():
         pytest.skip(f'FFCV: {D.ffcv_error()}')
-    cfg = G.parse_config(['--eval_n=700', '--workers=2'])
+    cfg = C.parse_config(['--eval_n=700', '--workers=2'])
     train, val, robust_val, info = D.make_loaders(cfg, 0, 1, CPU)
     (xtr, _), (xte, yte) = D.load_fashion_mnist(cfg.data)
     x, y = collect(robust_val)
@@ -295,11 +296,11 @@ def test_fashion_mnist_through_ffcv_is_exact():
 
 def test_without_ffcv_demo_still_loads_and_imagenet_says_what_to_install(tree):
     code = ('import sys; sys.modules["ffcv"] = None\n'
-            'import torch, data, gradnorm\n'
-            'cfg = gradnorm.parse_config(["--eval_n=10"])\n'
+            'import torch, data, config\n'
+            'cfg = config.parse_config(["--eval_n=10"])\n'
             'tr, va, rv, info = data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
             'print(type(tr).__name__, sum(len(y) for _, y in rv))\n'
-            f'cfg = gradnorm.parse_config(["--data={tree[0]}"])\n'
+            f'cfg = config.parse_config(["--data={tree[0]}"])\n'
             'try:\n    data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
             'except Exception as e:\n    print(type(e).__name__, e)\n')
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,

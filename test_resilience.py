@@ -7,15 +7,16 @@ import time
 
 import torch
 
-import gradnorm as G
+import config as C
+import train as T
 from test_smoke import HERE, run, train_args
 
 
-def wait_for(path, proc, timeout=300):
+def wait_for(folder, pattern, proc, timeout=300):
     start = time.time()
-    while not os.path.exists(path):
+    while not list(folder.glob(pattern)):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() - start < timeout, f'{path} never appeared'
+        assert time.time() - start < timeout, f'{folder}/{pattern} never appeared'
         time.sleep(0.02)
 
 
@@ -30,32 +31,32 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny_data, tmp_path)
 
     proc = subprocess.Popen([sys.executable, *train_args(tiny_data, cut, '--ckpt_every=1', '--keep=100')],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(cut / 'ckpt-00000010.pt', proc)  # inside epoch 1
+    wait_for(cut, 'ckpt-00000010-*.pt', proc)  # inside epoch 1
     proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     newest = sorted(cut.glob('ckpt-*.pt'))[-1]
     newest.write_bytes(newest.read_bytes()[:1000])  # and the newest file is truncated, as by a dying disk
-    assert not list(cut.glob('ckpt-00000016.pt'))
+    assert not list(cut.glob('ckpt-00000016-*.pt'))
 
     r = run(train_args(tiny_data, cut, '--resume=auto'))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'skipping cannot load checkpoint {str(newest)!r}' in r.stdout
     step = int(r.stdout.split('at epoch 1 step ')[1].split()[0])
-    assert 1 <= step < 8  # ckpt-00000009.pt or later: inside epoch 1
-    assert same_weights(G.load_checkpoint(str(cut / 'ckpt.pt')), G.load_checkpoint(str(full / 'ckpt.pt')))
+    assert 1 <= step < 8  # ckpt-00000009-*.pt or later: inside epoch 1
+    assert same_weights(C.load_checkpoint(str(cut / 'ckpt.pt')), C.load_checkpoint(str(full / 'ckpt.pt')))
 
 
 def test_sigterm_checkpoints_and_exits_75(tiny_data, tmp_path):
     out = tmp_path / 'run'
     proc = subprocess.Popen([sys.executable, *train_args(tiny_data, out, '--epochs=50')],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(out / 'ckpt.pt', proc)  # epoch 0 done
+    wait_for(out, 'ckpt.pt', proc)  # epoch 0 done
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     assert 'preempted' in err and '--resume=auto' in err
-    ck = G.load_checkpoint(str(out / 'ckpt.pt'))
+    ck = C.load_checkpoint(str(out / 'ckpt.pt'))
     assert 8 < ck['step'] < 50 * 8  # stopped mid-run, at a step boundary after epoch 0
 
 
@@ -65,12 +66,12 @@ def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_p
     proc = subprocess.Popen([torchrun, '--standalone', '--nproc_per_node=2',
                              *train_args(tiny_data, out, '--epochs=50')],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(out / 'ckpt.pt', proc)
+    wait_for(out, 'ckpt.pt', proc)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert err.count('preempted: signal') == 2, err[-3000:]  # both ranks stopped cleanly
-    step = G.load_checkpoint(str(out / 'ckpt.pt'))['step']
+    step = C.load_checkpoint(str(out / 'ckpt.pt'))['step']
     assert step > 8  # the global batch is split over the ranks: still 8 steps per epoch
 
     r = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2',
@@ -78,29 +79,29 @@ def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_p
                        cwd=HERE, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'at epoch {step // 8} step {step % 8}' in r.stdout
-    assert G.load_checkpoint(str(out / 'ckpt.pt'))['step'] == (step // 8 + 2) * 8
+    assert C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == (step // 8 + 2) * 8
 
 
 def test_disk_full_leaves_earlier_checkpoint_intact(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt.pt')
-    G.save_checkpoint(path, {'w': torch.ones(3)})
+    C.save_checkpoint(path, {'w': torch.ones(3)})
 
     def full_disk(obj, f):
         f.write(b'partial')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
     try:
-        G.save_checkpoint(path, {'w': torch.zeros(3)})
+        C.save_checkpoint(path, {'w': torch.zeros(3)})
         raise AssertionError('no error')
-    except G.UserError as e:
+    except C.UserError as e:
         assert 'No space left on device' in str(e) and 'intact' in str(e)
-    assert torch.equal(G.load_checkpoint(path)['w'], torch.ones(3))
+    assert torch.equal(C.load_checkpoint(path)['w'], torch.ones(3))
     assert os.listdir(tmp_path) == ['ckpt.pt']  # the partial temporary file is gone
 
 
 def poison(monkeypatch, bad):
     """make_loaders whose training batches number i are NaN when bad(i), like corrupt images."""
-    real = G.make_loaders
+    real = T.make_loaders
 
     def with_nan_batches(cfg, rank, world, device):
         train, *rest = real(cfg, rank, world, device)
@@ -112,30 +113,30 @@ def poison(monkeypatch, bad):
                 for i, (x, y) in enumerate(train):
                     yield (torch.full_like(x, float('nan')) if bad(i) else x), y
         return (Poisoned(), *rest)
-    monkeypatch.setattr(G, 'make_loaders', with_nan_batches)
+    monkeypatch.setattr(T, 'make_loaders', with_nan_batches)
 
 
 def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch, capsys):
     poison(monkeypatch, lambda i: i == 2)  # the third batch of every epoch
-    cfg = G.parse_config(train_args(tiny_data, tmp_path / 'run')[1:])
+    cfg = C.parse_config(train_args(tiny_data, tmp_path / 'run')[1:])
     mine = signal.getsignal(signal.SIGTERM)
-    model = G.train(cfg)
+    model = T.train(cfg)
     assert signal.getsignal(signal.SIGTERM) is mine  # train() called from Python leaves no handler behind
     out = capsys.readouterr().out
     assert out.count('step skipped (1 in a row)') == 2  # once per epoch, and training went on
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert G.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))['step'] == 16
+    assert C.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))['step'] == 16
 
 
 def test_handlers_come_back_when_training_fails(tiny_data, tmp_path, monkeypatch):
     """A SIGTERM handler left behind by train() would swallow SIGTERM for good: a forked worker
     (multiprocessing.Pool) could then never be terminated."""
     poison(monkeypatch, lambda i: True)
-    cfg = G.parse_config(train_args(tiny_data, tmp_path / 'run')[1:] + ['--max_bad_steps=2'])
+    cfg = C.parse_config(train_args(tiny_data, tmp_path / 'run')[1:] + ['--max_bad_steps=2'])
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        G.train(cfg)
+        T.train(cfg)
         raise AssertionError('training on NaN batches should stop')
-    except G.UserError as e:
+    except C.UserError as e:
         assert 'non-finite' in str(e)
     assert {s: signal.getsignal(s) for s in before} == before

@@ -1,0 +1,231 @@
+"""The command lines cannot be broken, runs cannot overwrite each other, and the code reads in one
+direction: every bad value ends in one `error:` line and exit status 2 before any data is read or
+any model is built; one run per output folder; no import cycles between the top-level modules."""
+import ast
+import dataclasses
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import attack
+import characterize
+import config as C
+import data as D
+import train as T
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Reached(Exception):
+    """Raised by a guard standing where data would be read or a model built: the check came too late."""
+
+
+def guard(*_, **__):
+    raise Reached('the bad value was not caught before reading data or building a model')
+
+
+# every Config field with bad values: wrong type, out of range, NaN, zero, negative, too large, empty
+BAD_CONFIG = {
+    'objective': ['adv', ''], 'gradnorm_impl': ['fast'], 'model': ['resnet9000', ''], 'act': ['tanh', ''],
+    'data': ['/nonexistent', ''], 'epochs': ['two', '0', '-1', '1.5'], 'batch_size': ['0', '-8', 'x'],
+    'lr': ['nan', '0', '-1', 'inf', 'x'], 'weight_decay': ['-0.1', 'nan'], 'warmup_epochs': ['-1', 'inf'],
+    'min_lr': ['-1', 'nan', '1'], 'smoothing': ['1', '-0.1', 'nan'], 'clip': ['0', '-1', 'nan'],
+    'eps': ['-0.1', '0', '2', 'nan', 'inf', '1/0', ''], 'ramp_epochs': ['-1', 'nan'],
+    'edge_alpha': ['1,2', 'a,b,c', '', '1,nan,3'], 'pgd_steps': ['0', '-3'], 'ema': ['1', '-0.5', 'nan'],
+    'eval_n': ['0'], 'eval_steps': ['0'], 'compile': ['maybe'], 'out': ['HERE/test_cli.py/sub'],
+    'overwrite': ['maybe'], 'resume': ['/nonexistent.pt'], 'ckpt_every': ['-1'], 'keep': ['0'],
+    'max_bad_steps': ['0'], 'seed': ['-1', 'x', '99999999999'], 'loader': ['dali'], 'res': ['0', '8', '100000'],
+    'workers': ['-1', '1000'], 'init': ['imagenet'], 'fd_h': ['0', '-1', '1'], 'res_start': ['-1', '500'],
+    'mixup': ['-1', 'nan'],
+}
+
+
+def test_every_config_field_has_bad_values():
+    assert set(BAD_CONFIG) == {f.name for f in dataclasses.fields(C.Config)}
+
+
+def one_line_error(capsys, main, argv):
+    """-> the error line; asserts exit status 2, one line, no traceback, in under 10 seconds."""
+    t0 = time.time()
+    code = C.cli(main, argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (argv, code, err[-2000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, (argv, err)
+    assert time.time() - t0 < 10, argv
+    return lines[0]
+
+
+@pytest.fixture
+def guarded(monkeypatch):
+    """Data reads and model builds raise Reached: an error must come before them."""
+    for module, name in ((T, 'make_loaders'), (T, 'build_model'), (attack, 'load_checkpoint'),
+                         (characterize, 'load_checkpoint'), (D, 'write_beton')):
+        monkeypatch.setattr(module, name, guard)
+
+
+@pytest.mark.parametrize('key,bad', [(k, v) for k, vals in BAD_CONFIG.items() for v in vals])
+def test_bad_config_value_is_one_line_error_before_any_work(key, bad, guarded, capsys, tmp_path):
+    argv = [f'--{key}={bad.replace("HERE", HERE)}', f'--out={tmp_path / "run"}'] if key != 'out' else [f'--out={bad.replace("HERE", HERE)}']
+    line = one_line_error(capsys, T.main, argv)
+    assert f'--{key}' in line or key == 'out', line  # names the option
+
+
+@pytest.mark.parametrize('argv', [['--bogus=1'], ['epochs=2'], ['--init=torchvision'],  # init: only for resnet50
+                                  ['--res=64', '--res_start=96'], ['--lr=1e-3', '--min_lr=1e-2']])
+def test_bad_combinations_and_spellings(argv, guarded, capsys, tmp_path):
+    one_line_error(capsys, T.main, argv + [f'--out={tmp_path / "run"}'])
+
+
+def test_batch_larger_than_training_set(tiny_data, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(T, 'build_model', guard)  # loaders are made, so the size is known: no model yet
+    line = one_line_error(capsys, T.main, [f'--data={tiny_data}', '--loader=torchvision', '--batch_size=1024',
+                                           f'--out={tmp_path / "run"}'])
+    assert '--batch_size=1024' in line and 'larger than the training set' in line
+
+
+@pytest.fixture(scope='module')
+def some_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('f') / 'ckpt.pt'
+    path.write_bytes(b'x')
+    return str(path)
+
+
+BAD_ATTACK = [[], ['--ckpt=/nonexistent.pt'], ['--eps', '-1'], ['--eps', '0'], ['--eps', '1/0'], ['--eps', '2'],
+              ['--eps', 'abc'], ['--eps', 'nan'], ['--norm', 'l3'], ['--attacks', 'ce20'], ['--attacks', 'foo-10'],
+              ['--attacks', 'ce-0'], ['--steps', '0'], ['--schedule', 'linear'], ['--step-size', '0'],
+              ['--step-size', 'nan'], ['--n', '0'], ['--n', '-5'], ['--data', '/nonexistent'],
+              ['--json', '/nonexistent/dir/x.json'], ['--seed', '-1'], ['--compile', 'maybe'], ['--foo']]
+
+
+@pytest.mark.parametrize('argv', BAD_ATTACK)
+def test_bad_attack_argument(argv, some_file, guarded, capsys):
+    one_line_error(capsys, attack.main, ([f'--ckpt={some_file}'] if argv and argv[0] != '--ckpt=/nonexistent.pt' else [])
+                   + argv)
+
+
+BAD_CHARACTERIZE = [[], ['/nonexistent.pt'], ['--n', '0'], ['--rows', '0'], ['--rows', '100'], ['--eps', '2'],
+                    ['--eps', '-1'], ['--steps', '0'], ['--data', '/nonexistent'], ['--out', 'HERE/test_cli.py/x']]
+
+
+@pytest.mark.parametrize('argv', BAD_CHARACTERIZE)
+def test_bad_characterize_argument(argv, some_file, guarded, capsys):
+    argv = [a.replace('HERE', HERE) for a in argv]
+    one_line_error(capsys, characterize.main, ([some_file] if argv and argv[0].startswith('--') else []) + argv)
+
+
+@pytest.mark.parametrize('argv', [[], ['write'], ['write', '/nonexistent', 'out'], ['read', 'a', 'b'],
+                                  ['write', 'SRC', 'OUT', '--max-side=0'], ['write', 'SRC', 'OUT', '--quality=101'],
+                                  ['write', 'SRC', 'OUT', '--compress=2'], ['write', 'SRC', 'OUT', '--compress=nan'],
+                                  ['write', 'SRC', 'OUT', '--val-side=10'], ['write', 'SRC', 'OUT', '--workers=0'],
+                                  ['write', 'SRC', 'HERE/test_cli.py/out']])
+def test_bad_data_argument(argv, guarded, capsys, tmp_path):
+    (tmp_path / 'src' / 'train').mkdir(parents=True)
+    (tmp_path / 'src' / 'val').mkdir()
+    subs = {'SRC': str(tmp_path / 'src'), 'OUT': str(tmp_path / 'out'), 'HERE': HERE}
+    argv = [subs.get(a, a.replace('HERE', HERE)) for a in argv]
+    one_line_error(capsys, D.main, argv)
+
+
+@pytest.mark.parametrize('script,argv', [('train.py', ['--eps=-0.1']), ('attack.py', ['--ckpt=x', '--eps', '1/0']),
+                                         ('characterize.py', ['/nonexistent.pt']), ('data.py', ['write', '/x', '/y'])])
+def test_entry_points_exit_2_with_one_line(script, argv):
+    r = subprocess.run([sys.executable, script, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith('error: '), r.stderr
+
+
+# ---------------------------------------------------------------- one run per output folder
+
+def small_run(data, out, *extra):
+    return T.main([f'--data={data}', f'--out={out}', '--epochs=1', '--batch_size=64', '--eval_n=32', '--eval_steps=1',
+                   '--loader=torchvision', *extra])
+
+
+def snapshot(folder):
+    return {p: open(p, 'rb').read() for p in sorted(glob.glob(os.path.join(folder, '*')))}
+
+
+def test_second_run_never_touches_the_first(tiny_data, tmp_path, capsys):
+    """The user's sequence: a demo run, then a different run (other model) aimed at the same folder."""
+    out = tmp_path / 'run'
+    assert small_run(tiny_data, out, '--keep=1') is None
+    first = snapshot(out)
+    assert any(p.endswith('metrics.jsonl') for p in first) and any(p.endswith('ckpt.pt') for p in first)
+    capsys.readouterr()
+    line = one_line_error(capsys, T.main, [f'--data={tiny_data}', f'--out={out}', '--model=vit_demo', '--epochs=1'])
+    assert '--resume=auto' in line and '--overwrite' in line
+    assert snapshot(out) == first  # checkpoints, metrics and ckpt.pt untouched
+    # without --out, different data or models get different folders
+    a, b = C.parse_config([f'--data={tiny_data}']), C.parse_config([f'--data={tiny_data}', '--model=vit_demo'])
+    assert a.out != b.out and 'resnet_demo' in a.out and 'vit_demo' in b.out
+    assert os.path.basename(tiny_data) in a.out and 'gradnorm-gelu' in a.out
+
+
+def test_retention_deletes_only_its_own_run(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    assert small_run(tiny_data, out, '--keep=1') is None
+    mine = glob.glob(str(out / 'ckpt-*.pt'))
+    assert len(mine) == 1
+    foreign = out / 'ckpt-00000099-deadbeef.pt'  # another run's, copied in by hand
+    foreign.write_bytes(open(mine[0], 'rb').read())
+    assert small_run(tiny_data, out, f'--resume={mine[0]}', '--epochs=2', '--keep=1') is None
+    left = sorted(os.path.basename(p) for p in glob.glob(str(out / 'ckpt-*.pt')))
+    assert foreign.exists() and len(left) == 2 and left[0].startswith('ckpt-00000016-')
+
+
+def test_overwrite_starts_afresh(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    assert small_run(tiny_data, out) is None
+    old = C.load_checkpoint(str(out / 'ckpt.pt'))['run']
+    assert small_run(tiny_data, out, '--overwrite') is None
+    assert C.load_checkpoint(str(out / 'ckpt.pt'))['run'] != old
+    assert len(glob.glob(str(out / 'ckpt-*.pt'))) == 1 and len(open(out / 'metrics.jsonl').readlines()) == 1
+
+
+# ---------------------------------------------------------------- one direction
+
+def import_graph():
+    """module -> project modules it imports, anywhere in its source (function-level imports count)."""
+    mods = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(HERE, '*.py'))
+            if not os.path.basename(f).startswith(('test_', 'conftest'))}
+    graph = {}
+    for m in mods:
+        deps = set()
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, f'{m}.py')).read())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split('.')[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                deps.add(node.module.split('.')[0])
+        graph[m] = deps & mods - {m}
+    return graph
+
+
+def test_no_import_cycles():
+    graph, order = import_graph(), []
+    state = {}
+
+    def visit(m, path):
+        assert state.get(m) != 'open', 'import cycle: ' + ' -> '.join(path + [m])
+        if m not in state:
+            state[m] = 'open'
+            for d in sorted(graph[m]):
+                visit(d, path + [m])
+            state[m] = 'done'
+            order.append(m)
+    for m in sorted(graph):
+        visit(m, [])
+    assert graph['models'] == set() and graph['gradnorm'] == set() and graph['edge_reg'] == set()
+    assert 'train' not in graph['attack'] | graph['characterize'] | graph['data'] | graph['config']
+
+
+def test_no_function_over_80_lines():
+    for f in glob.glob(os.path.join(HERE, '*.py')):
+        for node in ast.walk(ast.parse(open(f).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 80, f'{os.path.basename(f)}: {node.name}'

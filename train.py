@@ -1,0 +1,376 @@
+"""Train a model robust to adversarial perturbations from its natural input gradients
+(Rodriguez-Munoz, Wang, Torralba, ECCV 2024), or one of the baselines it is compared with.
+
+    python train.py --objective=gradnorm --act=gelu                # one process: the Fashion-MNIST demo
+    torchrun --nproc_per_node=8 train.py --objective=gradnorm      # DDP, the same code path
+Every option is a Config field (config.py) given as --key=value. Read top to bottom: which objective
+runs and how -> the training step -> the epoch -> evaluation and checkpoints -> the loop.
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import secrets
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext, suppress
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from attack import pgd_at, robust_accuracy
+from config import (UserError, __version__, checkpoints, cli, load_checkpoint, parse_config, save_checkpoint,
+                    setup_distributed)
+from data import make_loaders
+from edge_reg import edge_reg
+from gradnorm import gradnorm, gradnorm_fd, standard
+from models import build_model
+
+
+# ---------------------------------------------------------------- the objective, as training runs it
+
+def gradnorm_impl(cfg, device):
+    """auto: finite differences where they are accurate (float32 on the CPU, smooth activation) and
+    cheaper; double backprop on CUDA, whose bf16/TF32 rounding swamps the difference quotient."""
+    impl = cfg.gradnorm_impl
+    if impl == 'auto':
+        impl = 'fd' if device.type == 'cpu' and cfg.act != 'relu' else 'exact'
+    if impl == 'fd' and device.type == 'cuda':
+        raise UserError('--gradnorm_impl=fd needs float32, but CUDA training runs bf16 and TF32: use exact')
+    return impl
+
+
+def memory_format(cfg, device):
+    """channels_last for first-order objectives; contiguous for double backward (exact GradNorm,
+    EdgeReg), where channels_last measured slower (CPU 1.3-6x, H100 ResNet-50 bf16 eager 1.14x) and
+    crashed torch 2.11's compiled ResNet backward on CUDA (misaligned address)."""
+    second_order = cfg.objective == 'edge' or (cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'exact')
+    return torch.contiguous_format if second_order else torch.channels_last
+
+
+def objective(cfg, device, compiled=False):
+    """-> fn(model, x, y, t) for the configured objective; t = epochs elapsed (float).
+    Only the objective itself is compiled, and alphas go in as tensors, so nothing recompiles
+    when they change."""
+    a, b, c = map(float, cfg.edge_alpha.split(','))
+    scalar = lambda v: torch.tensor(float(v), device=device)
+    fd = cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd'
+    fn = {'standard': standard, 'gradnorm': gradnorm_fd if fd else gradnorm, 'pgd': pgd_at,
+          'edge': edge_reg}[cfg.objective]
+    # fullgraph, so a double backward cannot silently fall back to eager; PGD's attack loop makes
+    # intermediates require grad, which Dynamo can only handle with a graph break
+    fn = torch.compile(fn, fullgraph=cfg.objective != 'pgd') if compiled else fn
+    h = {'h': cfg.fd_h} if fd else {}
+    return {
+        'standard': lambda m, x, y, t: fn(m, x, y, cfg.smoothing),
+        'gradnorm': lambda m, x, y, t: fn(
+            m, x, y, cfg.eps, scalar(min(t / max(cfg.ramp_epochs, 1e-9), 1.0)), smoothing=cfg.smoothing, **h),
+        'pgd': lambda m, x, y, t: fn(m, x, y, cfg.eps, cfg.pgd_steps, cfg.smoothing),
+        'edge': lambda m, x, y, t: fn(m, x, y, scalar(min(a + b * int(t), c)), smoothing=cfg.smoothing),
+    }[cfg.objective]
+
+
+class Step(nn.Module):
+    """The model and its objective as one module, for DDP to wrap: DDP's forward must run eagerly
+    (Dynamo cannot trace it) and the objective, input gradient included, compiled. -> (loss, parts)"""
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x, y, t):
+        return self.loss_fn(self.model, x, y, t)
+
+
+def lr_at(cfg, t):
+    """Linear warm-up, then cosine decay to min_lr; t = epochs elapsed."""
+    if t < cfg.warmup_epochs:
+        return cfg.lr * t / cfg.warmup_epochs
+    p = (t - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
+# ---------------------------------------------------------------- a run and its state
+
+@dataclasses.dataclass
+class Run:
+    cfg: object
+    model: nn.Module
+    ema: nn.Module | None
+    opt: torch.optim.Optimizer
+    net: nn.Module      # Step(model, objective), DDP-wrapped under torchrun
+    loaders: tuple      # train, val, robust val
+    info: dict          # what the model knows of the data (build_model's kwargs)
+    run_id: str         # names this run's checkpoints, so retention never deletes another run's
+    rank: int
+    world: int
+    device: torch.device
+    step: int = 0       # optimizer steps taken (or skipped) since the start of training
+    bad_steps: int = 0  # non-finite steps in a row
+    # (EMA tensor, model tensor) pairs, built once: state_dict() values share storage with the
+    # parameters and buffers, which the optimizer and BatchNorm update in place
+    ema_pairs: list = dataclasses.field(default_factory=list)
+
+    @property
+    def steps(self):  # per epoch
+        return len(self.loaders[0])
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 (SLURM, Kubernetes): a checkpoint was written; rerun with --resume=auto."""
+
+
+def claim_out(cfg):
+    """One run per folder: a fresh run refuses an --out that holds another run's checkpoints or
+    metrics, unless --overwrite (which deletes them) or --resume (which continues that run)."""
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create output directory {cfg.out!r} ({e.strerror}): pass --out=DIR') from None
+    if cfg.resume:
+        return
+    old = checkpoints(cfg.out) + [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')
+                                  if os.path.exists(os.path.join(cfg.out, f))]
+    if old and not cfg.overwrite:
+        raise UserError(f'{cfg.out} holds another run ({os.path.basename(old[-1])}): continue it with --resume=auto, '
+                        'start afresh there with --overwrite (deletes it), or pass another --out')
+    for path in old:
+        os.remove(path)
+
+
+def find_resume(cfg, log):
+    """--resume=PATH, or --resume=auto: the newest checkpoint in --out that loads."""
+    if cfg.resume != 'auto':
+        return cfg.resume, load_checkpoint(cfg.resume)
+    for path in reversed(checkpoints(cfg.out)):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            log(f'warning: skipping {e}')
+    return None, None
+
+
+def start(cfg, rank, world, device, log):
+    """Loaders, model (pretrained or resumed), EMA, optimizer and DDP: everything training needs."""
+    if cfg.batch_size % world:
+        raise UserError(f'--batch_size={cfg.batch_size} does not split over {world} ranks: make it a multiple of {world}')
+    if rank == 0:
+        claim_out(cfg)
+    torch.manual_seed(cfg.seed)
+    *loaders, info = make_loaders(cfg, rank, world, device)
+    if len(loaders[0]) == 0:
+        raise UserError(f'--batch_size={cfg.batch_size} is larger than the training set ({cfg.data}): lower it')
+    model = build_model(cfg.model, cfg.act, **info)
+    if cfg.init:  # torchvision's ImageNet ResNet-50: same parameter names; the activation stays cfg.act
+        if info['num_classes'] != 1000:
+            raise UserError(f'--init={cfg.init} has 1000 classes, the data {info["num_classes"]}: pass --init=')
+        import torchvision
+        model.load_state_dict(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), strict=True)
+    path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
+    if ck:
+        old = ck['config']
+        if (old['model'], old['act']) != (cfg.model, cfg.act):
+            raise UserError(f'{path} holds a {old["model"]}/{old["act"]} model, not the requested '
+                            f'{cfg.model}/{cfg.act}: pass --model={old["model"]} --act={old["act"]} or another --out')
+        model.load_state_dict(ck['model'])
+    model = model.to(device, memory_format=memory_format(cfg, device))
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
+    decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on norms and biases
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
+                             {'params': rest, 'weight_decay': 0.0}], lr=cfg.lr, fused=device.type == 'cuda')
+    compiled = cfg.compile == 'on' or (cfg.compile == 'auto' and device.type == 'cuda')
+    if compiled:
+        torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
+        torch._dynamo.config.optimize_ddp = False       # one graph: DDP syncs after backward
+    net = Step(model, objective(cfg, device, compiled))
+    net = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    run = Run(cfg, model, ema, opt, net, loaders, info, (ck or {}).get('run') or secrets.token_hex(4), rank, world, device)
+    if ema is not None:
+        run.ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
+    torch.manual_seed(cfg.seed + rank)  # PGD starts, EdgeReg's sampled classes: differ across ranks
+    if ck:
+        resume(run, ck, path, log)
+    return run, compiled
+
+
+def resume(run, ck, path, log):
+    run.opt.load_state_dict(ck['optimizer'])
+    if run.ema is not None and ck['ema'] is not None:
+        run.ema.load_state_dict(ck['ema'])
+    run.step = ck['step']
+    if run.rank == 0:
+        torch.set_rng_state(ck['rng'])
+    log(f'resumed from {path} at epoch {run.step // run.steps} step {run.step % run.steps}')
+
+
+# ---------------------------------------------------------------- one step, one epoch
+
+def train_step(run, x, y, t, stop):
+    """Objective, backward, clipping, AdamW, EMA. A non-finite step is skipped (all ranks agree,
+    one all-reduce). -> (terms or None if skipped, whether any rank was asked to stop)"""
+    cfg = run.cfg
+    for group in run.opt.param_groups:
+        group['lr'] = lr_at(cfg, t)
+    x = x.contiguous(memory_format=memory_format(cfg, run.device))  # the loaders deliver channels_last
+    x.requires_grad_(cfg.objective in ('gradnorm', 'edge'))  # a leaf outside any compiled code
+    with torch.autocast('cuda', torch.bfloat16) if run.device.type == 'cuda' else nullcontext():
+        loss, parts = run.net(x, y, t)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip)
+    flags = torch.tensor([float(bool(stop)), float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))],
+                         device=run.device)
+    if run.world > 1:
+        dist.all_reduce(flags, dist.ReduceOp.MAX)
+    run.step += 1
+    if flags[1]:
+        run.bad_steps += 1
+        bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ['gradient']
+        where = f'epoch {int(t)} step {(run.step - 1) % run.steps}'
+        if run.bad_steps >= cfg.max_bad_steps:
+            raise UserError(f'non-finite {bad[0]} for {run.bad_steps} steps in a row at {where}: training stopped, '
+                            f'the last good checkpoint in {cfg.out} is intact (try a lower --lr)')
+        if run.rank == 0:
+            print(f'\nwarning: non-finite {bad[0]} at {where}: step skipped ({run.bad_steps} in a row)')
+        return None, bool(flags[0])
+    run.bad_steps = 0
+    run.opt.step()
+    with torch.no_grad():
+        for e, p in run.ema_pairs:
+            e.lerp_(p, 1 - cfg.ema) if e.is_floating_point() else e.copy_(p)
+    return {k: v.detach().float() for k, v in parts.items()}, bool(flags[0])
+
+
+def train_epoch(run, epoch, stop):
+    """One pass over this rank's shard (from where a resumed run left off). -> (mean terms, img/s)"""
+    train_loader, steps = run.loaders[0], run.steps
+    train_loader.set_epoch(epoch)
+    run.net.train()
+    sums, seen, done, t0 = {}, 0, 0, time.time()
+    for i, (x, y) in enumerate(train_loader):
+        if i < run.step - epoch * steps:  # resuming inside this epoch: same order, skip what was done
+            continue
+        parts, stopping = train_step(run, x, y, epoch + i / steps, stop)
+        for k, v in (parts or {}).items():
+            sums[k] = sums.get(k, 0.0) + v
+        done += parts is not None
+        seen += len(y) * run.world
+        if stopping:
+            save(run)
+            raise Preempted(f'signal {stop[0] if stop else "on another rank"}: checkpoint at step {run.step} '
+                            f'in {run.cfg.out}; continue with --resume=auto')
+        if run.cfg.ckpt_every and run.step % run.cfg.ckpt_every == 0 and i < steps - 1:
+            save(run)
+        if run.rank == 0 and (i % 20 == 0 or i == steps - 1):
+            bar = '#' * int(30 * (i + 1) / steps)
+            terms = ' '.join(f'{k} {v.item() / max(done, 1):.3f}' for k, v in sums.items())
+            print(f'\repoch {epoch} [{bar:.<30}] {terms} {seen / (time.time() - t0):.0f} img/s', end='', flush=True)
+    return {k: v.item() / max(done, 1) for k, v in sums.items()}, seen / (time.time() - t0)
+
+
+# ---------------------------------------------------------------- evaluation, checkpoints
+
+def evaluate(model, val, robust_val, eps, steps, seed):
+    """Clean accuracy on the validation set, PGD accuracy on its fixed subset. Its own RNG stream:
+    the same attack every epoch, and training's random numbers are left as they were."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.eval()
+        with torch.no_grad():
+            counts = sum(torch.tensor([(model(x).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+                         for x, y in val)
+        if dist.is_initialized():
+            counts = counts.to(next(model.parameters()).device)  # NCCL reduces GPU tensors only
+            dist.all_reduce(counts)
+        robust = robust_accuracy(model, robust_val, [eps], steps)
+    return {'clean_acc': (counts[0] / counts[1]).item(), 'pgd_acc': robust['robust'][eps]}
+
+
+def save(run):
+    """Rank 0 writes OUT/ckpt-<step>-<run id>.pt atomically, points OUT/ckpt.pt at it (a hard link)
+    and deletes this run's older checkpoints beyond --keep."""
+    if run.rank != 0:
+        return
+    cfg = run.cfg
+    path = os.path.join(cfg.out, f'ckpt-{run.step:08d}-{run.run_id}.pt')
+    save_checkpoint(path, dict(
+        model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None, optimizer=run.opt.state_dict(),
+        step=run.step, epoch=run.step // run.steps, rng=torch.get_rng_state(), config=dataclasses.asdict(cfg),
+        data_info=run.info, run=run.run_id, version=__version__))
+    latest = os.path.join(cfg.out, 'ckpt.pt')
+    with suppress(FileNotFoundError):
+        os.remove(latest + '.tmp')  # left by a crash between the two lines below
+    os.link(path, latest + '.tmp')
+    os.replace(latest + '.tmp', latest)
+    for old in checkpoints(cfg.out, run.run_id)[:-cfg.keep]:
+        os.remove(old)
+
+
+def end_epoch(run, epoch, terms, img_per_s, log):
+    """Evaluate the model (and its EMA), append a line to OUT/metrics.jsonl, checkpoint."""
+    cfg, (_, val, robust_val) = run.cfg, run.loaders
+    metrics = dict(epoch=epoch, lr=lr_at(cfg, epoch + 1), img_per_s=img_per_s, **terms,
+                   **evaluate(run.model, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed))
+    if run.ema is not None:
+        ema = evaluate(run.ema, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed)
+        metrics.update({f'ema_{k}': v for k, v in ema.items()})
+    log('\n' + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+    if run.rank == 0:
+        with open(os.path.join(cfg.out, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps(metrics) + '\n')
+    save(run)
+    return metrics
+
+
+@contextmanager
+def stop_signals():
+    """SIGTERM/SIGUSR1 ask training to stop at the next step; the caller's handlers come back after."""
+    stop = []
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield stop
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg):
+    """For each epoch: a pass over the data with the objective, then evaluation and a checkpoint."""
+    rank, world, device = setup_distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    run, compiled = start(cfg, rank, world, device, log)
+    log(f'{cfg.objective} | {cfg.model} {cfg.act} | {sum(p.numel() for p in run.model.parameters()):,} params '
+        f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{__version__}'
+        + (f' | gradnorm_impl={gradnorm_impl(cfg, device)}' if cfg.objective == 'gradnorm' else ''))
+    metrics = {}
+    with stop_signals() as stop:
+        for epoch in range(run.step // run.steps, cfg.epochs):
+            terms, img_per_s = train_epoch(run, epoch, stop)
+            if compiled and not metrics:  # once; a fullgraph objective is one graph, each extra one a recompile
+                graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+                log(f'\ntorch.compile: {graphs} graph(s) in the first epoch' + (
+                    f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'), end='')
+            metrics = end_epoch(run, epoch, terms, img_per_s, log)
+    if metrics:
+        log(f'final: clean {100 * metrics["clean_acc"]:.1f}% | PGD-{cfg.eval_steps} L-inf eps={cfg.eps:.4g} '
+            f'on {cfg.eval_n} test images {100 * metrics["pgd_acc"]:.1f}% | {cfg.out}/ckpt.pt')
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return run.model
+
+
+def main(argv):
+    try:
+        train(parse_config(argv))
+    except Preempted as e:
+        print(f'\npreempted: {e}', file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again, e.g. requeue with --resume=auto
+
+
+if __name__ == '__main__':
+    sys.exit(cli(main, sys.argv[1:]))
