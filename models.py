@@ -1,9 +1,12 @@
-"""Compact ResNet and ViT for robustness from natural input gradients.
+"""Compact ResNet and ViT for robustness from natural input gradients, and any timm model.
 
-Both take the activation by name (GradNorm needs a smooth one: GELU or SiLU) and the number of
-input channels and classes, and both eat images in [0,1]: normalization is a buffer inside the
+All take the activation by name (GradNorm needs a smooth one: GELU or SiLU) and the number of
+input channels and classes, and all eat images in [0,1]: normalization is a buffer inside the
 model, so input gradients and attacks live in pixel space. `resnet50` keeps torchvision's
 parameter names and shapes, so its pretrained weights load with strict=True.
+
+Any other name timm knows (the paper's `swin_base_patch4_window7_224`; `timm/NAME` where a
+compact model has the same name, e.g. `timm/resnet50`) is built by timm, imported only then.
 """
 import torch
 import torch.nn as nn
@@ -157,13 +160,73 @@ MODELS = {
 }
 
 
+# ---------------------------------------------------------------- timm's models
+
+def timm_name(name):
+    """The timm model a --model name means, or None for a compact model of this file."""
+    if name in MODELS:
+        return None
+    base = name.removeprefix('timm/')
+    try:
+        import timm
+    except ImportError:
+        return None
+    return base if timm.is_model(base) else None
+
+
 def is_model(name):
-    return name in MODELS
+    return name in MODELS or timm_name(name) is not None
 
 
-def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=None, std=None):
+class TimmModel(nn.Module):
+    """A timm model behind our Normalize: images in [0,1] stay the interface. Its state_dict is the
+    timm model's under 'model.' (Normalize's buffers are not persistent)."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.normalize, self.model = Normalize(mean, std), model
+
+    def forward(self, x):
+        return self.model(self.normalize(x))
+
+
+def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
+    """timm.create_model without dropout or stochastic depth (as the paper's runs), at img_size
+    where the architecture has a fixed input size (ViT, Swin: timm resizes position embeddings and
+    relative position tables of pretrained weights), the activation swapped in after."""
+    import timm
+    base = timm_name(name)
+    cfg = timm.models.get_pretrained_cfg(base)
+    kw = dict(img_size=img_size) if cfg and cfg.fixed_input_size else {}
+    model = timm.create_model(base, pretrained=pretrained, num_classes=num_classes, in_chans=in_ch,
+                              drop_rate=0.0, drop_path_rate=0.0, **kw)
+    set_activation(model, act)
+    mean = mean or (cfg.mean if cfg else IMAGENET_MEAN)[:in_ch]
+    return TimmModel(model, mean, std or (cfg.std if cfg else IMAGENET_STD)[:in_ch])
+
+
+def load_timm_state_dict(model, state_dict):
+    """Weights saved from the bare timm model (e.g. by timm's training scripts) into a TimmModel,
+    through timm's own converter for the architecture where it has one: the authors' Swin
+    checkpoints use the original layout (patch merging at the end of a stage, `head.weight`)."""
+    import sys
+    convert = getattr(sys.modules[type(model.model).__module__], 'checkpoint_filter_fn', None)
+    if convert is not None:
+        state_dict = convert(state_dict, model.model)
+    model.model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------- any model
+
+def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=None, std=None, pretrained=False):
+    """pretrained: timm's weights (timm models only; downloaded by timm from the Hugging Face hub)."""
     if not is_model(name):
-        raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
+        raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)} or a timm model')
+    if timm_name(name):
+        return build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained)
+    if pretrained:
+        raise ValueError(f'{name} is a compact model of models.py: timm has no weights for it')
     kw = dict(act=act, in_ch=in_ch, num_classes=num_classes)
     kw.update(mean=mean or IMAGENET_MEAN[:in_ch], std=std or IMAGENET_STD[:in_ch])
     if name.startswith('vit'):
@@ -171,10 +234,39 @@ def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=
     return MODELS[name](**kw)
 
 
+def activation_types():
+    """The module classes an activation swap replaces: ours and timm's ReLU/GELU/SiLU kinds (not
+    the sigmoid/tanh gates of squeeze-excite or attention blocks, which are not the nonlinearity)."""
+    kinds = tuple(ACTS.values())
+    try:
+        from timm.layers import activations as t
+        kinds += (t.GELU, t.GELUTanh, t.QuickGELU, t.Swish)
+    except ImportError:
+        pass
+    return kinds
+
+
 def set_activation(model, act):
-    """Swap every activation in place, e.g. ReLU -> GELU after loading torchvision weights."""
+    """Swap every activation module in place, e.g. ReLU -> GELU after loading pretrained weights."""
+    kinds = activation_types()
     for module in list(model.modules()):
         for name, child in module.named_children():
-            if isinstance(child, tuple(ACTS.values())):
+            if isinstance(child, kinds):
                 setattr(module, name, make_act(act))
     return model
+
+
+def no_weight_decay(model):
+    """Names of the parameters AdamW should not decay: 1-D ones (norms, biases) and those a timm
+    architecture lists (Swin's relative position tables, ViT's position embedding), as timm's
+    optimizer factory (the authors') leaves them."""
+    import fnmatch
+    inner = getattr(model, 'model', None)
+    listed = [f'model.{n}' for n in inner.no_weight_decay()] if hasattr(inner, 'no_weight_decay') else []
+    return {n for n, p in model.named_parameters() if p.ndim <= 1 or any(fnmatch.fnmatch(n, pat) for pat in listed)}
+
+
+def normalization(model):
+    """(mean, std) of the Normalize inside model, shaped (1, C, 1, 1); None if it has none."""
+    norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    return None if norm is None else (norm.mean, norm.std)
