@@ -1,8 +1,12 @@
-"""EdgeReg: make the input gradient look like the image's edges.
+"""EdgeReg: make the input gradient look like the image's edges, as the authors' code computes it
+(gradient_teachers.py: ContourEnergy; adversarial_training_logit.py: the loss).
 
-The teacher is an edge-energy map E(x): Gaussian blur -> Sobel magnitude summed over channels ->
-blur, broadcast to every channel. The student is g = d logit_c / dx for a class c sampled from
-softmax(logits / 0.5). Both are scaled to unit RMS per image, so only their shape is compared.
+The teacher is an edge-energy map E(x): Gaussian blur -> Sobel -> sqrt(sum over channels of
+dx^2 + dy^2) -> blur, broadcast to every channel; the Gaussian is the discrete (Bessel) kernel and
+every filter pads by reflection. The student is g = d logit_c / dx for a class c sampled from
+softmax(logits / 0.5). Each is divided by its RMS over the whole batch (not per image), so only
+their shape is compared. The authors' model eats normalized images, so their g and E live in
+normalized space: given the model's mean/std, so do ours (g * std, E((x - mean) / std)).
 """
 import math
 
@@ -11,37 +15,58 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def gaussian_blur(x, sigma=1.0):
-    r = math.ceil(3 * sigma)
-    k = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device).pow(2).div(-2 * sigma ** 2).exp()
-    k = k / k.sum()
-    C = x.shape[1]
-    # separable and per channel; replicate padding so the image border is not an edge
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode='replicate'), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode='replicate'), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+def bessel_kernel(t=1.0):
+    """The discrete Gaussian exp(-t) I_n(t), n in [-ceil(3t), ceil(3t)], renormalized (the authors'
+    make_gaussian_filter with stddev=t; t is the variance of the discrete Gaussian, so at their
+    sigma=1 it is also the standard deviation). I_n by its power series, in float64."""
+    r = math.ceil(3 * t)
+    i_n = lambda n: sum((t / 2) ** (2 * k + n) / (math.factorial(k) * math.factorial(k + n)) for k in range(40))
+    h = torch.tensor([math.exp(-t) * i_n(abs(n)) for n in range(-r, r + 1)], dtype=torch.float64)
+    return h / h.sum()
+
+
+def _filter(x, k):
+    """Per-channel correlation with a 2-D kernel k (kh, kw), reflect-padded to keep the size."""
+    C, (kh, kw) = x.shape[1], k.shape
+    x = F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2), mode='reflect')
+    return F.conv2d(x, k.to(x)[None, None].expand(C, 1, kh, kw), groups=C)
+
+
+def blur(x, t=1.0):
+    h = bessel_kernel(t)
+    return _filter(_filter(x, h[:, None]), h[None, :])  # separable: along H, then along W
 
 
 def edge_energy(x, sigma=1.0):
+    """(B, C, H, W) -> the edge map E, (B, C, H, W): C copies of one map."""
     B, C, H, W = x.shape
-    sobel = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]], dtype=x.dtype, device=x.device)
-    k = torch.stack([sobel, sobel.T]).unsqueeze(1).repeat(C, 1, 1, 1)  # (2C, 1, 3, 3): d/dx, d/dy
-    g = F.conv2d(F.pad(gaussian_blur(x, sigma), (1, 1, 1, 1), mode='replicate'), k, groups=C)
-    magnitude = g.reshape(B, C, 2, H, W).pow(2).sum(2).sqrt().sum(1, keepdim=True)
-    return gaussian_blur(magnitude, sigma).expand(B, C, H, W)
+    # the authors' 3x3 Sobel: x / (x^2 + y^2) on the grid {-1, 0, 1}^2, half the textbook one
+    sobel = torch.tensor([[-0.5, 0., 0.5], [-1., 0., 1.], [-0.5, 0., 0.5]], dtype=torch.float64)
+    s = blur(x, sigma)
+    dx, dy = _filter(s, sobel), _filter(s, sobel.T)
+    e = (dx.pow(2) + dy.pow(2)).sum(1, keepdim=True).sqrt()
+    return blur(e, sigma).expand(B, C, H, W)
 
 
-def unit_rms(t):
-    return t / t.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+def batch_rms(t):
+    return t.pow(2).mean().sqrt()
 
 
-def edge_reg(model, x, y, alpha, temperature=0.5, smoothing=0.1):
-    """CE + alpha * MSE(g / RMS(g), E / RMS(E)), g the sampled-class logit gradient (differentiable)."""
+def edge_reg(model, x, y, alpha, temperature=0.5, smoothing=0.1, mean=None, std=None):
+    """CE + alpha * MSE(g / RMS(g), E / RMS(E)), g the sampled-class logit gradient (differentiable).
+    mean, std (1, C, 1, 1): the model's normalization, to compare in its input space as the authors."""
     if not x.requires_grad:  # under torch.compile, make x a leaf before the call instead
         x = x.detach().requires_grad_()
     with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
         logits = model(x)
     ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
-    c = torch.multinomial(F.softmax(logits.detach().float() / temperature, 1), 1)
+    # the draw torch.distributions.Categorical(logits=logits / temperature).sample() makes
+    c = torch.multinomial(F.softmax(logits.detach().double() / temperature, 1), 1, True)
     (g,) = torch.autograd.grad(logits.gather(1, c).sum(), x, create_graph=True)
-    mse = F.mse_loss(unit_rms(g), unit_rms(edge_energy(x.detach())))
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the teacher in >= float32
+        xn = x if std is None else (x - mean) / std
+        e = edge_energy(xn.detach().to(torch.promote_types(x.dtype, torch.float32)))
+        e = e / batch_rms(e)
+    g = g if std is None else g * std
+    mse = F.mse_loss(g / batch_rms(g), e.to(g.dtype))
     return ce + alpha * mse, {'ce': ce, 'edge_mse': mse}

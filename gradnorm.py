@@ -13,8 +13,9 @@ def standard(model, x, y, smoothing=0.1):
     return ce, {'ce': ce}
 
 
-def gradnorm(model, x, y, eps, alpha, smoothing=0.1):
-    """0.8*CE + 1.2*alpha*eps*mean_i ||grad_x CE_i||_1, the first-order cost of an L-inf attack.
+def gradnorm(model, x, y, eps, alpha, smoothing=0.1, weights=(0.8, 1.2)):
+    """0.8*CE + 1.2*alpha*eps*mean_i ||grad_x CE_i||_1, the first-order cost of an L-inf attack
+    (weights: the CE and penalty weights, 0.8 and 1.2 in the paper's GELU runs).
 
     The penalty is differentiated again (double backprop). CE is a batch mean, so B*grad gives
     each sample's own gradient; with BatchNorm in train mode samples are coupled and this is the
@@ -26,17 +27,17 @@ def gradnorm(model, x, y, eps, alpha, smoothing=0.1):
         ce = F.cross_entropy(model(x), y, label_smoothing=smoothing)
     (g,) = torch.autograd.grad(ce * x.shape[0], x, create_graph=True)
     penalty = eps * g.abs().flatten(1).sum(1).mean()
-    return 0.8 * ce + 1.2 * alpha * penalty, {'ce': ce, 'gradnorm': penalty}
+    return weights[0] * ce + weights[1] * alpha * penalty, {'ce': ce, 'gradnorm': penalty}
 
 
-def gradnorm_fd(model, x, y, eps, alpha, h=1e-3, smoothing=0.1):
+def gradnorm_fd(model, x, y, eps, alpha, h=1e-3, smoothing=0.1, weights=(0.8, 1.2)):
     """GradNorm without second derivatives (Finlay & Oberman 2019): two forward-backward passes.
 
     With s = sign(grad_x CE) held fixed, the penalty's parameter gradient is eps times the derivative
     of grad_theta CE along s: eps * [grad_theta CE(x + h*s) - grad_theta CE(x)] / h + O(h).
     Pass 1 gets grad_x (for s and the penalty) and G0 = grad_theta CE(x) from one backward. Pass 2's
     CE(x + h*s) goes into a surrogate whose backward (the training loop's, so DDP syncs as usual) is
-    0.8*G0 + k*(G1 - G0), k = 1.2*alpha*eps/h, and whose value is the true loss.
+    w0*G0 + k*(G1 - G0), k = w1*alpha*eps/h, and whose value is the true loss (w0, w1 = weights).
     Error vs double backprop (demo ResNet, GELU): ~7*h relative from the O(h) term, plus float32
     rounding ~1.4e-7/h, so h=1e-3 gives ~0.7%. Needs float32 and a smooth activation (ReLU: >80%).
     No second derivative, so fused attention kernels work; BatchNorm's running stats see both passes.
@@ -47,8 +48,8 @@ def gradnorm_fd(model, x, y, eps, alpha, h=1e-3, smoothing=0.1):
     ce = F.cross_entropy(model(x), y, label_smoothing=smoothing)
     gx, *g0 = torch.autograd.grad(ce, [x, *params])
     penalty = eps * x.shape[0] * gx.abs().flatten(1).sum(1).mean()
-    k = 1.2 * alpha * eps / h
+    k = weights[1] * alpha * eps / h
     ce_h = F.cross_entropy(model(x.detach() + h * gx.sign()), y, label_smoothing=smoothing)
-    surrogate = k * ce_h + (0.8 - k) * sum((g * p).sum() for g, p in zip(g0, params))
-    loss = 0.8 * ce + 1.2 * alpha * penalty
+    surrogate = k * ce_h + (weights[0] - k) * sum((g * p).sum() for g, p in zip(g0, params))
+    loss = weights[0] * ce + weights[1] * alpha * penalty
     return surrogate + (loss - surrogate).detach(), {'ce': ce.detach(), 'gradnorm': penalty}
