@@ -6,13 +6,18 @@ PY     := $(VENV)/bin/python
 DATA   ?= /usr/share/datasets/fashion-mnist
 MODEL  ?=
 INIT   ?=
-ACT    ?= gelu
+ACT    ?=
 EPOCHS ?=
 BATCH  ?=
 OUT    ?=
 ARGS   ?=
-# train.py's default output folder names the data, model, objective and activation: one run per folder
-CKPT   ?= runs/$(notdir $(DATA))/$(or $(MODEL),resnet_demo)-gradnorm-$(ACT)/ckpt.pt
+# one of the paper's runs (config.py: RECIPES), e.g. swinb_gradnorm, rn50_gelu_stage1; --key=value overrides
+RECIPE ?=
+# train.py's default output folder (data, model, objective, activation: one run per folder), asked of config.py
+# because a recipe names the model; CKPT=official:PATH with MODEL=... evaluates a checkpoint the authors released
+RUN_DIR = $(shell $(PY) -c 'import sys, config; print(config.parse_config(sys.argv[1:]).out)' --data=$(DATA) --init= \
+          $(if $(RECIPE),--recipe=$(RECIPE)) $(if $(MODEL),--model=$(MODEL)) $(if $(ACT),--act=$(ACT)))
+CKPT   ?= $(RUN_DIR)/ckpt.pt
 EPS    ?=
 # multi-GPU / multi-node: torchrun (DDP); one process otherwise, same code path
 GPUS        ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
@@ -28,11 +33,12 @@ RUN := $(VENV)/bin/torchrun --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_
 else
 RUN := $(PY)
 endif
-# unset variables leave train.py's defaults: the demo's, or the paper's recipe when DATA is ImageNet
-TRAIN = $(RUN) train.py --act=$(ACT) --data=$(DATA) $(if $(MODEL),--model=$(MODEL)) $(if $(INIT),--init=$(INIT)) \
+# unset variables leave train.py's defaults: the demo's, or the paper's Swin-B GradNorm run when DATA is ImageNet
+TRAIN = $(RUN) train.py --data=$(DATA) $(if $(RECIPE),--recipe=$(RECIPE)) $(if $(ACT),--act=$(ACT)) \
+        $(if $(MODEL),--model=$(MODEL)) $(if $(INIT),--init=$(INIT)) \
         $(if $(EPOCHS),--epochs=$(EPOCHS)) $(if $(BATCH),--batch_size=$(BATCH)) $(if $(OUT),--out=$(OUT)) $(ARGS)
 
-.PHONY: setup data train-gradnorm train-standard train-pgd train-edge eval test clean
+.PHONY: setup data train train-gradnorm train-standard train-pgd train-edge eval test clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-data.txt
@@ -50,6 +56,9 @@ data:
 	  $(SUDO) apt-get install -y -q dataset-fashion-mnist || \
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist); fi
 
+# the recipe's objective (make train RECIPE=swinb_pgd); train-X runs objective X
+train: setup data
+	$(TRAIN)
 train-gradnorm: setup data
 	$(TRAIN) --objective=gradnorm
 train-standard: setup data
@@ -60,7 +69,8 @@ train-edge: setup data
 	$(TRAIN) --objective=edge
 
 eval: setup data
-	$(RUN) attack.py --ckpt=$(CKPT) $(if $(EPS),--eps $(EPS)) $(ARGS)
+	$(RUN) attack.py --ckpt=$(CKPT) $(if $(filter official:%,$(CKPT)),--model=$(MODEL) --data=$(DATA) \
+	  $(if $(ACT),--act=$(ACT))) $(if $(EPS),--eps $(EPS)) $(ARGS)
 
 test: setup data
 	$(PY) -m pytest -q $(wildcard test_*.py)

@@ -3,6 +3,8 @@ case per sample over steps, restarts and attacks, and checks that flag gradient 
 
     python attack.py --ckpt runs/gradnorm_gelu/ckpt.pt --eps 0.05 0.1 --attacks ce-20 dlr-20 ce-50x2
     torchrun --nproc_per_node=8 attack.py --ckpt imagenet.pt --eps 4/255   # counts summed over ranks
+    python attack.py --ckpt official:gradnorm_swinb.pth.tar --model swin_base_patch4_window7_224 --data IMAGENET
+The last evaluates a checkpoint the authors released (its EMA weights, as the paper).
 An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100.
 """
 import argparse
@@ -17,8 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from config import (ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint,
-                    setup_distributed)
+from config import (ArgumentParser, Config, UserError, checked, cli, data_kind, load_checkpoint, load_official,
+                    model_from_checkpoint, setup_distributed)
+from models import ACTS, is_model
 from data import make_loaders
 
 
@@ -277,7 +280,11 @@ def parse_eps(text):
 def parse_args(argv):
     nonneg, positive = checked(int, lambda v: v >= 0, 'an integer >= 0'), checked(int, lambda v: v >= 1, 'at least 1')
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', required=True, type=checked(str, os.path.isfile, 'an existing checkpoint file'))
+    p.add_argument('--ckpt', required=True, help="a checkpoint of ours, or official:PATH (the authors' .pth.tar)",
+                   type=checked(str, lambda v: os.path.isfile(v.removeprefix('official:')), 'an existing checkpoint file'))
+    p.add_argument('--model', type=checked(str, is_model, 'a model of models.py or timm'), default=None,
+                   help='with official:PATH, its timm model: swin_base_patch4_window7_224 or timm/resnet50')
+    p.add_argument('--act', choices=list(ACTS), default='gelu', help='with official:PATH, the activation (GELU: as released)')
     p.add_argument('--eps', nargs='+', default=None, type=checked(str, lambda t: 0 < parse_eps(t) < math.inf, 'positive'),
                    help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the training eps)')
     p.add_argument('--norm', default='linf', choices=['linf', 'l2'])
@@ -299,6 +306,12 @@ def parse_args(argv):
     p.add_argument('--no-checks', action='store_true', help='skip the gradient-masking sanity checks')
     args = p.parse_args(argv)
     args.attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
+    if args.ckpt.startswith('official:') != bool(args.model):
+        raise UserError('--model names the timm model of an official:PATH checkpoint (ours name their own): '
+                        + ('pass --model=swin_base_patch4_window7_224 or --model=timm/resnet50' if args.model is None
+                           else 'leave it out'))
+    if args.model and not args.data:
+        raise UserError('official checkpoints do not name their data: pass --data=IMAGENET (an ImageFolder or .beton folder)')
     if args.norm == 'linf' and args.eps and max(map(parse_eps, args.eps)) > 1:
         raise UserError(f'--eps {max(args.eps, key=parse_eps)}: an L-inf budget above 1 is larger than the whole '
                         'pixel range [0, 1]')
@@ -310,15 +323,27 @@ def parse_attack_text(spec):
     return spec
 
 
-def load(args, rank, world, device):
-    """-> the checkpoint, its model on the device, the robust-val batches of this rank, data info."""
+def load_model(args):
+    """-> the checkpoint (ours, or a description of an official one) and its model, on the CPU:
+    whatever attack follows, the weights come from here."""
+    if args.ckpt.startswith('official:'):
+        args.ema = True  # they release and evaluate the EMA weights
+        return load_official(args.ckpt.removeprefix('official:'), args.model, args.act)
     ck = load_checkpoint(args.ckpt)
     if args.ema and ck.get('ema') is None:
         raise UserError(f'{args.ckpt} holds no EMA weights (trained with --ema=0): leave out --ema')
-    model = model_from_checkpoint(ck, 'ema' if args.ema else 'model').to(device)
+    return ck, model_from_checkpoint(ck, 'ema' if args.ema else 'model')
+
+
+def load(args, rank, world, device):
+    """-> the checkpoint, its model on the device, the robust-val batches of this rank, data info."""
+    ck, model = load_model(args)
+    model = model.to(device)
     imagenet = ck['data_info'].get('num_classes') == 1000
     cfg = Config(**{**ck['config'], 'eval_n': args.n or (5000 if imagenet else 1000)})
     cfg.data = args.data or cfg.data
+    if args.model:  # official: read ImageNet as it is stored
+        cfg.loader = 'ffcv' if data_kind(cfg.data) == 'beton' else 'torchvision'
     if not os.path.isdir(cfg.data):
         raise UserError(f'{args.ckpt} was trained on {cfg.data}, which is not here: pass --data=DIR')
     _, _, robust_val, info = make_loaders(cfg, rank, world, device)
@@ -336,7 +361,7 @@ def report(args, r, checks, ck, eps_text, eps_list, seconds, compiled):
         print(f'{t:>8} {100 * r["clean"]:7.1f} ' + ' '.join(f'{100 * r["robust"][e][a]:8.1f}' for a in names))
     for ok, msg in checks:
         print(f'  {"ok  " if ok else "WARN"} {msg}')
-    path = args.json or os.path.join(os.path.dirname(args.ckpt) or '.', f'eval_{args.norm}.json')
+    path = args.json or os.path.join(os.path.dirname(args.ckpt.removeprefix('official:')) or '.', f'eval_{args.norm}.json')
     with open(path, 'w') as f:
         json.dump({'ckpt': args.ckpt, 'weights': 'ema' if args.ema else 'model', 'objective': c['objective'],
                    'model': c['model'], 'act': c['act'], 'norm': args.norm, 'attacks': args.attacks,
@@ -350,7 +375,8 @@ def main(argv):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     ck, model, robust_val, info = load(args, rank, world, device)
-    eps_text = args.eps or (['4/255'] if info['num_classes'] == 1000 else [f'{ck["config"]["eps"]:g}'])
+    imagenet = ck['data_info']['num_classes'] == 1000  # the model's classes (official: ImageNet's)
+    eps_text = args.eps or (['4/255'] if imagenet else [f'{ck["config"]["eps"]:g}'])
     eps_list = [parse_eps(t) for t in eps_text]
     big_eps = None
     if not args.no_checks:  # a budget that reaches uniform gray from any image

@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from models import ACTS, build_model, is_model
+from models import ACTS, IMAGENET_MEAN, IMAGENET_STD, build_model, is_model, load_timm_state_dict, timm_name
 
 __version__ = '0.2.0'
 
@@ -100,24 +100,60 @@ class Config:
     loader: str = 'ffcv'          # ffcv | torchvision (fallback for ImageFolder data)
     res: int = 224                # ImageNet training/eval resolution
     workers: int = 8
-    init: str = ''                # '' | torchvision: start from torchvision's pretrained weights
+    init: str = ''                # '' (random) | pretrained: timm's weights | torchvision: the compact resnet50's | a checkpoint of ours
     fd_h: float = 1e-3            # finite-difference step of --gradnorm_impl=fd (pixel units)
     res_start: int = 0            # progressive resizing: train res ramps res_start -> res (0 = off)
     mixup: float = 0.0            # Mixup/CutMix alpha (one of the two per batch), 0 = off
+    cutmix: float = 0.0           # CutMix alpha; with --mixup too, one of the two per batch (p=0.5); 0 = off
+    randaug: str = ''             # RandAugment, timm's spec, e.g. rand-m9-mstd0.5-inc1; '' = off
+    reprob: float = 0.0           # random-erasing probability per image (timm's RandomErasing, pixel mode)
+    recipe: str = ''              # one of the paper's runs (RECIPES); '' = the demo, or swinb_gradnorm on ImageNet
+    accum: int = 1                # micro-batches per optimizer step (gradient accumulation); batch_size stays global
+    amp: bool = True              # bf16 autocast on CUDA; off: float32, no TF32 matmuls (the paper's runs)
+    bn_eval: bool = False         # train in eval mode (BatchNorm keeps its running stats), as the authors' script
+    gn_weights: str = '0.8,1.2'   # GradNorm: weights of CE and of the penalty
 
 
-# The paper's ImageNet recipe: the defaults when --data is ImageNet (.beton files or an ImageFolder).
-# epochs and batch_size are this repo's choice (the recipe scales lr with the global batch).
-IMAGENET_RECIPE = dict(model='resnet50', epochs=100, batch_size=1024, weight_decay=0.05, warmup_epochs=5.0,
-                       min_lr=1e-5, smoothing=0.1, ema=0.9998, clip=1.0, ramp_epochs=5.0, eps=4 / 255, res=224,
-                       eval_n=5000)
+# ---------------------------------------------------------------- the paper's runs
+
+# Read from the authors' configs (configs_train/, configs_logit/) and run_train.sh (GPUs per run).
+# batch_size is global: per-GPU batch x accumulation steps x GPUs; lr is their base lr x batch / 512
+# (a --batch_size override rescales it). Their accumulation sums micro-batch gradients, ours
+# averages (the same update whatever the split), so their clip 1.0 with 2 steps is our 0.5.
+PAPER = dict(weight_decay=0.05, warmup_epochs=5.0, min_lr=1e-5, smoothing=0.1, eps=4 / 255, res=224, eval_n=5000,
+             mixup=0.8, cutmix=1.0, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, amp=False, act='gelu')
+SWINB = dict(PAPER, model='swin_base_patch4_window7_224', init='pretrained', epochs=100, ema=0.9998)
+# ResNet-50: stage 1 swaps the activation into timm's pretrained ResNet-50 and fine-tunes it for 4
+# epochs (their warm-up lasts 5, so it never ends); stage 2 starts from stage 1's weights. 4 GPUs.
+RN50 = dict(PAPER, model='timm/resnet50', batch_size=256, lr=1.25e-3 * 256 / 512, clip=1.0, bn_eval=True)
+STAGE1 = dict(RN50, objective='standard', init='pretrained', epochs=4, ema=0.0)
+STAGE2 = dict(RN50, objective='gradnorm', init='runs/{data}/timm-resnet50-standard-{act}/ckpt.pt', ema=0.9998)
+RECIPES = {
+    # the released checkpoints: 77.78 / 51.58 (GradNorm), 76.80 / 35.02 (EdgeReg): clean / AutoAttack 4/255
+    'swinb_gradnorm': dict(SWINB, objective='gradnorm', batch_size=608, accum=2, lr=0.625e-3 * 608 / 512, clip=0.5,
+                           ramp_epochs=5.0, gn_weights='0.8,1.2', bn_eval=True),  # run_train.sh: 7 GPUs (532)
+    'swinb_edge': dict(SWINB, objective='edge', batch_size=608, accum=2, lr=0.625e-3 * 608 / 512, clip=0.5,
+                       edge_alpha='1,0.09,19'),  # the logit script trains in train mode
+    'swinb_pgd': dict(SWINB, objective='pgd', pgd_steps=3, batch_size=512, lr=1.25e-3, clip=math.inf, bn_eval=True),
+    'swinb_standard': dict(SWINB, objective='standard', batch_size=592, lr=0.625e-3 * 592 / 512, clip=1.0,
+                           bn_eval=True),  # 74 per GPU; the GPU count is not in run_train.sh: 8 assumed
+    'rn50_gelu_stage1': dict(STAGE1, act='gelu'),
+    'rn50_gelu_gradnorm': dict(STAGE2, act='gelu', epochs=83, ramp_epochs=5.0, gn_weights='0.8,1.2'),  # 60.34 / 30.00
+    'rn50_relu_stage1': dict(STAGE1, act='relu'),
+    'rn50_relu_gradnorm': dict(STAGE2, act='relu', epochs=50, lr=0.625e-3 * 256 / 512, ramp_epochs=10.0,
+                               gn_weights='0.5,0.5'),
+    'rn50_silu_stage1': dict(STAGE1, act='silu'),  # 128 per GPU on 2 GPUs
+    'rn50_silu_gradnorm': dict(STAGE2, act='silu', epochs=50, accum=2, clip=0.5, ramp_epochs=5.0, gn_weights='0.5,0.5'),
+}
+IMAGENET_DEFAULT = 'swinb_gradnorm'  # --recipe='' on ImageNet-like data: the paper's headline run
 
 finite = lambda v: math.isfinite(v)
 # field -> (test, what a good value is); every field of Config has a line
 RULES = {
     'objective': (lambda v: v in ('standard', 'gradnorm', 'pgd', 'edge'), 'standard, gradnorm, pgd or edge'),
     'gradnorm_impl': (lambda v: v in ('auto', 'exact', 'fd'), 'auto, exact or fd'),
-    'model': (is_model, 'a model of models.py (resnet_demo, resnet50, vit_small, ...)'),
+    'model': (is_model, 'a model of models.py (resnet_demo, resnet50, vit_small, ...) or of timm '
+                        '(swin_base_patch4_window7_224, timm/resnet50, ...)'),
     'act': (lambda v: v in ACTS, ', '.join(ACTS)),
     'data': (os.path.isdir, 'an existing folder (run `make data` for the demo\'s Fashion-MNIST)'),
     'epochs': (lambda v: v >= 1, 'at least 1'),
@@ -146,10 +182,19 @@ RULES = {
     'loader': (lambda v: v in ('ffcv', 'torchvision'), 'ffcv or torchvision'),
     'res': (lambda v: 16 <= v <= 4096, 'in [16, 4096] pixels'),
     'workers': (lambda v: 0 <= v <= 256, 'in [0, 256]'),
-    'init': (lambda v: v in ('', 'torchvision'), "'' (random) or torchvision"),
+    'init': (lambda v: v in ('', 'pretrained', 'torchvision') or os.path.isfile(v),
+             "'' (random), pretrained, torchvision or a checkpoint file (for a recipe's stage 2: run its stage 1 first)"),
     'fd_h': (lambda v: 0 < v <= 0.1, 'in (0, 0.1] (pixel units)'),
     'res_start': (lambda v: v >= 0, '0 (off) or a resolution <= --res'),
     'mixup': (lambda v: finite(v) and v >= 0, 'a finite number >= 0 (0: off)'),
+    'cutmix': (lambda v: finite(v) and v >= 0, 'a finite number >= 0 (0: off)'),
+    'randaug': (lambda v: v == '' or v.startswith('rand-'), "'' (off) or timm's RandAugment spec, e.g. rand-m9-mstd0.5-inc1"),
+    'reprob': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'recipe': (lambda v: v == '' or v in RECIPES, "'' or one of " + ', '.join(RECIPES)),
+    'accum': (lambda v: 1 <= v <= 4096, 'at least 1 (and batch_size a multiple of ranks x accum)'),
+    'amp': (lambda v: True, 'true or false'),
+    'bn_eval': (lambda v: True, 'true or false'),
+    'gn_weights': (lambda v: _floats(v, 2) and min(map(float, v.split(','))) >= 0, 'two numbers >= 0: CE,penalty'),
 }
 assert set(RULES) == {f.name for f in dataclasses.fields(Config)}, 'every Config field needs a rule'
 
@@ -185,14 +230,45 @@ def validate(cfg):
         raise UserError(f'--min_lr={cfg.min_lr} is above --lr={cfg.lr}: lower it')
     if cfg.res_start > cfg.res:
         raise UserError(f'--res_start={cfg.res_start} is above --res={cfg.res}: lower it, or 0 for no resizing')
-    if cfg.init and cfg.model != 'resnet50':
+    if cfg.init == 'torchvision' and cfg.model != 'resnet50':
         raise UserError(f'--init={cfg.init} loads ImageNet ResNet-50 weights, not {cfg.model}: pass --model=resnet50 or --init=')
+    if cfg.init == 'pretrained' and not timm_name(cfg.model):
+        raise UserError(f'--init=pretrained loads timm\'s weights, but {cfg.model} is a compact model of models.py: pass '
+                        'a timm model (e.g. --model=timm/resnet50), --init=torchvision (resnet50) or --init=')
     return cfg
 
 
+def apply_recipe(cfg, given):
+    """The recipe's values under the keys not given; lr follows a --batch_size override linearly
+    (the authors' rule), and stage 2's init names stage 1's default output folder."""
+    recipe = {k: v for k, v in RECIPES[cfg.recipe].items() if k not in given}
+    if 'lr' in recipe and 'batch_size' in given:
+        recipe['lr'] *= given['batch_size'] / RECIPES[cfg.recipe]['batch_size']
+        recipe['min_lr'] = min(recipe['min_lr'], recipe['lr'])  # tiny batches: lr below 1e-5
+    cfg = dataclasses.replace(cfg, **recipe)
+    if 'init' in recipe and '{' in cfg.init:
+        name = os.path.basename(os.path.normpath(cfg.data)) or 'data'
+        cfg.init = cfg.init.format(data=name, act=cfg.act)
+        stage1 = [r for r, v in RECIPES.items() if r.endswith('_stage1') and v['act'] == cfg.act]
+        if not os.path.isfile(cfg.init):
+            raise UserError(f'--recipe={cfg.recipe} starts from stage 1\'s weights, {cfg.init}, not there: run '
+                            f'--recipe={stage1[0] if stage1 else "..."} first with this --data, or pass --init=CHECKPOINT')
+    return cfg
+
+
+def describe_recipe(cfg):
+    """The log's first line: the recipe's knobs as resolved, * where the value is not the recipe's."""
+    recipe, parts = RECIPES[cfg.recipe], []
+    for k in (f.name for f in dataclasses.fields(Config) if f.name in RECIPES[cfg.recipe]):
+        now, was = getattr(cfg, k), recipe[k]
+        text = f'{now:.4g}' if isinstance(now, float) else str(now)
+        parts.append(f'{k}={text}' + ('*' if now != was and '{' not in str(was) else ''))
+    return f'recipe {cfg.recipe}: ' + ' '.join(parts)
+
+
 def parse_config(argv):
-    """--key=value ... -> a checked Config. On ImageNet-like data (.beton files or an ImageFolder)
-    the paper's recipe fills the keys not given."""
+    """--key=value ... -> a checked Config. --recipe=NAME fills the keys not given; on ImageNet-like
+    data (.beton files or an ImageFolder) without one, the paper's headline run does."""
     cfg, fields, given = Config(), {f.name: f for f in dataclasses.fields(Config)}, {}
     for arg in argv:
         if not arg.startswith('--'):
@@ -203,17 +279,13 @@ def parse_config(argv):
             raise UserError(f'unknown option --{key}; known: ' + ' '.join(fields))
         given[key] = _convert(key, val, type(getattr(cfg, key)))
     cfg = dataclasses.replace(cfg, **given)
-    if os.path.isdir(cfg.data) and data_kind(cfg.data) != 'fashion':
-        recipe = {k: v for k, v in IMAGENET_RECIPE.items() if k not in given}
-        if 'lr' not in given:
-            recipe['lr'] = 1.25e-3 * given.get('batch_size', IMAGENET_RECIPE['batch_size']) / 512
-            recipe['min_lr'] = min(recipe.get('min_lr', cfg.min_lr), recipe['lr'])  # tiny batches: lr below 1e-5
-        if 'init' not in given and given.get('model', 'resnet50') == 'resnet50':
-            recipe['init'] = 'torchvision'  # the paper fine-tunes torchvision's ResNet-50 with GELU swapped in
-        cfg = dataclasses.replace(cfg, **recipe)
+    if not cfg.recipe and os.path.isdir(cfg.data) and data_kind(cfg.data) != 'fashion':
+        cfg.recipe = IMAGENET_DEFAULT
+    if cfg.recipe in RECIPES:
+        cfg = apply_recipe(cfg, given)
     if not cfg.out:
         name = os.path.basename(os.path.normpath(cfg.data)) or 'data'
-        cfg.out = os.path.join('runs', name, f'{cfg.model}-{cfg.objective}-{cfg.act}')
+        cfg.out = os.path.join('runs', name, f'{cfg.model.replace("/", "-")}-{cfg.objective}-{cfg.act}')
     return validate(cfg)
 
 
@@ -257,6 +329,34 @@ def model_from_checkpoint(ck, key='model'):
     model = build_model(cfg['model'], cfg['act'], **ck['data_info'])
     model.load_state_dict(ck[key])
     return model
+
+
+def load_official(path, model, act='gelu'):
+    """A checkpoint the authors released: timm's CheckpointSaver .pth.tar, the bare timm model's
+    weights under 'state_dict' and 'state_dict_ema' (the one they evaluate), their ImageNet mean/std
+    in 'args'. -> (a checkpoint dict of ours describing it, the model with the EMA weights)."""
+    if not timm_name(model):
+        raise UserError(f'--model={model}: the authors\' checkpoints hold timm models: pass '
+                        '--model=swin_base_patch4_window7_224 or --model=timm/resnet50')
+    if not os.path.isfile(path):
+        raise UserError(f'no checkpoint at {path!r}')
+    try:  # their args are an argparse.Namespace of plain values: allowed, nothing else is unpickled
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            raw = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'cannot load {path!r} as an official checkpoint ({str(e).splitlines()[0][:200]})') from None
+    if not isinstance(raw, dict) or 'state_dict_ema' not in raw:
+        raise UserError(f'{path} holds no state_dict_ema: not a checkpoint of the authors\' training script')
+    args = raw.get('args')
+    info = dict(in_ch=3, num_classes=1000, img_size=224, mean=tuple(getattr(args, 'mean', IMAGENET_MEAN)),
+                std=tuple(getattr(args, 'std', IMAGENET_STD)))
+    net = build_model(model, act, **info)
+    try:
+        load_timm_state_dict(net, raw['state_dict_ema'])
+    except RuntimeError as e:
+        raise UserError(f'{path} does not fit --model={model}: {" ".join(str(e).split())[:300]}') from None
+    cfg = dataclasses.asdict(Config(objective='official', model=model, act=act, eps=4 / 255, res=224))
+    return dict(config=cfg, data_info=info, epoch=raw.get('epoch'), run='official', version=__version__), net
 
 
 # ---------------------------------------------------------------- processes

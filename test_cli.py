@@ -40,8 +40,10 @@ BAD_CONFIG = {
     'eval_n': ['0'], 'eval_steps': ['0'], 'compile': ['maybe'], 'out': ['HERE/test_cli.py/sub'],
     'overwrite': ['maybe'], 'resume': ['/nonexistent.pt'], 'ckpt_every': ['-1'], 'keep': ['0'],
     'max_bad_steps': ['0'], 'seed': ['-1', 'x', '99999999999'], 'loader': ['dali'], 'res': ['0', '8', '100000'],
-    'workers': ['-1', '1000'], 'init': ['imagenet'], 'fd_h': ['0', '-1', '1'], 'res_start': ['-1', '500'],
-    'mixup': ['-1', 'nan'],
+    'workers': ['-1', '1000'], 'init': ['imagenet', '/nonexistent.pt'], 'fd_h': ['0', '-1', '1'], 'res_start': ['-1', '500'],
+    'mixup': ['-1', 'nan'], 'cutmix': ['-1', 'nan'], 'randaug': ['m9', 'x'], 'reprob': ['-0.1', '1.5', 'nan'],
+    'recipe': ['swinb', 'x'], 'accum': ['0', '-2', '1.5'], 'amp': ['maybe'], 'bn_eval': ['maybe'],
+    'gn_weights': ['0.8', '-1,1', 'a,b', '1,nan'],
 }
 
 
@@ -77,6 +79,8 @@ def test_bad_config_value_is_one_line_error_before_any_work(key, bad, guarded, c
 
 
 @pytest.mark.parametrize('argv', [['--bogus=1'], ['epochs=2'], ['--init=torchvision'],  # init: only for resnet50
+                                  ['--init=pretrained'],  # timm's weights: only for timm's models
+                                  ['--recipe=rn50_gelu_gradnorm'],  # stage 2 without stage 1's checkpoint
                                   ['--res=64', '--res_start=96'], ['--lr=1e-3', '--min_lr=1e-2']])
 def test_bad_combinations_and_spellings(argv, guarded, capsys, tmp_path):
     one_line_error(capsys, T.main, argv + [f'--out={tmp_path / "run"}'])
@@ -100,7 +104,8 @@ BAD_ATTACK = [[], ['--ckpt=/nonexistent.pt'], ['--eps', '-1'], ['--eps', '0'], [
               ['--eps', 'abc'], ['--eps', 'nan'], ['--norm', 'l3'], ['--attacks', 'ce20'], ['--attacks', 'foo-10'],
               ['--attacks', 'ce-0'], ['--steps', '0'], ['--schedule', 'linear'], ['--step-size', '0'],
               ['--step-size', 'nan'], ['--n', '0'], ['--n', '-5'], ['--data', '/nonexistent'],
-              ['--json', '/nonexistent/dir/x.json'], ['--seed', '-1'], ['--compile', 'maybe'], ['--foo']]
+              ['--json', '/nonexistent/dir/x.json'], ['--seed', '-1'], ['--compile', 'maybe'], ['--foo'],
+              ['--model', 'resnet9000'], ['--act', 'tanh'], ['--model', 'swin_base_patch4_window7_224']]  # --model: official only
 
 
 @pytest.mark.parametrize('argv', BAD_ATTACK)

@@ -256,13 +256,15 @@ def test_progressive_resizing_and_mixup(loader, tree, tmp_path_factory):
 
 
 def test_imagenet_recipe_unless_overridden(tree):
+    """ImageNet-like data without --recipe: the paper's headline run (swinb_gradnorm), each value
+    overridable; a --batch_size override rescales lr as the authors' rule (base lr x batch / 512)."""
     cfg = C.parse_config([f'--data={tree[0]}', '--batch_size=256'])
-    assert (cfg.model, cfg.init, cfg.lr, cfg.weight_decay, cfg.warmup_epochs, cfg.min_lr) == \
-        ('resnet50', 'torchvision', 1.25e-3 * 256 / 512, 0.05, 5.0, 1e-5)
-    assert (cfg.smoothing, cfg.ema, cfg.clip, cfg.ramp_epochs, cfg.eps, cfg.res) == (0.1, 0.9998, 1.0, 5.0, 4 / 255, 224)
-    cfg = C.parse_config([f'--data={tree[0]}', '--lr=0.01', '--model=vit_small'])
+    assert (cfg.recipe, cfg.model, cfg.init, cfg.objective, cfg.lr, cfg.weight_decay, cfg.warmup_epochs, cfg.min_lr) == \
+        ('swinb_gradnorm', 'swin_base_patch4_window7_224', 'pretrained', 'gradnorm', 0.625e-3 * 256 / 512, 0.05, 5.0, 1e-5)
+    assert (cfg.smoothing, cfg.ema, cfg.clip, cfg.ramp_epochs, cfg.eps, cfg.res) == (0.1, 0.9998, 0.5, 5.0, 4 / 255, 224)
+    cfg = C.parse_config([f'--data={tree[0]}', '--lr=0.01', '--model=vit_small', '--init='])
     assert (cfg.lr, cfg.model, cfg.init) == (0.01, 'vit_small', '')
-    assert C.parse_config([]).model == 'resnet_demo'  # Fashion-MNIST keeps the demo's defaults
+    assert C.parse_config([]).model == 'resnet_demo' and C.parse_config([]).recipe == ''  # Fashion-MNIST: the demo
 
 
 def test_torchvision_resnet50_loads_strictly():

@@ -22,12 +22,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from attack import pgd_at, robust_accuracy
-from config import (UserError, __version__, checkpoints, cli, load_checkpoint, parse_config, save_checkpoint,
-                    setup_distributed)
+from config import (UserError, __version__, checkpoints, cli, describe_recipe, load_checkpoint, parse_config,
+                    save_checkpoint, setup_distributed)
 from data import make_loaders
 from edge_reg import edge_reg
 from gradnorm import gradnorm, gradnorm_fd, standard
-from models import build_model
+from models import build_model, no_weight_decay, normalization
 
 
 # ---------------------------------------------------------------- the objective, as training runs it
@@ -51,11 +51,14 @@ def memory_format(cfg, device):
     return torch.contiguous_format if second_order else torch.channels_last
 
 
-def objective(cfg, device, compiled=False):
-    """-> fn(model, x, y, t) for the configured objective; t = epochs elapsed (float).
-    Only the objective itself is compiled, and alphas go in as tensors, so nothing recompiles
-    when they change."""
+def objective(cfg, device, compiled=False, norm=None):
+    """-> fn(model, x, y, t) for the configured objective; t = epochs elapsed (float), so both
+    alphas grow within an epoch, as the authors'. norm: the model's (mean, std), where EdgeReg
+    compares. Only the objective itself is compiled, and alphas go in as tensors, so nothing
+    recompiles when they change."""
     a, b, c = map(float, cfg.edge_alpha.split(','))
+    weights = tuple(map(float, cfg.gn_weights.split(',')))
+    mean, std = norm or (None, None)
     scalar = lambda v: torch.tensor(float(v), device=device)
     fd = cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd'
     fn = {'standard': standard, 'gradnorm': gradnorm_fd if fd else gradnorm, 'pgd': pgd_at,
@@ -66,10 +69,10 @@ def objective(cfg, device, compiled=False):
     h = {'h': cfg.fd_h} if fd else {}
     return {
         'standard': lambda m, x, y, t: fn(m, x, y, cfg.smoothing),
-        'gradnorm': lambda m, x, y, t: fn(
-            m, x, y, cfg.eps, scalar(min(t / max(cfg.ramp_epochs, 1e-9), 1.0)), smoothing=cfg.smoothing, **h),
+        'gradnorm': lambda m, x, y, t: fn(m, x, y, cfg.eps, scalar(min(t / max(cfg.ramp_epochs, 1e-9), 1.0)),
+                                          smoothing=cfg.smoothing, weights=weights, **h),
         'pgd': lambda m, x, y, t: fn(m, x, y, cfg.eps, cfg.pgd_steps, cfg.smoothing),
-        'edge': lambda m, x, y, t: fn(m, x, y, scalar(min(a + b * int(t), c)), smoothing=cfg.smoothing),
+        'edge': lambda m, x, y, t: fn(m, x, y, scalar(min(a + b * t, c)), smoothing=cfg.smoothing, mean=mean, std=std),
     }[cfg.objective]
 
 
@@ -152,22 +155,37 @@ def find_resume(cfg, log):
     return None, None
 
 
+def initial_model(cfg, info):
+    """The model before training: random, timm's pretrained weights, torchvision's (the compact
+    resnet50), or the weights of a checkpoint of ours (a recipe's stage 2 starts from stage 1's)."""
+    model = build_model(cfg.model, cfg.act, pretrained=cfg.init == 'pretrained', **info)
+    if cfg.init == 'torchvision':  # torchvision's ImageNet ResNet-50: same parameter names; the activation stays cfg.act
+        if info['num_classes'] != 1000:
+            raise UserError(f'--init={cfg.init} has 1000 classes, the data {info["num_classes"]}: pass --init=')
+        import torchvision
+        model.load_state_dict(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), strict=True)
+    elif cfg.init not in ('', 'pretrained'):
+        old = load_checkpoint(cfg.init)['model']  # the trained weights, not the EMA (the authors' stage 2 too)
+        if old.keys() != model.state_dict().keys() or any(v.shape != model.state_dict()[k].shape for k, v in old.items()):
+            raise UserError(f'--init={cfg.init} holds another model than --model={cfg.model} with this data\'s classes')
+        model.load_state_dict(old)
+    return model
+
+
 def start(cfg, rank, world, device, log):
     """Loaders, model (pretrained or resumed), EMA, optimizer and DDP: everything training needs."""
-    if cfg.batch_size % world:
-        raise UserError(f'--batch_size={cfg.batch_size} does not split over {world} ranks: make it a multiple of {world}')
+    if cfg.batch_size % (world * cfg.accum):
+        raise UserError(f'--batch_size={cfg.batch_size} does not split into {world} ranks x --accum={cfg.accum} '
+                        f'micro-batches: make it a multiple of {world * cfg.accum}')
     if rank == 0:
         claim_out(cfg)
     torch.manual_seed(cfg.seed)
     *loaders, info = make_loaders(cfg, rank, world, device)
     if len(loaders[0]) == 0:
         raise UserError(f'--batch_size={cfg.batch_size} is larger than the training set ({cfg.data}): lower it')
-    model = build_model(cfg.model, cfg.act, **info)
-    if cfg.init:  # torchvision's ImageNet ResNet-50: same parameter names; the activation stays cfg.act
-        if info['num_classes'] != 1000:
-            raise UserError(f'--init={cfg.init} has 1000 classes, the data {info["num_classes"]}: pass --init=')
-        import torchvision
-        model.load_state_dict(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), strict=True)
+    model = initial_model(cfg, info)
+    if device.type == 'cuda' and not cfg.amp:
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 as the paper (cuDNN convolutions: PyTorch's default)
     path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
     if ck:
         old = ck['config']
@@ -177,15 +195,16 @@ def start(cfg, rank, world, device, log):
         model.load_state_dict(ck['model'])
     model = model.to(device, memory_format=memory_format(cfg, device))
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
-    decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on norms and biases
-    rest = [p for p in model.parameters() if p.ndim <= 1]
+    skip = no_weight_decay(model)  # norms, biases, and what the architecture names (timm's Swin: relative positions)
+    decay = [p for n, p in model.named_parameters() if n not in skip]
+    rest = [p for n, p in model.named_parameters() if n in skip]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
                              {'params': rest, 'weight_decay': 0.0}], lr=cfg.lr, fused=device.type == 'cuda')
     compiled = cfg.compile == 'on' or (cfg.compile == 'auto' and device.type == 'cuda')
     if compiled:
         torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
         torch._dynamo.config.optimize_ddp = False       # one graph: DDP syncs after backward
-    net = Step(model, objective(cfg, device, compiled))
+    net = Step(model, objective(cfg, device, compiled, normalization(model)))
     net = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     run = Run(cfg, model, ema, opt, net, loaders, info, (ck or {}).get('run') or secrets.token_hex(4), rank, world, device)
     if ema is not None:
@@ -208,18 +227,34 @@ def resume(run, ck, path, log):
 
 # ---------------------------------------------------------------- one step, one epoch
 
+def micro_steps(run, x, y, t):
+    """Forward and backward of each of the --accum micro-batches; each loss is divided by accum,
+    so the gradient is the global batch's mean whatever the split. DDP syncs on the last one.
+    -> (mean loss, mean terms)"""
+    cfg, n = run.cfg, run.cfg.accum
+    x = x.contiguous(memory_format=memory_format(cfg, run.device))  # the loaders deliver channels_last
+    amp = torch.autocast('cuda', torch.bfloat16) if run.device.type == 'cuda' and cfg.amp else nullcontext()
+    run.opt.zero_grad(set_to_none=True)
+    loss, parts = 0.0, {}
+    for i, (xi, yi) in enumerate(zip(x.chunk(n), y.chunk(n))):
+        xi = xi.detach().requires_grad_(cfg.objective in ('gradnorm', 'edge'))  # a leaf outside any compiled code
+        sync = run.net.no_sync() if run.world > 1 and i < n - 1 else nullcontext()
+        with sync:
+            with amp:
+                li, pi = run.net(xi, yi, t)
+            (li / n).backward()
+        loss = loss + li.detach() / n
+        parts = {k: parts.get(k, 0.0) + v.detach() / n for k, v in pi.items()}
+    return loss, parts
+
+
 def train_step(run, x, y, t, stop):
     """Objective, backward, clipping, AdamW, EMA. A non-finite step is skipped (all ranks agree,
     one all-reduce). -> (terms or None if skipped, whether any rank was asked to stop)"""
     cfg = run.cfg
     for group in run.opt.param_groups:
         group['lr'] = lr_at(cfg, t)
-    x = x.contiguous(memory_format=memory_format(cfg, run.device))  # the loaders deliver channels_last
-    x.requires_grad_(cfg.objective in ('gradnorm', 'edge'))  # a leaf outside any compiled code
-    with torch.autocast('cuda', torch.bfloat16) if run.device.type == 'cuda' else nullcontext():
-        loss, parts = run.net(x, y, t)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss, parts = micro_steps(run, x, y, t)
     grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip)
     flags = torch.tensor([float(bool(stop)), float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))],
                          device=run.device)
@@ -248,7 +283,7 @@ def train_epoch(run, epoch, stop):
     """One pass over this rank's shard (from where a resumed run left off). -> (mean terms, img/s)"""
     train_loader, steps = run.loaders[0], run.steps
     train_loader.set_epoch(epoch)
-    run.net.train()
+    run.net.train(not run.cfg.bn_eval)
     sums, seen, done, t0 = {}, 0, 0, time.time()
     for i, (x, y) in enumerate(train_loader):
         if i < run.step - epoch * steps:  # resuming inside this epoch: same order, skip what was done
@@ -343,6 +378,8 @@ def train(cfg):
     """For each epoch: a pass over the data with the objective, then evaluation and a checkpoint."""
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
+    if cfg.recipe:
+        log(describe_recipe(cfg))
     run, compiled = start(cfg, rank, world, device, log)
     log(f'{cfg.objective} | {cfg.model} {cfg.act} | {sum(p.numel() for p in run.model.parameters()):,} params '
         f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{__version__}'
