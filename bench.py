@@ -4,6 +4,7 @@
     python bench.py step --model=resnet50 --res=224  # on a GPU: bf16 autocast
     python bench.py loader                           # FFCV vs torchvision images/s (make bench-loader)
     python bench.py attack                           # PGD-10 per 1,000 images, eager vs compiled (make bench-attack)
+    python bench.py twice                            # which timm architectures survive a double backward
 step: standard, GradNorm (exact eager, compiled, finite-difference), EdgeReg and PGD-3 adversarial
 training, timed interleaved, medians after warm-up and compile. A step is everything the training
 loop does: objective, backward, clipping, AdamW. Peak memory is torch's allocator peak on CUDA, the
@@ -253,6 +254,56 @@ def bench_attack(args):
           f'compiled {compiled:.2f} s/1000 img (warm-up {warm:.0f} s) | compiled speed-up {eager / compiled:.2f}x')
 
 
+# ---------------------------------------------------------------- timm's models, differentiated twice
+
+# the smallest of each family timm 1.0.31 has (CNNs, ViTs, hybrids, MLPs): one per architecture file
+TWICE = ('resnet18 resnetv2_50 resnext26ts seresnext26d_32x4d res2net50_14w_8s resnest14d skresnet18 efficientnet_b0 '
+         'efficientnetv2_rw_t mobilenetv2_050 mobilenetv3_small_050 mobilenetv4_conv_small mnasnet_small fbnetc_100 '
+         'ghostnet_100 lcnet_050 rexnet_100 regnetx_002 densenet121 dla34 dpn48b vgg11 inception_v3 xception41 '
+         'hrnet_w18_small cspresnet50 darknet17 dm_nfnet_f0 nf_resnet26 repvgg_a0 mobileone_s0 selecsls42 tresnet_m '
+         'vovnet39a ese_vovnet19b_dw hgnetv2_b0 convnext_atto convnextv2_atto inception_next_atto poolformer_s12 '
+         'mambaout_femto starnet_s1 rdnet_tiny fastvit_t8 repvit_m1 efficientvit_b0 efficientformer_l1 edgenext_xx_small '
+         'mobilevit_xxs mobilevitv2_050 levit_128s tiny_vit_5m_224 vit_tiny_patch16_224 deit_tiny_patch16_224 '
+         'eva02_tiny_patch14_224 beit_base_patch16_224 cait_xxs24_224 convit_tiny crossvit_tiny_240 xcit_nano_12_p16_224 '
+         'pit_ti_224 tnt_s_patch16_224 twins_svt_small visformer_tiny nest_tiny volo_d1_224 swin_tiny_patch4_window7_224 '
+         'swinv2_tiny_window8_256 swinv2_cr_tiny_ns_224 gcvit_xxtiny davit_tiny focalnet_tiny_srf maxvit_nano_rw_256 '
+         'coatnet_nano_rw_224 coat_tiny hiera_tiny_224 mixer_s16_224 resmlp_12_224 gmlp_ti16_224 sequencer2d_s '
+         'botnet26t_256 halonet26t lambda_resnet26t gernet_s fasternet_t0 vitamin_small_224 nextvit_small').split()
+
+
+def bench_twice(args):
+    """Build each architecture without weights at a small size and run one exact GradNorm step (the
+    double backward the paper's objectives need): ok, or the first line of the error. Where a model
+    refuses the small size, its own size."""
+    import timm
+    ok, failed = [], []
+    for name in args.models or TWICE:
+        cfg = timm.models.get_pretrained_cfg(name)
+        sizes = [args.res] + ([cfg.input_size[-1]] if cfg and cfg.input_size[-1] != args.res else [])
+        for size in sizes:
+            torch.manual_seed(0)
+            try:
+                model = build_model(f'timm/{name}', 'gelu', num_classes=10, img_size=size)
+            except Exception as e:
+                failed.append((name, f'build: {str(e).splitlines()[0][:150]}'))
+                break
+            x, y = torch.rand(2, 3, size, size), torch.tensor([0, 1])
+            try:
+                model(x)
+            except Exception:
+                continue  # not this size
+            try:
+                gradnorm(model, x, y, 4 / 255, torch.tensor(1.0))[0].backward()
+                ok.append(name)
+            except Exception as e:
+                failed.append((name, str(e).splitlines()[0][:200]))
+            break
+        else:
+            failed.append((name, f'no forward at {sizes} px'))
+        print(f'{name}: {"ok" if ok and ok[-1] == name else failed[-1][1]}', flush=True)
+    print(f'\n{len(ok)} of {len(ok) + len(failed)} differentiate twice; not: ' + '; '.join(f'{n} ({w})' for n, w in failed))
+
+
 def main(argv):
     positive = checked(int, lambda v: v >= 1, 'at least 1')
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,8 +320,13 @@ def main(argv):
     a.add_argument('--batch', type=positive, default=500)
     a.add_argument('--images', type=positive, default=1000)
     a.add_argument('--steps', type=positive, default=10)
+    w = sub.add_parser('twice', help='which timm architectures survive a double backward (CPU)')
+    w.add_argument('--models', nargs='*', default=None, help='timm names (default: one of each family)')
+    w.add_argument('--res', type=checked(int, lambda v: v >= 16, 'at least 16'), default=64)
     args = p.parse_args(argv)
-    if args.cmd == 'step':
+    if args.cmd == 'twice':
+        bench_twice(args)
+    elif args.cmd == 'step':
         bench_step(args)
     elif args.cmd == 'loader':
         bench_loader(args.n, batch=args.batch, workers=args.workers, val_side=args.val_side)

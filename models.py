@@ -198,9 +198,20 @@ def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
     base = timm_name(name)
     cfg = timm.models.get_pretrained_cfg(base)
     kw = dict(img_size=img_size) if cfg and cfg.fixed_input_size else {}
-    model = timm.create_model(base, pretrained=pretrained, num_classes=num_classes, in_chans=in_ch,
-                              drop_rate=0.0, drop_path_rate=0.0, **kw)
+    kw.update(num_classes=num_classes, in_chans=in_ch, drop_rate=0.0, drop_path_rate=0.0)
+    try:
+        model = timm.create_model(base, pretrained=pretrained, **kw)
+    except TypeError as e:  # an architecture without stochastic depth (VGG, DenseNet, ...) refuses the argument
+        if 'drop_path_rate' not in str(e):
+            raise
+        del kw['drop_path_rate']
+        model = timm.create_model(base, pretrained=pretrained, **kw)
     set_activation(model, act)
+    from timm.layers.activations import HardSigmoid
+    for module in list(model.modules()):  # squeeze-excite gates (MobileNetV3, GhostNet, LCNet, ...)
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Hardsigmoid):  # the same function: aten's hardsigmoid backward has no derivative
+                setattr(module, child_name, HardSigmoid())  # relu6(x + 3) / 6, twice differentiable
     mean = mean or (cfg.mean if cfg else IMAGENET_MEAN)[:in_ch]
     return TimmModel(model, mean, std or (cfg.std if cfg else IMAGENET_STD)[:in_ch])
 
