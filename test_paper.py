@@ -4,6 +4,7 @@ formulas, the recipes against the numbers of their configs, their released check
 `make train-gradnorm RECIPE=swinb_gradnorm` end to end on the CPU. No network: timm's weights
 come from a Hugging Face cache written here."""
 import argparse
+import json
 import math
 import os
 import re
@@ -358,7 +359,6 @@ def test_make_eval_of_an_official_resnet50(tmp_path):
     r = make('eval', f'CKPT=official:{tmp_path / "rn50_gelu.pth.tar"}', 'MODEL=timm/resnet50', f'DATA={data}',
              f'ARGS=--n 6 --attacks ce-1 --no-checks --json {tmp_path / "eval.json"}')
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    import json
     result = json.load(open(tmp_path / 'eval.json'))
     assert (result['model'], result['weights'], result['n'], result['objective']) == ('timm/resnet50', 'ema', 6, 'official')
     assert result['clean'] == 0.5 and result['robust']['4/255']['worst'] == 0.5
