@@ -107,7 +107,7 @@ class Config:
     cutmix: float = 0.0           # CutMix alpha; with --mixup too, one of the two per batch (p=0.5); 0 = off
     randaug: str = ''             # RandAugment, timm's spec, e.g. rand-m9-mstd0.5-inc1; '' = off
     reprob: float = 0.0           # random-erasing probability per image (timm's RandomErasing, pixel mode)
-    recipe: str = ''              # one of the paper's runs (RECIPES); '' = the demo, or swinb_gradnorm on ImageNet
+    recipe: str = ''              # one of the paper's runs (RECIPES); unset: swinb_gradnorm on ImageNet-like data
     accum: int = 1                # micro-batches per optimizer step (gradient accumulation); batch_size stays global
     amp: bool = True              # bf16 autocast on CUDA; off: float32, no TF32 matmuls (the paper's runs)
     bn_eval: bool = False         # train in eval mode (BatchNorm keeps its running stats), as the authors' script
@@ -279,8 +279,8 @@ def parse_config(argv):
             raise UserError(f'unknown option --{key}; known: ' + ' '.join(fields))
         given[key] = _convert(key, val, type(getattr(cfg, key)))
     cfg = dataclasses.replace(cfg, **given)
-    if not cfg.recipe and os.path.isdir(cfg.data) and data_kind(cfg.data) != 'fashion':
-        cfg.recipe = IMAGENET_DEFAULT
+    if 'recipe' not in given and os.path.isdir(cfg.data) and data_kind(cfg.data) != 'fashion':
+        cfg.recipe = IMAGENET_DEFAULT  # --recipe= (empty) keeps the plain defaults
     if cfg.recipe in RECIPES:
         cfg = apply_recipe(cfg, given)
     if not cfg.out:

@@ -220,7 +220,7 @@ def test_two_writers_of_one_beton(tmp_path):
 
 @needs_ffcv
 def test_make_loaders_on_betons(betons):
-    cfg = C.parse_config([f'--data={betons[0]}', '--batch_size=4', '--res=64', '--eval_n=5', '--workers=2'])
+    cfg = C.parse_config([f'--data={betons[0]}', '--recipe=', '--batch_size=4', '--res=64', '--eval_n=5', '--workers=2'])
     train, val, robust_val, info = D.make_loaders(cfg, 0, 1, CPU)
     assert info == dict(in_ch=3, num_classes=3, img_size=64)  # the models' default normalization: ImageNet's
     assert sum(len(y) for _, y in val) == 9 and sum(len(y) for _, y in robust_val) == 5
@@ -265,6 +265,7 @@ def test_imagenet_recipe_unless_overridden(tree):
     cfg = C.parse_config([f'--data={tree[0]}', '--lr=0.01', '--model=vit_small', '--init='])
     assert (cfg.lr, cfg.model, cfg.init) == (0.01, 'vit_small', '')
     assert C.parse_config([]).model == 'resnet_demo' and C.parse_config([]).recipe == ''  # Fashion-MNIST: the demo
+    assert C.parse_config([f'--data={tree[0]}', '--recipe=']).model == 'resnet_demo'  # --recipe= : plain defaults
 
 
 def test_torchvision_resnet50_loads_strictly():

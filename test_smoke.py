@@ -204,7 +204,7 @@ def test_torchrun_two_ranks_stay_identical(tiny_data, tmp_path):
     out = tmp_path / 'ddp'
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     r = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2', str(script),
-                        *train_args(tiny_data, out, '--epochs=1')[1:]],
+                        *train_args(tiny_data, out, '--epochs=1', '--accum=2')[1:]],  # DDP's no_sync on the first half
                        cwd=HERE, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     # parameters, not BatchNorm's running stats: DDP broadcasts those from rank 0 before each
