@@ -10,6 +10,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 import sys
 
 import torch
@@ -103,14 +104,17 @@ class Config:
     init: str = ''                # '' | torchvision: start from torchvision's pretrained weights
     fd_h: float = 1e-3            # finite-difference step of --gradnorm_impl=fd (pixel units)
     res_start: int = 0            # progressive resizing: train res ramps res_start -> res (0 = off)
-    mixup: float = 0.0            # Mixup/CutMix alpha (one of the two per batch), 0 = off
+    mixup: float = 0.0            # Mixup alpha; with --cutmix too, one of the two per batch (p=0.5); 0 = off
+    cutmix: float = 0.0           # CutMix alpha; with --mixup too, one of the two per batch (p=0.5); 0 = off
+    randaug: str = ''             # RandAugment, timm's spec, e.g. rand-m9-mstd0.5-inc1; '' = off
+    reprob: float = 0.0           # random-erasing probability per image (timm's RandomErasing, pixel mode)
 
 
 # The paper's ImageNet recipe: the defaults when --data is ImageNet (.beton files or an ImageFolder).
 # epochs and batch_size are this repo's choice (the recipe scales lr with the global batch).
 IMAGENET_RECIPE = dict(model='resnet50', epochs=100, batch_size=1024, weight_decay=0.05, warmup_epochs=5.0,
                        min_lr=1e-5, smoothing=0.1, ema=0.9998, clip=1.0, ramp_epochs=5.0, eps=4 / 255, res=224,
-                       eval_n=5000)
+                       eval_n=5000, randaug='rand-m9-mstd0.5-inc1', reprob=0.25)
 
 finite = lambda v: math.isfinite(v)
 # field -> (test, what a good value is); every field of Config has a line
@@ -149,7 +153,11 @@ RULES = {
     'init': (lambda v: v in ('', 'torchvision'), "'' (random) or torchvision"),
     'fd_h': (lambda v: 0 < v <= 0.1, 'in (0, 0.1] (pixel units)'),
     'res_start': (lambda v: v >= 0, '0 (off) or a resolution <= --res'),
-    'mixup': (lambda v: finite(v) and v >= 0, 'a finite number >= 0 (0: off)'),
+    'mixup': (lambda v: finite(v) and v >= 0, "Mixup's alpha, a finite number >= 0 (0: off)"),
+    'cutmix': (lambda v: finite(v) and v >= 0, "CutMix's alpha, a finite number >= 0 (0: off)"),
+    'randaug': (lambda v: _randaug_spec(v), "'' (off) or timm's RandAugment spec: rand-m9-mstd0.5-inc1, "
+                                            "sections m, n, inc (integers), p, mstd"),
+    'reprob': (lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
 }
 assert set(RULES) == {f.name for f in dataclasses.fields(Config)}, 'every Config field needs a rule'
 
@@ -160,6 +168,25 @@ def _floats(text, n):
     except ValueError:
         return False
     return len(vals) == n and all(map(math.isfinite, vals))
+
+
+def _randaug_spec(text):
+    """'' or a spec timm's rand_augment_transform accepts. Its numeric sections only (timm skips a
+    section without digits silently, so a typo would go unnoticed), and no mmax (augment.randaug_transform
+    caps the magnitude)."""
+    if text == '':
+        return True
+    if not re.fullmatch(r'rand(-(m|n|inc)\d+|-(p|mstd)\d+(\.\d+)?)*', text):
+        return False
+    try:
+        from timm.data.auto_augment import rand_augment_transform
+    except ImportError:
+        raise UserError(f'--randaug={text} needs timm: pip install timm==1.0.31') from None
+    try:
+        rand_augment_transform(text, {})
+    except (AssertionError, ValueError):
+        return False
+    return True
 
 
 def _convert(key, val, kind):

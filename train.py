@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from attack import pgd_at, robust_accuracy
+from augment import STEP, rand_u32
 from config import (UserError, __version__, checkpoints, cli, load_checkpoint, parse_config, save_checkpoint,
                     setup_distributed)
 from data import make_loaders
@@ -190,7 +191,6 @@ def start(cfg, rank, world, device, log):
     run = Run(cfg, model, ema, opt, net, loaders, info, (ck or {}).get('run') or secrets.token_hex(4), rank, world, device)
     if ema is not None:
         run.ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
-    torch.manual_seed(cfg.seed + rank)  # PGD starts, EdgeReg's sampled classes: differ across ranks
     if ck:
         resume(run, ck, path, log)
     return run, compiled
@@ -201,8 +201,6 @@ def resume(run, ck, path, log):
     if run.ema is not None and ck['ema'] is not None:
         run.ema.load_state_dict(ck['ema'])
     run.step = ck['step']
-    if run.rank == 0:
-        torch.set_rng_state(ck['rng'])
     log(f'resumed from {path} at epoch {run.step // run.steps} step {run.step % run.steps}')
 
 
@@ -216,6 +214,9 @@ def train_step(run, x, y, t, stop):
         group['lr'] = lr_at(cfg, t)
     x = x.contiguous(memory_format=memory_format(cfg, run.device))  # the loaders deliver channels_last
     x.requires_grad_(cfg.objective in ('gradnorm', 'edge'))  # a leaf outside any compiled code
+    # PGD starts, EdgeReg's sampled classes: a function of (seed, step, rank), so a resumed run (any
+    # rank) draws what the uninterrupted one drew, with no generator state to save
+    torch.manual_seed(rand_u32(cfg.seed, run.step, run.rank, STEP))
     with torch.autocast('cuda', torch.bfloat16) if run.device.type == 'cuda' else nullcontext():
         loss, parts = run.net(x, y, t)
     run.opt.zero_grad(set_to_none=True)
@@ -298,7 +299,7 @@ def save(run):
     path = os.path.join(cfg.out, f'ckpt-{run.step:08d}-{run.run_id}.pt')
     save_checkpoint(path, dict(
         model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None, optimizer=run.opt.state_dict(),
-        step=run.step, epoch=run.step // run.steps, rng=torch.get_rng_state(), config=dataclasses.asdict(cfg),
+        step=run.step, epoch=run.step // run.steps, config=dataclasses.asdict(cfg),
         data_info=run.info, run=run.run_id, version=__version__))
     latest = os.path.join(cfg.out, 'ckpt.pt')
     with suppress(FileNotFoundError):
