@@ -414,12 +414,15 @@ def randaug():
 
 
 @needs_ffcv
-def test_ffcv_crops_flips_randaug_reproducible_for_any_thread_count(betons, randaug):
+def test_ffcv_crops_flips_randaug_erasing_reproducible_for_any_thread_count(betons, randaug):
     """Photos: random-resized crop + flip (+ RandAugment) from (seed, epoch, index): two loaders, 1
-    and 2 threads, the same batches for two epochs; epochs differ; RandAugment changes most images."""
+    and 2 threads, the same batches for two epochs; epochs differ; RandAugment changes most images,
+    and so does random erasing on the batch, the same way every time."""
+    import augment as A
     path = str(betons[0] / 'train.beton')
     make = lambda w, ra: D.ffcv_loader(path, 4, CPU, True, 64, workers=w, seed=3, randaug=ra)
-    one, two, plain = epochs_of(make(1, randaug)), epochs_of(make(2, randaug)), epochs_of(make(2, None))
+    plain_loader = make(2, None)
+    one, two, plain = epochs_of(make(1, randaug)), epochs_of(make(2, randaug)), epochs_of(plain_loader)
     for e in (0, 1):
         assert same(one[e], two[e]), e
         assert torch.equal(one[e][1], plain[e][1])  # the same images in the same order
@@ -427,6 +430,9 @@ def test_ffcv_crops_flips_randaug_reproducible_for_any_thread_count(betons, rand
     changed = (one[0][0] != plain[0][0]).flatten(1).any(1)
     assert changed.float().mean() >= 0.5, changed  # 2 ops at p=0.5 each: 3 in 4 images on average
     check_batch(one[0][0], one[0][1], 64)
+    plain_loader.augment = A.BatchAugment(3, 0, 3, M.IMAGENET_MEAN, M.IMAGENET_STD, reprob=1.0)
+    erased, again = epochs_of(plain_loader, (0,)), epochs_of(plain_loader, (0,))
+    assert same(erased[0], again[0]) and (erased[0][0] != plain[0][0]).flatten(1).any(1).all()
 
 
 def test_torchvision_crops_flips_randaug_erasing_reproducible(tree, randaug):

@@ -53,16 +53,18 @@ def kill_and_resume(command, full, cut, kill_at, env=None):
 
 
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny_data, tmp_path):
-    """The in-memory demo (--loader=torchvision), with RandAugment, random erasing and Mixup/CutMix."""
-    full, cut = tmp_path / 'full', tmp_path / 'cut'
+    """The in-memory demo (--loader=torchvision), with RandAugment, random erasing and Mixup/CutMix.
+    One torch thread per process: two processes side by side on two cores, each with two OpenMP
+    threads spinning at barriers, run ~10x slower."""
+    full, cut, env = tmp_path / 'full', tmp_path / 'cut', dict(os.environ, OMP_NUM_THREADS='1')
     aug = ['--randaug=rand-m9-mstd0.5-inc1', '--reprob=0.25', '--mixup=0.8', '--cutmix=1.0']
     steps = kill_and_resume(lambda out, *extra: [sys.executable, *train_args(tiny_data, out, *aug, *extra)],
-                            full, cut, 10)
+                            full, cut, 10, env)
     assert 10 <= steps[-1] < 16  # killed inside epoch 1
     newest = sorted(cut.glob('ckpt-*.pt'))[-1]
     newest.write_bytes(newest.read_bytes()[:1000])  # and the newest file is truncated, as by a dying disk
 
-    r = run(train_args(tiny_data, cut, *aug, '--resume=auto'))
+    r = run(train_args(tiny_data, cut, *aug, '--resume=auto'), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'skipping cannot load checkpoint {str(newest)!r}' in r.stdout
     step = int(r.stdout.split('at epoch 1 step ')[1].split()[0])
