@@ -3,6 +3,7 @@
     python bench.py step                             # a training step of every objective (make bench)
     python bench.py step --model=resnet50 --res=224  # on a GPU: bf16 autocast
     python bench.py loader                           # FFCV vs torchvision images/s (make bench-loader)
+    python bench.py loader --randaug=rand-m9-mstd0.5-inc1 --reprob=0.25  # with the ImageNet recipe's augmentations
     python bench.py attack                           # PGD-10 per 1,000 images, eager vs compiled (make bench-attack)
     python bench.py twice                            # which timm architectures survive a double backward
 step: standard, GradNorm (exact eager, compiled, finite-difference), EdgeReg and PGD-3 adversarial
@@ -28,11 +29,12 @@ import torch.nn as nn
 from PIL import Image
 
 from attack import pgd, pgd_at
-from config import ArgumentParser, Config, checked, cli
+from augment import BatchAugment, randaug_transform
+from config import RULES, ArgumentParser, Config, checked, cli
 from data import FASHION_MEAN, FASHION_STD, VAL_SIDE, ffcv_loader, need_ffcv, torchvision_loader, write_beton
 from edge_reg import edge_reg
 from gradnorm import gradnorm, gradnorm_fd, standard
-from models import build_model
+from models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from train import memory_format
 
 LIBC = ctypes.CDLL(None)
@@ -201,17 +203,24 @@ def photo_folder(root, per_class=8, classes=4, sizes=((500, 375), (375, 500), (5
     return root
 
 
-def bench_loader(n=512, res=224, batch=64, workers=2, rounds=5, val_side=VAL_SIDE):
-    """Same JPEG files, crops, resolution, batch size and worker count; side by side, alternating."""
+def bench_loader(n=512, res=224, batch=64, workers=2, rounds=5, val_side=VAL_SIDE, randaug='', reprob=0.0):
+    """Same JPEG files, crops, augmentations, resolution, batch size and worker count; side by side,
+    alternating. randaug, reprob: as train.py's --randaug, --reprob (training loaders only)."""
     need_ffcv()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         photo_folder(tmp, per_class=n // 4)
         write_beton(tmp, os.path.join(tmp, 'beton'), workers=workers, val_side=val_side)
-        for train, what in ((True, 'random-resized crop + flip'), (False, 'center crop 224/256')):
+        aug = dict(randaug=randaug_transform(randaug, res, IMAGENET_MEAN) if randaug else None,
+                   augment=BatchAugment(0, 0, 4, IMAGENET_MEAN, IMAGENET_STD, reprob) or None)
+        train_what = 'random-resized crop + flip' + (f' + {randaug}' if randaug else '') + (
+            f' + erasing {reprob}' if reprob else '')
+        for train, what in ((True, train_what), (False, 'center crop 224/256')):
             split = 'train' if train else 'val'
-            loaders = {'ffcv': ffcv_loader(f'{tmp}/beton/{split}.beton', batch, 'cpu', train, res, workers=workers),
-                       'torchvision': torchvision_loader(f'{tmp}/{split}', batch, 'cpu', train, res, workers=workers)}
+            kw = aug if train else {}
+            loaders = {'ffcv': ffcv_loader(f'{tmp}/beton/{split}.beton', batch, 'cpu', train, res, workers=workers, **kw),
+                       'torchvision': torchvision_loader(f'{tmp}/{split}', batch, 'cpu', train, res, workers=workers,
+                                                         **kw)}
             best = {}
             for r in range(rounds + 1):  # round 0: numba compilation, worker start-up
                 for name, loader in loaders.items():
@@ -315,6 +324,10 @@ def main(argv):
     b.add_argument('--batch', type=positive, default=64)
     b.add_argument('--val-side', type=checked(int, lambda v: v == 0 or v >= 32, '0 or at least 32'), default=VAL_SIDE,
                    help='as for data.py write (0: val stored like train)')
+    b.add_argument('--randaug', type=checked(str, *RULES['randaug']), default='',
+                   help="timm's RandAugment on both training loaders, e.g. rand-m9-mstd0.5-inc1 (train.py's --randaug)")
+    b.add_argument('--reprob', type=checked(float, lambda v: 0 <= v <= 1, 'in [0, 1]'), default=0.0,
+                   help="random erasing on both training loaders' batches (train.py's --reprob)")
     a = sub.add_parser('attack', help='PGD seconds per 1,000 images, eager vs compiled')
     a.add_argument('--model', default='resnet_demo')
     a.add_argument('--batch', type=positive, default=500)
@@ -329,7 +342,8 @@ def main(argv):
     elif args.cmd == 'step':
         bench_step(args)
     elif args.cmd == 'loader':
-        bench_loader(args.n, batch=args.batch, workers=args.workers, val_side=args.val_side)
+        bench_loader(args.n, batch=args.batch, workers=args.workers, val_side=args.val_side, randaug=args.randaug,
+                     reprob=args.reprob)
     else:
         bench_attack(args)
 

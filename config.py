@@ -10,6 +10,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 import sys
 
 import torch
@@ -103,7 +104,7 @@ class Config:
     init: str = ''                # '' (random) | pretrained: timm's weights | torchvision: the compact resnet50's | a checkpoint of ours
     fd_h: float = 1e-3            # finite-difference step of --gradnorm_impl=fd (pixel units)
     res_start: int = 0            # progressive resizing: train res ramps res_start -> res (0 = off)
-    mixup: float = 0.0            # Mixup/CutMix alpha (one of the two per batch), 0 = off
+    mixup: float = 0.0            # Mixup alpha; with --cutmix too, one of the two per batch (p=0.5); 0 = off
     cutmix: float = 0.0           # CutMix alpha; with --mixup too, one of the two per batch (p=0.5); 0 = off
     randaug: str = ''             # RandAugment, timm's spec, e.g. rand-m9-mstd0.5-inc1; '' = off
     reprob: float = 0.0           # random-erasing probability per image (timm's RandomErasing, pixel mode)
@@ -186,10 +187,11 @@ RULES = {
              "'' (random), pretrained, torchvision or a checkpoint file (for a recipe's stage 2: run its stage 1 first)"),
     'fd_h': (lambda v: 0 < v <= 0.1, 'in (0, 0.1] (pixel units)'),
     'res_start': (lambda v: v >= 0, '0 (off) or a resolution <= --res'),
-    'mixup': (lambda v: finite(v) and v >= 0, 'a finite number >= 0 (0: off)'),
-    'cutmix': (lambda v: finite(v) and v >= 0, 'a finite number >= 0 (0: off)'),
-    'randaug': (lambda v: v == '' or v.startswith('rand-'), "'' (off) or timm's RandAugment spec, e.g. rand-m9-mstd0.5-inc1"),
-    'reprob': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'mixup': (lambda v: finite(v) and v >= 0, "Mixup's alpha, a finite number >= 0 (0: off)"),
+    'cutmix': (lambda v: finite(v) and v >= 0, "CutMix's alpha, a finite number >= 0 (0: off)"),
+    'randaug': (lambda v: _randaug_spec(v), "'' (off) or timm's RandAugment spec: rand-m9-mstd0.5-inc1, "
+                                            "sections m, n, inc (integers), p, mstd"),
+    'reprob': (lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
     'recipe': (lambda v: v == '' or v in RECIPES, "'' or one of " + ', '.join(RECIPES)),
     'accum': (lambda v: 1 <= v <= 4096, 'at least 1 (and batch_size a multiple of ranks x accum)'),
     'amp': (lambda v: True, 'true or false'),
@@ -205,6 +207,25 @@ def _floats(text, n):
     except ValueError:
         return False
     return len(vals) == n and all(map(math.isfinite, vals))
+
+
+def _randaug_spec(text):
+    """'' or a spec timm's rand_augment_transform accepts. Its numeric sections only (timm skips a
+    section without digits silently, so a typo would go unnoticed), and no mmax (augment.randaug_transform
+    caps the magnitude)."""
+    if text == '':
+        return True
+    if not re.fullmatch(r'rand(-(m|n|inc)\d+|-(p|mstd)\d+(\.\d+)?)*', text):
+        return False
+    try:
+        from timm.data.auto_augment import rand_augment_transform
+    except ImportError:
+        raise UserError(f'--randaug={text} needs timm: pip install timm==1.0.31') from None
+    try:
+        rand_augment_transform(text, {})
+    except (AssertionError, ValueError):
+        return False
+    return True
 
 
 def _convert(key, val, kind):

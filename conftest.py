@@ -24,3 +24,9 @@ def tiny_data(tmp_path_factory):
                     ('t10k-images-idx3-ubyte', xte[:256, 0]), ('t10k-labels-idx1-ubyte', yte[:256])]:
         write_idx(d / f'{name}.gz', t.to(torch.uint8))
     return str(d)
+
+
+def pytest_configure(config):
+    # ffcv_ops filters this at import, but pytest puts every test's warning filters back afterwards;
+    # by message only: naming numba's category would import numba before data.py configures it
+    config.addinivalue_line('filterwarnings', "ignore:Code running in object mode won't allow parallel execution")

@@ -1,9 +1,11 @@
 """Data: ImageFolder -> FFCV .beton files, and the loaders that feed train.py.
 
     python data.py write /path/to/imagenet /path/to/betons   # train.beton, val.beton (make beton)
-Every loader yields (x, y): x float in [0,1] on the device, channels_last; y int64 (soft labels
-when mixup is on). `--data` is a Fashion-MNIST IDX folder (the demo, cached once as .beton), a
-folder with train.beton + val.beton, or an ImageFolder (train/<class>/*, val/<class>/*).
+Every loader yields (x, y): x float in [0,1] on the device, channels_last (random erasing's noise,
+--reprob, goes outside); y int64 (soft labels with --mixup or --cutmix). Training augmentations are a
+function of (seed, epoch, sample) only (augment.py, ffcv_ops.py). `--data` is a Fashion-MNIST IDX
+folder (the demo, cached once as .beton), a folder with train.beton + val.beton, or an ImageFolder
+(train/<class>/*, val/<class>/*).
 """
 import argparse
 import functools
@@ -24,7 +26,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from augment import FLIP, BatchAugment, crop_params, rand_u32, randaug_image, randaug_transform, uniform
 from config import ArgumentParser, UserError, checked, cli, data_kind
+from models import IMAGENET_MEAN, IMAGENET_STD
 
 INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev libopencv-dev; '
                 'pip install ffcv==1.0.2), or pass --loader=torchvision')
@@ -84,11 +88,12 @@ def load_fashion_mnist(root):
 
 class TensorLoader:
     """In-memory uint8 images -> float batches in [0,1] on the device. Each rank reads its own
-    shard of an order that changes every epoch and is reproducible from the seed. The Fashion-MNIST
-    path when FFCV is not installed (or with --loader=torchvision)."""
+    shard of an order that changes every epoch and is reproducible from the seed; flips (and
+    RandAugment) from augment.py's (seed, epoch, index) rule. The Fashion-MNIST path when FFCV is
+    not installed (or with --loader=torchvision)."""
 
-    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world=1):
-        self.images, self.labels, self.train, self.seed = images, labels, train, seed
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world=1, randaug=None):
+        self.images, self.labels, self.train, self.seed, self.randaug = images, labels, train, seed, randaug
         self.device, self.rank, self.world = device, rank, world
         self.batch = batch_size // world if train else batch_size
         self.epoch = 0
@@ -100,6 +105,12 @@ class TensorLoader:
         per_rank = len(self.labels) // self.world if self.train else -(-len(self.labels) // self.world)
         return per_rank // self.batch if self.train else -(-per_rank // self.batch)
 
+    def augment(self, images, j):
+        """uint8 (B, 1, H, W), their indices -> through RandAugment (as RGB, one channel kept, as FFCV's path)"""
+        rgb = np.repeat(images[:, 0, :, :, None].numpy(), 3, axis=3)
+        return torch.stack([torch.from_numpy(randaug_image(self.randaug, im, self.seed, self.epoch, int(i))[:, :, :1])
+                            for im, i in zip(rgb, j)]).permute(0, 3, 1, 2)
+
     def __iter__(self):
         n = len(self.labels)
         if self.train:  # drop_last: a new batch shape would make torch.compile recompile
@@ -109,10 +120,12 @@ class TensorLoader:
             idx = torch.arange(self.rank, n, self.world)
         for i in range(len(self)):
             j = idx[i * self.batch:(i + 1) * self.batch]
-            x = self.images[j].to(self.device, non_blocking=True).float().div_(255)
-            if self.train:  # random horizontal flip
-                flip = torch.rand(len(j), generator=g) < 0.5
-                x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
+            x = self.images[j]
+            if self.train:  # flip, then RandAugment, as FFCV's path and timm order them
+                flip = rand_u32(self.seed, self.epoch, j, FLIP) < 2 ** 31  # = uniform(...) < 0.5, in integers
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+                x = self.augment(x, j) if self.randaug else x
+            x = x.to(self.device, non_blocking=True).float().div_(255)
             yield x.contiguous(memory_format=torch.channels_last), self.labels[j].to(self.device)
 
 
@@ -254,27 +267,30 @@ def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None, 
 class Batches:
     """(uint8 or [0,1] float NCHW, labels) batches -> x float in [0,1] on the device, channels_last
     (what GPUs and first-order steps want; double-backward objectives convert, gradnorm.memory_format),
-    y int64; optional Mixup/CutMix on the device batch. set_epoch fixes the order (and resolution).
-    From FFCV on the CPU, x is its reused buffer: valid until the next batch is drawn."""
+    y int64; then augment (random erasing, Mixup/CutMix: augment.BatchAugment) on the device batch.
+    set_epoch fixes the order (and resolution). From FFCV on the CPU, x is its reused buffer: valid
+    until the next batch is drawn."""
 
-    def __init__(self, loader, device, set_epoch, channels=3, mix=None):
-        self.loader, self.device, self._set_epoch, self.channels, self.mix = loader, device, set_epoch, channels, mix
+    def __init__(self, loader, device, set_epoch, channels=3, augment=None):
+        self.loader, self.device, self._set_epoch, self.channels = loader, device, set_epoch, channels
+        self.augment, self.epoch = augment or None, 0
 
     def set_epoch(self, epoch):
+        self.epoch = epoch
         self._set_epoch(epoch)
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:
+        for i, (x, y) in enumerate(self.loader):
             # the layout first, while the pixels are 1-byte; uint8 / 255 makes float32 in one pass
             x = x[:, :self.channels].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             x = x.div(255) if x.dtype == torch.uint8 else x
             # FFCV reuses its output buffers: copy the labels
             y = y.to(self.device, non_blocking=True).view(-1).to(torch.int64, copy=True)
-            if self.mix:
-                x, y = self.mix(x, y)
+            if self.augment:
+                x, y = self.augment(x, y, self.epoch, i)
             yield x, y
 
 
@@ -295,29 +311,33 @@ def beton_labels(path):
 
 
 def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, world=1, seed=0, workers=2,
-                os_cache=True, drop_last=None, indices=None, res_start=0, epochs=1, channels=3, mix=None):
-    """train: random-resized crop + flip, shuffled (DDP: each rank its shard, distributed=True);
-    val: center crop (VAL_RATIO), in order, each rank every world-th of indices (default: all).
-    crop=False decodes fixed-size images as stored."""
+                os_cache=True, drop_last=None, indices=None, res_start=0, epochs=1, channels=3, randaug=None,
+                augment=None):
+    """train: random-resized crop + flip (+ randaug, a PIL transform), each a function of (seed, epoch,
+    image index) (ffcv_ops.py), shuffled (DDP: each rank its shard, distributed=True); val: center
+    crop (VAL_RATIO), in order, each rank every world-th of indices (default: all). crop=False decodes
+    fixed-size images as stored. augment: on the device batch (Batches)."""
     need_ffcv()
-    from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder,
-                                      SimpleRGBImageDecoder)
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+    from ffcv_ops import RandAugment, Seeded, SeededFlip, SeededRandomResizedCrop
     if not crop:
         decoder = SimpleRGBImageDecoder()
     elif train:
-        decoder = RandomResizedCropRGBImageDecoder((res, res))
+        decoder = SeededRandomResizedCrop((res, res), seed)
     else:
         decoder = CenterCropRGBImageDecoder((res, res), VAL_RATIO)
+    augs = ([SeededFlip(seed)] + ([RandAugment(randaug, seed)] if randaug is not None else [])) if train else []
     device = torch.device(device)
     # GPU: uint8 batches go to the device and become float there (a quarter of the bytes to copy).
     # CPU: no copy; (x - 0) / 255 in FFCV's threads, into buffers it reuses (a fresh 38 MB tensor per
-    # batch costs more in page faults than the arithmetic). numba ops come before ToTensor: after it,
-    # on the CPU the loader spins forever.
-    on_device = ([NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32), ToTensor()] if device.type == 'cpu'
-                 else [ToTensor(), ToDevice(device, non_blocking=True)])
-    image = [decoder] + ([RandomHorizontalFlip()] if train else []) + on_device + [ToTorchImage(channels_last=True)]
+    # batch costs more in page faults than the arithmetic). Compiled (numba) ops must all come before
+    # the Python ones (RandAugment, ToTensor): FFCV 1.0.2 loops forever grouping a compiled op that
+    # follows a Python one (graph.group_operations). So with RandAugment, Batches converts to float.
+    on_device = ([NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32), ToTensor()]
+                 if device.type == 'cpu' and randaug is None else [ToTensor(), ToDevice(device, non_blocking=True)])
+    image = [decoder] + augs + on_device + [ToTorchImage(channels_last=True)]
     label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
     if not train:  # not distributed=True: DistributedSampler pads with repeats, which would bias accuracy
@@ -326,13 +346,16 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
     loader = Loader(path, batch_size, num_workers=workers, os_cache=os_cache, order=order, seed=seed,
                     distributed=train and world > 1, indices=indices, drop_last=train if drop_last is None else drop_last,
                     pipelines={'image': image, 'label': label}, recompile=bool(res_start))
+    seeded = [op for op in [decoder] + augs if isinstance(op, Seeded)]
 
     def set_epoch(epoch):
         loader.next_epoch = epoch  # FFCV's order is a function of seed + epoch
+        for op in seeded:
+            op.epoch = epoch
         if crop and train:
             r = res_at(epoch, res, res_start, epochs)
             decoder.output_size = (r, r)
-    return Batches(loader, device, set_epoch, channels, mix)
+    return Batches(loader, device, set_epoch, channels, augment)
 
 
 def center_crop(im, res):
@@ -349,7 +372,8 @@ def center_crop(im, res):
 
 class _Folder:
     """torchvision's ImageFolder, with load_rgb's conversions; an undecodable file is reported and
-    the next image is used in its place (the FFCV writer drops such files instead)."""
+    the next image is used in its place (the FFCV writer drops such files instead). Items are
+    indices, or (index, epoch) from _EpochSampler: transform(image, epoch, index)."""
 
     def __init__(self, folder, transform, classes=None):
         self.classes, self.samples = list_images(folder, classes)
@@ -358,39 +382,73 @@ class _Folder:
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
         for k in range(len(self.samples)):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
-                return self.transform(load_rgb(path)), label
+                return self.transform(load_rgb(path), epoch, i), label
             except Exception as e:
                 warn(f'cannot decode {path} ({type(e).__name__}: {e}); using the next image in its place')
         raise UserError(f'no image in {self.root!r} can be decoded')
 
 
+class _EpochSampler:
+    """DistributedSampler's shard and order, each index paired with the epoch: the workers' copies of
+    the dataset learn the epoch from what they are asked for, so persistent workers work too."""
+
+    def __init__(self, dataset, world, rank, seed):
+        from torch.utils.data import DistributedSampler
+        self.sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return ((i, self.sampler.epoch) for i in self.sampler)
+
+
+class _TrainTransform:
+    """PIL image -> uint8 CHW tensor: random-resized crop (bilinear, as T.RandomResizedCrop), flip and
+    RandAugment, each a function of (seed, epoch, index) by the rules FFCV's path uses (augment.py)."""
+
+    def __init__(self, res, res_start, epochs, seed, randaug):
+        self.res, self.res_start, self.epochs, self.seed, self.randaug = res, res_start, epochs, seed, randaug
+
+    def __call__(self, im, epoch, i):
+        from torchvision.transforms.functional import hflip, resized_crop
+        r = res_at(epoch, self.res, self.res_start, self.epochs)
+        top, left, h, w = crop_params(im.height, im.width, self.seed, epoch, i)
+        im = resized_crop(im, top, left, h, w, [r, r], antialias=True)
+        if uniform(self.seed, epoch, i, FLIP) < 0.5:
+            im = hflip(im)
+        x = np.array(im) if self.randaug is None else randaug_image(self.randaug, np.asarray(im), self.seed, epoch, i)
+        return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
+
+
+def _center_crop_tensor(im, epoch, i, res):
+    return torch.from_numpy(np.array(center_crop(im, res))).permute(2, 0, 1)
+
+
 def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world=1, seed=0, workers=2,
-                       drop_last=None, indices=None, res_start=0, epochs=1, classes=None, mix=None):
-    """The fallback: same crops, same [0,1] output, a torch DataLoader instead of FFCV."""
-    import torchvision.transforms as T
-    from torch.utils.data import DataLoader, DistributedSampler, Subset
-    crop = T.RandomResizedCrop(res, antialias=True) if train else functools.partial(center_crop, res=res)
-    dataset = _Folder(folder, T.Compose([crop] + [T.RandomHorizontalFlip()] * train + [T.PILToTensor()]), classes)
-    if train:  # the same DistributedSampler FFCV uses under DDP
-        sampler, ds = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed), dataset
+                       drop_last=None, indices=None, res_start=0, epochs=1, classes=None, randaug=None, augment=None):
+    """The fallback: the same crop, flip and RandAugment rules, the same [0,1] output, a torch
+    DataLoader instead of FFCV."""
+    from torch.utils.data import DataLoader, Subset
+    if train:  # DistributedSampler's order, as FFCV's under DDP
+        dataset = _Folder(folder, _TrainTransform(res, res_start, epochs, seed, randaug), classes)
+        sampler, ds = _EpochSampler(dataset, world, rank, seed), dataset
     else:
+        dataset = _Folder(folder, functools.partial(_center_crop_tensor, res=res), classes)
         idx = range(len(dataset)) if indices is None else indices
         sampler, ds = None, Subset(dataset, list(idx)[rank::world])
     device = torch.device(device)
     loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == 'cuda',
-                        drop_last=train if drop_last is None else drop_last,
-                        # persistent workers would keep their copy of the crop: no progressive resizing
-                        persistent_workers=workers > 0 and not (train and res_start))
-
-    def set_epoch(epoch):
-        if train:
-            sampler.set_epoch(epoch)
-            crop.size = (res_at(epoch, res, res_start, epochs),) * 2
-    return Batches(loader, device, set_epoch, mix=mix)
+                        drop_last=train if drop_last is None else drop_last, persistent_workers=workers > 0)
+    return Batches(loader, device, sampler.set_epoch if train else (lambda epoch: None), augment=augment)
 
 
 def robustbench_indices(names, n):
@@ -405,12 +463,11 @@ def robustbench_indices(names, n):
     return [where[w] for w in wanted]
 
 
-def make_mix(alpha, num_classes):
-    if not alpha:
-        return None
-    from torchvision.transforms import v2
-    return v2.RandomChoice([v2.MixUp(alpha=alpha, num_classes=num_classes),
-                            v2.CutMix(alpha=alpha, num_classes=num_classes)])
+def augmentations(cfg, rank, num_classes, res, mean, std):
+    """The training loader's keyword arguments: randaug (timm's RandAugment, per image) and augment
+    (random erasing, Mixup/CutMix on the device batch), each None when off."""
+    augment = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
+    return dict(randaug=randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None, augment=augment or None)
 
 
 def make_loaders(cfg, rank, world, device):
@@ -421,17 +478,17 @@ def make_loaders(cfg, rank, world, device):
     kind, workers = data_kind(cfg.data), min(cfg.workers, len(os.sched_getaffinity(0)))
     local_rank = int(os.environ.get('LOCAL_RANK', rank))
     batch = cfg.batch_size // world
-    mixup, res_start = cfg.mixup, cfg.res_start
+    res_start = cfg.res_start
     if kind == 'fashion':
         info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
-        mix = make_mix(mixup, 10)
+        aug = augmentations(cfg, rank, 10, 28, FASHION_MEAN, FASHION_STD)
         if cfg.loader == 'torchvision' or ffcv_error():
             if cfg.loader == 'ffcv' and rank == 0:
                 warn(f'FFCV is not importable ({ffcv_error()}); Fashion-MNIST is read in memory instead')
             (xtr, ytr), (xte, yte) = load_fashion_mnist(cfg.data)
-            train = TensorLoader(xtr, ytr, cfg.batch_size, device, True, cfg.seed, rank, world)
-            if mix:
-                train = Batches(train, device, train.set_epoch, 1, mix)
+            train = TensorLoader(xtr, ytr, cfg.batch_size, device, True, cfg.seed, rank, world, aug['randaug'])
+            if aug['augment']:
+                train = Batches(train, device, train.set_epoch, 1, aug['augment'])
             return (train, TensorLoader(xte, yte, 500, device, False, rank=rank, world=world),
                     TensorLoader(xte[:cfg.eval_n], yte[:cfg.eval_n], 500, device, False, rank=rank, world=world), info)
         if local_rank == 0:
@@ -440,7 +497,7 @@ def make_loaders(cfg, rank, world, device):
             dist.barrier()  # the other ranks wait for the cache
         root = fashion_cache(cfg.data)
         kw = dict(device=device, crop=False, rank=rank, world=world, seed=cfg.seed, workers=workers, channels=1)
-        return (ffcv_loader(f'{root}/train.beton', batch, train=True, mix=mix, **kw),
+        return (ffcv_loader(f'{root}/train.beton', batch, train=True, **aug, **kw),
                 ffcv_loader(f'{root}/val.beton', 500, train=False, **kw),
                 ffcv_loader(f'{root}/val.beton', 500, train=False, indices=range(cfg.eval_n), **kw), info)
 
@@ -451,9 +508,9 @@ def make_loaders(cfg, rank, world, device):
         classes, _ = list_images(os.path.join(cfg.data, 'train'))
         _, val_samples = list_images(os.path.join(cfg.data, 'val'), classes)
         names = [os.path.relpath(p, os.path.join(cfg.data, 'val')).replace(os.sep, '/') for p, _ in val_samples]
-        make = lambda split, train, idx=None, mix=None: torchvision_loader(
+        make = lambda split, train, idx=None, **aug: torchvision_loader(
             os.path.join(cfg.data, split), batch, device, train, cfg.res, rank, world, cfg.seed, workers,
-            indices=idx, res_start=res_start, epochs=cfg.epochs, classes=classes, mix=mix)
+            indices=idx, res_start=res_start, epochs=cfg.epochs, classes=classes, **aug)
     else:
         need_ffcv()
         if kind != 'beton':
@@ -462,9 +519,9 @@ def make_loaders(cfg, rank, world, device):
         classes = range(int(beton_labels(f'{cfg.data}/train.beton').max()) + 1)
         with open(os.path.join(cfg.data, 'val_files.txt')) as f:
             names = f.read().split('\n')[:-1]
-        make = lambda split, train, idx=None, mix=None: ffcv_loader(
+        make = lambda split, train, idx=None, **aug: ffcv_loader(
             f'{cfg.data}/{split}.beton', batch, device, train, cfg.res, rank=rank, world=world, seed=cfg.seed,
-            workers=workers, indices=idx, res_start=res_start, epochs=cfg.epochs, mix=mix)
+            workers=workers, indices=idx, res_start=res_start, epochs=cfg.epochs, **aug)
     info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res)  # the models' default: ImageNet's mean, std
     subset = robustbench_indices(names, cfg.eval_n)
     if subset is None:
@@ -472,7 +529,8 @@ def make_loaders(cfg, rank, world, device):
         if rank == 0:
             warn(f'robust accuracy on the first {len(subset)} val images, not RobustBench\'s list '
                  f'(it needs eval_n <= 5000 and the ImageNet val files): not comparable with the paper')
-    return make('train', True, mix=make_mix(mixup, len(classes))), make('val', False), make('val', False, subset), info
+    aug = augmentations(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
+    return make('train', True, **aug), make('val', False), make('val', False, subset), info
 
 
 def main(argv):

@@ -41,7 +41,8 @@ BAD_CONFIG = {
     'overwrite': ['maybe'], 'resume': ['/nonexistent.pt'], 'ckpt_every': ['-1'], 'keep': ['0'],
     'max_bad_steps': ['0'], 'seed': ['-1', 'x', '99999999999'], 'loader': ['dali'], 'res': ['0', '8', '100000'],
     'workers': ['-1', '1000'], 'init': ['imagenet', '/nonexistent.pt'], 'fd_h': ['0', '-1', '1'], 'res_start': ['-1', '500'],
-    'mixup': ['-1', 'nan'], 'cutmix': ['-1', 'nan'], 'randaug': ['m9', 'x'], 'reprob': ['-0.1', '1.5', 'nan'],
+    'mixup': ['-1', 'nan'], 'cutmix': ['-0.5', 'inf', 'nan'],
+    'randaug': ['rand-x9', 'rand-m9-mstdfoo', 'rand-m9-mmax20', 'autoaug', 'm9', 'x'], 'reprob': ['-0.1', '1.5', 'nan'],
     'recipe': ['swinb', 'x'], 'accum': ['0', '-2', '1.5'], 'amp': ['maybe'], 'bn_eval': ['maybe'],
     'gn_weights': ['0.8', '-1,1', 'a,b', '1,nan'],
 }

@@ -5,9 +5,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import config as C
+import data as D
 import train as T
 from test_smoke import HERE, run, train_args
 
@@ -24,26 +26,89 @@ def same_weights(a, b):
     return all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
 
 
-def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny_data, tmp_path):
-    full, cut = tmp_path / 'full', tmp_path / 'cut'
-    r = run(train_args(tiny_data, full))  # 2 epochs x 8 steps, uninterrupted
-    assert r.returncode == 0, r.stderr[-3000:]
+def same_run(full, cut, steps):
+    """cut's checkpoints (written before it was killed) hold full's weights at the same steps."""
+    for step in steps:
+        a, b = (C.load_checkpoint(str(next(d.glob(f'ckpt-{step:08d}-*.pt')))) for d in (cut, full))
+        assert same_weights(a, b), step
 
-    proc = subprocess.Popen([sys.executable, *train_args(tiny_data, cut, '--ckpt_every=1', '--keep=100')],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(cut, 'ckpt-00000010-*.pt', proc)  # inside epoch 1
-    proc.kill()
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+
+def kill_and_resume(command, full, cut, kill_at, env=None):
+    """Runs command(full) and command(cut, '--ckpt_every=1', ...) side by side, kills the cut run
+    (SIGKILL to it and every process it started) once checkpoint kill_at is written, and checks that every checkpoint
+    it left matches full's at that step. -> the steps cut had checkpointed"""
+    import psutil
+    procs = [subprocess.Popen(command(out, '--ckpt_every=1', '--keep=100'), cwd=HERE, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for out in (full, cut)]
+    wait_for(cut, f'ckpt-{kill_at:08d}-*.pt', procs[1])
+    cut_proc = psutil.Process(procs[1].pid)
+    for p in cut_proc.children(recursive=True) + [cut_proc]:  # torchrun's ranks are in sessions of their own
+        p.kill()
+    procs[1].wait()
+    _, err = procs[0].communicate(timeout=600)
+    assert procs[0].returncode == 0, err[-3000:]
+    steps = sorted(int(p.name.split('-')[1]) for p in cut.glob('ckpt-*.pt'))
+    same_run(full, cut, steps)  # two runs, one seed: the same weights at every step
+    return steps
+
+
+def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny_data, tmp_path):
+    """The in-memory demo (--loader=torchvision), with RandAugment, random erasing and Mixup/CutMix.
+    One torch thread per process: two processes side by side on two cores, each with two OpenMP
+    threads spinning at barriers, run ~10x slower."""
+    full, cut, env = tmp_path / 'full', tmp_path / 'cut', dict(os.environ, OMP_NUM_THREADS='1')
+    aug = ['--randaug=rand-m9-mstd0.5-inc1', '--reprob=0.25', '--mixup=0.8', '--cutmix=1.0']
+    steps = kill_and_resume(lambda out, *extra: [sys.executable, *train_args(tiny_data, out, *aug, *extra)],
+                            full, cut, 10, env)
+    assert 10 <= steps[-1] < 16  # killed inside epoch 1
     newest = sorted(cut.glob('ckpt-*.pt'))[-1]
     newest.write_bytes(newest.read_bytes()[:1000])  # and the newest file is truncated, as by a dying disk
-    assert not list(cut.glob('ckpt-00000016-*.pt'))
 
-    r = run(train_args(tiny_data, cut, '--resume=auto'))
+    r = run(train_args(tiny_data, cut, *aug, '--resume=auto'), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'skipping cannot load checkpoint {str(newest)!r}' in r.stdout
     step = int(r.stdout.split('at epoch 1 step ')[1].split()[0])
     assert 1 <= step < 8  # ckpt-00000009-*.pt or later: inside epoch 1
+    assert same_weights(C.load_checkpoint(str(cut / 'ckpt.pt')), C.load_checkpoint(str(full / 'ckpt.pt')))
+
+
+def ffcv_demo(tiny_data, tmp_path, monkeypatch):
+    """The demo's .beton written once here, into a cache the runs find through XDG_CACHE_HOME. -> env"""
+    if D.ffcv_error():
+        pytest.skip(f'FFCV: {D.ffcv_error()}')
+    monkeypatch.setattr(D, 'CACHE', str(tmp_path / 'cache' / 'gradnorm'))
+    D.fashion_betons(tiny_data, 1)
+    return dict(os.environ, XDG_CACHE_HOME=str(tmp_path / 'cache'))
+
+
+def test_ffcv_default_path_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    """The default path, the demo through FFCV (seeded flips), 32 steps: two runs agree at every step,
+    and one killed mid-epoch and resumed ends with the same weights. One loader thread: on two busy
+    cores FFCV's second thread only slows training; thread counts are the loader tests' business."""
+    env, full, cut = ffcv_demo(tiny_data, tmp_path, monkeypatch), tmp_path / 'full', tmp_path / 'cut'
+    args = lambda out, *extra: train_args(tiny_data, out, '--loader=ffcv', '--workers=1', '--batch_size=32', *extra)
+    steps = kill_and_resume(lambda out, *extra: [sys.executable, *args(out, *extra)], full, cut, 17, env)
+    assert 17 <= steps[-1] < 32  # inside epoch 1
+    r = run(args(cut, '--resume=auto'), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'at epoch 1 step {steps[-1] - 16}' in r.stdout
+    assert same_weights(C.load_checkpoint(str(cut / 'ckpt.pt')), C.load_checkpoint(str(full / 'ckpt.pt')))
+
+
+def test_torchrun_two_ranks_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    """2 gloo ranks through FFCV, each its shard; PGD-AT (random starts per rank and step) and random
+    erasing + Mixup/CutMix (per rank and batch): killed mid-epoch (torchrun and both ranks) and
+    resumed, the same weights as the uninterrupted 2-rank run."""
+    env, full, cut = ffcv_demo(tiny_data, tmp_path, monkeypatch), tmp_path / 'full', tmp_path / 'cut'
+    torchrun = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--standalone', '--nproc_per_node=2']
+    args = lambda out, *extra: torchrun + train_args(tiny_data, out, '--loader=ffcv', '--workers=1', '--batch_size=32',
+                                                     '--objective=pgd', '--pgd_steps=1', '--reprob=0.25', '--mixup=0.8',
+                                                     '--cutmix=1.0', *extra)
+    steps = kill_and_resume(args, full, cut, 17, env)
+    assert 17 <= steps[-1] < 32  # inside epoch 1
+    r = subprocess.run(args(cut, '--resume=auto'), cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'at epoch 1 step {steps[-1] - 16}' in r.stdout
     assert same_weights(C.load_checkpoint(str(cut / 'ckpt.pt')), C.load_checkpoint(str(full / 'ckpt.pt')))
 
 

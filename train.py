@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from attack import pgd_at, robust_accuracy
+from augment import STEP, rand_u32
 from config import (UserError, __version__, checkpoints, cli, describe_recipe, load_checkpoint, parse_config,
                     save_checkpoint, setup_distributed)
 from data import make_loaders
@@ -209,7 +210,6 @@ def start(cfg, rank, world, device, log):
     run = Run(cfg, model, ema, opt, net, loaders, info, (ck or {}).get('run') or secrets.token_hex(4), rank, world, device)
     if ema is not None:
         run.ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
-    torch.manual_seed(cfg.seed + rank)  # PGD starts, EdgeReg's sampled classes: differ across ranks
     if ck:
         resume(run, ck, path, log)
     return run, compiled
@@ -220,8 +220,6 @@ def resume(run, ck, path, log):
     if run.ema is not None and ck['ema'] is not None:
         run.ema.load_state_dict(ck['ema'])
     run.step = ck['step']
-    if run.rank == 0:
-        torch.set_rng_state(ck['rng'])
     log(f'resumed from {path} at epoch {run.step // run.steps} step {run.step % run.steps}')
 
 
@@ -254,6 +252,9 @@ def train_step(run, x, y, t, stop):
     cfg = run.cfg
     for group in run.opt.param_groups:
         group['lr'] = lr_at(cfg, t)
+    # PGD starts, EdgeReg's sampled classes: a function of (seed, step, rank), so a resumed run (any
+    # rank) draws what the uninterrupted one drew, with no generator state to save
+    torch.manual_seed(rand_u32(cfg.seed, run.step, run.rank, STEP))
     loss, parts = micro_steps(run, x, y, t)
     grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip)
     flags = torch.tensor([float(bool(stop)), float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))],
@@ -333,7 +334,7 @@ def save(run):
     path = os.path.join(cfg.out, f'ckpt-{run.step:08d}-{run.run_id}.pt')
     save_checkpoint(path, dict(
         model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None, optimizer=run.opt.state_dict(),
-        step=run.step, epoch=run.step // run.steps, rng=torch.get_rng_state(), config=dataclasses.asdict(cfg),
+        step=run.step, epoch=run.step // run.steps, config=dataclasses.asdict(cfg),
         data_info=run.info, run=run.run_id, version=__version__))
     latest = os.path.join(cfg.out, 'ckpt.pt')
     with suppress(FileNotFoundError):
