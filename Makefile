@@ -14,6 +14,8 @@ ARGS   ?=
 # train.py's default output folder names the data, model, objective and activation: one run per folder
 CKPT   ?= runs/$(notdir $(DATA))/$(or $(MODEL),resnet_demo)-gradnorm-$(ACT)/ckpt.pt
 EPS    ?=
+# AA=1: `make eval` also runs AutoAttack (standard version), the robust accuracy to report
+AA     ?=
 # multi-GPU / multi-node: torchrun (DDP); one process otherwise, same code path
 GPUS        ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 NNODES      ?= 1
@@ -60,7 +62,7 @@ train-edge: setup data
 	$(TRAIN) --objective=edge
 
 eval: setup data
-	$(RUN) attack.py --ckpt=$(CKPT) $(if $(EPS),--eps $(EPS)) $(ARGS)
+	$(RUN) attack.py --ckpt=$(CKPT) $(if $(EPS),--eps $(EPS)) $(if $(filter 1,$(AA)),--autoattack,$(if $(filter 0,$(AA)),--no-autoattack)) $(ARGS)
 
 test: setup data
 	$(PY) -m pytest -q $(wildcard test_*.py)

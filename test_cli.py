@@ -100,7 +100,8 @@ BAD_ATTACK = [[], ['--ckpt=/nonexistent.pt'], ['--eps', '-1'], ['--eps', '0'], [
               ['--eps', 'abc'], ['--eps', 'nan'], ['--norm', 'l3'], ['--attacks', 'ce20'], ['--attacks', 'foo-10'],
               ['--attacks', 'ce-0'], ['--steps', '0'], ['--schedule', 'linear'], ['--step-size', '0'],
               ['--step-size', 'nan'], ['--n', '0'], ['--n', '-5'], ['--data', '/nonexistent'],
-              ['--json', '/nonexistent/dir/x.json'], ['--seed', '-1'], ['--compile', 'maybe'], ['--foo']]
+              ['--json', '/nonexistent/dir/x.json'], ['--seed', '-1'], ['--compile', 'maybe'], ['--foo'],
+              ['--weights', 'both'], ['--square-queries', '-1'], ['--autoattack', 'yes']]
 
 
 @pytest.mark.parametrize('argv', BAD_ATTACK)
