@@ -389,8 +389,11 @@ def load(args, rank, world, device):
     cfg.data = args.data or cfg.data
     if not os.path.isdir(cfg.data):
         raise UserError(f'{args.ckpt} was trained on {cfg.data}, which is not here: pass --data=DIR')
+    threads = torch.get_num_threads()
     _, _, robust_val, info = make_loaders(cfg, rank, world, device)
-    return ck, model, [(x.clone(), y.clone()) for x, y in robust_val], info
+    batches = [(x.clone(), y.clone()) for x, y in robust_val]
+    torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count (ffcv/pipeline/compiler.py)
+    return ck, model, batches, info
 
 
 def json_path(args):
