@@ -337,7 +337,8 @@ def parse_args(argv):
                    help='as a fraction of eps (default 2.5/steps)')
     p.add_argument('--autoattack', action=argparse.BooleanOptionalAction, default=None,
                    help='AutoAttack (standard version) after the PGD attacks (default: on ImageNet only)')
-    p.add_argument('--n', type=positive, default=None, help='first n validation images (default 5000 on ImageNet, else 1000)')
+    p.add_argument('--n', '--images', dest='n', type=positive, default=None,
+                   help='first n validation images (default 5000 on ImageNet, else 1000); torchrun takes --n as its own')
     p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'),
                    help='data path (default: the one used in training)')
     p.add_argument('--weights', default='auto', choices=['auto', 'model', 'ema'],
