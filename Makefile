@@ -19,6 +19,8 @@ RUN_DIR = $(shell $(PY) -c 'import sys, config; print(config.parse_config(sys.ar
           $(if $(RECIPE),--recipe=$(RECIPE)) $(if $(MODEL),--model=$(MODEL)) $(if $(ACT),--act=$(ACT)))
 CKPT   ?= $(RUN_DIR)/ckpt.pt
 EPS    ?=
+# AA=1: `make eval` also runs AutoAttack (standard version), the robust accuracy to report
+AA     ?=
 # multi-GPU / multi-node: torchrun (DDP); one process otherwise, same code path
 GPUS        ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 NNODES      ?= 1
@@ -70,7 +72,8 @@ train-edge: setup data
 
 eval: setup data
 	$(RUN) attack.py --ckpt=$(CKPT) $(if $(filter official:%,$(CKPT)),--model=$(MODEL) --data=$(DATA) \
-	  $(if $(ACT),--act=$(ACT))) $(if $(EPS),--eps $(EPS)) $(ARGS)
+	  $(if $(ACT),--act=$(ACT))) $(if $(EPS),--eps $(EPS)) \
+	  $(if $(filter 1,$(AA)),--autoattack,$(if $(filter 0,$(AA)),--no-autoattack)) $(ARGS)
 
 test: setup data
 	$(PY) -m pytest -q $(wildcard test_*.py)

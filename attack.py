@@ -1,11 +1,13 @@
 """PGD and an evaluator you can trust: L-inf and L2, restarts, CE / margin / DLR losses, the worst
-case per sample over steps, restarts and attacks, and checks that flag gradient masking.
+case per sample over steps, restarts and attacks, checks that flag gradient masking, and AutoAttack
+(autoattack_eval.py), the number to report.
 
-    python attack.py --ckpt runs/gradnorm_gelu/ckpt.pt --eps 0.05 0.1 --attacks ce-20 dlr-20 ce-50x2
-    torchrun --nproc_per_node=8 attack.py --ckpt imagenet.pt --eps 4/255   # counts summed over ranks
+    python attack.py --ckpt runs/fashion-mnist/resnet_demo-gradnorm-gelu/ckpt.pt --eps 0.05 0.1 --autoattack
+    torchrun --nproc_per_node=8 attack.py --ckpt imagenet.pt   # 4/255, 5,000 images, AutoAttack; ranks summed
     python attack.py --ckpt official:gradnorm_swinb.pth.tar --model swin_base_patch4_window7_224 --data IMAGENET
 The last evaluates a checkpoint the authors released (its EMA weights, as the paper).
-An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100.
+An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. PGD is fast and an upper bound on
+robust accuracy; AutoAttack is what the paper, RobustBench and readers compare.
 """
 import argparse
 import json
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from config import (ArgumentParser, Config, UserError, checked, cli, data_kind, load_checkpoint, load_official,
                     model_from_checkpoint, setup_distributed)
 from models import ACTS, is_model
+from autoattack_eval import VERSION, State, aa_checks, autoattack, square_check
 from data import make_loaders
 
 
@@ -186,70 +189,115 @@ def forward_fn(model, compile=False, bf16=False):
     return autocast_fwd
 
 
+def _attack(fwd, x, y, eps, spec, norm, schedule, step_size):
+    """One attack of the evaluator; -> fooled (bool per sample), after checking every point."""
+    loss, steps, restarts = spec
+    if not len(x):
+        return torch.zeros_like(y, dtype=torch.bool)
+    x_adv, fooled = pgd(fwd, x, y, eps, steps, step_size and step_size * eps, keep_best=True,
+                        norm=norm, loss=loss, restarts=restarts, schedule=schedule)
+    d = distance(x_adv, x, norm).max().item()
+    if d > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:  # never trust, verify
+        raise RuntimeError(f'attack left the eps-ball or [0,1]: distance {d} > eps {eps}')
+    return fooled
+
+
+UNBOUNDED = ('ce-10', 'margin-10')  # at an eps where any image can become any other
+
+
+def loss_gain(model, x, y, eps, loss, steps=10, norm='linf'):
+    """'The loss must increase along the attack' (Carlini et al. 2019): PGD-steps from the clean
+    image, no random start (so a zero gradient leaves the image where it is), on the correctly
+    classified images. -> (how many images, how many end with a higher loss than they started)"""
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    x, y = x[ok], y[ok]
+    x_adv = pgd(model, x, y, eps, steps, random_start=False, norm=norm, loss=loss)
+    with torch.no_grad():
+        gain = LOSSES[loss](model(x_adv), y) - LOSSES[loss](model(x), y)
+    return len(y), (gain > 0).sum().item()
+
+
 def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule='constant',
-             step_size=None, big_eps=None, compile=False, bf16=False):
-    """Clean accuracy and, per eps, robust accuracy per attack and the worst case over attacks
-    (per sample: robust only if every attack failed). Under torchrun each rank passes its shard
-    and the counts are summed. big_eps adds one ce-10 attack at that eps for the sanity checks.
-    -> {'n', 'clean', 'robust': {eps: {attack: acc, 'worst': acc}}, 'big_eps': acc or None}"""
+             step_size=None, checks=False, chain=False, compile=False, bf16=False, gain_n=256):
+    """Clean accuracy and, per eps, robust accuracy per attack and the worst case over attacks (per
+    sample: robust only if every attack failed). chain=True: each attack attacks only what the
+    earlier ones left standing (cheaper; each attack's number is then 'after it and those before').
+    checks=True adds what the masking checks need: UNBOUNDED attacks at an eps that reaches every
+    image, and loss_gain per loss on the first gain_n images at the largest eps. Under torchrun each
+    rank passes its shard and the counts are summed.
+    -> {'n', 'clean', 'robust': {eps: {attack: acc, 'worst': acc}}, 'standing': {eps: bool tensor over
+    this rank's images, robust to every attack}, 'unbounded': {'eps', attack: acc}, 'gain': {loss: (n, rose)}}"""
     specs = [parse_attack(a) for a in attacks]
     was_training, grads = model.training, [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)  # no dropout or batch statistics; input gradients only
     fwd = forward_fn(model, compile, bf16)
-    counts = torch.zeros(2 + len(eps_list) * (len(specs) + 1) + 1, dtype=torch.float64)
-    for x, y in batches:
+    losses = list(dict.fromkeys(s[0] for s in specs)) if checks else []
+    keys = ['n', 'clean'] + [(e, a) for e in eps_list for a in list(attacks) + ['worst']] \
+        + [('unbounded', a) for a in (UNBOUNDED if checks else ())] + [(g, l) for l in losses for g in ('gain_n', 'gain')]
+    counts, standing, big = dict.fromkeys(keys, 0.0), {e: [] for e in eps_list}, None
+    for b, (x, y) in enumerate(batches):
         with torch.no_grad():
-            counts[0] += len(y)
-            counts[1] += (fwd(x).argmax(1) == y).sum().item()
-        k = 2
+            counts['n'] += len(y)
+            counts['clean'] += (fwd(x).argmax(1) == y).sum().item()
         for eps in eps_list:
-            robust_all = torch.ones_like(y, dtype=torch.bool)
-            for loss, steps, restarts in specs:
-                x_adv, fooled = pgd(fwd, x, y, eps, steps, step_size and step_size * eps, keep_best=True,
-                                    norm=norm, loss=loss, restarts=restarts, schedule=schedule)
-                d = distance(x_adv, x, norm).max().item()
-                if d > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:  # never trust, verify
-                    raise RuntimeError(f'attack left the eps-ball or [0,1]: distance {d} > eps {eps}')
-                counts[k] += (~fooled).sum().item()
-                robust_all &= ~fooled
-                k += 1
-            counts[k] += robust_all.sum().item()
-            k += 1
-        if big_eps:
-            counts[k] += (~pgd(fwd, x, y, big_eps, 10, keep_best=True, norm=norm)[1]).sum().item()
+            alive = torch.ones_like(y, dtype=torch.bool)
+            for a, spec in zip(attacks, specs):
+                idx = alive.nonzero().squeeze(1) if chain else torch.arange(len(y), device=y.device)
+                robust = torch.zeros_like(alive)
+                robust[idx] = ~_attack(fwd, x[idx], y[idx], eps, spec, norm, schedule, step_size)
+                counts[(eps, a)] += robust.sum().item()
+                alive &= robust
+            counts[(eps, 'worst')] += alive.sum().item()
+            standing[eps].append(alive.cpu())
+        big = 1.0 if norm == 'linf' else math.sqrt(x[0].numel())  # the whole cube: its side, its diagonal
+        for a in UNBOUNDED if checks else ():
+            counts[('unbounded', a)] += (~_attack(fwd, x, y, big, parse_attack(a), norm, 'constant', None)).sum().item()
+        for l in losses if b == 0 else ():
+            counts[('gain_n', l)], counts[('gain', l)] = loss_gain(fwd, x[:gain_n], y[:gain_n], max(eps_list), l, norm=norm)
     model.train(was_training)
     for p, g in zip(model.parameters(), grads):
         p.requires_grad_(g)
+    total = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
     if dist.is_initialized():
-        counts = counts.to(next(model.parameters()).device)  # NCCL reduces GPU tensors only
-        dist.all_reduce(counts)
-    acc = (counts / counts[0]).tolist()
-    names, per = list(attacks) + ['worst'], len(specs) + 1
-    robust = {eps: dict(zip(names, acc[2 + j * per: 2 + (j + 1) * per])) for j, eps in enumerate(eps_list)}
-    return {'n': int(counts[0]), 'clean': acc[1], 'robust': robust, 'big_eps': acc[-1] if big_eps else None}
+        total = total.to(next(model.parameters()).device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(total)
+    c = dict(zip(keys, total.tolist()))
+    acc = lambda k: c[k] / c['n']
+    return {'n': int(c['n']), 'clean': acc('clean'),
+            'robust': {e: {a: acc((e, a)) for a in list(attacks) + ['worst']} for e in eps_list},
+            'standing': {e: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for e, v in standing.items()},
+            'unbounded': {'eps': big, **{a: acc(('unbounded', a)) for a in UNBOUNDED}} if checks else None,
+            'gain': {l: (int(c[('gain_n', l)]), int(c[('gain', l)])) for l in losses} if checks else None}
 
 
 def robust_accuracy(model, batches, eps_list, steps):
-    """The per-epoch number in training: clean and PGD-steps accuracy (CE, one restart, step
-    2.5*eps/steps, worst iterate). -> {'n', 'clean', 'robust': {eps: acc}}"""
-    r = evaluate(model, batches, eps_list, [f'ce-{steps}'])
+    """The per-epoch number in training: clean accuracy and the worst case of CE and margin PGD-steps
+    (one restart each, step 2.5*eps/steps, the margin attack on what CE left standing). Fast, and an
+    upper bound: AutoAttack (attack.py --autoattack) is the number to report.
+    -> {'n', 'clean', 'robust': {eps: acc}}"""
+    r = evaluate(model, batches, eps_list, [f'ce-{steps}', f'margin-{steps}'], chain=True)
     return {'n': r['n'], 'clean': r['clean'], 'robust': {e: r['robust'][e]['worst'] for e in eps_list}}
 
 
-def sanity_checks(result, attacks, big_eps, num_classes, gap=0.1, slack_images=2):
-    """Symptoms of gradient masking, each -> (ok, message). Attacks at different eps or with
-    different steps are independent random runs, so a weaker one can win by an image or two
-    through luck: comparisons tolerate slack_images; more than that means do not trust."""
+def sanity_checks(result, attacks, gap=0.1, slack_images=2, min_gain=0.95):
+    """Symptoms of gradient masking (Carlini et al. 2019), each -> (ok, message). Attacks at different
+    eps or with different steps are independent random runs, so a weaker one can win by an image or
+    two through luck: comparisons tolerate slack_images; more than that means do not trust."""
     eps_list, out, slack = sorted(result['robust']), [], slack_images / result['n'] + 1e-12
     acc = lambda e, a: result['robust'][e][a]
     for name in list(attacks) + ['worst']:
         bad = [(a, b) for a, b in zip(eps_list, eps_list[1:]) if acc(b, name) > acc(a, name) + slack]
         out.append((not bad, f'{name}: robust accuracy never increases with eps'
                     + (f' (it does from eps {bad[0][0]:.4g} to {bad[0][1]:.4g})' if bad else '')))
-    if big_eps:
-        chance = 1 / num_classes
-        out.append((result['big_eps'] <= chance, f'eps {big_eps:.4g} (reaches uniform gray from any image): '
-                    f'ce-10 robust accuracy {100 * result["big_eps"]:.1f}% <= chance {100 * chance:.0f}%'))
+    if result.get('unbounded'):
+        u = result['unbounded']
+        out.append((all(u[a] <= slack for a in UNBOUNDED), f'unbounded eps {u["eps"]:.4g} (any image can become any '
+                    f'other): ' + ', '.join(f'{a} {100 * u[a]:.1f}%' for a in UNBOUNDED) + f', must reach 0 '
+                    f'(allowed {slack_images} images)'))
+    for loss, (n, rose) in (result.get('gain') or {}).items():
+        out.append((rose >= min_gain * n, f'{loss} loss rises along PGD-10 from the clean image on {rose} of {n} '
+                    f'correctly classified images (needs {100 * min_gain:.0f}%; else the gradient does not lead up)'))
     specs = {a: parse_attack(a) for a in attacks}
     for a in attacks:
         for b in attacks:
@@ -294,16 +342,22 @@ def parse_args(argv):
     p.add_argument('--schedule', default='constant', choices=['constant', 'cosine'])
     p.add_argument('--step-size', type=checked(float, lambda v: 0 < v <= 10, 'in (0, 10]'), default=None,
                    help='as a fraction of eps (default 2.5/steps)')
-    p.add_argument('--n', type=positive, default=None, help='first n validation images (default 5000 on ImageNet, else 1000)')
+    p.add_argument('--autoattack', action=argparse.BooleanOptionalAction, default=None,
+                   help='AutoAttack (standard version) after the PGD attacks (default: on ImageNet only)')
+    p.add_argument('--n', '--images', dest='n', type=positive, default=None,
+                   help='first n validation images (default 5000 on ImageNet, else 1000); torchrun takes --n as its own')
     p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'),
                    help='data path (default: the one used in training)')
-    p.add_argument('--ema', action='store_true', help='evaluate the EMA weights')
+    p.add_argument('--weights', default='auto', choices=['auto', 'model', 'ema'],
+                   help='auto: the EMA weights if the run kept them, else the model\'s')
     p.add_argument('--json', default=None, help='write the results here (default: next to the checkpoint)',
                    type=checked(str, lambda v: os.path.isdir(os.path.dirname(os.path.abspath(v))), 'in an existing folder'))
     p.add_argument('--seed', type=nonneg, default=0)
     p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help='auto = on CUDA only')
     p.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA)')
-    p.add_argument('--no-checks', action='store_true', help='skip the gradient-masking sanity checks')
+    p.add_argument('--square-queries', type=nonneg, default=1000,
+                   help='Square queries of the masking check when AutoAttack is off (0: skip it)')
+    p.add_argument('--no-checks', action='store_true', help='skip the gradient-masking checks')
     args = p.parse_args(argv)
     args.attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
     if args.ckpt.startswith('official:') != bool(args.model):
@@ -323,72 +377,137 @@ def parse_attack_text(spec):
     return spec
 
 
-def load_model(args):
-    """-> the checkpoint (ours, or a description of an official one) and its model, on the CPU:
-    whatever attack follows, the weights come from here."""
-    if args.ckpt.startswith('official:'):
-        args.ema = True  # they release and evaluate the EMA weights
-        return load_official(args.ckpt.removeprefix('official:'), args.model, args.act)
-    ck = load_checkpoint(args.ckpt)
-    if args.ema and ck.get('ema') is None:
-        raise UserError(f'{args.ckpt} holds no EMA weights (trained with --ema=0): leave out --ema')
-    return ck, model_from_checkpoint(ck, 'ema' if args.ema else 'model')
+def resolve(args, ck, official=False):
+    """The defaults that depend on the checkpoint. ImageNet (1000 classes): the paper's and
+    RobustBench's protocol, L-inf 4/255 on RobustBench's 5,000 val images (data.py picks them) with
+    AutoAttack's standard version; elsewhere the training eps on the first 1,000 test images.
+    Weights: the EMA weights whenever the run kept them (the authors' checkpoints: always)."""
+    imagenet, has_ema = ck['data_info'].get('num_classes') == 1000, official or ck.get('ema') is not None
+    args.eps = args.eps or (['4/255'] if imagenet else [f'{ck["config"]["eps"]:g}'])
+    args.n = args.n or (5000 if imagenet else 1000)
+    args.autoattack = imagenet if args.autoattack is None else args.autoattack
+    if args.weights == 'ema' and not has_ema:
+        raise UserError(f'{args.ckpt} holds no EMA weights (trained with --ema=0): leave out --weights=ema')
+    if args.weights == 'model' and official:
+        raise UserError('an official checkpoint is evaluated with its EMA weights, as the paper: leave out --weights')
+    if args.weights == 'auto':
+        args.weights = 'ema' if has_ema else 'model'
+    return args
 
 
 def load(args, rank, world, device):
-    """-> the checkpoint, its model on the device, the robust-val batches of this rank, data info."""
-    ck, model = load_model(args)
-    model = model.to(device)
-    imagenet = ck['data_info'].get('num_classes') == 1000
-    cfg = Config(**{**ck['config'], 'eval_n': args.n or (5000 if imagenet else 1000)})
+    """-> the checkpoint, its model on the device (eval mode, no parameter gradients), this rank's
+    robust-val batches (copies: FFCV reuses its buffers), data info."""
+    if args.ckpt.startswith('official:'):  # the authors release and evaluate their EMA weights
+        ck, model = load_official(ckpt_path(args), args.model, args.act)
+        resolve(args, ck, official=True)
+    else:
+        ck = load_checkpoint(args.ckpt)
+        resolve(args, ck)
+        model = model_from_checkpoint(ck, args.weights)
+    model = model.to(device).eval().requires_grad_(False)
+    cfg = Config(**{**ck['config'], 'eval_n': args.n})
     cfg.data = args.data or cfg.data
     if args.model:  # official: read ImageNet as it is stored
         cfg.loader = 'ffcv' if data_kind(cfg.data) == 'beton' else 'torchvision'
     if not os.path.isdir(cfg.data):
         raise UserError(f'{args.ckpt} was trained on {cfg.data}, which is not here: pass --data=DIR')
+    threads = torch.get_num_threads()
     _, _, robust_val, info = make_loaders(cfg, rank, world, device)
-    return ck, model, robust_val, info
+    batches = [(x.clone(), y.clone()) for x, y in robust_val]
+    torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count (ffcv/pipeline/compiler.py)
+    return ck, model, batches, info
 
 
-def report(args, r, checks, ck, eps_text, eps_list, seconds, compiled):
+def ckpt_path(args):
+    return args.ckpt.removeprefix('official:')
+
+
+def json_path(args):
+    return args.json or os.path.join(os.path.dirname(ckpt_path(args)) or '.', f'eval_{args.norm}.json')
+
+
+def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
+    """Per eps: AutoAttack (if asked) and the Square check on what every gradient attack left.
+    -> ({eps: AutoAttack result}, {eps: (ok, message)}, the resume state: remove it once reported)"""
+    state = None
+    if args.autoattack:
+        from pyautoattack import __version__ as aa_version
+        key = dict(ckpt=os.path.abspath(ckpt_path(args)), size=os.path.getsize(ckpt_path(args)),
+                   mtime=os.path.getmtime(ckpt_path(args)),
+                   weights=args.weights, norm=args.norm, n=args.n, world=world, seed=args.seed, bf16=args.bf16,
+                   data=args.data, pyautoattack=aa_version)
+        state = State(f'{os.path.splitext(json_path(args))[0]}.autoattack-rank{rank}.json', key)
+    if state and state.resumed and rank == 0:
+        print(f'AutoAttack: resuming from {state.path} ({state.resumed} steps done)')
+    aa, square, t0 = {}, {}, time.time()
+    for eps, text in zip(eps_list, args.eps):
+        progress = lambda b, c, left, n, resumed, text=text: rank == 0 and print(
+            f'  autoattack eps {text} batch {b + 1}/{len(batches)} {c:8} {left:5} of {n} standing '
+            f'({"resumed" if resumed else f"{time.time() - t0:.0f} s"})', flush=True)
+        if args.autoattack:
+            aa[eps] = autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
+        if not args.no_checks and (args.autoattack or args.square_queries):
+            square[eps] = square_check(fwd, batches, r['standing'][eps], eps, args.norm, args.square_queries,
+                                       args.seed, aa.get(eps))
+    return aa, square, state
+
+
+def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
     c = ck['config']
-    print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {"EMA" if args.ema else "model"} weights | '
-          f'{r["n"]} images | {args.norm} | seed {args.seed} | {seconds:.0f} s'
-          f'{" | bf16" if args.bf16 else ""}{" | compiled" if compiled else ""}')
+    weights = 'EMA weights' if args.weights == 'ema' else 'model weights' + (' (the run kept EMA weights too)'
+                                                                              if ck.get('ema') is not None else '')
+    print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {weights} | eval mode | {r["n"]} images | '
+          f'{args.norm} | seed {args.seed} | {seconds:.0f} s{" | bf16" if args.bf16 else ""}{" | compiled" if compiled else ""}')
     names = args.attacks + ['worst']
-    print(f'{"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
-    for e, t in zip(eps_list, eps_text):
-        print(f'{t:>8} {100 * r["clean"]:7.1f} ' + ' '.join(f'{100 * r["robust"][e][a]:8.1f}' for a in names))
+    print(f'PGD: {"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
+    for e, t in zip(eps_list, args.eps):
+        print(f'     {t:>8} {100 * r["clean"]:7.1f} ' + ' '.join(f'{100 * r["robust"][e][a]:8.1f}' for a in names))
+    if aa:
+        comps = list(next(iter(aa.values()))['after'])
+        print(f'AutoAttack {VERSION} (pyautoattack), robust accuracy after each component, which attacks what the '
+              f'earlier ones left:\n     {"eps":>8} ' + ' '.join(f'{k:>8}' for k in comps) + ' | PGD worst    gap')
+        for e, t in zip(eps_list, args.eps):
+            worst, final = r['robust'][e]['worst'], aa[e]['after'][comps[-1]]
+            print(f'     {t:>8} ' + ' '.join(f'{100 * aa[e]["after"][k]:8.1f}' for k in comps)
+                  + f' | {100 * worst:9.1f} {100 * (worst - final):6.1f}')
     for ok, msg in checks:
-        print(f'  {"ok  " if ok else "WARN"} {msg}')
-    path = args.json or os.path.join(os.path.dirname(args.ckpt.removeprefix('official:')) or '.', f'eval_{args.norm}.json')
+        print(f'  {"ok  " if ok else "FLAG"} {msg}')
+    path = json_path(args)
     with open(path, 'w') as f:
-        json.dump({'ckpt': args.ckpt, 'weights': 'ema' if args.ema else 'model', 'objective': c['objective'],
-                   'model': c['model'], 'act': c['act'], 'norm': args.norm, 'attacks': args.attacks,
-                   'schedule': args.schedule, 'n': r['n'], 'seed': args.seed, 'seconds': seconds, 'clean': r['clean'],
-                   'big_eps_acc': r['big_eps'], 'robust': {t: r['robust'][e] for e, t in zip(eps_list, eps_text)},
+        json.dump({'ckpt': args.ckpt, 'weights': args.weights, 'objective': c['objective'], 'model': c['model'],
+                   'act': c['act'], 'norm': args.norm, 'attacks': args.attacks, 'schedule': args.schedule,
+                   'n': r['n'], 'seed': args.seed, 'seconds': seconds, 'clean': r['clean'],
+                   'robust': {t: r['robust'][e] for e, t in zip(eps_list, args.eps)},
+                   'autoattack': {t: {'version': VERSION, 'after': aa[e]['after'], 'robust': list(aa[e]['after'].values())[-1],
+                                      'pgd_worst': r['robust'][e]['worst']} for e, t in zip(eps_list, args.eps) if e in aa},
+                   'unbounded': r['unbounded'], 'gain': r['gain'],
                    'checks': [{'ok': ok, 'check': m} for ok, m in checks]}, f, indent=1)
     print(f'wrote {path}')
+    for e, t in zip(eps_list, args.eps):
+        if e in aa:
+            print(f'autoattack {t} {100 * list(aa[e]["after"].values())[-1]:.1f}')
 
 
 def main(argv):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
-    ck, model, robust_val, info = load(args, rank, world, device)
-    imagenet = ck['data_info']['num_classes'] == 1000  # the model's classes (official: ImageNet's)
-    eps_text = args.eps or (['4/255'] if imagenet else [f'{ck["config"]["eps"]:g}'])
-    eps_list = [parse_eps(t) for t in eps_text]
-    big_eps = None
-    if not args.no_checks:  # a budget that reaches uniform gray from any image
-        big_eps = 0.5 if args.norm == 'linf' else 0.5 * math.sqrt(info['in_ch'] * info.get('img_size', 28) ** 2)
+    ck, model, batches, info = load(args, rank, world, device)
+    eps_list = [parse_eps(t) for t in args.eps]
     torch.manual_seed(args.seed + rank)
     compiled = args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda')
+    bf16 = args.bf16 and device.type == 'cuda'
     t0 = time.time()
-    r = evaluate(model, robust_val, eps_list, args.attacks, args.norm, args.schedule, args.step_size, big_eps,
-                 compiled, args.bf16 and device.type == 'cuda')
+    r = evaluate(model, batches, eps_list, args.attacks, args.norm, args.schedule, args.step_size,
+                 not args.no_checks, compile=compiled, bf16=bf16)
+    aa, square, state = run_autoattack(args, forward_fn(model, compiled, bf16), batches, eps_list, r, rank, world)
     if rank == 0:
-        checks = [] if args.no_checks else sanity_checks(r, args.attacks, big_eps, info['num_classes'])
-        report(args, r, checks, ck, eps_text, eps_list, time.time() - t0, compiled)
+        checks = [] if args.no_checks else sanity_checks(r, args.attacks)
+        checks += [(ok, f'eps {t}: {m}') for e, t in zip(eps_list, args.eps) if e in square for ok, m in [square[e]]]
+        checks += aa_checks([w for a in aa.values() for w in a['warnings']]) if aa and not args.no_checks else []
+        report(args, r, checks, aa, ck, eps_list, time.time() - t0, compiled)
+    if state:
+        state.remove()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -14,6 +14,7 @@ import gradnorm
 import models
 import train
 from data import FASHION_MEAN, FASHION_STD, TensorLoader, load_fashion_mnist
+from autoattack_eval import square_check
 from edge_reg import edge_energy
 
 DATA = '/usr/share/datasets/fashion-mnist'
@@ -159,22 +160,23 @@ def test_evaluator_invariants_on_gradnorm_model(trained):
     model, val, info = trained
     attacks, eps_list = ['ce-20', 'margin-20'], [0.03, 0.1, 0.2]
     torch.manual_seed(0)
-    r = attack.evaluate(model, val, eps_list, attacks, big_eps=0.5)
+    r = attack.evaluate(model, val, eps_list, attacks, checks=True)
     assert r['clean'] > 0.5  # it learned something, so the robust numbers mean something
     assert r['robust'][0.03]['worst'] > 0.3  # and the attack has something to break
-    checks = attack.sanity_checks(r, attacks, 0.5, info['num_classes'])
-    assert len(checks) == 5 and all(ok for ok, _ in checks), [m for ok, m in checks if not ok]
+    checks = attack.sanity_checks(r, attacks) + [square_check(model, list(val), r['standing'][0.1], 0.1, queries=300)]
+    assert len(checks) == 8 and all(ok for ok, _ in checks), [m for ok, m in checks if not ok]
     for a, b in zip(eps_list, eps_list[1:]):  # spelled out: what the checks promise
         assert r['robust'][b]['worst'] <= r['robust'][a]['worst']
     for e in eps_list:
         assert abs(r['robust'][e]['margin-20'] - r['robust'][e]['ce-20']) <= 0.08  # measured: ~5 points
         assert r['robust'][e]['worst'] <= min(r['robust'][e][a] for a in attacks)
-    assert r['big_eps'] <= 0.1
+    assert r['unbounded']['eps'] == 1 and max(r['unbounded'][a] for a in attack.UNBOUNDED) <= 2 / 200
+    assert r['standing'][0.1].sum().item() == round(200 * r['robust'][0.1]['worst'])
     r = attack.evaluate(model, val, [0.1], ['ce-10', 'ce-50x2'])
     # independent random starts: PGD-10 may luck into one sample PGD-50x2 misses (seen: 89 vs 90
     # of 200), never into more than the checks' slack of 2 images
     assert r['robust'][0.1]['ce-50x2'] <= r['robust'][0.1]['ce-10'] + 2 / 200
-    assert attack.sanity_checks(r, ['ce-10', 'ce-50x2'], None, 10)[-1][0]
+    assert attack.sanity_checks(r, ['ce-10', 'ce-50x2'])[-1][0]
 
 
 class Scale(nn.Module):
@@ -186,15 +188,35 @@ class Scale(nn.Module):
         return z * self.c
 
 
-def test_sanity_checks_flag_masked_gradients(one_thread):
-    """A model whose CE gradient vanishes (logits x 1e4 saturate the softmax in float32) looks
-    robust to CE-PGD; the margin attack is unaffected, and the check must say so."""
+class Quantize(nn.Module):
+    """Inputs rounded to 16 levels: a zero gradient almost everywhere, and robust to nothing."""
+    def forward(self, x):
+        return torch.round(x * 16) / 16
+
+
+def masking_checks(model, x, y, eps, attacks):
+    torch.manual_seed(0)
+    r = attack.evaluate(model, [(x, y)], [eps], attacks, checks=True)
+    return attack.sanity_checks(r, attacks) + [square_check(model, [(x, y)], r['standing'][eps], eps, queries=200)]
+
+
+@pytest.mark.parametrize('masked', ['saturated softmax', 'quantized input'])
+def test_masked_models_trip_checks_and_plain_model_passes(masked, one_thread):
+    """Logits x 1e4 saturate the softmax in float32: CE and its gradient are exactly 0 for most
+    images, so CE-PGD stands still. Rounded inputs: no gradient at all. Either looks robust to PGD."""
     model, x, y, dist = linear_problem('linf')
-    masked = nn.Sequential(model, Scale(1e4))
     eps = dist[dist > 0].quantile(0.6).item()
-    r = attack.evaluate(masked, [(x, y)], [eps], ['ce-10', 'margin-10'])
-    checks = attack.sanity_checks(r, ['ce-10', 'margin-10'], None, 2)
-    assert not checks[-1][0] and 'margin' in checks[-1][1]
+    if masked == 'saturated softmax':
+        checks = masking_checks(nn.Sequential(model, Scale(1e4)), x, y, eps, ['ce-10', 'margin-10'])
+        tripped = {'unbounded', 'ce loss rises', 'stronger than CE'}
+    else:
+        checks = masking_checks(nn.Sequential(Quantize(), model), x, y, eps, ['ce-10', 'margin-10'])
+        tripped = {'unbounded', 'ce loss rises', 'margin loss rises', 'Square'}
+    assert {t for t in tripped for ok, m in checks if not ok and t in m} == tripped, checks
+    plain = masking_checks(model, x, y, eps, ['ce-10', 'margin-10'])
+    assert all(ok for ok, _ in plain), [m for ok, m in plain if not ok]
+    with_ce_only = masking_checks(nn.Sequential(model, Scale(1e4)), x, y, eps, ['ce-10'])
+    assert not with_ce_only[-1][0]  # no margin attack to compare with: Square (margin loss) finds what CE missed
 
 
 # ---------------------------------------------------------------- characterization

@@ -106,7 +106,8 @@ BAD_ATTACK = [[], ['--ckpt=/nonexistent.pt'], ['--eps', '-1'], ['--eps', '0'], [
               ['--attacks', 'ce-0'], ['--steps', '0'], ['--schedule', 'linear'], ['--step-size', '0'],
               ['--step-size', 'nan'], ['--n', '0'], ['--n', '-5'], ['--data', '/nonexistent'],
               ['--json', '/nonexistent/dir/x.json'], ['--seed', '-1'], ['--compile', 'maybe'], ['--foo'],
-              ['--model', 'resnet9000'], ['--act', 'tanh'], ['--model', 'swin_base_patch4_window7_224']]  # --model: official only
+              ['--model', 'resnet9000'], ['--act', 'tanh'], ['--model', 'swin_base_patch4_window7_224'],  # official only
+              ['--weights', 'both'], ['--square-queries', '-1'], ['--autoattack', 'yes'], ['--images', '0']]
 
 
 @pytest.mark.parametrize('argv', BAD_ATTACK)

@@ -357,7 +357,7 @@ def test_make_eval_of_an_official_resnet50(tmp_path):
     head = lambda c: {'fc.weight': torch.zeros(1000, 2048), 'fc.bias': 10 * F.one_hot(torch.tensor(c), 1000).float()}
     official_file(tmp_path / 'rn50_gelu.pth.tar', {**sd, **head(1)}, {**sd, **head(0)}, model='resnet50')
     r = make('eval', f'CKPT=official:{tmp_path / "rn50_gelu.pth.tar"}', 'MODEL=timm/resnet50', f'DATA={data}',
-             f'ARGS=--n 6 --attacks ce-1 --no-checks --json {tmp_path / "eval.json"}')
+             'AA=0', f'ARGS=--n 6 --attacks ce-1 --no-checks --json {tmp_path / "eval.json"}')
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     result = json.load(open(tmp_path / 'eval.json'))
     assert (result['model'], result['weights'], result['n'], result['objective']) == ('timm/resnet50', 'ema', 6, 'official')
@@ -395,7 +395,7 @@ def test_make_train_swinb_gradnorm_recipe_then_eval(tmp_path):
     assert all(w in first for w in (' res=64* ', ' batch_size=4* ', ' accum=2 ', ' amp=False ', ' init=pretrained '))
     ck = C.load_checkpoint(str(out / 'ckpt.pt'))
     assert ck['step'] == 1 and ck['ema'] is not None and ck['config']['recipe'] == 'swinb_gradnorm'
-    r = make('eval', f'CKPT={out / "ckpt.pt"}', 'ARGS=--n 4 --attacks ce-1 --no-checks --ema', env=env)
+    r = make('eval', f'CKPT={out / "ckpt.pt"}', 'AA=0', 'ARGS=--n 4 --attacks ce-1 --no-checks --weights=ema', env=env)
     assert r.returncode == 0 and 'EMA weights' in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 

@@ -215,6 +215,8 @@ def test_torchrun_two_ranks_stay_identical(tiny_data, tmp_path):
     lines = (out / 'metrics.jsonl').read_text().splitlines()
     assert len(lines) == 1  # rank 0 alone writes
     assert r.stdout.count('final:') == 1  # rank 0 alone prints
+    # the per-epoch robust number says what it is: PGD, an upper bound, not the number to report
+    assert 'pgd_upper' in json.loads(lines[0]) and r.stdout.count('an upper bound') == 2
 
 
 def test_checkpoint_roundtrip_and_resume_continue_exactly(tiny_data, tmp_path):

@@ -310,8 +310,9 @@ def train_epoch(run, epoch, stop):
 # ---------------------------------------------------------------- evaluation, checkpoints
 
 def evaluate(model, val, robust_val, eps, steps, seed):
-    """Clean accuracy on the validation set, PGD accuracy on its fixed subset. Its own RNG stream:
-    the same attack every epoch, and training's random numbers are left as they were."""
+    """Clean accuracy on the validation set; on its fixed subset the worst case of CE and margin
+    PGD-steps, an upper bound on robust accuracy (pgd_upper: AutoAttack finds more). Its own RNG
+    stream: the same attack every epoch, and training's random numbers are left as they were."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.eval()
@@ -322,7 +323,7 @@ def evaluate(model, val, robust_val, eps, steps, seed):
             counts = counts.to(next(model.parameters()).device)  # NCCL reduces GPU tensors only
             dist.all_reduce(counts)
         robust = robust_accuracy(model, robust_val, [eps], steps)
-    return {'clean_acc': (counts[0] / counts[1]).item(), 'pgd_acc': robust['robust'][eps]}
+    return {'clean_acc': (counts[0] / counts[1]).item(), 'pgd_upper': robust['robust'][eps]}
 
 
 def save(run):
@@ -375,6 +376,10 @@ def stop_signals():
 
 # ---------------------------------------------------------------- the loop
 
+def pgd_name(cfg):
+    return f'PGD-{cfg.eval_steps} (worst of CE and margin) L-inf eps={cfg.eps:.4g} on {cfg.eval_n} held-out images'
+
+
 def train(cfg):
     """For each epoch: a pass over the data with the objective, then evaluation and a checkpoint."""
     rank, world, device = setup_distributed()
@@ -385,6 +390,8 @@ def train(cfg):
     log(f'{cfg.objective} | {cfg.model} {cfg.act} | {sum(p.numel() for p in run.model.parameters()):,} params '
         f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{__version__}'
         + (f' | gradnorm_impl={gradnorm_impl(cfg, device)}' if cfg.objective == 'gradnorm' else ''))
+    log(f'per epoch: clean accuracy on the validation set; pgd_upper = {pgd_name(cfg)}, an upper bound on robust '
+        'accuracy (AutoAttack, the number to report: attack.py --autoattack)')
     metrics = {}
     with stop_signals() as stop:
         for epoch in range(run.step // run.steps, cfg.epochs):
@@ -395,8 +402,8 @@ def train(cfg):
                     f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'), end='')
             metrics = end_epoch(run, epoch, terms, img_per_s, log)
     if metrics:
-        log(f'final: clean {100 * metrics["clean_acc"]:.1f}% | PGD-{cfg.eval_steps} L-inf eps={cfg.eps:.4g} '
-            f'on {cfg.eval_n} test images {100 * metrics["pgd_acc"]:.1f}% | {cfg.out}/ckpt.pt')
+        log(f'final: clean {100 * metrics["clean_acc"]:.1f}% | {pgd_name(cfg)} {100 * metrics["pgd_upper"]:.1f}% '
+            f'(an upper bound; AutoAttack: python attack.py --ckpt {cfg.out}/ckpt.pt --autoattack) | {cfg.out}/ckpt.pt')
     if dist.is_initialized():
         dist.destroy_process_group()
     return run.model

@@ -1,0 +1,193 @@
+"""AutoAttack, the robust accuracy the field compares (Croce & Hein 2020; RobustBench), run with the
+authors' reference code (pyautoattack), and the gradient-masking checks that need it or its
+gradient-free Square attack. attack.py runs these after its PGD attacks (`--autoattack`).
+
+Here: AutoAttack's standard version on our batches, per-image results after each component,
+resumable after an interruption, shards summed under torchrun; AutoAttack's own checks as ok/FLAG;
+Square on the images every gradient attack failed on. Imports only torch (pyautoattack lazily).
+"""
+import json
+import logging
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+VERSION = 'standard'  # APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries)
+NORMS = {'linf': 'Linf', 'l2': 'L2'}
+# AutoAttack's own checks (pyautoattack/checks.py) and a phrase of the warning each one logs
+AA_CHECKS = {'randomness (outputs identical across forwards)': 'randomized defense',
+             'logits, not probabilities': 'probability distribution',
+             'no gradient computed inside the forward': 'dynamic defense',
+             'enough classes for the targeted attacks': 'classes',
+             'no zero input gradients (APGD-T)': 'zero gradient',
+             'Square adds nothing to the gradient attacks': 'Square Attack has decreased'}
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def aa_logs():
+    """pyautoattack reports through the 'auto-attack' logger: its warnings (its checks) are collected
+    here instead of printed; its progress messages are dropped (the caller prints its own)."""
+    logger, handler = logging.getLogger('auto-attack'), _Collect()
+    old = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old[0]
+        logger.setLevel(old[1])
+
+
+class State:
+    """An AutoAttack run on disk: per (eps, batch, component) the images still standing, rewritten
+    atomically after each step. A run with the same key continues from it; any other starts afresh.
+    (pyautoattack 0.2.0's own state_path cannot be restored: it compares a set with the JSON list.)"""
+
+    def __init__(self, path, key):
+        self.path, self.key, self.done = path, key, {}
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            self.done = saved['done'] if saved.get('key') == key else {}
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+        self.resumed = len(self.done)
+
+    def get(self, eps, batch, component):
+        bits = self.done.get(f'{eps:.10g}/{batch}/{component}')
+        return None if bits is None else torch.tensor([b == '1' for b in bits])
+
+    def put(self, eps, batch, component, standing):
+        self.done[f'{eps:.10g}/{batch}/{component}'] = ''.join('1' if s else '0' for s in standing.tolist())
+        with open(self.path + '.tmp', 'w') as f:
+            json.dump({'key': self.key, 'done': self.done}, f)
+        os.replace(self.path + '.tmp', self.path)
+
+    def remove(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _summed(values, device):
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to(device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _broken(model, x, y, x_adv, eps, norm):
+    """Never trust, verify: fooled only if the point is in the eps-ball and [0,1] and misclassified
+    by the model as it is."""
+    d = (x_adv - x).flatten(1)
+    d = d.abs().amax(1) if norm == 'linf' else d.norm(dim=1)
+    valid = (d <= eps * (1 + 1e-5) + 1e-6) & (x_adv.flatten(1).amin(1) >= 0) & (x_adv.flatten(1).amax(1) <= 1)
+    with torch.no_grad():
+        wrong = model(x_adv).argmax(1) != y
+    return wrong & valid
+
+
+def autoattack(model, batches, eps, norm='linf', seed=0, state=None, components=None, progress=None):
+    """AutoAttack's standard version on inputs in [0,1] (components: a subset, same settings, for
+    tests). As in run_standard_evaluation, each component attacks only the images every earlier one
+    left standing; it is called once per component and batch, which gives per-image results after
+    each component and lets `state` record every step. Under torchrun each rank passes its shard.
+    -> {'n', 'after': {'clean' and each component: accuracy}, 'standing': {same keys: bool tensor
+    over this rank's images}, 'warnings': [AutoAttack's check warnings, all ranks]}"""
+    from pyautoattack import AutoAttack, checks
+    aa, standing, invalid, device = None, {}, 0, torch.device('cpu')
+    with aa_logs() as messages:
+        for b, (x, y) in enumerate(batches):
+            x, device = x.contiguous(), x.device  # AutoAttack .view()s its gradients: channels_last breaks that
+            if aa is None:
+                aa = AutoAttack(model, norm=NORMS[norm], eps=eps, version=VERSION, seed=seed, device=x.device)
+                names = list(components or aa.attacks_to_run)
+            with torch.no_grad():
+                alive = model(x).argmax(1) == y
+            standing.setdefault('clean', []).append(alive.cpu())
+            for c in names:
+                done = state.get(eps, b, c) if state else None
+                if done is not None:
+                    alive = done.to(alive.device)
+                elif alive.any():
+                    idx = alive.nonzero().squeeze(1)
+                    aa.attacks_to_run = [c]
+                    x_adv, y_adv = aa.run_standard_evaluation(x[idx], y[idx], batch_size=len(idx))
+                    fooled = _broken(model, x[idx], y[idx], x_adv, eps, norm)
+                    alive, invalid = alive.clone(), invalid + int(((y_adv != y[idx]) & ~fooled).sum())
+                    alive[idx[fooled]] = False
+                if done is None and state:
+                    state.put(eps, b, c, alive)
+                standing.setdefault(c, []).append(alive.cpu())
+                if progress:
+                    progress(b, c, int(alive.sum()), len(y), done is not None)
+        standing = {k: torch.cat(v) for k, v in standing.items()}
+        counts = _summed([len(standing['clean'])] + [v.sum().item() for v in standing.values()] + [invalid], device)
+        after = {k: c / counts[0] for k, c in zip(standing, counts[1:])}
+        checks.check_square_sr(after, logger=logging.getLogger('auto-attack'))
+        warnings = list(messages)
+    if counts[-1]:
+        warnings.append(f'{int(counts[-1])} points AutoAttack called adversarial are outside the eps-ball or [0,1] '
+                        'or classified correctly when checked: counted as robust')
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, warnings)
+        warnings = [w for ws in every for w in ws]
+    return {'n': int(counts[0]), 'after': after, 'standing': standing, 'warnings': warnings}
+
+
+def aa_checks(warnings):
+    """AutoAttack's own checks, each -> (ok, message), from the warnings it logged."""
+    out, left = [], list(warnings)
+    for name, phrase in AA_CHECKS.items():
+        hits = [w for w in left if phrase in w]
+        left = [w for w in left if phrase not in w]
+        out.append((not hits, f'AutoAttack check, {name}' + (f': {hits[0]}' + (f' (and {len(hits) - 1} more)'
+                                                                              if len(hits) > 1 else '') if hits else '')))
+    out += [(False, f'AutoAttack: {w}') for w in dict.fromkeys(left)]
+    return out
+
+
+def square_check(model, batches, gradient_standing, eps, norm='linf', queries=1000, seed=0, aa=None,
+                 slack_images=2, slack_share=0.01):
+    """A gradient-free attack must not break images every gradient attack failed on (Carlini et al.
+    2019): if it does, the gradients mislead the attacks (masking). gradient_standing: bool tensor
+    over this rank's images, robust to every PGD attack. With an AutoAttack result (aa), its own
+    Square run (on the survivors of APGD-CE, APGD-T and FAB-T) is used; otherwise pyautoattack's
+    SquareAttack runs here. FLAG if it breaks more than max(slack_images, slack_share of them).
+    -> (ok, message)"""
+    if aa and 'square' in aa['standing']:
+        names = list(aa['standing'])
+        before = gradient_standing & aa['standing'][names[names.index('square') - 1]]
+        broken, queries = before & ~aa['standing']['square'], 5000
+    else:
+        from pyautoattack.square import SquareAttack
+        sq, parts, start = None, [], 0
+        for x, y in batches:
+            keep = gradient_standing[start:start + len(y)].to(x.device)
+            start += len(y)
+            hit = torch.zeros_like(keep)
+            if keep.any():
+                sq = sq or SquareAttack(model, norm=NORMS[norm], n_queries=queries, eps=eps, seed=seed, device=x.device)
+                x_adv = sq.perturb(x[keep].contiguous(), y[keep])
+                hit[keep] = _broken(model, x[keep], y[keep], x_adv, eps, norm)
+            parts.append(hit.cpu())
+        before, broken = gradient_standing, torch.cat(parts) if parts else torch.zeros_like(gradient_standing)
+    device = batches[0][0].device if batches else torch.device('cpu')
+    attacked, fooled = _summed([before.sum().item(), broken.sum().item()], device)
+    allowed = max(slack_images, slack_share * attacked)
+    return fooled <= allowed, (f'Square ({queries} queries, no gradients) broke {fooled:.0f} of the {attacked:.0f} '
+                               f'images every gradient attack failed on (allowed {allowed:.0f}; more: masked gradients)')
