@@ -81,7 +81,8 @@ class ResNet(nn.Module):
     """torchvision's parameter names and shapes, so its pretrained weights load strictly."""
 
     def __init__(self, block, layers, widths=(64, 128, 256, 512), act='relu', in_ch=3,
-                 num_classes=1000, small_stem=False, stem_stride=1, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 num_classes=1000, small_stem=False, stem_stride=1, stem_pool=1,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         self.normalize = Normalize(mean, std)
         # small inputs (28-32 px): a 3x3 stem and no max-pool instead of ImageNet's 4x downsampling
@@ -89,7 +90,11 @@ class ResNet(nn.Module):
                                1 if small_stem else 3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.act = make_act(act)
-        self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
+        # stem_pool=2 (small stem): 2x2 average pooling after a stride-1 stem. Its input gradient spreads
+        # each pooled cell's gradient evenly over its 4 pixels, where a stride-2 3x3 conv reaches every
+        # other pixel twice and prints a 2-pixel checkerboard into d loss / d x (docs/demo_science.md)
+        self.maxpool = (nn.AvgPool2d(stem_pool) if stem_pool > 1 else nn.Identity()) if small_stem \
+            else nn.MaxPool2d(3, 2, 1)
         cin = widths[0]
         for i, (n, w) in enumerate(zip(layers, widths)):
             blocks = []
@@ -154,6 +159,8 @@ MODELS = {
     'resnet18_small': lambda **kw: ResNet(BasicBlock, [2, 2, 2, 2], small_stem=True, **kw),
     # the CPU demo: 28 px -> 14 -> 7 -> 4, ~20x cheaper than resnet18_small
     'resnet_demo': lambda **kw: ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, stem_stride=2, **kw),
+    # the demo with a stem whose input gradients carry no 2-pixel checkerboard (1.3x the step cost)
+    'resnet_demo_pool': lambda **kw: ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, stem_pool=2, **kw),
     'vit_tiny': lambda **kw: ViT(patch=16, dim=192, depth=12, heads=3, **kw),
     'vit_small': lambda **kw: ViT(patch=16, dim=384, depth=12, heads=6, **kw),
     'vit_demo': lambda **kw: ViT(patch=4, dim=96, depth=4, heads=3, **kw),
