@@ -104,7 +104,7 @@ bench-loader: setup
 # Step cost of standard, GradNorm (exact, compiled, finite-difference), EdgeReg and PGD-3 AT, side by side.
 # Default: the demo model on the CPU; resnet50 and vit_small at 224 (bf16, channels_last) where there is a GPU.
 RES ?=
-BENCH_MODELS = $(or $(MODEL),$(if $(filter-out 0,$(GPUS)),resnet50 vit_small,resnet_demo))
+BENCH_MODELS = $(or $(MODEL),$(if $(filter-out 0,$(GPUS)),resnet50 vit_small,resnet_demo_pool))
 .PHONY: bench
 bench: setup
 	for m in $(BENCH_MODELS); do $(PY) bench.py step --model=$$m $(if $(RES),--res=$(RES)) $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done

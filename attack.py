@@ -2,7 +2,7 @@
 case per sample over steps, restarts and attacks, checks that flag gradient masking, and AutoAttack
 (autoattack_eval.py), the number to report.
 
-    python attack.py --ckpt runs/fashion-mnist/resnet_demo-gradnorm-gelu/ckpt.pt --eps 0.05 0.1 --autoattack
+    python attack.py --ckpt runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --eps 0.05 0.1 --autoattack
     torchrun --nproc_per_node=8 attack.py --ckpt imagenet.pt   # 4/255, 5,000 images, AutoAttack; ranks summed
     python attack.py --ckpt official:gradnorm_swinb.pth.tar --model swin_base_patch4_window7_224 --data IMAGENET
 The last evaluates a checkpoint the authors released (its EMA weights, as the paper).

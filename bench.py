@@ -95,7 +95,7 @@ def timed_step(model, opt, fn, x, y, device, autocast):
 
 
 def step_args(p):
-    p.add_argument('--model', default='resnet_demo')
+    p.add_argument('--model', default='resnet_demo_pool')
     p.add_argument('--res', type=int, default=0, help='image size (default: 28 for *_demo, else 224)')
     p.add_argument('--batch', type=int, default=128)
     p.add_argument('--act', default='gelu')
@@ -329,7 +329,7 @@ def main(argv):
     b.add_argument('--reprob', type=checked(float, lambda v: 0 <= v <= 1, 'in [0, 1]'), default=0.0,
                    help="random erasing on both training loaders' batches (train.py's --reprob)")
     a = sub.add_parser('attack', help='PGD seconds per 1,000 images, eager vs compiled')
-    a.add_argument('--model', default='resnet_demo')
+    a.add_argument('--model', default='resnet_demo_pool')
     a.add_argument('--batch', type=positive, default=500)
     a.add_argument('--images', type=positive, default=1000)
     a.add_argument('--steps', type=positive, default=10)

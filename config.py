@@ -72,7 +72,7 @@ def data_kind(path):
 class Config:
     objective: str = 'gradnorm'   # standard | gradnorm | pgd | edge
     gradnorm_impl: str = 'auto'   # auto: fd on the CPU with a smooth activation, else exact (double backprop)
-    model: str = 'resnet_demo'
+    model: str = 'resnet_demo_pool'  # the demo's ResNet; its stem leaves no checkerboard in d loss / d x
     act: str = 'gelu'             # relu | gelu | silu: GradNorm needs a smooth one
     data: str = '/usr/share/datasets/fashion-mnist'
     epochs: int = 4

@@ -264,11 +264,11 @@ def test_imagenet_recipe_unless_overridden(tree):
     assert (cfg.smoothing, cfg.ema, cfg.clip, cfg.ramp_epochs, cfg.eps, cfg.res) == (0.1, 0.9998, 0.5, 5.0, 4 / 255, 224)
     cfg = C.parse_config([f'--data={tree[0]}', '--lr=0.01', '--model=vit_small', '--init='])
     assert (cfg.lr, cfg.model, cfg.init) == (0.01, 'vit_small', '')
-    assert C.parse_config([]).model == 'resnet_demo' and C.parse_config([]).recipe == ''  # Fashion-MNIST: the demo
-    assert C.parse_config([f'--data={tree[0]}', '--recipe=']).model == 'resnet_demo'  # --recipe= : plain defaults
+    assert C.parse_config([]).model == 'resnet_demo_pool' and C.parse_config([]).recipe == ''  # Fashion-MNIST: the demo
+    assert C.parse_config([f'--data={tree[0]}', '--recipe=']).model == 'resnet_demo_pool'  # --recipe= : plain defaults
     assert (cfg.randaug, cfg.reprob, cfg.mixup, cfg.cutmix) == ('rand-m9-mstd0.5-inc1', 0.25, 0.8, 1.0)
     demo = C.parse_config([])  # Fashion-MNIST keeps the demo's defaults: no RandAugment, erasing or mixing
-    assert (demo.model, demo.randaug, demo.reprob, demo.mixup, demo.cutmix) == ('resnet_demo', '', 0.0, 0.0, 0.0)
+    assert (demo.model, demo.randaug, demo.reprob, demo.mixup, demo.cutmix) == ('resnet_demo_pool', '', 0.0, 0.0, 0.0)
 
 
 def test_torchvision_resnet50_loads_strictly():
