@@ -117,7 +117,8 @@ def test_bad_attack_argument(argv, some_file, guarded, capsys):
 
 
 BAD_CHARACTERIZE = [[], ['/nonexistent.pt'], ['--n', '0'], ['--rows', '0'], ['--rows', '100'], ['--eps', '2'],
-                    ['--eps', '-1'], ['--steps', '0'], ['--data', '/nonexistent'], ['--out', 'HERE/test_cli.py/x']]
+                    ['--eps', '-1'], ['--steps', '0'], ['--data', '/nonexistent'], ['--out', 'HERE/test_cli.py/x'],
+                    ['--fo-n', '-1'], ['--fo-n', 'x']]
 
 
 @pytest.mark.parametrize('argv', BAD_CHARACTERIZE)
