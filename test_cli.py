@@ -141,7 +141,8 @@ def test_bad_data_argument(argv, guarded, capsys, tmp_path):
 
 
 @pytest.mark.parametrize('script,argv', [('train.py', ['--eps=-0.1']), ('attack.py', ['--ckpt=x', '--eps', '1/0']),
-                                         ('characterize.py', ['/nonexistent.pt']), ('data.py', ['write', '/x', '/y'])])
+                                         ('characterize.py', ['/nonexistent.pt']), ('data.py', ['write', '/x', '/y']),
+                                         ('science.py', ['stems', 'resnet9000'])])
 def test_entry_points_exit_2_with_one_line(script, argv):
     r = subprocess.run([sys.executable, script, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
