@@ -259,7 +259,7 @@ def characterize(ckpts, n=1000, rows=8, eps=None, steps=20, out='runs/characteri
         if info0 is not None and ck['data_info'] != info0:
             raise UserError(f'{path} was trained on other data than {ckpts[0]}: characterize them separately')
         info0 = ck['data_info']
-        model = model_from_checkpoint(ck)
+        model = model_from_checkpoint(ck).eval().requires_grad_(False)  # train mode would move BN's running stats
         cfg = Config(**{**ck['config'], 'eval_n': n})
         cfg.data = data or cfg.data
         _, _, batches, _ = make_loaders(cfg, 0, 1, torch.device('cpu'))

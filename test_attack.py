@@ -276,4 +276,7 @@ def test_characterize_writes_pictures_and_numbers(tmp_path):
     res = json.load(open(os.path.join(out, 'characterize.json')))
     assert [r['name'] for r in res] == ['run0', 'run1'] and res[0]['n'] == 40
     assert res[0]['first_order']['n'] == 16 and res[0]['first_order']['ratio'] > 0 and res[0]['nyquist']['rel'] > 0
+    _, (xte, yte) = load_fashion_mnist(DATA)  # the same number from the untouched model: nothing moved its BN stats
+    direct = characterize.first_order_ratio(small_model(0), [(xte[:16].float() / 255, yte[:16])], res[0]['eps'])
+    assert res[0]['first_order']['ratio'] == pytest.approx(direct['ratio'], rel=1e-4)
     assert open(os.path.join(out, 'characterize.csv')).read().count('\n') == 3
