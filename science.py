@@ -106,14 +106,27 @@ def chunks(x, y, size, drop_last=False):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, stop, size)]
 
 
+def standing(model, x, y, eps):
+    """-> {attack: bool mask of the images it failed on, 'worst': failed on all}; each attack seeded
+    alike on each 500 images, so a checkpoint's numbers repeat (and equal the science branch's)."""
+    out = {}
+    for a in ATTACKS:
+        masks = []
+        for xb, yb in chunks(x, y, 500):
+            torch.manual_seed(0)
+            masks.append(evaluate(model, [(xb, yb)], [eps], [a])['standing'][eps])
+        out[a] = torch.cat(masks)
+    out['worst'] = torch.stack(list(out.values())).all(0)
+    return out
+
+
 def robust(model, val, x, y, eps, square=0):
-    """Clean accuracy on the 10k test images; PGD per attack and the per-sample worst case on (x, y),
-    seeded, so a checkpoint's numbers repeat; square > 0: Square on PGD's survivors."""
-    torch.manual_seed(0)
-    r = evaluate(model, chunks(x, y, 500), [eps], ATTACKS)
-    out = dict(eps=eps, n=len(y), clean=evaluate(model, val, [])['clean'], **r['robust'][eps])
+    """Clean accuracy on the 10k test images; PGD per attack and the per-sample worst case on (x, y);
+    square > 0: Square on the images every PGD attack failed on."""
+    masks = standing(model, x, y, eps)
+    out = dict(eps=eps, n=len(y), clean=evaluate(model, val, [])['clean'], **{k: v.double().mean().item() for k, v in masks.items()})
     if square:
-        idx = r['standing'][eps].nonzero().squeeze(1)
+        idx = masks['worst'].nonzero().squeeze(1)
         out.update(square_queries=square, square=square_robust(model, x[idx], y[idx], eps, square).sum().item() / len(y))
     return out
 
@@ -331,11 +344,11 @@ def robust_vs_eps(ckpts, eps_list, n=1000, fo_n=500):
     out = {}
     for path in ckpts:
         model, ck, _, (x, y) = load_for_science(path, n)
-        torch.manual_seed(0)
-        r = evaluate(model, chunks(x, y, 500), eps_list, ATTACKS)
+        with torch.no_grad():
+            clean = (model(x).argmax(1) == y).double().mean().item()
         c = ck['config']
-        out[path] = {'clean': r['clean'], 'objective': c['objective'], 'act': c['act'], 'train_eps': c['eps'],
-                     **{e: r['robust'][e]['worst'] for e in eps_list},
+        out[path] = {'clean': clean, 'objective': c['objective'], 'act': c['act'], 'train_eps': c['eps'],
+                     **{e: standing(model, x, y, e)['worst'].double().mean().item() for e in eps_list},
                      'fo_ratio': {e: first_order_ratio(model, chunks(x[:fo_n], y[:fo_n], 500), e, 10)['ratio']
                                   for e in eps_list}}
         print(json.dumps({'ckpt': path, **out[path]}), flush=True)  # json writes eps keys as strings
