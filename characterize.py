@@ -4,7 +4,10 @@ gradients of the loss on clean images; vulnerable ones have large, noise-like on
     python characterize.py runs/standard_gelu/ckpt.pt runs/gradnorm_gelu/ckpt.pt --n 1000
 Per checkpoint, on the same first n test images: per-image L1 and L2 norms of g = d CE_i / d x_i
 (mean, quantiles), per-channel statistics of g, edge alignment (Pearson correlation between |g|
-and the EdgeReg teacher's edge energy, per image), clean and PGD accuracy (attack.evaluate).
+and the EdgeReg teacher's edge energy, per image), clean and PGD accuracy (attack.evaluate), the
+Nyquist share of |g| over the images' (a 2-pixel checkerboard printed by a strided stem: ~1 for
+image-like maps), and on the first --fo-n images the first-order ratio at the eval eps (the CE
+gain PGD-10 reaches over eps * ||g||_1, the gain GradNorm's penalty predicts: 1 on a linear model).
 Writes to --out: characterize.json, characterize.csv, gradients.png, norm_vs_robust.png.
 """
 import argparse
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from attack import evaluate, parse_eps
+from attack import LOSSES, evaluate, parse_eps
 from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
 from data import make_loaders
 from edge_reg import edge_energy
@@ -47,26 +50,110 @@ def edge_alignment(g, x):
     return pearson(g.abs(), edge_energy(x))
 
 
+def nyquist_fraction(maps):
+    """Per map, the share of its spectral energy (mean removed) on the Nyquist lines k_y = H/2 or
+    k_x = W/2: the 2-pixel periodic patterns (checkerboards, stripes) that a stride-2 convolution
+    with a kernel not divisible by its stride prints into its input gradient. 1 for a pure
+    checkerboard, ~0 for smooth maps, (H+W-1)/(H*W-1) for white noise. maps: (B, [C,] H, W),
+    channels summed; H and W even (odd sizes have no Nyquist bin)."""
+    m = maps.double().sum(1) if maps.ndim == 4 else maps.double()
+    H, W = m.shape[-2:]
+    if H % 2 or W % 2:
+        raise ValueError(f'nyquist_fraction needs even sizes, not {H}x{W}')
+    p = torch.fft.fft2(m - m.mean((-2, -1), keepdim=True)).abs().pow(2)
+    nyq = p[:, H // 2, :].sum(-1) + p[:, :, W // 2].sum(-1) - p[:, H // 2, W // 2]
+    return nyq / p.sum((-2, -1)).clamp_min(1e-30)
+
+
+def pixel_edges(x):
+    """|finite-difference gradient| of the images at pixel resolution: what a perfectly edge-aligned
+    |grad| map would look like, sharp edges and all (a reference for the Nyquist share of |grad|)."""
+    dx = F.pad(x[..., :, 1:] - x[..., :, :-1], (0, 1))
+    dy = F.pad(x[..., 1:, :] - x[..., :-1, :], (0, 0, 0, 1))
+    return (dx ** 2 + dy ** 2).sqrt()
+
+
+# ---------------------------------------------------------------- how first-order is the model?
+
+def max_loss_pgd(model, x, y, eps, steps=10, loss='ce'):
+    """Per-sample highest loss seen by L-inf PGD started at x itself (no random start: on a model
+    that is linear in x the first step already points at the optimal corner, so the answer is
+    exact), sign steps of 2.5*eps/steps, projected onto the eps-ball and [0,1]. Unlike the
+    evaluator's PGD it never stops at a misclassification: it measures how far the loss climbs."""
+    loss_fn, size = LOSSES[loss], 2.5 * eps / steps
+    x, x_adv = x.detach(), x.detach().clone()
+    best = torch.full(y.shape, float('-inf'), dtype=x.dtype, device=x.device)
+    for i in range(steps + 1):
+        x_adv.requires_grad_(i < steps)
+        with torch.enable_grad() if i < steps else torch.no_grad():
+            l = loss_fn(model(x_adv), y).to(x.dtype)
+        best = torch.maximum(best, l.detach())
+        if i == steps:
+            break
+        (g,) = torch.autograd.grad(l.sum(), x_adv)
+        x_adv = (x + (x_adv.detach() + size * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    return best
+
+
+def loss_and_input_gradient(model, x, y, loss='ce'):
+    """Per-sample loss (attack.LOSSES) and its gradient in x, per sample as in input_gradients."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        l = LOSSES[loss](model(x), y).to(x.dtype)
+        (g,) = torch.autograd.grad(l.sum(), x)
+    return l.detach(), g
+
+
+def first_order_ratio(model, batches, eps, steps=10, loss='ce'):
+    """Actual loss increase of PGD-steps over the first-order prediction eps * ||grad_x loss||_1
+    (the quantity GradNorm penalizes). ratio > 1: the loss curves up inside the ball, so a small
+    penalty no longer means a small attack; ratio < 1: it flattens (saturation, or PGD too weak).
+    ratio_box uses the prediction that respects [0,1] (a pixel at 0 cannot move down), which is
+    what a perfect first-order attacker could get on Fashion-MNIST's black backgrounds.
+    -> {'actual', 'predicted', 'predicted_box', 'ratio', 'ratio_box', 'median_ratio', 'n'}"""
+    was_training = model.training
+    model.eval()
+    inc, pred, box = [], [], []
+    for x, y in batches:
+        l0, g = loss_and_input_gradient(model, x, y, loss)
+        inc.append(max_loss_pgd(model, x, y, eps, steps, loss) - l0)
+        pred.append(eps * g.abs().flatten(1).sum(1))
+        room = torch.where(g > 0, (1 - x).clamp(max=eps), x.clamp(max=eps))  # how far each pixel may go
+        box.append((g.abs() * room).flatten(1).sum(1))
+    model.train(was_training)
+    inc, pred, box = torch.cat(inc).double(), torch.cat(pred).double(), torch.cat(box).double()
+    ok = pred > 1e-12
+    return {'actual': inc.mean().item(), 'predicted': pred.mean().item(), 'predicted_box': box.mean().item(),
+            'ratio': (inc.mean() / pred.mean()).item(), 'ratio_box': (inc.mean() / box.mean()).item(),
+            'median_ratio': (inc[ok] / pred[ok]).median().item(), 'n': len(inc)}
+
+
 def summary(v):
     v = v.double()
     return {'mean': v.mean().item(), **{k: v.quantile(q).item() for k, q in QUANTILES.items()}}
 
 
 def gradient_stats(model, batches):
-    """-> per-image L1, L2, edge alignment (tensors over all images) and per-channel statistics."""
+    """-> per-image L1, L2, edge alignment (tensors over all images), per-channel statistics and the
+    mean Nyquist share of |g| and of the images ({'grad', 'image', 'rel': grad / image}; None for odd
+    sizes, which have no Nyquist bin)."""
     model.eval().requires_grad_(False)
-    l1, l2, align, abs_sum, signed_sum, n = [], [], [], 0, 0, 0
+    l1, l2, align, nyq, abs_sum, signed_sum, n = [], [], [], [], 0, 0, 0
     for x, y in batches:
         g = input_gradients(model, x, y).float()
         l1.append(g.flatten(1).abs().sum(1))
         l2.append(g.flatten(1).norm(dim=1))
         align.append(edge_alignment(g, x))
+        if g.shape[-1] % 2 == 0 and g.shape[-2] % 2 == 0:
+            nyq.append(torch.stack([nyquist_fraction(g.abs()), nyquist_fraction(x)], 1))
         abs_sum = abs_sum + g.abs().sum((0, 2, 3)).double()
         signed_sum = signed_sum + g.sum((0, 2, 3)).double()
         n += g.shape[0] * g.shape[2] * g.shape[3]
     channels = [{'mean_abs': (a / n).item(), 'mean': (s / n).item(), 'l1_share': (a / abs_sum.sum()).item()}
                 for a, s in zip(abs_sum, signed_sum)]
-    return torch.cat(l1), torch.cat(l2), torch.cat(align), channels
+    grad, image = torch.cat(nyq).mean(0).tolist() if nyq else (None, None)
+    nyq = {'grad': grad, 'image': image, 'rel': grad / max(image, 1e-30)} if nyq else None
+    return torch.cat(l1), torch.cat(l2), torch.cat(align), channels, nyq
 
 
 # ---------------------------------------------------------------- pictures
@@ -138,7 +225,29 @@ def scatter_plot(points, path, w=520, h=360):
 
 # ---------------------------------------------------------------- the command
 
-def characterize(ckpts, n=1000, rows=8, eps=None, steps=20, out='runs/characterize', data=None):
+def head(batches, k):
+    """The first k images of a loader, as a list of (x, y) batches."""
+    out, got = [], 0
+    for x, y in batches:
+        if got >= k:
+            break
+        out.append((x[:k - got], y[:k - got]))
+        got += len(out[-1][1])
+    return out
+
+
+def measure(model, batches, eps, steps, fo_n, fo_steps=10):
+    """One checkpoint's numbers (see the module docstring): the gradient statistics on every image,
+    PGD-steps, and the first-order ratio on the first fo_n images (none for fo_n=0)."""
+    l1, l2, align, channels, nyq = gradient_stats(model, batches)
+    r = evaluate(model, batches, [eps], [f'ce-{steps}'])
+    fo = first_order_ratio(model, head(batches, fo_n), eps, fo_steps) | {'steps': fo_steps} if fo_n else None
+    return {'n': r['n'], 'clean': r['clean'], 'eps': eps, 'attack': f'PGD-{steps} CE L-inf', 'pgd': r['robust'][eps]['worst'],
+            'l1': summary(l1), 'l2': summary(l2), 'edge_alignment': summary(align), 'channels': channels,
+            'nyquist': nyq, 'first_order': fo}
+
+
+def characterize(ckpts, n=1000, rows=8, eps=None, steps=20, out='runs/characterize', data=None, fo_n=500):
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -150,29 +259,23 @@ def characterize(ckpts, n=1000, rows=8, eps=None, steps=20, out='runs/characteri
         if info0 is not None and ck['data_info'] != info0:
             raise UserError(f'{path} was trained on other data than {ckpts[0]}: characterize them separately')
         info0 = ck['data_info']
-        model = model_from_checkpoint(ck)
+        model = model_from_checkpoint(ck).eval().requires_grad_(False)  # train mode would move BN's running stats
         cfg = Config(**{**ck['config'], 'eval_n': n})
         cfg.data = data or cfg.data
         _, _, batches, _ = make_loaders(cfg, 0, 1, torch.device('cpu'))
-        l1, l2, align, channels = gradient_stats(model, batches)
-        if images is None:
-            images = next(iter(batches))
-            images = (images[0][:rows], images[1][:rows])
+        images = images or head(batches, rows)[0]
         grads.append(input_gradients(model, *images))
-        e = eps if eps is not None else ck['config']['eps']
-        r = evaluate(model, batches, [e], [f'ce-{steps}'])
         c = ck['config']
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        results.append({'name': name, 'ckpt': path, 'objective': c['objective'], 'act': c['act'], 'n': r['n'],
-                        'clean': r['clean'], 'eps': e, 'attack': f'PGD-{steps} CE L-inf', 'pgd': r['robust'][e]['worst'],
-                        'l1': summary(l1), 'l2': summary(l2), 'edge_alignment': summary(align), 'channels': channels})
+        results.append({'name': name, 'ckpt': path, 'objective': c['objective'], 'act': c['act'],
+                        **measure(model, batches, eps if eps is not None else c['eps'], steps, min(fo_n, n))})
     names = [r['name'] for r in results]
     gradient_grid(images[0], grads, names, os.path.join(out, 'gradients.png'))
     scatter_plot([(r['name'], r['l1']['median'], r['pgd']) for r in results], os.path.join(out, 'norm_vs_robust.png'))
     with open(os.path.join(out, 'characterize.json'), 'w') as f:
         json.dump(results, f, indent=1)
     flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))}
-            | {f'{s}_{k}': v for s in ('l1', 'l2', 'edge_alignment') for k, v in r[s].items()}
+            | {f'{s}_{k}': v for s in ('l1', 'l2', 'edge_alignment', 'nyquist', 'first_order') for k, v in (r[s] or {}).items()}
             | {f'ch{i}_{k}': v for i, ch in enumerate(r['channels']) for k, v in ch.items()} for r in results]
     with open(os.path.join(out, 'characterize.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(flat[0]))
@@ -193,15 +296,21 @@ def main(argv):
     p.add_argument('--steps', type=positive, default=20)
     p.add_argument('--out', default='runs/characterize')
     p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'))
+    p.add_argument('--fo-n', type=checked(int, lambda v: v >= 0, 'at least 0'), default=500,
+                   help='first-order ratio (PGD-10) on the first FO_N of the n images; 0: skip it')
     args = p.parse_args(argv)
-    res = characterize(args.ckpts, args.n, args.rows, args.eps, args.steps, args.out, args.data)
+    res = characterize(args.ckpts, args.n, args.rows, args.eps, args.steps, args.out, args.data, args.fo_n)
     w = max(10, *(len(r['name']) for r in res))
-    print(f'{res[0]["n"]} test images | per-image gradient norms of CE | edge corr = Pearson(|g|, edge energy)')
+    print(f'{res[0]["n"]} test images | per-image gradient norms of CE | edge corr = Pearson(|g|, edge energy)\n'
+          f'Nyquist = share of |g|\'s spectrum on the 2-pixel period over the images\' share (a checkerboard: >> 1) | '
+          f'first-order = CE gain of PGD-10 / eps*|g|_1 on {min(args.fo_n, args.n)} images (1: linear)')
     print(f'{"checkpoint":<{w}} {"clean":>6} {"PGD":>6} {"eps":>5} {"L1 median":>10} {"L1 mean":>9} '
-          f'{"L2 median":>10} {"edge corr":>9}')
+          f'{"L2 median":>10} {"edge corr":>9} {"Nyquist":>8} {"first-order":>11}')
     for r in res:
+        nyq = f'{r["nyquist"]["rel"]:8.2f}' if r['nyquist'] else f'{"-":>8}'
+        fo = f'{r["first_order"]["ratio"]:11.2f}' if r['first_order'] else f'{"-":>11}'
         print(f'{r["name"]:<{w}} {100 * r["clean"]:6.1f} {100 * r["pgd"]:6.1f} {r["eps"]:5.3g} {r["l1"]["median"]:10.4g} '
-              f'{r["l1"]["mean"]:9.4g} {r["l2"]["median"]:10.4g} {r["edge_alignment"]["mean"]:9.3f}')
+              f'{r["l1"]["mean"]:9.4g} {r["l2"]["median"]:10.4g} {r["edge_alignment"]["mean"]:9.3f} {nyq} {fo}')
     print(f'wrote {args.out}/characterize.json, characterize.csv, gradients.png (columns: input, |grad| of '
           f'{", ".join(r["name"] for r in res)}, edge energy), norm_vs_robust.png')
 

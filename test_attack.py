@@ -231,7 +231,7 @@ def test_gradient_norms_match_one_image_at_a_time():
     model = small_model(0)
     torch.manual_seed(1)
     x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
-    l1, l2, align, channels = characterize.gradient_stats(model, [(x[:4], y[:4]), (x[4:], y[4:])])
+    l1, l2, align, channels, nyq = characterize.gradient_stats(model, [(x[:4], y[:4]), (x[4:], y[4:])])
     for i in range(6):
         xi = x[i:i + 1].clone().requires_grad_(True)
         (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i:i + 1]), xi)
@@ -268,11 +268,15 @@ def test_characterize_writes_pictures_and_numbers(tmp_path):
         config.save_checkpoint(paths[-1], dict(model=small_model(i).state_dict(), config=dataclasses.asdict(cfg),
                                                  data_info=info, epoch=0))
     out = str(tmp_path / 'out')
-    characterize.main(paths + ['--n', '40', '--rows', '3', '--steps', '2', '--out', out])
+    characterize.main(paths + ['--n', '40', '--rows', '3', '--steps', '2', '--fo-n', '16', '--out', out])
     grid = Image.open(os.path.join(out, 'gradients.png'))
     assert grid.size == (4 * (112 + 2) + 2, 14 + 3 * (112 + 2) + 2)  # 4 columns: input, 2 runs, edges
     assert Image.open(os.path.join(out, 'norm_vs_robust.png')).size == (520, 360)
     import json
     res = json.load(open(os.path.join(out, 'characterize.json')))
     assert [r['name'] for r in res] == ['run0', 'run1'] and res[0]['n'] == 40
+    assert res[0]['first_order']['n'] == 16 and res[0]['first_order']['ratio'] > 0 and res[0]['nyquist']['rel'] > 0
+    _, (xte, yte) = load_fashion_mnist(DATA)  # the same number from the untouched model: nothing moved its BN stats
+    direct = characterize.first_order_ratio(small_model(0), [(xte[:16].float() / 255, yte[:16])], res[0]['eps'])
+    assert res[0]['first_order']['ratio'] == pytest.approx(direct['ratio'], rel=1e-4)
     assert open(os.path.join(out, 'characterize.csv')).read().count('\n') == 3

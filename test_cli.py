@@ -118,7 +118,8 @@ def test_bad_attack_argument(argv, some_file, guarded, capsys):
 
 
 BAD_CHARACTERIZE = [[], ['/nonexistent.pt'], ['--n', '0'], ['--rows', '0'], ['--rows', '100'], ['--eps', '2'],
-                    ['--eps', '-1'], ['--steps', '0'], ['--data', '/nonexistent'], ['--out', 'HERE/test_cli.py/x']]
+                    ['--eps', '-1'], ['--steps', '0'], ['--data', '/nonexistent'], ['--out', 'HERE/test_cli.py/x'],
+                    ['--fo-n', '-1'], ['--fo-n', 'x']]
 
 
 @pytest.mark.parametrize('argv', BAD_CHARACTERIZE)
@@ -141,7 +142,8 @@ def test_bad_data_argument(argv, guarded, capsys, tmp_path):
 
 
 @pytest.mark.parametrize('script,argv', [('train.py', ['--eps=-0.1']), ('attack.py', ['--ckpt=x', '--eps', '1/0']),
-                                         ('characterize.py', ['/nonexistent.pt']), ('data.py', ['write', '/x', '/y'])])
+                                         ('characterize.py', ['/nonexistent.pt']), ('data.py', ['write', '/x', '/y']),
+                                         ('science.py', ['stems', 'resnet9000'])])
 def test_entry_points_exit_2_with_one_line(script, argv):
     r = subprocess.run([sys.executable, script, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]

@@ -1,0 +1,488 @@
+"""The science of the CPU demo (issue 16): why GradNorm's robustness moves while it trains, and
+whether its input gradients show the paper's point. Commands (python science.py CMD --help):
+measure (every ckpt-*.pt of a run folder -> RUN/science.jsonl), table (per epoch, mean +- sd over
+seeds; --png the curves), logs (the training logs alone), eps (robust accuracy against eps),
+pictures (|grad| maps), fdcheck (finite-difference GradNorm's error), stems (checkerboards at init).
+
+Per checkpoint (first n test images, eval-mode model unless said otherwise): clean accuracy (10k
+test images); PGD ce-20, margin-20, dlr-20 and their per-sample worst case (attack.evaluate); at
+the final epoch optionally Square on the images every PGD attack failed on; the first-order ratio
+(characterize.py) for CE and for the logit margin; mean ||grad_x CE_i||_1 with batch statistics
+(as the penalty sees the model) and with running statistics (as the attack does); edge alignment
+and the Nyquist share of the |grad| maps, of the images and of their pixel edges.
+"""
+import copy
+import glob
+import json
+import os
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import gradnorm
+from attack import evaluate, parse_eps
+from characterize import first_order_ratio, gradient_grid, gradient_stats, input_gradients, nyquist_fraction, pixel_edges
+from config import ArgumentParser, Config, checked, cli, load_checkpoint, model_from_checkpoint
+from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist, make_loaders
+from models import build_model, is_model
+
+ATTACKS = ('ce-20', 'margin-20', 'dlr-20')
+
+
+# ---------------------------------------------------------------- measures
+
+def fd_vs_exact(model, x, y, eps=0.1):
+    """Is the finite-difference GradNorm (the CPU default for GELU/SiLU) the gradient of the
+    penalty? Relative error and cosine between its parameter gradient and double backprop's, on one
+    batch in train mode (copies, so the running statistics stay). -> {'rel_err', 'cos'}"""
+    grads = []
+    for fn in (gradnorm.gradnorm, gradnorm.gradnorm_fd):
+        m = copy.deepcopy(model).train().requires_grad_(True)
+        loss, _ = fn(m, x.detach().clone().requires_grad_(), y, eps, torch.tensor(1.0))
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()))]).double())
+    a, b = grads
+    return {'rel_err': ((a - b).norm() / a.norm()).item(), 'cos': F.cosine_similarity(a, b, 0).item()}
+
+
+def bn_gradient_norms(model, batches, smoothing=0.1):
+    """mean_i ||d CE_i / d x_i||_1 two ways, on the same batches: 'train' with batch statistics, as
+    GradNorm's penalty computes it (B * the gradient of the batch-mean CE, samples coupled through
+    the statistics), and 'eval' with the running statistics the attacker faces. A copy runs in train
+    mode so the model's running statistics stay as they were. -> {'train', 'eval', 'ratio': eval/train}"""
+    out = {}
+    for mode in ('train', 'eval'):
+        m = copy.deepcopy(model).train(mode == 'train')
+        norms = []
+        for x, y in batches:
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                ce = F.cross_entropy(m(x), y, label_smoothing=smoothing)
+                (g,) = torch.autograd.grad(ce * x.shape[0], x)
+            norms.append(g.abs().flatten(1).sum(1))
+        out[mode] = torch.cat(norms).double().mean().item()
+    out['ratio'] = out['eval'] / out['train']
+    return out
+
+
+def picture_stats(model, batches):
+    """Mean edge alignment and Nyquist share of |g| (characterize.gradient_stats), of the images and
+    of their pixel edges; nyq_rel and nyq_edges_rel are the latter two over the images'."""
+    _, _, align, _, nyq = gradient_stats(model, batches)
+    edges = torch.cat([nyquist_fraction(pixel_edges(x)) for x, _ in batches]).mean().item()
+    return {'edge_corr': align.double().mean().item(), 'nyq_grad': nyq['grad'], 'nyq_img': nyq['image'],
+            'nyq_rel': nyq['rel'], 'nyq_edges_rel': edges / max(nyq['image'], 1e-30)}
+
+
+def square_robust(model, x, y, eps, n_queries=1000, seed=0):
+    """Gradient-free Square attack (pyautoattack's, margin loss) on the images every PGD attack
+    failed on: a check that PGD's failures are real, not gradient masking. -> bool mask of survivors."""
+    from pyautoattack.square import SquareAttack
+    if len(y) == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    x_adv = SquareAttack(model, norm='Linf', n_queries=n_queries, eps=eps, seed=seed, device=x.device).perturb(x, y)
+    with torch.no_grad():
+        if (x_adv - x).abs().max() > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
+            raise RuntimeError('Square left the eps-ball or [0,1]')
+        return model(x_adv).argmax(1) == y
+
+
+# ---------------------------------------------------------------- one checkpoint, one run folder
+
+def load_for_science(path, n=1000):
+    """-> model (eval, no parameter gradients), its checkpoint, the 10k test loader and the first n
+    test images as one (x, y) pair; always the in-memory loader, so every number repeats exactly."""
+    ck = load_checkpoint(path)
+    model = model_from_checkpoint(ck).eval().requires_grad_(False)
+    cfg = Config(**{**ck['config'], 'eval_n': n, 'loader': 'torchvision'})
+    _, val, robust_val, _ = make_loaders(cfg, 0, 1, torch.device('cpu'))
+    xs, ys = zip(*robust_val)
+    return model, ck, val, (torch.cat(xs).contiguous(), torch.cat(ys))
+
+
+def chunks(x, y, size, drop_last=False):
+    stop = len(y) - len(y) % size if drop_last else len(y)
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, stop, size)]
+
+
+def standing(model, x, y, eps):
+    """-> {attack: bool mask of the images it failed on, 'worst': failed on all}; each attack seeded
+    alike on each 500 images, so a checkpoint's numbers repeat (and equal the science branch's)."""
+    out = {}
+    for a in ATTACKS:
+        masks = []
+        for xb, yb in chunks(x, y, 500):
+            torch.manual_seed(0)
+            masks.append(evaluate(model, [(xb, yb)], [eps], [a])['standing'][eps])
+        out[a] = torch.cat(masks)
+    out['worst'] = torch.stack(list(out.values())).all(0)
+    return out
+
+
+def robust(model, val, x, y, eps, square=0):
+    """Clean accuracy on the 10k test images; PGD per attack and the per-sample worst case on (x, y);
+    square > 0: Square on the images every PGD attack failed on."""
+    masks = standing(model, x, y, eps)
+    out = dict(eps=eps, n=len(y), clean=evaluate(model, val, [])['clean'], **{k: v.double().mean().item() for k, v in masks.items()})
+    if square:
+        idx = masks['worst'].nonzero().squeeze(1)
+        out.update(square_queries=square, square=square_robust(model, x[idx], y[idx], eps, square).sum().item() / len(y))
+    return out
+
+
+def measure_checkpoint(path, n=1000, square=0, have=None, square_all=False, fo_n=500):
+    """Every number of the module docstring for one checkpoint, or, given an earlier record `have`,
+    only those it lacks (all are seeded or deterministic, so a number computed later equals the same
+    number computed with the rest). Square at the final epoch unless square_all. -> the record"""
+    model, ck, val, (x, y) = load_for_science(path, n)
+    r, eps, cfg = dict(have or {}), ck['config']['eps'], ck['config']
+    square = square if (ck['epoch'] == cfg['epochs'] or square_all) and 'square' not in r else 0
+    if 'worst' not in r or square:
+        r.update(step=ck['step'], epoch=ck['epoch'] - 1, **robust(model, val, x, y, eps, square))
+    for part, loss in (('fo', 'ce'), ('fo_margin', 'margin')):  # margin: curvature of the logits alone
+        if f'{part}_ratio' not in r:
+            fo = first_order_ratio(model, chunks(x[:fo_n], y[:fo_n], 500), eps, 10, loss)
+            r.update({f'{part}_{k}': v for k, v in fo.items() if k != 'n'})
+    if 'bn_ratio' not in r:
+        bn = bn_gradient_norms(model, chunks(x, y, cfg['batch_size'], drop_last=True))
+        r.update(gnorm_train=bn['train'], gnorm_eval=bn['eval'], bn_ratio=bn['ratio'])
+    if 'nyq_rel' not in r:
+        r.update(picture_stats(model, chunks(x, y, 500)))
+    return r
+
+
+def read_log(run):
+    """The training log (metrics.jsonl) by epoch; its PGD key is pgd_upper (pgd_acc before)."""
+    path = os.path.join(run, 'metrics.jsonl')
+    log = {m['epoch']: m for m in map(json.loads, open(path))} if os.path.exists(path) else {}
+    return {e: {**m, 'pgd': m.get('pgd_upper', m.get('pgd_acc'))} for e, m in log.items()}
+
+
+def measure_run(run, n=1000, square=0, final=False, square_all=False):
+    """Completes run/science.jsonl: one record per ckpt-*.pt, each measured once (the file is
+    rewritten after every checkpoint, so an interrupted run loses one checkpoint at most), with the
+    training log's terms of that epoch (the penalty as training saw it: batch statistics, averaged
+    over the epoch). final: the final epoch's checkpoint only."""
+    out = os.path.join(run, 'science.jsonl')
+    recs = {r['step']: r for r in map(json.loads, open(out))} if os.path.exists(out) else {}
+    log = read_log(run)
+    paths = sorted(glob.glob(os.path.join(run, 'ckpt-*.pt')))  # ckpt-<step>[-<run id>].pt
+    for path in paths[-1:] if final else paths:
+        step = int(re.search(r'ckpt-(\d+)[^/]*\.pt$', path).group(1))
+        r = measure_checkpoint(path, n, square, recs.get(step), square_all)
+        if r == recs.get(step):
+            continue
+        m = log.get(r['epoch'], {})
+        recs[step] = {**r, 'train_penalty': m.get('gradnorm'), 'train_ce': m.get('ce'), 'log_pgd': m.get('pgd')}
+        with open(out + '.tmp', 'w') as f:
+            f.writelines(json.dumps(recs[k]) + '\n' for k in sorted(recs))
+        os.replace(out + '.tmp', out)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in recs[step].items()}), flush=True)
+
+
+# ---------------------------------------------------------------- tables over seeds
+
+def group_name(run):
+    """runs/base_gelu_s2 -> base_gelu: runs that differ only in the seed form one group."""
+    return re.sub(r'_s\d+$', '', os.path.basename(os.path.normpath(run)))
+
+
+def load_groups(runs, per_run=False):
+    """-> {group: {epoch: [record per seed]}} from each run's science.jsonl (last record per epoch),
+    on top of its training log (clean accuracy on the 10k test images, computed exactly as here, the
+    log's PGD and the penalty), so every trained epoch has a record; per_run: every run its own group."""
+    groups = {}
+    for run in runs:
+        path, log = os.path.join(run, 'science.jsonl'), read_log(run)
+        if not log:
+            print(f'warning: {run}/metrics.jsonl missing, skipped', file=sys.stderr)
+            continue
+        per_epoch = {e: {'epoch': e, 'clean': m['clean_acc'], 'log_pgd': m['pgd'], 'train_penalty': m.get('gradnorm'),
+                         'train_ce': m.get('ce')} for e, m in log.items()}
+        for r in map(json.loads, open(path)) if os.path.exists(path) else []:
+            per_epoch[r['epoch']] = {**per_epoch.get(r['epoch'], {}), **r}
+        for epoch, r in per_epoch.items():
+            name = os.path.basename(os.path.normpath(run)) if per_run else group_name(run)
+            groups.setdefault(name, {}).setdefault(epoch, []).append(r)
+    return groups
+
+
+def mean_sd(values):
+    """-> (mean, sample sd, n) of the values that exist; sd is 0 for a single value."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None, 0
+    m = sum(v) / len(v)
+    return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0, len(v)
+
+
+# column: (header, key, scale, digits)
+COLUMNS = [('clean %', 'clean', 100, 1), ('PGD worst %', 'worst', 100, 1), ('PGD+Square worst %', 'square', 100, 1),
+           ('ce-20 %', 'ce-20', 100, 1), ('log PGD % (eval_n imgs)', 'log_pgd', 100, 1),
+           ('penalty (train BN)', 'train_penalty', 1, 3), ('eps·‖g‖₁ (eval BN)', 'fo_predicted', 1, 3),
+           ('PGD CE gain', 'fo_actual', 1, 3), ('first-order ratio', 'fo_ratio', 1, 2),
+           ('margin ratio', 'fo_margin_ratio', 1, 2), ('BN eval/train ‖g‖₁', 'bn_ratio', 1, 2),
+           ('edge corr', 'edge_corr', 1, 3), ('Nyquist abs(g) / img', 'nyq_rel', 1, 2)]
+
+
+def table(groups, columns=COLUMNS):
+    """Markdown: one row per group and epoch, each cell mean +- sd over seeds (n seeds in a column)."""
+    cols = [c for c in columns if any(r.get(c[1]) is not None for g in groups.values() for rs in g.values() for r in rs)]
+    lines = ['| run | epoch | seeds | ' + ' | '.join(c[0] for c in cols) + ' |', '|' + '---|' * (len(cols) + 3)]
+    for name, epochs in groups.items():
+        for epoch in sorted(epochs):
+            cells = []
+            for _, key, scale, digits in cols:
+                m, sd, k = mean_sd(r.get(key) for r in epochs[epoch])
+                few = f' (n={k})' if 0 < k < len(epochs[epoch]) else ''  # fewer seeds measured than trained
+                spread = f' ± {scale * sd:.{digits}f}' if k > 1 else ''  # one value has no spread to show
+                cells.append('' if m is None else f'{scale * m:.{digits}f}{spread}{few}')
+            lines.append(f'| {name} | {epoch} | {len(epochs[epoch])} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def log_table(runs):
+    """Markdown from the training logs alone: clean accuracy on the 10k test images and the log's PGD
+    accuracy on its first eval_n test images, mean +- sd over seeds, then the seeds' own values."""
+    groups = {}
+    for run in runs:
+        for m in read_log(run).values():
+            groups.setdefault(group_name(run), {}).setdefault(m['epoch'], []).append((m['clean_acc'], m['pgd']))
+    lines = ['| run | epoch | seeds | clean % (10k) | PGD % (log) | per seed: clean / PGD |', '|---|---|---|---|---|---|']
+    for name, epochs in groups.items():
+        for e, v in sorted(epochs.items()):
+            (c, cs, _), (p, ps, _) = mean_sd(a for a, _ in v), mean_sd(b for _, b in v)
+            seeds = ', '.join(f'{100 * a:.1f} / {100 * b:.1f}' for a, b in v)
+            lines.append(f'| {name} | {e} | {len(v)} | {100 * c:.1f} ± {100 * cs:.1f} | {100 * p:.1f} ± {100 * ps:.1f} | {seeds} |')
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------- per-epoch curves (Pillow only)
+
+PANELS = [('clean accuracy % (10k test images)', 'clean', 100),
+          ('robust %: worst of PGD ce/margin/dlr-20 (solid), +Square (dashed)', ('worst', 'square'), 100),
+          ('training log: PGD % on its eval_n test images', 'log_pgd', 100),
+          ('penalty eps*mean|g|_1: train log (solid), eval BN (dashed)', ('train_penalty', 'fo_predicted'), 1),
+          ('CE gain: PGD reaches (solid), eps*|g|_1 predicts (dashed)', ('fo_actual', 'fo_predicted'), 1),
+          ('first-order ratio (gain/prediction): CE solid, margin dashed', ('fo_ratio', 'fo_margin_ratio'), 1),
+          ('|g|_1 eval-mode BN / train-mode BN', 'bn_ratio', 1), ('edge corr of |g|', 'edge_corr', 1),
+          ('Nyquist share of |g| / of the images', 'nyq_rel', 1)]
+COLORS = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf']
+
+
+def draw_lines(d, pts, color, style):
+    """style 'seed': a thin line, open dots; 'mean': a thick line, filled dots; 'dashed': a dashed
+    mean (every other ninth of each segment)."""
+    r, width = (2, 1) if style == 'seed' else (3, 3 if style == 'mean' else 2)
+    for (ax, ay), (bx, by) in zip(pts, pts[1:]):
+        for j in range(0, 9, 2) if style == 'dashed' else [None]:
+            f0, f1 = (0, 1) if j is None else (j / 9, (j + 1) / 9)
+            d.line([(ax + (bx - ax) * f0, ay + (by - ay) * f0), (ax + (bx - ax) * f1, ay + (by - ay) * f1)],
+                   fill=color, width=width)
+    for x, y in pts:
+        d.ellipse([x - r, y - r, x + r, y + r], **({'outline': color} if style == 'seed' else {'fill': color}))
+
+
+def draw_panel(d, box, title, series, epochs):
+    """One panel: series = [(color, [[value per epoch] per seed], dashed)]; a thin line per seed, a
+    thick line for the mean over the seeds measured at every epoch."""
+    left, top, right, bottom = box
+    vals = [v for _, seeds, _ in series for s in seeds for v in s if v is not None]
+    if not vals:
+        return
+    lo, hi = min(vals), max(vals)
+    pad = 0.08 * (hi - lo or abs(hi) or 1)
+    lo, hi = lo - pad, hi + pad
+    px = lambda e: left + (e - epochs[0]) / max(epochs[-1] - epochs[0], 1) * (right - left)
+    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
+    d.rectangle([left, top, right, bottom], outline='black')
+    d.text((left, top - 14), title, fill='black')
+    for k in range(5):  # y ticks
+        v = lo + k * (hi - lo) / 4
+        d.line([(left - 4, py(v)), (left, py(v))], fill='black')
+        d.text((left - 44, py(v) - 5), f'{v:.3g}', fill='black')
+    for e in epochs:
+        d.text((px(e) - 3, bottom + 4), str(e), fill='black')
+    for color, seeds, dashed in series:
+        for s in seeds:
+            draw_lines(d, [(px(e), py(v)) for e, v in zip(epochs, s) if v is not None], color, 'seed')
+        full = [s for s in seeds if all(v is not None for v in s)]  # the mean of seeds measured every epoch
+        mean = [mean_sd([s[i] for s in full])[0] for i in range(len(epochs))]
+        draw_lines(d, [(px(e), py(v)) for e, v in zip(epochs, mean) if v is not None], color, 'dashed' if dashed else 'mean')
+
+
+def plot_curves(groups, path, panels=PANELS, cols=3, w=330, h=230):
+    """Per-epoch curves of every group (a color each; thin: seeds, thick: mean) in one PNG."""
+    from PIL import Image, ImageDraw
+    epochs = sorted({e for g in groups.values() for e in g})
+    rows = -(-len(panels) // cols)
+    img = Image.new('RGB', (cols * w + 20, rows * h + 40), 'white')
+    d = ImageDraw.Draw(img)
+    for i, (title, keys, scale) in enumerate(panels):
+        series = []
+        for c, g in enumerate(groups.values()):
+            n_seeds = max(len(g.get(e, [])) for e in epochs)
+            for j, key in enumerate(keys if isinstance(keys, tuple) else (keys,)):
+                seeds = [[scale * g[e][s][key] if e in g and s < len(g[e]) and g[e][s].get(key) is not None
+                          else None for e in epochs] for s in range(n_seeds)]
+                series.append((COLORS[c % len(COLORS)], seeds, j > 0))
+        x0, y0 = (i % cols) * w + 60, (i // cols) * h + 30
+        draw_panel(d, (x0, y0, x0 + w - 80, y0 + h - 60), title, series, epochs)
+    for c, name in enumerate(groups):  # legend along the bottom
+        d.rectangle([20 + c * 160, rows * h + 18, 32 + c * 160, rows * h + 30], fill=COLORS[c % len(COLORS)])
+        d.text((36 + c * 160, rows * h + 18), name[:24], fill='black')
+    d.text((cols * w - 110, rows * h + 18), 'x: epoch', fill='black')
+    img.save(path, optimize=True)
+
+
+# ---------------------------------------------------------------- robust accuracy against eps
+
+def robust_vs_eps(ckpts, eps_list, n=1000, fo_n=500):
+    """-> {ckpt: {'clean', eps: worst-case robust accuracy, 'fo_ratio': {eps: first-order ratio}}}
+    over the first n test images (the ratio over the first fo_n)."""
+    out = {}
+    for path in ckpts:
+        model, ck, _, (x, y) = load_for_science(path, n)
+        with torch.no_grad():
+            clean = (model(x).argmax(1) == y).double().mean().item()
+        c = ck['config']
+        out[path] = {'clean': clean, 'objective': c['objective'], 'act': c['act'], 'train_eps': c['eps'],
+                     **{e: standing(model, x, y, e)['worst'].double().mean().item() for e in eps_list},
+                     'fo_ratio': {e: first_order_ratio(model, chunks(x[:fo_n], y[:fo_n], 500), e, 10)['ratio']
+                                  for e in eps_list}}
+        print(json.dumps({'ckpt': path, **out[path]}), flush=True)  # json writes eps keys as strings
+    return out
+
+
+def eps_table(results, eps_list):
+    """Markdown: one row per group (ckpt's run folder, seed stripped), mean +- sd over seeds."""
+    groups = {}
+    for path, r in results.items():
+        groups.setdefault(group_name(os.path.dirname(path)), []).append(r)
+    lines = ['| run | seeds | clean % | ' + ' | '.join(f'eps {e:g}' for e in eps_list) + ' |',
+             '|' + '---|' * (len(eps_list) + 3)]
+    for name, rs in groups.items():
+        cells = [mean_sd(r[k] for r in rs) for k in ['clean', *eps_list]]
+        lines.append(f'| {name} | {len(rs)} | ' + ' | '.join(f'{100 * m:.1f} ± {100 * s:.1f}' for m, s, _ in cells) + ' |')
+    lines += ['', '| run: first-order ratio (PGD-10 CE gain / eps·mean‖g‖₁) | seeds | | '
+              + ' | '.join(f'eps {e:g}' for e in eps_list) + ' |', '|' + '---|' * (len(eps_list) + 3)]
+    for name, rs in groups.items():
+        cells = [mean_sd(r['fo_ratio'][e] for r in rs) for e in eps_list]
+        lines.append(f'| {name} | {len(rs)} | | ' + ' | '.join(f'{m:.2f} ± {s:.2f}' for m, s, _ in cells) + ' |')
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------- gradient pictures
+
+def pictures(ckpts, out, n=1000, rows=8):
+    """|grad| maps of each checkpoint on the same first `rows` test images (characterize.py's grid:
+    input, one column per checkpoint, edge energy), and each one's edge correlation and Nyquist
+    shares over the first n test images. -> [stats per checkpoint]"""
+    grads, stats, images = [], [], None
+    for path in ckpts:
+        model, ck, _, (x, y) = load_for_science(path, n)
+        images = images or (x[:rows], y[:rows])
+        grads.append(input_gradients(model, *images))
+        stats.append({'ckpt': path, 'model': ck['config']['model'], 'act': ck['config']['act'],
+                      **picture_stats(model, chunks(x, y, 500))})
+        print(json.dumps(stats[-1]), flush=True)
+    labels = [f'{s["model"].replace("resnet_", "")} r={s["edge_corr"]:.2f}' for s in stats]  # <= 18 chars
+    gradient_grid(images[0], grads, labels, out)
+    return stats
+
+
+def screen_stems(names, n=500, seeds=(0, 1, 2), act='gelu', data=Config.data):
+    """Nyquist share and edge correlation of |grad| at initialization, per model: the stem's own
+    bias, before any training. -> {name: {stat: (mean, sd)}}"""
+    _, (xte, yte) = load_fashion_mnist(data)
+    x, y = xte[:n].float() / 255, yte[:n]
+    out = {}
+    for name in names:
+        stats = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            m = build_model(name, act, in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
+            stats.append(picture_stats(m.eval(), [(x, y)]))
+        out[name] = {k: mean_sd(s[k] for s in stats)[:2] for k in stats[0]}
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+def parser():
+    positive = checked(int, lambda v: v >= 1, 'at least 1')
+    p = ArgumentParser(description=__doc__.split('\n\n')[0])
+    sub = p.add_subparsers(dest='cmd', required=True)
+    m = sub.add_parser('measure', help='every checkpoint of each run folder -> RUN/science.jsonl')
+    m.add_argument('runs', nargs='+', type=checked(str, os.path.isdir, 'a run folder'))
+    m.add_argument('--n', type=positive, default=1000, help='first n test images for the attacks')
+    m.add_argument('--square', type=checked(int, lambda v: v >= 0, 'at least 0'), default=0,
+                   help='Square queries at the final epoch (0: none)')
+    m.add_argument('--final', action='store_true', help='the final checkpoint only')
+    m.add_argument('--square-all', action='store_true', help='Square at every epoch, not just the final one')
+    t = sub.add_parser('table', help='per-epoch mean +- sd over seeds, markdown; --png draws the curves')
+    t.add_argument('runs', nargs='+')
+    t.add_argument('--png', default=None)
+    t.add_argument('--final', action='store_true', help='only the last epoch of each group')
+    t.add_argument('--per-run', action='store_true', help='one row per run instead of mean +- sd over seeds')
+    sub.add_parser('logs', help='per-epoch clean and PGD accuracy from the training logs').add_argument('runs', nargs='+')
+    e = sub.add_parser('eps', help='worst-case robust accuracy against eps, mean +- sd over seeds')
+    e.add_argument('ckpts', nargs='+')
+    e.add_argument('--eps', nargs='+', type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
+                   default=[0.02, 0.05, 0.1, 0.15, 0.2])
+    e.add_argument('--n', type=positive, default=1000)
+    e.add_argument('--json', default=None, help='also write the results here')
+    g = sub.add_parser('pictures', help='|grad| maps, edge correlation, Nyquist share')
+    g.add_argument('ckpts', nargs='+')
+    g.add_argument('--out', required=True)
+    g.add_argument('--n', type=positive, default=1000)
+    g.add_argument('--rows', type=checked(int, lambda v: 1 <= v <= 64, 'in [1, 64]'), default=8)
+    sub.add_parser('fdcheck', help='finite-difference GradNorm against double backprop').add_argument('ckpts', nargs='+')
+    st = sub.add_parser('stems', help='Nyquist share and edge correlation of |grad| at initialization')
+    st.add_argument('models', nargs='+', type=checked(str, is_model, 'a model name (models.py)'))
+    return p
+
+
+def main(argv):
+    a = parser().parse_args(argv)
+    torch.manual_seed(0)
+    if a.cmd == 'measure':
+        for run in a.runs:
+            measure_run(run, a.n, a.square, a.final, a.square_all)
+    elif a.cmd == 'table':
+        groups = load_groups(a.runs, a.per_run)
+        groups = {k: {max(v): v[max(v)]} for k, v in groups.items()} if a.final else groups
+        print(table(groups))
+        if a.png:
+            plot_curves(groups, a.png)
+            print(f'wrote {a.png}')
+    elif a.cmd == 'logs':
+        print(log_table(a.runs))
+    elif a.cmd == 'eps':
+        res = robust_vs_eps(a.ckpts, a.eps, a.n)
+        if a.json:
+            with open(a.json, 'w') as f:
+                json.dump(res, f, indent=1)
+        print(eps_table(res, a.eps))
+    elif a.cmd == 'fdcheck':
+        for path in a.ckpts:
+            model, ck, _, _ = load_for_science(path, 1)
+            (xtr, ytr), _ = load_fashion_mnist(ck['config']['data'])
+            r = fd_vs_exact(model, xtr[:128].float() / 255, ytr[:128], ck['config']['eps'])
+            print(f'{path}: relative error {r["rel_err"]:.4f}, cosine {r["cos"]:.6f}')
+    elif a.cmd == 'stems':
+        print('| model | Nyquist abs(g) / image | edge corr |\n|---|---|---|')
+        for name, r in screen_stems(a.models).items():
+            print(f'| {name} | {r["nyq_rel"][0]:.1f} ± {r["nyq_rel"][1]:.1f} | {r["edge_corr"][0]:.3f} ± {r["edge_corr"][1]:.3f} |')
+    else:
+        print('| checkpoint | edge corr | Nyquist share of abs(g) | of the images | abs(g) / images | '
+              'pixel edges / images |\n|---|---|---|---|---|---|')
+        for s in pictures(a.ckpts, a.out, a.n, a.rows):
+            print(f'| {s["ckpt"]} | {s["edge_corr"]:.3f} | {s["nyq_grad"]:.4f} | {s["nyq_img"]:.4f} | {s["nyq_rel"]:.2f} | '
+                  f'{s["nyq_edges_rel"]:.2f} |')
+        print(f'wrote {a.out}')
+
+
+if __name__ == '__main__':
+    sys.exit(cli(main, sys.argv[1:]))
