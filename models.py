@@ -80,15 +80,22 @@ class ResNet(nn.Module):
     """torchvision's parameter names and shapes, so its pretrained weights load strictly."""
 
     def __init__(self, block, layers, widths=(64, 128, 256, 512), act='relu', in_ch=3,
-                 num_classes=1000, small_stem=False, stem_stride=1, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 num_classes=1000, small_stem=False, stem_stride=1, stem_kernel=3, stem_pool=1,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         self.normalize = Normalize(mean, std)
-        # small inputs (28-32 px): a 3x3 stem and no max-pool instead of ImageNet's 4x downsampling
-        self.conv1 = nn.Conv2d(in_ch, widths[0], 3 if small_stem else 7, stem_stride if small_stem else 2,
-                               1 if small_stem else 3, bias=False)
+        # small inputs (28-32 px): a small stem and no max-pool instead of ImageNet's 4x downsampling;
+        # an even kernel k gets padding (k - stride) // 2, so 4x4/2 and 2x2/2 halve the size exactly
+        k = stem_kernel if small_stem else 7
+        self.conv1 = nn.Conv2d(in_ch, widths[0], k, stem_stride if small_stem else 2,
+                               (k // 2 if k % 2 else (k - stem_stride) // 2) if small_stem else 3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.act = make_act(act)
-        self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
+        # stem_pool=2 (small stem): 2x2 average pooling after a stride-1 stem. Its input gradient
+        # spreads each pooled cell's gradient evenly over its 4 pixels, where a stride-2 3x3 conv
+        # hits every other pixel twice and prints a 2-pixel checkerboard into d loss / d x.
+        self.maxpool = (nn.AvgPool2d(stem_pool) if stem_pool > 1 else nn.Identity()) if small_stem \
+            else nn.MaxPool2d(3, 2, 1)
         cin = widths[0]
         for i, (n, w) in enumerate(zip(layers, widths)):
             blocks = []
@@ -153,6 +160,13 @@ MODELS = {
     'resnet18_small': lambda **kw: ResNet(BasicBlock, [2, 2, 2, 2], small_stem=True, **kw),
     # the CPU demo: 28 px -> 14 -> 7 -> 4, ~20x cheaper than resnet18_small
     'resnet_demo': lambda **kw: ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, stem_stride=2, **kw),
+    # the demo with stems free of the 2-pixel checkerboard in |d loss / d x| (docs/demo_science.md):
+    # stride-1 3x3 conv then 2x2 average pooling; or a kernel divisible by its stride (4x4/2, 2x2/2)
+    'resnet_demo_pool': lambda **kw: ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, stem_pool=2, **kw),
+    'resnet_demo_k4': lambda **kw: ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, stem_stride=2,
+                                          stem_kernel=4, **kw),
+    'resnet_demo_k2': lambda **kw: ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, stem_stride=2,
+                                          stem_kernel=2, **kw),
     'vit_tiny': lambda **kw: ViT(patch=16, dim=192, depth=12, heads=3, **kw),
     'vit_small': lambda **kw: ViT(patch=16, dim=384, depth=12, heads=6, **kw),
     'vit_demo': lambda **kw: ViT(patch=4, dim=96, depth=4, heads=3, **kw),
