@@ -186,17 +186,27 @@ def nyquist_fraction(maps):
     return nyq / p.sum((-2, -1)).clamp_min(1e-30)
 
 
+def pixel_edges(x):
+    """|finite-difference gradient| of the images at pixel resolution: what a perfectly edge-aligned
+    |grad| map would look like, sharp edges and all (the reference for the Nyquist share of |grad|)."""
+    dx = F.pad(x[..., :, 1:] - x[..., :, :-1], (0, 1))
+    dy = F.pad(x[..., 1:, :] - x[..., :-1, :], (0, 0, 0, 1))
+    return (dx ** 2 + dy ** 2).sqrt()
+
+
 def gradient_picture_stats(model, batches):
-    """Mean edge alignment (Pearson of |g| with edge energy) and Nyquist fraction of |g| and of x."""
+    """Mean edge alignment (Pearson of |g| with edge energy) and Nyquist share of |g|, of the images
+    and of their pixel edges (pixel_edges); nyq_rel and nyq_edges_rel are the latter two over the images'."""
     model.eval()
-    align, nyq_g, nyq_x = [], [], []
+    align, nyq_g, nyq_x, nyq_e = [], [], [], []
     for x, y in batches:
         g = input_gradients(model, x, y)
         align.append(edge_alignment(g, x))
         nyq_g.append(nyquist_fraction(g.abs()))
         nyq_x.append(nyquist_fraction(x))
-    a, ng, nx = (torch.cat(v).double().mean().item() for v in (align, nyq_g, nyq_x))
-    return {'edge_corr': a, 'nyq_grad': ng, 'nyq_img': nx, 'nyq_rel': ng / max(nx, 1e-30)}
+        nyq_e.append(nyquist_fraction(pixel_edges(x)))
+    a, ng, nx, ne = (torch.cat(v).double().mean().item() for v in (align, nyq_g, nyq_x, nyq_e))
+    return {'edge_corr': a, 'nyq_grad': ng, 'nyq_img': nx, 'nyq_rel': ng / max(nx, 1e-30), 'nyq_edges_rel': ne / max(nx, 1e-30)}
 
 
 # ---------------------------------------------------------------- attacks with per-sample results
@@ -253,7 +263,7 @@ def chunks(x, y, size, drop_last=False):
 PARTS = ('attacks', 'fo', 'fo_margin', 'acts', 'bn', 'pictures')
 
 
-def measure_checkpoint(path, n=1000, square=0, have=None, fo_n=500, fo_steps=10, parts=PARTS):
+def measure_checkpoint(path, n=1000, square=0, have=None, fo_n=500, fo_steps=10, parts=PARTS, square_all=False):
     """Every number issue 16 asks for, for one checkpoint (see the module docstring), or, given an
     earlier record `have`, only the parts it lacks (all are seeded or deterministic, so a part
     computed later equals the same part computed with the rest); `parts` limits the work to the
@@ -262,7 +272,8 @@ def measure_checkpoint(path, n=1000, square=0, have=None, fo_n=500, fo_steps=10,
     r, eps = dict(have or {}), ck['config']['eps']
     have = set(r) | {key for part, key in zip(PARTS, ('worst', 'fo_ratio', 'fo_margin_ratio', 'flat_curved',
                                                        'bn_ratio', 'nyq_rel')) if part not in parts}
-    need_square = square and ck['epoch'] == ck['config']['epochs'] and 'square' not in r  # final epoch only
+    final = ck['epoch'] == ck['config']['epochs']
+    need_square = square and (final or square_all) and 'square' not in r  # the final epoch unless square_all
     if 'worst' not in r or need_square:
         with torch.no_grad():
             clean = sum((model(a).argmax(1) == b).sum().item() for a, b in val) / len(val.labels)
@@ -290,7 +301,7 @@ def measure_checkpoint(path, n=1000, square=0, have=None, fo_n=500, fo_steps=10,
     return r
 
 
-def measure_run(run, n=1000, square=0, final=False, parts=PARTS):
+def measure_run(run, n=1000, square=0, final=False, parts=PARTS, square_all=False):
     """Completes run/science.jsonl: one record per ckpt-*.pt, each measured once (the file is
     rewritten after every checkpoint, so an interrupted run loses one checkpoint at most); Square
     on the final epoch only. Adds the training log's terms of that epoch (the penalty as training
@@ -302,7 +313,7 @@ def measure_run(run, n=1000, square=0, final=False, parts=PARTS):
     paths = sorted(glob.glob(os.path.join(run, 'ckpt-*.pt')))
     for path in paths[-1:] if final else paths:
         step = int(re.search(r'ckpt-(\d+)\.pt$', path).group(1))
-        r = measure_checkpoint(path, n, square, recs.get(step), parts=parts)
+        r = measure_checkpoint(path, n, square, recs.get(step), parts=parts, square_all=square_all)
         if r == recs.get(step):
             continue
         m = log.get(r['epoch'], {})
@@ -344,7 +355,7 @@ def mean_sd(values):
 
 
 # column: (header, key, scale, digits)
-COLUMNS = [('clean %', 'clean', 100, 1), ('PGD worst %', 'worst', 100, 1), ('Square %', 'square', 100, 1),
+COLUMNS = [('clean %', 'clean', 100, 1), ('PGD worst %', 'worst', 100, 1), ('PGD+Square worst %', 'square', 100, 1),
            ('ce-20 %', 'ce-20', 100, 1), ('penalty (train BN)', 'train_penalty', 1, 3),
            ('eps*|g|_1 (eval BN)', 'fo_predicted', 1, 3), ('PGD CE gain', 'fo_actual', 1, 3),
            ('first-order ratio', 'fo_ratio', 1, 2), ('BN eval/train |g|', 'bn_ratio', 1, 2),
@@ -360,14 +371,33 @@ def table(groups, columns=COLUMNS):
             cells = []
             for _, key, scale, digits in cols:
                 m, sd, k = mean_sd(r.get(key) for r in epochs[epoch])
-                cells.append('' if m is None else f'{scale * m:.{digits}f} ± {scale * sd:.{digits}f}')
+                few = f' (n={k})' if 0 < k < len(epochs[epoch]) else ''  # fewer seeds measured than trained
+                cells.append('' if m is None else f'{scale * m:.{digits}f} ± {scale * sd:.{digits}f}{few}')
             lines.append(f'| {name} | {epoch} | {len(epochs[epoch])} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def log_table(runs):
+    """Markdown from the training logs alone (every seed, every epoch, no extra compute): clean accuracy
+    on the 10k test images and the log's PGD ce-20 accuracy on its first eval_n test images, mean +- sd
+    over seeds, then the seeds' own values."""
+    groups = {}
+    for run in runs:
+        for m in map(json.loads, open(os.path.join(run, 'metrics.jsonl'))):
+            groups.setdefault(group_name(run), {}).setdefault(m['epoch'], []).append((m['clean_acc'], m['pgd_acc']))
+    lines = ['| run | epoch | seeds | clean % (10k) | PGD ce-20 % (log) | per seed: clean / PGD |', '|---|---|---|---|---|---|']
+    for name, epochs in groups.items():
+        for e, v in sorted(epochs.items()):
+            (c, cs, _), (p, ps, _) = mean_sd(a for a, _ in v), mean_sd(b for _, b in v)
+            seeds = ', '.join(f'{100 * a:.1f} / {100 * b:.1f}' for a, b in v)
+            lines.append(f'| {name} | {e} | {len(v)} | {100 * c:.1f} ± {100 * cs:.1f} | {100 * p:.1f} ± {100 * ps:.1f} | {seeds} |')
     return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------- per-epoch curves (Pillow only)
 
-PANELS = [('clean accuracy %', 'clean', 100), ('robust accuracy % (worst of PGD ce/margin/dlr-20)', 'worst', 100),
+PANELS = [('clean accuracy %', 'clean', 100),
+          ('robust %: worst of PGD ce/margin/dlr-20 (solid), +Square (dashed)', ('worst', 'square'), 100),
           ('penalty eps*mean|g|_1: train log (solid), eval BN (dashed)', ('train_penalty', 'fo_predicted'), 1),
           ('first-order ratio, PGD gain / eps*|g|_1: CE (solid), margin (dashed)', ('fo_ratio', 'fo_margin_ratio'), 1),
           ('|g|_1 eval-mode BN / train-mode BN', 'bn_ratio', 1), ('edge corr of |g|', 'edge_corr', 1)]
@@ -381,8 +411,8 @@ def nice_range(values):
 
 
 def draw_panel(d, box, title, series, epochs):
-    """One panel: series = [(color, [[value per epoch] per seed], dashed)]; thin lines per seed,
-    a thick line for the mean over seeds."""
+    """One panel: series = [(color, [[value per epoch] per seed], dashed)]; thin lines and open
+    dots per seed, a thick line for the mean over the seeds measured at every epoch."""
     left, top, right, bottom = box
     vals = [v for _, seeds, _ in series for s in seeds for v in s if v is not None]
     if not vals:
@@ -402,7 +432,10 @@ def draw_panel(d, box, title, series, epochs):
         for s in seeds:
             pts = [(px(e), py(v)) for e, v in zip(epochs, s) if v is not None]
             d.line(pts, fill=color, width=1) if len(pts) > 1 else None
-        mean = [mean_sd([s[i] for s in seeds])[0] for i in range(len(epochs))]
+            for p in pts:
+                d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], outline=color)
+        full = [s for s in seeds if all(v is not None for v in s)]  # the mean of seeds measured every epoch
+        mean = [mean_sd([s[i] for s in full])[0] for i in range(len(epochs))]
         pts = [(px(e), py(v)) for e, v in zip(epochs, mean) if v is not None]
         for a, b in zip(pts, pts[1:]):
             if dashed:  # dashes: every other ninth of the segment
@@ -494,7 +527,7 @@ def pictures(ckpts, out, n=1000, rows=8, names=None):
         s = gradient_picture_stats(model, chunks(x, y, 500))
         stats.append({'ckpt': path, 'model': ck['config']['model'], 'act': ck['config']['act'], **s})
         print(json.dumps(stats[-1]), flush=True)
-    labels = names or [f'{s["model"]} r={s["edge_corr"]:.2f}' for s in stats]
+    labels = names or [f'{s["model"].replace("resnet_", "")} r={s["edge_corr"]:.2f}' for s in stats]  # <= 18 chars
     gradient_grid(images[0], grads, labels, out)
     return stats
 
@@ -527,11 +560,14 @@ def main(argv):
     m.add_argument('--n', type=int, default=1000, help='first n test images for the attacks')
     m.add_argument('--square', type=int, default=0, help='Square queries at the final epoch (0: none)')
     m.add_argument('--final', action='store_true', help='the final checkpoint only')
+    m.add_argument('--square-all', action='store_true', help='Square at every epoch, not just the final one')
     m.add_argument('--parts', default=','.join(PARTS), help='comma-separated subset of ' + ','.join(PARTS))
     t = sub.add_parser('table', help='per-epoch mean +- sd over seeds, markdown; --png draws the curves')
     t.add_argument('runs', nargs='+')
     t.add_argument('--png', default=None)
     t.add_argument('--final', action='store_true', help='only the last epoch of each group')
+    lg = sub.add_parser('logs', help='per-epoch clean and PGD accuracy from the training logs, every seed')
+    lg.add_argument('runs', nargs='+')
     e = sub.add_parser('eps', help='worst-case robust accuracy against eps, mean +- sd over seeds')
     e.add_argument('ckpts', nargs='+')
     e.add_argument('--eps', nargs='+', default=['0.02', '0.05', '0.1', '0.15', '0.2'])
@@ -553,7 +589,7 @@ def main(argv):
     torch.manual_seed(0)
     if a.cmd == 'measure':
         for run in a.runs:
-            measure_run(run, a.n, a.square, a.final, tuple(a.parts.split(',')))
+            measure_run(run, a.n, a.square, a.final, tuple(a.parts.split(',')), a.square_all)
     elif a.cmd == 'table':
         groups = load_groups(a.runs)
         if a.final:
@@ -562,6 +598,8 @@ def main(argv):
         if a.png:
             plot_curves(groups, a.png)
             print(f'wrote {a.png}')
+    elif a.cmd == 'logs':
+        print(log_table(a.runs))
     elif a.cmd == 'eps':
         eps_list = [parse_eps(x) for x in a.eps]
         res = robust_vs_eps(a.ckpts, eps_list, a.n)
@@ -591,9 +629,11 @@ def main(argv):
             print(f'| {name} | {r["nyq_rel"][0]:.1f} ± {r["nyq_rel"][1]:.1f} | {r["edge_corr"][0]:.3f} ± {r["edge_corr"][1]:.3f} |')
     else:
         stats = pictures(a.ckpts, a.out, a.n, a.rows)
-        print('| checkpoint | edge corr | Nyquist |g| | Nyquist image | ratio |\n|---|---|---|---|---|')
+        print('| checkpoint | edge corr | Nyquist share of abs(g) | of the images | abs(g) / images | '
+              'pixel edges / images |\n|---|---|---|---|---|---|')
         for s in stats:
-            print(f'| {s["ckpt"]} | {s["edge_corr"]:.3f} | {s["nyq_grad"]:.4f} | {s["nyq_img"]:.4f} | {s["nyq_rel"]:.2f} |')
+            print(f'| {s["ckpt"]} | {s["edge_corr"]:.3f} | {s["nyq_grad"]:.4f} | {s["nyq_img"]:.4f} | {s["nyq_rel"]:.2f} | '
+                  f'{s["nyq_edges_rel"]:.2f} |')
         print(f'wrote {a.out}')
 
 

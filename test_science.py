@@ -164,3 +164,10 @@ def test_activation_stats_find_gelus_dip_and_never_relu():
     assert S.activation_stats(nn.Sequential(nn.ReLU()), [(z, None)])['flat_curved'] == 0
     assert S.activation_stats(nn.Sequential(nn.GELU()), [(z - 5, None)])['flat_curved'] == 0
     assert abs(S.activation_stats(nn.Sequential(nn.SiLU()), [(z * 0 + 3, None)])['mean_slope'] - 1.0881) < 1e-3
+
+
+def test_pixel_edges_mark_a_step_only_at_the_step():
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., 4:] = 1  # a vertical edge between columns 3 and 4
+    e = S.pixel_edges(x)[0, 0]
+    assert torch.equal(e[:, 3], torch.ones(8)) and e.sum() == 8
