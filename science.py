@@ -331,8 +331,9 @@ def group_name(run):
     return re.sub(r'_s\d+$', '', os.path.basename(os.path.normpath(run)))
 
 
-def load_groups(runs):
-    """-> {group: {epoch: [record per seed]}} from each run's science.jsonl (last record per epoch)."""
+def load_groups(runs, per_run=False):
+    """-> {group: {epoch: [record per seed]}} from each run's science.jsonl (last record per epoch);
+    per_run: every run its own group."""
     groups = {}
     for run in runs:
         path = os.path.join(run, 'science.jsonl')
@@ -341,7 +342,8 @@ def load_groups(runs):
             continue
         per_epoch = {r['epoch']: r for r in map(json.loads, open(path))}
         for epoch, r in per_epoch.items():
-            groups.setdefault(group_name(run), {}).setdefault(epoch, []).append(r)
+            name = os.path.basename(os.path.normpath(run)) if per_run else group_name(run)
+            groups.setdefault(name, {}).setdefault(epoch, []).append(r)
     return groups
 
 
@@ -357,9 +359,10 @@ def mean_sd(values):
 # column: (header, key, scale, digits)
 COLUMNS = [('clean %', 'clean', 100, 1), ('PGD worst %', 'worst', 100, 1), ('PGD+Square worst %', 'square', 100, 1),
            ('ce-20 %', 'ce-20', 100, 1), ('penalty (train BN)', 'train_penalty', 1, 3),
-           ('eps*|g|_1 (eval BN)', 'fo_predicted', 1, 3), ('PGD CE gain', 'fo_actual', 1, 3),
-           ('first-order ratio', 'fo_ratio', 1, 2), ('BN eval/train |g|', 'bn_ratio', 1, 2),
-           ('edge corr', 'edge_corr', 1, 3), ('Nyquist |g| / img', 'nyq_rel', 1, 2)]
+           ('eps·‖g‖₁ (eval BN)', 'fo_predicted', 1, 3), ('PGD CE gain', 'fo_actual', 1, 3),
+           ('first-order ratio', 'fo_ratio', 1, 2), ('margin ratio', 'fo_margin_ratio', 1, 2),
+           ('BN eval/train ‖g‖₁', 'bn_ratio', 1, 2),
+           ('edge corr', 'edge_corr', 1, 3), ('Nyquist abs(g) / img', 'nyq_rel', 1, 2)]
 
 
 def table(groups, columns=COLUMNS):
@@ -372,7 +375,8 @@ def table(groups, columns=COLUMNS):
             for _, key, scale, digits in cols:
                 m, sd, k = mean_sd(r.get(key) for r in epochs[epoch])
                 few = f' (n={k})' if 0 < k < len(epochs[epoch]) else ''  # fewer seeds measured than trained
-                cells.append('' if m is None else f'{scale * m:.{digits}f} ± {scale * sd:.{digits}f}{few}')
+                spread = f' ± {scale * sd:.{digits}f}' if k > 1 else ''  # one value has no spread to show
+                cells.append('' if m is None else f'{scale * m:.{digits}f}{spread}{few}')
             lines.append(f'| {name} | {epoch} | {len(epochs[epoch])} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -505,7 +509,7 @@ def eps_table(results, eps_list):
     for name, rs in groups.items():
         cells = [mean_sd(r[k] for r in rs) for k in ['clean', *eps_list]]
         lines.append(f'| {name} | {len(rs)} | ' + ' | '.join(f'{100 * m:.1f} ± {100 * s:.1f}' for m, s, _ in cells) + ' |')
-    lines += ['', '| run: first-order ratio (PGD-10 CE gain / eps*mean\\|g\\|_1) | seeds | | '
+    lines += ['', '| run: first-order ratio (PGD-10 CE gain / eps·mean‖g‖₁) | seeds | | '
               + ' | '.join(f'eps {e:g}' for e in eps_list) + ' |', '|' + '---|' * (len(eps_list) + 3)]
     for name, rs in groups.items():
         cells = [mean_sd(r['fo_ratio'][e] for r in rs) for e in eps_list]
@@ -566,6 +570,7 @@ def main(argv):
     t.add_argument('runs', nargs='+')
     t.add_argument('--png', default=None)
     t.add_argument('--final', action='store_true', help='only the last epoch of each group')
+    t.add_argument('--per-run', action='store_true', help='one row per run instead of mean +- sd over seeds')
     lg = sub.add_parser('logs', help='per-epoch clean and PGD accuracy from the training logs, every seed')
     lg.add_argument('runs', nargs='+')
     e = sub.add_parser('eps', help='worst-case robust accuracy against eps, mean +- sd over seeds')
@@ -591,7 +596,7 @@ def main(argv):
         for run in a.runs:
             measure_run(run, a.n, a.square, a.final, tuple(a.parts.split(',')), a.square_all)
     elif a.cmd == 'table':
-        groups = load_groups(a.runs)
+        groups = load_groups(a.runs, a.per_run)
         if a.final:
             groups = {k: {max(v): v[max(v)]} for k, v in groups.items()}
         print(table(groups))
@@ -624,7 +629,7 @@ def main(argv):
             p = true_class_probability(model, chunks(x, y, 500))
             print(f'| {path} | {r["flat_curved"]:.3f} | {r["mean_slope"]:.3f} | {r["mean_curv"]:.3f} | {p:.3f} |')
     elif a.cmd == 'stems':
-        print('| model | Nyquist |g| / image | edge corr |\n|---|---|---|')
+        print('| model | Nyquist abs(g) / image | edge corr |\n|---|---|---|')
         for name, r in screen_stems(a.models).items():
             print(f'| {name} | {r["nyq_rel"][0]:.1f} ± {r["nyq_rel"][1]:.1f} | {r["edge_corr"][0]:.3f} ± {r["edge_corr"][1]:.3f} |')
     else:
