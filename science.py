@@ -332,15 +332,21 @@ def group_name(run):
 
 
 def load_groups(runs, per_run=False):
-    """-> {group: {epoch: [record per seed]}} from each run's science.jsonl (last record per epoch);
-    per_run: every run its own group."""
+    """-> {group: {epoch: [record per seed]}} from each run's science.jsonl (last record per epoch),
+    on top of its training log (metrics.jsonl: clean accuracy on the 10k test images, computed exactly as
+    here, the log's PGD ce-20 and the penalty), so every trained epoch has a record; per_run: every run
+    its own group."""
     groups = {}
     for run in runs:
-        path = os.path.join(run, 'science.jsonl')
-        if not os.path.exists(path):
-            print(f'warning: {path} missing, skipped', file=sys.stderr)
+        path, log_path = os.path.join(run, 'science.jsonl'), os.path.join(run, 'metrics.jsonl')
+        if not os.path.exists(log_path):
+            print(f'warning: {log_path} missing, skipped', file=sys.stderr)
             continue
-        per_epoch = {r['epoch']: r for r in map(json.loads, open(path))}
+        per_epoch = {m['epoch']: {'epoch': m['epoch'], 'clean': m['clean_acc'], 'log_pgd': m['pgd_acc'],
+                                  'train_penalty': m.get('gradnorm'), 'train_ce': m.get('ce')}
+                     for m in map(json.loads, open(log_path))}
+        for r in map(json.loads, open(path)) if os.path.exists(path) else []:
+            per_epoch[r['epoch']] = {**per_epoch.get(r['epoch'], {}), **r}
         for epoch, r in per_epoch.items():
             name = os.path.basename(os.path.normpath(run)) if per_run else group_name(run)
             groups.setdefault(name, {}).setdefault(epoch, []).append(r)
@@ -358,7 +364,7 @@ def mean_sd(values):
 
 # column: (header, key, scale, digits)
 COLUMNS = [('clean %', 'clean', 100, 1), ('PGD worst %', 'worst', 100, 1), ('PGD+Square worst %', 'square', 100, 1),
-           ('ce-20 %', 'ce-20', 100, 1), ('penalty (train BN)', 'train_penalty', 1, 3),
+           ('ce-20 %', 'ce-20', 100, 1), ('log ce-20 % (eval_n imgs)', 'log_pgd', 100, 1), ('penalty (train BN)', 'train_penalty', 1, 3),
            ('eps·‖g‖₁ (eval BN)', 'fo_predicted', 1, 3), ('PGD CE gain', 'fo_actual', 1, 3),
            ('first-order ratio', 'fo_ratio', 1, 2), ('margin ratio', 'fo_margin_ratio', 1, 2),
            ('BN eval/train ‖g‖₁', 'bn_ratio', 1, 2),
@@ -400,11 +406,14 @@ def log_table(runs):
 
 # ---------------------------------------------------------------- per-epoch curves (Pillow only)
 
-PANELS = [('clean accuracy %', 'clean', 100),
+PANELS = [('clean accuracy % (10k test images)', 'clean', 100),
           ('robust %: worst of PGD ce/margin/dlr-20 (solid), +Square (dashed)', ('worst', 'square'), 100),
+          ('training log: PGD ce-20 % on its eval_n test images', 'log_pgd', 100),
           ('penalty eps*mean|g|_1: train log (solid), eval BN (dashed)', ('train_penalty', 'fo_predicted'), 1),
-          ('first-order ratio, PGD gain / eps*|g|_1: CE (solid), margin (dashed)', ('fo_ratio', 'fo_margin_ratio'), 1),
-          ('|g|_1 eval-mode BN / train-mode BN', 'bn_ratio', 1), ('edge corr of |g|', 'edge_corr', 1)]
+          ('CE gain: PGD reaches (solid), eps*|g|_1 predicts (dashed)', ('fo_actual', 'fo_predicted'), 1),
+          ('first-order ratio (gain/prediction): CE solid, margin dashed', ('fo_ratio', 'fo_margin_ratio'), 1),
+          ('|g|_1 eval-mode BN / train-mode BN', 'bn_ratio', 1), ('edge corr of |g|', 'edge_corr', 1),
+          ('Nyquist share of |g| / of the images', 'nyq_rel', 1)]
 COLORS = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf']
 
 
