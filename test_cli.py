@@ -44,7 +44,7 @@ BAD_CONFIG = {
     'mixup': ['-1', 'nan'], 'cutmix': ['-0.5', 'inf', 'nan'],
     'randaug': ['rand-x9', 'rand-m9-mstdfoo', 'rand-m9-mmax20', 'autoaug', 'm9', 'x'], 'reprob': ['-0.1', '1.5', 'nan'],
     'recipe': ['swinb', 'x'], 'accum': ['0', '-2', '1.5'], 'amp': ['maybe'], 'bn_eval': ['maybe'],
-    'gn_weights': ['0.8', '-1,1', 'a,b', '1,nan'],
+    'gn_weights': ['0.8', '-1,1', 'a,b', '1,nan'], 'conv': ['cudnn', 'Fast', ''],
 }
 
 
