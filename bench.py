@@ -330,7 +330,7 @@ def weight_grad_ops_compiled(skip):
     return sum(str(n.target) == 'gradnorm.conv2d_weight.default' for n in graphs[0].graph.nodes)
 
 
-def conv_variants(what, model, alpha):
+def conv_variants(what, model, alpha, eager):
     """-> {label: (model, objective(model, x, y))}; the first row is the reference."""
     gn = lambda m, x, y: gradnorm(m, x, y, 0.1, alpha)
     if what == 'skip':
@@ -340,7 +340,7 @@ def conv_variants(what, model, alpha):
         return {'fast, weight grads skipped': (model('fast'), gn), 'fast, weight grads computed': (model('fast'), computed)}
     if what == 'batchnorm':
         rows = {}
-        for compiled in (False, True):
+        for compiled in (False,) if eager else (False, True):
             fn = torch.compile(gradnorm, fullgraph=True) if compiled else gradnorm
             for bn in ('nn.BatchNorm2d', 'primitive BN'):
                 m = model('fast')
@@ -356,6 +356,7 @@ def bench_conv(args):
     """GradNorm (or first-order) steps of resnet variants side by side, as ratios to the first row."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     autocast = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as bench_step, training
     torch._dynamo.config.trace_autograd_ops = True
     torch.manual_seed(0)
     kw = dict(num_classes=10, img_size=args.res)
@@ -369,7 +370,7 @@ def bench_conv(args):
     if args.what == 'skip':
         print(f'compiled forward graph: {weight_grad_ops_compiled(True)} conv2d_weight ops with the skip, '
               f'{weight_grad_ops_compiled(False)} without (dead code either way)', flush=True)
-    rows = conv_variants(args.what, model, torch.tensor(1.0, device=device))
+    rows = conv_variants(args.what, model, torch.tensor(1.0, device=device), args.eager)
     state, grads = {}, {}
     for label, (m, fn) in rows.items():
         m.zero_grad(set_to_none=True)
@@ -472,6 +473,7 @@ def main(argv):
     c.add_argument('--batch', type=positive, default=32)
     c.add_argument('--warmup', type=positive, default=2)
     c.add_argument('--repeats', type=positive, default=10)
+    c.add_argument('--eager', action='store_true', help='batchnorm: leave out the compiled rows')
     w = sub.add_parser('twice', help='which timm architectures survive a double backward (CPU)')
     w.add_argument('--models', nargs='*', default=None, help='timm names (default: one of each family)')
     w.add_argument('--res', type=checked(int, lambda v: v >= 16, 'at least 16'), default=64)

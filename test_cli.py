@@ -236,3 +236,11 @@ def test_no_function_over_80_lines():
         for node in ast.walk(ast.parse(open(f).read())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno < 80, f'{os.path.basename(f)}: {node.name}'
+
+
+def test_check_gpu_without_a_gpu_says_so_in_one_line_and_exits_0():
+    r = subprocess.run([sys.executable, 'check_gpu.py'], cwd=HERE, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))  # no GPU even on a GPU machine
+    assert r.returncode == 0 and r.stderr == '', r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and 'no CUDA GPU' in lines[0], r.stdout
