@@ -354,6 +354,8 @@ def conv_variants(what, model, alpha, eager):
 
 def bench_conv(args):
     """GradNorm (or first-order) steps of resnet variants side by side, as ratios to the first row."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     autocast = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as bench_step, training
@@ -474,6 +476,7 @@ def main(argv):
     c.add_argument('--warmup', type=positive, default=2)
     c.add_argument('--repeats', type=positive, default=10)
     c.add_argument('--eager', action='store_true', help='batchnorm: leave out the compiled rows')
+    c.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     w = sub.add_parser('twice', help='which timm architectures survive a double backward (CPU)')
     w.add_argument('--models', nargs='*', default=None, help='timm names (default: one of each family)')
     w.add_argument('--res', type=checked(int, lambda v: v >= 16, 'at least 16'), default=64)

@@ -113,8 +113,8 @@ def test_fd_gradnorm_chosen_by_config():
 
 def _ddp_rank(rank, init_file, x, y, out, compiled):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
-    model = tiny('resnet')
     cfg = C.Config(objective='gradnorm', gradnorm_impl='exact' if compiled else 'fd', ramp_epochs=1.0)
+    model = tiny('resnet', conv=T.conv_kind(cfg, torch.device('cpu')))  # exact: the fast conv, as training
     with torch._dynamo.config.patch(trace_autograd_ops=True, optimize_ddp=False):
         if compiled:  # as train() does it, with the test backend
             torch.compile = functools.partial(torch.compile, backend=BACKEND)
