@@ -109,6 +109,12 @@ BENCH_MODELS = $(or $(MODEL),$(if $(filter-out 0,$(GPUS)),resnet50 vit_small,res
 bench: setup
 	for m in $(BENCH_MODELS); do $(PY) bench.py step --model=$$m $(if $(RES),--res=$(RES)) $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
 
+# The CUDA path on a fresh GPU box in < 8 minutes, with the torch already there (nothing installed): CUDA tests,
+# a 1-process torchrun demo epoch and evaluation, bench on resnet50/vit_small, a profile. No GPU: one line, exit 0.
+.PHONY: check-gpu
+check-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) check_gpu.py $(ARGS)
+
 # Gradient statistics, pictures and PGD accuracy of one or more checkpoints (CKPT, CKPT2, ... or CKPTS="a.pt b.pt").
 .PHONY: characterize bench-attack
 characterize: setup data

@@ -6,13 +6,15 @@
     python bench.py loader --randaug=rand-m9-mstd0.5-inc1 --reprob=0.25  # with the ImageNet recipe's augmentations
     python bench.py attack                           # PGD-10 per 1,000 images, eager vs compiled (make bench-attack)
     python bench.py twice                            # which timm architectures survive a double backward
-step: standard, GradNorm (exact eager, compiled, finite-difference), EdgeReg and PGD-3 adversarial
-training, timed interleaved, medians after warm-up and compile. A step is everything the training
-loop does: objective, backward, clipping, AdamW. Peak memory is torch's allocator peak on CUDA, the
-peak resident-set growth over the step on the CPU.
+    python bench.py conv skip|batchnorm|first_order  # models.Conv2d's choices (skipped weight gradients,
+                                                     # a BatchNorm of primitive ops, first-order steps)
+step: standard, GradNorm (exact eager and compiled, each with nn.Conv2d and models.Conv2d: native
+and fast; finite-difference), EdgeReg and PGD-3 adversarial training, timed interleaved, medians
+after warm-up and compile. A step is everything the training loop does: objective, backward,
+clipping, AdamW. Peak memory is torch's allocator peak on CUDA, the peak resident-set growth over
+the step on the CPU.
 """
 import argparse
-import copy
 import ctypes
 import os
 import platform
@@ -21,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -34,8 +36,9 @@ from config import RULES, ArgumentParser, Config, checked, cli
 from data import FASHION_MEAN, FASHION_STD, VAL_SIDE, ffcv_loader, need_ffcv, torchvision_loader, write_beton
 from edge_reg import edge_reg
 from gradnorm import gradnorm, gradnorm_fd, standard
+import models
 from models import IMAGENET_MEAN, IMAGENET_STD, build_model
-from train import memory_format
+from train import conv_kind, memory_format
 
 LIBC = ctypes.CDLL(None)
 
@@ -110,6 +113,9 @@ def step_args(p):
     p.add_argument('--memory_format', default='auto', choices=['auto', 'channels_last', 'contiguous'],
                    help='auto: as training uses it (train.memory_format): channels_last except for '
                         'double backward')
+    p.add_argument('--conv', default='both', choices=['both', 'auto', 'fast', 'native'],
+                   help='both: exact GradNorm with each convolution, nn.Conv2d (native) and models.Conv2d (fast), '
+                        'the others as training picks (train.conv_kind); auto: every method as training picks')
 
 
 def bench_step(args):
@@ -130,14 +136,22 @@ def bench_step(args):
     base = build_model(args.model, args.act, in_ch=in_ch, num_classes=classes, img_size=res).to(device).train()
     x = torch.rand(args.batch, in_ch, res, res, device=device)
     y = torch.randint(0, classes, (args.batch,), device=device)
-    rows = methods(mode == 'all', mode in ('all', 'gradnorm'), args.eps, args.fd_h, device)
+    rows = {}
+    for name, (fn, compiled, cfg) in methods(mode == 'all', mode in ('all', 'gradnorm'), args.eps, args.fd_h,
+                                             device).items():
+        convs = ('native', 'fast') if args.conv == 'both' and name.startswith('gradnorm exact') else \
+            (conv_kind(cfg, device) if args.conv in ('both', 'auto') else args.conv,)
+        for conv in convs:
+            rows[f'{name} {conv}' if len(convs) > 1 else name] = (fn, compiled, cfg, conv)
     rows = {n: r for n, r in rows.items() if n not in args.skip.split(',')}
     state, formats = {}, {}
-    for name, (fn, compiled, cfg) in list(rows.items()):
+    for name, (fn, compiled, cfg, conv) in list(rows.items()):
         fmt = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}.get(
             args.memory_format, memory_format(cfg, device))
-        formats[name] = 'channels_last' if fmt == torch.channels_last else 'contiguous'
-        model = copy.deepcopy(base).to(memory_format=fmt)
+        formats[name] = ('channels_last' if fmt == torch.channels_last else 'contiguous') + f'  {conv}'
+        model = build_model(args.model, args.act, in_ch=in_ch, num_classes=classes, img_size=res, conv=conv)
+        model.load_state_dict(base.state_dict())
+        model = model.to(device, memory_format=fmt).train()
         opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == 'cuda')
         t0 = time.perf_counter()
         x_ = x.contiguous(memory_format=fmt)
@@ -165,9 +179,9 @@ def bench_step(args):
           f'after {args.warmup} warm-up')
     med = {name: statistics.median(s[3]) for name, s in state.items()}
     std = med['standard']
-    print(f'{"method":<24} {"step ms":>8} {"img/s":>8} {"peak MiB":>9} {"x standard":>11}  format')
+    print(f'{"method":<30} {"step ms":>8} {"img/s":>8} {"peak MiB":>9} {"x standard":>11}  format  conv')
     for name, s in state.items():
-        print(f'{name:<24} {1000 * med[name]:8.1f} {args.batch / med[name]:8.0f} '
+        print(f'{name:<30} {1000 * med[name]:8.1f} {args.batch / med[name]:8.0f} '
               f'{statistics.median(s[4]) / 2 ** 20:9.1f} {med[name] / std:10.2f}x  {formats[name]}')
     gn = {n: t for n, t in med.items() if n.startswith('gradnorm')}
     best = min(gn, key=gn.get)
@@ -263,6 +277,131 @@ def bench_attack(args):
           f'compiled {compiled:.2f} s/1000 img (warm-up {warm:.0f} s) | compiled speed-up {eager / compiled:.2f}x')
 
 
+# ---------------------------------------------------------------- conv: the choices behind models.Conv2d
+
+class PrimitiveBatchNorm2d(nn.BatchNorm2d):
+    """Train-mode BatchNorm from mean, var and elementwise ops (same parameters, buffers and running-
+    statistics update), whose double backward is a few reductions instead of BatchNorm's own."""
+
+    def forward(self, x):
+        if not (self.training and self.track_running_stats and self.momentum is not None):
+            return super().forward(x)
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        with torch.no_grad():
+            n = x.numel() // x.shape[1]
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]
+
+
+def primitive_bn(model):
+    """model with every nn.BatchNorm2d a PrimitiveBatchNorm2d (same state), in place."""
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = PrimitiveBatchNorm2d
+    return model
+
+
+@contextmanager
+def weight_grads_computed():
+    """models.Conv2d as if it read only ctx.needs_input_grad: every gradient its inputs require."""
+    needed = models._needed
+    models._needed = lambda ctx, i: ctx.next_functions[i][0] is not None
+    try:
+        yield
+    finally:
+        models._needed = needed
+
+
+def weight_grad_ops_compiled(skip):
+    """conv2d_weight ops in the compiled forward graph, which holds the inner input-gradient pass."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = []
+    grab = lambda gm, _: graphs.append(gm) or make_boxed_func(gm.forward)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.ResNet(models.BasicBlock, [1, 1], (8, 16), act='gelu', num_classes=10, small_stem=True, conv='fast')
+    with nullcontext() if skip else weight_grads_computed():
+        fn = torch.compile(gradnorm, backend=aot_autograd(fw_compiler=grab, bw_compiler=grab), fullgraph=True)
+        fn(model, torch.rand(8, 3, 16, 16, requires_grad=True), torch.arange(8), 0.1, torch.tensor(1.0))
+    return sum(str(n.target) == 'gradnorm.conv2d_weight.default' for n in graphs[0].graph.nodes)
+
+
+def conv_variants(what, model, alpha, eager):
+    """-> {label: (model, objective(model, x, y))}; the first row is the reference."""
+    gn = lambda m, x, y: gradnorm(m, x, y, 0.1, alpha)
+    if what == 'skip':
+        def computed(m, x, y):
+            with weight_grads_computed():
+                return gn(m, x, y)
+        return {'fast, weight grads skipped': (model('fast'), gn), 'fast, weight grads computed': (model('fast'), computed)}
+    if what == 'batchnorm':
+        rows = {}
+        for compiled in (False,) if eager else (False, True):
+            fn = torch.compile(gradnorm, fullgraph=True) if compiled else gradnorm
+            for bn in ('nn.BatchNorm2d', 'primitive BN'):
+                m = model('fast')
+                rows[f'{bn}{" compiled" if compiled else ""}'] = (
+                    primitive_bn(m) if bn == 'primitive BN' else m, lambda m, x, y, f=fn: f(m, x, y, 0.1, alpha))
+        return rows
+    pgd3 = lambda m, x, y: pgd_at(m, x, y, 0.1, 3)
+    return {f'{name} {conv}': (model(conv), fn) for name, fn in (('standard', standard), ('pgd3', pgd3))
+            for conv in ('native', 'fast')}
+
+
+def bench_conv(args):
+    """GradNorm (or first-order) steps of resnet variants side by side, as ratios to the first row."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    autocast = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as bench_step, training
+    torch._dynamo.config.trace_autograd_ops = True
+    torch.manual_seed(0)
+    kw = dict(num_classes=10, img_size=args.res)
+    base = build_model(args.model, 'gelu', **kw)
+
+    def model(conv):
+        m = build_model(args.model, 'gelu', conv=conv, **kw)
+        m.load_state_dict(base.state_dict())
+        return m.to(device).train()
+    x, y = torch.rand(args.batch, 3, args.res, args.res, device=device), torch.randint(0, 10, (args.batch,), device=device)
+    if args.what == 'skip':
+        print(f'compiled forward graph: {weight_grad_ops_compiled(True)} conv2d_weight ops with the skip, '
+              f'{weight_grad_ops_compiled(False)} without (dead code either way)', flush=True)
+    rows = conv_variants(args.what, model, torch.tensor(1.0, device=device), args.eager)
+    state, grads = {}, {}
+    for label, (m, fn) in rows.items():
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # PGD's random start: the same for every row
+        with autocast:
+            loss, _ = fn(m, x.clone().requires_grad_(), y)
+        loss.backward()  # also the first warm-up step: compiles
+        grads[label] = torch.cat([p.grad.flatten().float() for p in m.parameters()])
+        opt = torch.optim.AdamW(m.parameters(), 1e-4)
+        for _ in range(args.warmup):
+            timed_step(m, opt, fn, x, y, device, autocast)
+        state[label] = (m, opt, fn, [])
+    for _ in range(args.repeats):
+        for label, (m, opt, fn, times) in state.items():
+            times.append(timed_step(m, opt, fn, x, y, device, autocast)[0])
+    hw = torch.cuda.get_device_name() if device.type == 'cuda' else f'{platform.processor() or platform.machine()} CPU'
+    print(f'\nconv {args.what}: {hw}, {torch.get_num_threads()} threads | torch {torch.__version__} | {args.model} '
+          f'{args.res} px batch {args.batch} | median of {args.repeats} interleaved steps')
+    first = None
+    for label, (*_, times) in state.items():
+        med = statistics.median(times)
+        first = first or med
+        # the gradient against the first row's, or against native's for the same objective
+        ref = grads[label.replace(' fast', ' native') if args.what == 'first_order' else next(iter(grads))]
+        print(f'{label:<30} {1000 * med:8.1f} ms {med / first:6.2f}x  parameter gradient vs '
+              f'{"native" if args.what == "first_order" else "first row"}: '
+              f'rel. err. {((grads[label] - ref).norm() / ref.norm()).item():.1e}')
+
+
 # ---------------------------------------------------------------- timm's models, differentiated twice
 
 # the smallest of each family timm 1.0.31 has (CNNs, ViTs, hybrids, MLPs): one per architecture file
@@ -333,6 +472,15 @@ def main(argv):
     a.add_argument('--batch', type=positive, default=500)
     a.add_argument('--images', type=positive, default=1000)
     a.add_argument('--steps', type=positive, default=10)
+    c = sub.add_parser('conv', help="the fast conv's choices: skipped weight gradients, BatchNorm, first-order cost")
+    c.add_argument('what', choices=['skip', 'batchnorm', 'first_order'])
+    c.add_argument('--model', default='resnet18_small')
+    c.add_argument('--res', type=positive, default=32)
+    c.add_argument('--batch', type=positive, default=32)
+    c.add_argument('--warmup', type=positive, default=2)
+    c.add_argument('--repeats', type=positive, default=10)
+    c.add_argument('--eager', action='store_true', help='batchnorm: leave out the compiled rows')
+    c.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     w = sub.add_parser('twice', help='which timm architectures survive a double backward (CPU)')
     w.add_argument('--models', nargs='*', default=None, help='timm names (default: one of each family)')
     w.add_argument('--res', type=checked(int, lambda v: v >= 16, 'at least 16'), default=64)
@@ -341,6 +489,8 @@ def main(argv):
         bench_twice(args)
     elif args.cmd == 'step':
         bench_step(args)
+    elif args.cmd == 'conv':
+        bench_conv(args)
     elif args.cmd == 'loader':
         bench_loader(args.n, batch=args.batch, workers=args.workers, val_side=args.val_side, randaug=args.randaug,
                      reprob=args.reprob)

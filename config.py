@@ -113,6 +113,7 @@ class Config:
     amp: bool = True              # bf16 autocast on CUDA; off: float32, no TF32 matmuls (the paper's runs)
     bn_eval: bool = False         # train in eval mode (BatchNorm keeps its running stats), as the authors' script
     gn_weights: str = '0.8,1.2'   # GradNorm: weights of CE and of the penalty
+    conv: str = 'auto'            # auto: fast for double backward, else native | fast (models.Conv2d) | native (nn.Conv2d)
 
 
 # ---------------------------------------------------------------- the paper's runs
@@ -197,6 +198,7 @@ RULES = {
     'amp': (lambda v: True, 'true or false'),
     'bn_eval': (lambda v: True, 'true or false'),
     'gn_weights': (lambda v: _floats(v, 2) and min(map(float, v.split(','))) >= 0, 'two numbers >= 0: CE,penalty'),
+    'conv': (lambda v: v in ('auto', 'fast', 'native'), 'auto, fast or native'),
 }
 assert set(RULES) == {f.name for f in dataclasses.fields(Config)}, 'every Config field needs a rule'
 
@@ -346,6 +348,7 @@ def checkpoints(out, run=None):
 
 
 def model_from_checkpoint(ck, key='model'):
+    """nn.Conv2d whatever --conv trained it (the same state_dict): evaluation differentiates once."""
     cfg = ck['config']
     model = build_model(cfg['model'], cfg['act'], **ck['data_info'])
     model.load_state_dict(ck[key])

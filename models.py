@@ -8,9 +8,13 @@ parameter names and shapes, so its pretrained weights load with strict=True.
 Any other name timm knows (the paper's `swin_base_patch4_window7_224`; `timm/NAME` where a
 compact model has the same name, e.g. `timm/resnet50`) is built by timm, imported only then.
 """
+from typing import List, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ACTS = {'relu': nn.ReLU, 'gelu': nn.GELU, 'silu': nn.SiLU}  # nn.GELU is the exact (erf) GELU
@@ -33,21 +37,123 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def conv_bn(cin, cout, k, stride=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+# ---------------------------------------------------------------- a convolution for double backprop
+# PyTorch's double backward of a convolution computes its weight term as a convolution whose
+# kernel is the output gradient (kernel = feature map, dilation = stride), a shape with no fast
+# cuDNN algorithm. Here each gradient is an op of its own (conv2d_input, conv2d_weight) whose
+# derivatives are again conv2d, conv2d_input and conv2d_weight: the same numbers, on the three
+# standard kernels. Custom ops, not autograd.Functions: torch.compile (trace_autograd_ops) of a
+# double backward through autograd.Functions returned wrong gradients (torch 2.14).
+
+def _needed(ctx, i):
+    """Whether this backward pass wants the gradient of tensor input i. ctx.needs_input_grad says
+    only whether it requires grad, so autograd.grad(ce, x) would compute every weight gradient;
+    native convolutions ask the engine, as here."""
+    node = ctx.next_functions[i][0]
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # raised for a leaf that autograd.grad was asked for: it is wanted
+        return True
+
+
+def _op(fn):
+    """A custom op running fn; fn on fake tensors gives torch.compile the output's shape and strides."""
+    op = torch.library.custom_op('gradnorm::' + fn.__name__.lstrip('_'), fn, mutates_args=())
+    op.register_fake(fn)
+    return op
+
+
+@_op
+def _conv2d(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], padding: List[int],
+            dilation: List[int], groups: int) -> Tensor:
+    return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+
+@_op
+def _conv2d_input(gy: Tensor, w: Tensor, x_shape: List[int], stride: List[int], padding: List[int],
+                  dilation: List[int], groups: int) -> Tensor:
+    return torch.nn.grad.conv2d_input(x_shape, w, gy, stride, padding, dilation, groups)
+
+
+@_op
+def _conv2d_weight(x: Tensor, gy: Tensor, w_shape: List[int], stride: List[int], padding: List[int],
+                   dilation: List[int], groups: int) -> Tensor:
+    return torch.nn.grad.conv2d_weight(x, w_shape, gy, stride, padding, dilation, groups)
+
+
+def _save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:2])
+    ctx.conv = inputs[-4:]  # stride, padding, dilation, groups
+
+
+def _conv2d_backward(ctx, gy):
+    x, w = ctx.saved_tensors
+    has_b = len(ctx.next_functions) > 2  # only tensors have edges, and b may be None
+    return (_conv2d_input(gy, w, x.shape, *ctx.conv) if _needed(ctx, 0) else None,
+            _conv2d_weight(x, gy, w.shape, *ctx.conv) if _needed(ctx, 1) else None,
+            gy.sum((0, 2, 3)) if has_b and _needed(ctx, 2) else None) + (None,) * 4
+
+
+def _conv2d_input_backward(ctx, ggx):
+    gy, w = ctx.saved_tensors
+    return (_conv2d(ggx, w, None, *ctx.conv) if _needed(ctx, 0) else None,
+            _conv2d_weight(ggx, gy, w.shape, *ctx.conv) if _needed(ctx, 1) else None) + (None,) * 5
+
+
+def _conv2d_weight_backward(ctx, ggw):
+    x, gy = ctx.saved_tensors
+    return (_conv2d_input(gy, ggw, x.shape, *ctx.conv) if _needed(ctx, 0) else None,
+            _conv2d(x, ggw, None, *ctx.conv) if _needed(ctx, 1) else None) + (None,) * 5
+
+
+_conv2d.register_autograd(_conv2d_backward, setup_context=_save)
+_conv2d_input.register_autograd(_conv2d_input_backward, setup_context=_save)
+_conv2d_weight.register_autograd(_conv2d_weight_backward, setup_context=_save)
+
+
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d with the double backward above. Custom ops pass autocast through uncast, so the
+    inputs are cast here as F.conv2d's autocast rule would (floating point, not float64)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w, b = (t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                   for t in (x, w, b))
+    return _conv2d(x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, state_dict and arguments) whose double backward is fast."""
+
+    def _conv_forward(self, x, w, b):
+        if isinstance(self.padding, str):  # 'same'/'valid': rare, and not worth the code here
+            return super()._conv_forward(x, w, b)
+        if self.padding_mode != 'zeros':
+            return conv2d(F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), w, b,
+                          self.stride, 0, self.dilation, self.groups)
+        return conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+# 'fast' for double backward (exact GradNorm, EdgeReg); first-order steps gain nothing from it
+CONVS = {'fast': Conv2d, 'native': nn.Conv2d}
+
+
+def conv_bn(cin, cout, k, stride, conv):
+    return nn.Sequential(conv(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin, width, stride, act):
+    def __init__(self, cin, width, stride, act, conv=nn.Conv2d):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.conv1 = conv(cin, width, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.conv2 = conv(width, width, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.act = make_act(act)
-        self.downsample = conv_bn(cin, width, 1, stride) if stride != 1 or cin != width else None
+        self.downsample = conv_bn(cin, width, 1, stride, conv) if stride != 1 or cin != width else None
 
     def forward(self, x):
         out = self.act(self.bn1(self.conv1(x)))
@@ -58,17 +164,17 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin, width, stride, act):
+    def __init__(self, cin, width, stride, act, conv=nn.Conv2d):
         super().__init__()
         cout = width * 4
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.conv1 = conv(cin, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # stride here: torchvision's v1.5
+        self.conv2 = conv(width, width, 3, stride, 1, bias=False)  # stride here: torchvision's v1.5
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.conv3 = conv(width, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.act = make_act(act)
-        self.downsample = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+        self.downsample = conv_bn(cin, cout, 1, stride, conv) if stride != 1 or cin != cout else None
 
     def forward(self, x):
         out = self.act(self.bn1(self.conv1(x)))
@@ -78,16 +184,18 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision's parameter names and shapes, so its pretrained weights load strictly."""
+    """torchvision's parameter names and shapes, so its pretrained weights load strictly, whichever
+    conv: 'native' (nn.Conv2d) or 'fast' (Conv2d above)."""
 
     def __init__(self, block, layers, widths=(64, 128, 256, 512), act='relu', in_ch=3,
                  num_classes=1000, small_stem=False, stem_stride=1, stem_pool=1,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, conv='native'):
         super().__init__()
+        conv = CONVS[conv]
         self.normalize = Normalize(mean, std)
         # small inputs (28-32 px): a 3x3 stem and no max-pool instead of ImageNet's 4x downsampling
-        self.conv1 = nn.Conv2d(in_ch, widths[0], 3 if small_stem else 7, stem_stride if small_stem else 2,
-                               1 if small_stem else 3, bias=False)
+        self.conv1 = conv(in_ch, widths[0], 3 if small_stem else 7, stem_stride if small_stem else 2,
+                          1 if small_stem else 3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.act = make_act(act)
         # stem_pool=2 (small stem): 2x2 average pooling after a stride-1 stem. Its input gradient spreads
@@ -99,7 +207,7 @@ class ResNet(nn.Module):
         for i, (n, w) in enumerate(zip(layers, widths)):
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, w, 2 if i > 0 and j == 0 else 1, act))
+                blocks.append(block(cin, w, 2 if i > 0 and j == 0 else 1, act, conv))
                 cin = w * block.expansion
             setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
         self.stages = len(layers)
@@ -140,10 +248,10 @@ class Block(nn.Module):
 
 class ViT(nn.Module):
     def __init__(self, img_size=224, patch=16, dim=192, depth=12, heads=3, act='gelu', in_ch=3,
-                 num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, conv='native'):
         super().__init__()
         self.normalize = Normalize(mean, std)
-        self.patch_embed = nn.Conv2d(in_ch, dim, patch, patch)
+        self.patch_embed = CONVS[conv](in_ch, dim, patch, patch)
         self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch) ** 2, dim) * 0.02)
         self.blocks = nn.Sequential(*[Block(dim, heads, act) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
@@ -237,19 +345,32 @@ def load_timm_state_dict(model, state_dict):
 
 # ---------------------------------------------------------------- any model
 
-def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=None, std=None, pretrained=False):
-    """pretrained: timm's weights (timm models only; downloaded by timm from the Hugging Face hub)."""
+def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=None, std=None, pretrained=False,
+                conv='native'):
+    """pretrained: timm's weights (timm models only; downloaded by timm from the Hugging Face hub).
+    conv: 'native' (nn.Conv2d) or 'fast' (Conv2d, for double backward); same parameters either way."""
     if not is_model(name):
         raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)} or a timm model')
+    if conv not in CONVS:
+        raise ValueError(f'unknown conv {conv!r}; choose one of {", ".join(CONVS)}')
     if timm_name(name):
-        return build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained)
+        return use_conv(build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained), conv)
     if pretrained:
         raise ValueError(f'{name} is a compact model of models.py: timm has no weights for it')
-    kw = dict(act=act, in_ch=in_ch, num_classes=num_classes)
+    kw = dict(act=act, in_ch=in_ch, num_classes=num_classes, conv=conv)
     kw.update(mean=mean or IMAGENET_MEAN[:in_ch], std=std or IMAGENET_STD[:in_ch])
     if name.startswith('vit'):
         kw['img_size'] = img_size
     return MODELS[name](**kw)
+
+
+def use_conv(model, conv):
+    """Make every plain nn.Conv2d of model (timm's) the given kind, in place. Subclasses that change
+    the forward (timm's Conv2dSame, StdConv2d, ...) stay as they are."""
+    for m in model.modules():
+        if type(m) in (nn.Conv2d, Conv2d):
+            m.__class__ = CONVS[conv]  # same attributes and parameters: only the forward differs
+    return model
 
 
 def activation_types():

@@ -45,7 +45,7 @@ BAD_CONFIG = {
     'mixup': ['-1', 'nan'], 'cutmix': ['-0.5', 'inf', 'nan'],
     'randaug': ['rand-x9', 'rand-m9-mstdfoo', 'rand-m9-mmax20', 'autoaug', 'm9', 'x'], 'reprob': ['-0.1', '1.5', 'nan'],
     'recipe': ['swinb', 'x'], 'accum': ['0', '-2', '1.5'], 'amp': ['maybe'], 'bn_eval': ['maybe'],
-    'gn_weights': ['0.8', '-1,1', 'a,b', '1,nan'],
+    'gn_weights': ['0.8', '-1,1', 'a,b', '1,nan'], 'conv': ['cudnn', 'Fast', ''],
 }
 
 
@@ -247,3 +247,11 @@ def test_readme_is_a_short_tutorial_whose_links_exist():
     assert len(text.splitlines()) < 250
     for target in re.findall(r'\]\(([^)#:]+)\)', text):
         assert os.path.exists(os.path.join(HERE, target)), target
+
+
+def test_check_gpu_without_a_gpu_says_so_in_one_line_and_exits_0():
+    r = subprocess.run([sys.executable, 'check_gpu.py'], cwd=HERE, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))  # no GPU even on a GPU machine
+    assert r.returncode == 0 and r.stderr == '', r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and 'no CUDA GPU' in lines[0], r.stdout

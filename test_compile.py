@@ -24,11 +24,12 @@ from edge_reg import edge_reg
 BACKEND = 'aot_eager_decomp_partition'
 
 
-def tiny(name, act='gelu'):
+def tiny(name, act='gelu', conv='native'):
     torch.manual_seed(0)
     if name == 'resnet':  # BatchNorm, in train mode throughout
-        return M.ResNet(M.BasicBlock, [1, 1], (8, 16), act=act, in_ch=3, num_classes=10, small_stem=True).train()
-    return M.ViT(img_size=16, patch=4, dim=24, depth=2, heads=2, act=act, num_classes=10).train()
+        return M.ResNet(M.BasicBlock, [1, 1], (8, 16), act=act, in_ch=3, num_classes=10, small_stem=True,
+                        conv=conv).train()
+    return M.ViT(img_size=16, patch=4, dim=24, depth=2, heads=2, act=act, num_classes=10, conv=conv).train()
 
 
 def batch(n=8):
@@ -112,8 +113,8 @@ def test_fd_gradnorm_chosen_by_config():
 
 def _ddp_rank(rank, init_file, x, y, out, compiled):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
-    model = tiny('resnet')
     cfg = C.Config(objective='gradnorm', gradnorm_impl='exact' if compiled else 'fd', ramp_epochs=1.0)
+    model = tiny('resnet', conv=T.conv_kind(cfg, torch.device('cpu')))  # exact: the fast conv, as training
     with torch._dynamo.config.patch(trace_autograd_ops=True, optimize_ddp=False):
         if compiled:  # as train() does it, with the test backend
             torch.compile = functools.partial(torch.compile, backend=BACKEND)
@@ -155,8 +156,9 @@ def test_cuda_inductor_step_matches_eager_in_float32_and_bf16(arch, objective, m
     1e-4, and bf16 autocast must be no less accurate compiled than eager (both against float32 eager)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    fmt = T.memory_format(C.Config(objective=objective), torch.device('cuda'))
-    model = tiny(arch).cuda().to(memory_format=fmt)
+    cfg, cuda = C.Config(objective=objective), torch.device('cuda')
+    fmt = T.memory_format(cfg, cuda)
+    model = tiny(arch, conv=T.conv_kind(cfg, cuda)).cuda().to(memory_format=fmt)  # the fast conv, as training
     x, y = (t.cuda() for t in batch(32))
     x = x.contiguous(memory_format=fmt)
     fn = {'gradnorm': functools.partial(G.gradnorm, eps=0.1), 'edge': edge_reg}[objective]

@@ -44,12 +44,25 @@ def gradnorm_impl(cfg, device):
     return impl
 
 
+def second_order(cfg, device):
+    """Whether the objective differentiates a gradient again: exact GradNorm, EdgeReg."""
+    return cfg.objective == 'edge' or (cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'exact')
+
+
 def memory_format(cfg, device):
-    """channels_last for first-order objectives; contiguous for double backward (exact GradNorm,
-    EdgeReg), where channels_last measured slower (CPU 1.3-6x, H100 ResNet-50 bf16 eager 1.14x) and
-    crashed torch 2.11's compiled ResNet backward on CUDA (misaligned address)."""
-    second_order = cfg.objective == 'edge' or (cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'exact')
-    return torch.contiguous_format if second_order else torch.channels_last
+    """channels_last for first-order objectives; contiguous for double backward, where channels_last
+    measured slower (CPU 1.3-6x, H100 ResNet-50 bf16 eager 1.14x) and crashed torch 2.11's compiled
+    ResNet backward on CUDA (misaligned address)."""
+    return torch.contiguous_format if second_order(cfg, device) else torch.channels_last
+
+
+def conv_kind(cfg, device):
+    """auto: models.Conv2d ('fast') for double backward, whose weight term it computes on the
+    standard kernels instead of a slow convolution (README, A convolution for double backprop);
+    nn.Conv2d ('native') for first-order objectives, where it has nothing to remove."""
+    if cfg.conv != 'auto':
+        return cfg.conv
+    return 'fast' if second_order(cfg, device) else 'native'
 
 
 def objective(cfg, device, compiled=False, norm=None):
@@ -156,10 +169,10 @@ def find_resume(cfg, log):
     return None, None
 
 
-def initial_model(cfg, info):
+def initial_model(cfg, info, device):
     """The model before training: random, timm's pretrained weights, torchvision's (the compact
     resnet50), or the weights of a checkpoint of ours (a recipe's stage 2 starts from stage 1's)."""
-    model = build_model(cfg.model, cfg.act, pretrained=cfg.init == 'pretrained', **info)
+    model = build_model(cfg.model, cfg.act, pretrained=cfg.init == 'pretrained', conv=conv_kind(cfg, device), **info)
     if cfg.init == 'torchvision':  # torchvision's ImageNet ResNet-50: same parameter names; the activation stays cfg.act
         if info['num_classes'] != 1000:
             raise UserError(f'--init={cfg.init} has 1000 classes, the data {info["num_classes"]}: pass --init=')
@@ -184,7 +197,7 @@ def start(cfg, rank, world, device, log):
     *loaders, info = make_loaders(cfg, rank, world, device)
     if len(loaders[0]) == 0:
         raise UserError(f'--batch_size={cfg.batch_size} is larger than the training set ({cfg.data}): lower it')
-    model = initial_model(cfg, info)
+    model = initial_model(cfg, info, device)
     if device.type == 'cuda' and not cfg.amp:
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 as the paper (cuDNN convolutions: PyTorch's default)
     path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
@@ -389,7 +402,8 @@ def train(cfg):
     run, compiled = start(cfg, rank, world, device, log)
     log(f'{cfg.objective} | {cfg.model} {cfg.act} | {sum(p.numel() for p in run.model.parameters()):,} params '
         f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{__version__}'
-        + (f' | gradnorm_impl={gradnorm_impl(cfg, device)}' if cfg.objective == 'gradnorm' else ''))
+        + (f' | gradnorm_impl={gradnorm_impl(cfg, device)}' if cfg.objective == 'gradnorm' else '')
+        + f' | conv={conv_kind(cfg, device)}')
     log(f'per epoch: clean accuracy on the validation set; pgd_upper = {pgd_name(cfg)}, an upper bound on robust '
         'accuracy (AutoAttack, the number to report: attack.py --autoattack)')
     metrics = {}
