@@ -1,7 +1,7 @@
 """Read robustness from natural input gradients: robust models have small, image-like, edge-aligned
 gradients of the loss on clean images; vulnerable ones have large, noise-like ones.
 
-    python characterize.py runs/standard_gelu/ckpt.pt runs/gradnorm_gelu/ckpt.pt --n 1000
+    python characterize.py runs/fashion-mnist/resnet_demo_pool-{standard,gradnorm}-gelu/ckpt.pt --n 1000
 Per checkpoint, on the same first n test images: per-image L1 and L2 norms of g = d CE_i / d x_i
 (mean, quantiles), per-channel statistics of g, edge alignment (Pearson correlation between |g|
 and the EdgeReg teacher's edge energy, per image), clean and PGD accuracy (attack.evaluate), the
@@ -182,13 +182,24 @@ def text_strip(labels, width, height, x_positions):
     return pil_to_tensor(img).float() / 255
 
 
+def short_names(names):
+    """Run folders without what they all share ('resnet_demo_pool-gradnorm-gelu' and
+    'resnet_demo_pool-pgd-gelu' -> 'gradnorm', 'pgd'): column headers have room for ~18 letters."""
+    if len(set(names)) < 2:
+        return names
+    cut = lambda common: max(common.rfind('-'), common.rfind('_')) + 1  # whole words only
+    head, tail = cut(os.path.commonprefix(names)), cut(os.path.commonprefix([n[::-1] for n in names]))
+    short = [n[head:len(n) - tail].strip('-_') for n in names]
+    return short if all(short) and len(set(short)) == len(short) else names
+
+
 def gradient_grid(x, grads, names, path, size=112, pad=2):
     """Rows: images. Columns: input, |g| per checkpoint (normalized_map), edge energy (same)."""
     cols = [display(x, size)] + [display(normalized_map(g.abs()), size) for g in grads]
     cols.append(display(normalized_map(edge_energy(x)), size))
     tiles = torch.stack(cols, 1).flatten(0, 1)  # row-major: image by image
     grid = make_grid(tiles, nrow=len(cols), padding=pad, pad_value=1.0)
-    labels = ['input'] + [n[:size // 6] for n in names] + ['edge energy']
+    labels = ['input'] + [n[:size // 6] for n in short_names(names)] + ['edge energy']
     header = text_strip(labels, grid.shape[2], 14, [pad + i * (size + pad) + 2 for i in range(len(cols))])
     save_image(torch.cat([header, grid], 1), path)
 

@@ -97,3 +97,10 @@ def test_pixel_edges_mark_a_step_only_at_the_step():
     x[..., 4:] = 1  # a vertical edge between columns 3 and 4
     e = C.pixel_edges(x)[0, 0]
     assert torch.equal(e[:, 3], torch.ones(8)) and e.sum() == 8
+
+
+def test_column_headers_drop_what_every_run_folder_shares_whole_words_only():
+    runs = ['resnet_demo_pool-standard-gelu', 'resnet_demo_pool-gradnorm-gelu', 'resnet_demo_pool-pgd-gelu']
+    assert C.short_names(runs) == ['standard', 'gradnorm', 'pgd']
+    assert C.short_names(['x-gelu', 'x-relu']) == ['gelu', 'relu']  # not 'g', 'r'
+    assert C.short_names(['run', 'run']) == ['run', 'run'] and C.short_names(['solo']) == ['solo']
