@@ -263,7 +263,7 @@ def test_characterize_writes_pictures_and_numbers(tmp_path):
     for i in range(2):
         os.makedirs(tmp_path / f'run{i}')
         paths.append(str(tmp_path / f'run{i}' / 'ckpt.pt'))
-        cfg = config.Config(data=DATA)
+        cfg = config.Config(data=DATA, model='resnet_demo')  # small_model's architecture
         import dataclasses
         config.save_checkpoint(paths[-1], dict(model=small_model(i).state_dict(), config=dataclasses.asdict(cfg),
                                                  data_info=info, epoch=0))

@@ -146,7 +146,7 @@ def test_command_prints_autoattack_line_and_json(tiny_data, tmp_path, capsys, mo
     torch.manual_seed(0)
     ckpt = str(tmp_path / 'ckpt.pt')
     config.save_checkpoint(ckpt, dict(model=build_model('resnet_demo', 'gelu', **info).state_dict(), ema=None,
-                                      config=vars(config.Config(data=tiny_data, loader='torchvision')), data_info=info))
+                                      config=vars(config.Config(data=tiny_data, loader='torchvision', model='resnet_demo')), data_info=info))
     attack.main(['--ckpt', ckpt, '--n', '24', '--autoattack', '--attacks', 'ce-5', 'margin-5', '--square-queries', '50'])
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r'autoattack 0\.1 \d+\.\d', out[-1]), out[-5:]

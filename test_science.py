@@ -97,7 +97,7 @@ def test_measure_run_end_to_end(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(S, 'ATTACKS', ('ce-2', 'margin-2', 'dlr-2'))
     run = tmp_path / 'r_s0'
     os.makedirs(run)
-    cfg = config.Config(data=tiny_data, batch_size=8, epochs=1, eps=0.05)
+    cfg = config.Config(data=tiny_data, batch_size=8, epochs=1, eps=0.05, model='resnet_demo')  # demo_model's
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
     config.save_checkpoint(str(run / 'ckpt-00000007-abc.pt'), dict(model=demo_model().state_dict(), ema=None, step=7,
                                                                    epoch=1, config=dataclasses.asdict(cfg), data_info=info))
