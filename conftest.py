@@ -26,6 +26,15 @@ def tiny_data(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny linear problems: extra threads only add synchronization (20x slower on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     # ffcv_ops filters this at import, but pytest puts every test's warning filters back afterwards;
     # by message only: naming numba's category would import numba before data.py configures it

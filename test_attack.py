@@ -20,15 +20,6 @@ from edge_reg import edge_energy
 DATA = '/usr/share/datasets/fashion-mnist'
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny linear problems: extra threads only add synchronization (20x slower on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Linear2(nn.Module):
     """Two classes, logits (-s/2, s/2) with s = w.x + b: the minimal distance from x to the
     decision boundary is |s| / ||w||_dual (L1 for L-inf, L2 for L2) when the box does not bind."""

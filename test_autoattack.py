@@ -18,15 +18,6 @@ from data import FASHION_MEAN, FASHION_STD
 from models import build_model
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny linear problems: extra threads only add synchronization."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def linear10(n=80, seed=1):
     """10 classes, logits W x + b on 8x8 inputs in [0.3, 0.7] (the box never binds at these eps):
     misclassified within eps iff some j has z_y - z_j <= eps ||w_y - w_j||_1, so the exact L-inf
