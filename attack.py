@@ -364,6 +364,8 @@ def parse_args(argv):
         raise UserError('--model names the timm model of an official:PATH checkpoint (ours name their own): '
                         + ('pass --model=swin_base_patch4_window7_224 or --model=timm/resnet50' if args.model is None
                            else 'leave it out'))
+    if args.weights == 'model' and args.ckpt.startswith('official:'):  # checked before loading a large file
+        raise UserError('an official checkpoint is evaluated with its EMA weights, as the paper: leave out --weights')
     if args.model and not args.data:
         raise UserError('official checkpoints do not name their data: pass --data=IMAGENET (an ImageFolder or .beton folder)')
     if args.norm == 'linf' and args.eps and max(map(parse_eps, args.eps)) > 1:
@@ -388,8 +390,6 @@ def resolve(args, ck, official=False):
     args.autoattack = imagenet if args.autoattack is None else args.autoattack
     if args.weights == 'ema' and not has_ema:
         raise UserError(f'{args.ckpt} holds no EMA weights (trained with --ema=0): leave out --weights=ema')
-    if args.weights == 'model' and official:
-        raise UserError('an official checkpoint is evaluated with its EMA weights, as the paper: leave out --weights')
     if args.weights == 'auto':
         args.weights = 'ema' if has_ema else 'model'
     return args
