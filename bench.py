@@ -32,7 +32,7 @@ from PIL import Image
 
 from attack import pgd, pgd_at
 from augment import BatchAugment, randaug_transform
-from config import RULES, ArgumentParser, Config, checked, cli
+from config import RULES, ArgumentParser, Config, UserError, checked, cli
 from data import FASHION_MEAN, FASHION_STD, VAL_SIDE, ffcv_loader, need_ffcv, torchvision_loader, write_beton
 from edge_reg import edge_reg
 from gradnorm import gradnorm, gradnorm_fd, standard
@@ -159,6 +159,9 @@ def bench_step(args):
             for _ in range(args.warmup):
                 timed_step(model, opt, fn, x_, y, device, autocast)
         except Exception as e:  # a compiler bug in one row should not hide the others
+            if 'CUDA error' in str(e):  # sticky: every later CUDA call fails too
+                raise UserError(f'warm-up {name}: {str(e).splitlines()[0]} (seen with torch 2.11 on an H100 for '
+                                f'"gradnorm exact compiled native" on resnet50); rerun with --skip="{name}"') from e
             print(f'warm-up {name}: FAILED, left out: {type(e).__name__}: {str(e).splitlines()[0]}', flush=True)
             del rows[name]
             continue

@@ -1,14 +1,19 @@
-"""`make check-gpu`: proves the CUDA path on a fresh GPU box in under 8 minutes on one GPU, with
+"""`make check-gpu`: proves the CUDA path on a fresh GPU box in about 12 minutes on one GPU, with
 whatever torch the machine has (FFCV, timm and pyautoattack are not needed; numpy, Pillow and
 pytest are). Without a GPU it says so in one line and exits 0.
 
     python check_gpu.py             # every step below, each under its own time limit, then a summary
     python check_gpu.py profile     # only the profile of one ResNet-50 GradNorm step per conv
     python check_gpu.py --dry-run   # the same steps on the CPU at toy sizes (the script itself, not the GPU)
+    python check_gpu.py --ckpt=runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --skip=batchnorm
+        # AutoAttack on a checkpoint already evaluated on the CPU (compare with its eval_linf.json);
+        # --data=DIR: Fashion-MNIST's IDX files when not at /usr/share/datasets/fashion-mnist
 
 1. the CUDA tests (test_conv.py, test_compile.py: the fast conv against native, compiled against eager)
 2. one demo epoch under a 1-process torchrun (NCCL): compiled exact GradNorm with the fast conv and
    its per-epoch evaluation; then attack.py on its checkpoint, also under torchrun
+   then: attack.py --autoattack (needs pyautoattack) on --ckpt, else on that epoch's checkpoint, alone
+   on the GPU so that its time per 1,000 images means something
 3. bench.py step, resnet50 and vit_small at 224, bf16: standard, exact GradNorm eager and compiled
    with each conv (native, fast), PGD-3, peak memory
 4. bench.py conv batchnorm: nn.BatchNorm2d against a BatchNorm of primitive ops, ResNet-50 eager
@@ -33,11 +38,11 @@ SLACK = float(os.environ.get('CHECK_GPU_SLACK', 1))  # multiplies every step's t
 NEEDS = ('numpy', 'PIL')  # every step imports data.py (train.py, bench.py, attack.py)
 
 
-def fashion_or_synthetic(out, n):
-    """The real Fashion-MNIST if the Debian package is there, else n random images in its format (the
-    check is about the CUDA path, not accuracy)."""
-    if n is None and os.path.exists(os.path.join(FASHION, 't10k-labels-idx1-ubyte.gz')):
-        return FASHION, 'Fashion-MNIST'
+def fashion_or_synthetic(out, n, fashion=FASHION):
+    """The real Fashion-MNIST if it is there, else n random images in its format (the check is about
+    the CUDA path, not accuracy)."""
+    if n is None and os.path.exists(os.path.join(fashion, 't10k-labels-idx1-ubyte.gz')):
+        return fashion, 'Fashion-MNIST'
     n = n or 10000
     os.makedirs(out, exist_ok=True)
     g = torch.Generator().manual_seed(0)
@@ -50,13 +55,13 @@ def fashion_or_synthetic(out, n):
     return out, f'{n} random images in Fashion-MNIST format'
 
 
-def steps(logs, dry):
+def steps(logs, dry, fashion=FASHION, ckpt=None):
     """-> groups of (name, commands run one after the other, seconds allowed, strings the output must
     hold, modules needed); the steps of a group run at the same time (correctness only), timed ones
     alone. dry: toy models on the CPU and no compiling (Inductor on a CPU takes minutes), so some
     expected strings differ."""
     py = sys.executable
-    data, what = fashion_or_synthetic(os.path.join(logs, 'fashion'), 512 if dry else None)
+    data, what = fashion_or_synthetic(os.path.join(logs, 'fashion'), 512 if dry else None, fashion)
     torchrun = [py, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1']
     demo = os.path.join(logs, 'demo')
     train = [*torchrun, 'train.py', '--objective=gradnorm', '--gradnorm_impl=exact', '--epochs=1', f'--data={data}',
@@ -65,6 +70,8 @@ def steps(logs, dry):
     evaluate = [*torchrun, 'attack.py', '--ckpt', os.path.join(demo, 'ckpt.pt'), '--images', '64' if dry else '500',
                 '--attacks', 'ce-10', 'margin-10', '--no-autoattack', '--square-queries', '0',
                 '--json', os.path.join(logs, 'demo_eval.json')]
+    autoattack = [py, 'attack.py', '--ckpt', ckpt or os.path.join(demo, 'ckpt.pt'), '--autoattack', f'--data={data}',
+                  '--json', os.path.join(logs, 'autoattack.json'), *(['--images=64', '--compile=off'] if dry else [])]
     cnn, vit = ('resnet_demo', 'vit_demo') if dry else ('resnet50', 'vit_small')
     sizes = ['--res=28', '--batch=8', '--warmup=1', '--repeats=2'] if dry else \
         ['--res=224', '--batch=128', '--warmup=2', '--repeats=5']
@@ -73,14 +80,16 @@ def steps(logs, dry):
     bn = [py, 'bench.py', 'conv', 'batchnorm', '--eager', f'--model={cnn}', *sizes[:1], '--batch=8' if dry else '--batch=64',
           *sizes[2:]]
     return [
-        [('CUDA tests', [[py, '-m', 'pytest', '-q', '-rs', '-k', 'cuda', 'test_conv.py', 'test_compile.py']], 150,
+        [('CUDA tests', [[py, '-m', 'pytest', '-q', '-rs', '-k', 'cuda', 'test_conv.py', 'test_compile.py']], 260,
           ['skipped' if dry else 'passed'], NEEDS + ('pytest',)),
-         (f'torchrun demo epoch and evaluation ({what})', [train, evaluate], 150,
+         (f'torchrun demo epoch and evaluation ({what})', [train, evaluate], 240,
           ['conv=fast', 'final: clean', 'PGD:'] + ([] if dry else ['compile=True', 'torch.compile: 1 graph(s)']), NEEDS)],
-        [(f'bench {cnn}', [[*bench, f'--model={cnn}', '--skip=edgereg']], 170,
+        [(f'autoattack {"--ckpt" if ckpt else "demo epoch"}', [autoattack], 120, ['autoattack '], NEEDS + ('pyautoattack',))],
+        # compiled native: "CUDA error: misaligned address" on resnet50 (torch 2.11, H100), which kills the process
+        [(f'bench {cnn}', [[*bench, f'--model={cnn}', '--skip=edgereg,gradnorm exact compiled native']], 240,
           [f'exact{compiled} fast', 'double backprop: exact native'], NEEDS)],
         # the ViT's only convolution is its patch embedding: one compile (fast) instead of two
-        [(f'bench {vit}', [[*bench, f'--model={vit}', '--skip=edgereg,gradnorm exact compiled native']], 100,
+        [(f'bench {vit}', [[*bench, f'--model={vit}', '--skip=edgereg,gradnorm exact compiled native']], 120,
           [f'exact{compiled} fast'], NEEDS)],
         [(f'batchnorm {cnn}', [bn], 60, ['primitive BN'], NEEDS)],
         [(f'profile {cnn}', [[py, __file__, 'profile', *(['--dry-run'] if dry else [])]], 60, ['top kernels, fast conv'], ())],
@@ -163,7 +172,7 @@ def profile(dry):
         del net
 
 
-def run_all(dry):
+def run_all(dry, skip=(), fashion=FASHION, ckpt=None):
     logs = os.path.join(HERE, 'runs', 'check_gpu-dry' if dry else 'check_gpu')
     os.makedirs(logs, exist_ok=True)
     found = {m: importlib.util.find_spec(m) is not None for m in NEEDS + ('pytest', 'torchvision', 'timm', 'ffcv',
@@ -172,7 +181,10 @@ def run_all(dry):
     print(f'check-gpu: {device} | torch {torch.__version__} | Python {sys.version.split()[0]} | '
           + ' '.join(f'{m}:{"yes" if ok else "no"}' for m, ok in found.items()) + f' | logs in {logs}', flush=True)
     t0, results = time.time(), []
-    for group in steps(logs, dry):
+    for group in steps(logs, dry, fashion, ckpt):
+        for name in (s[0] for s in group if any(w in s[0] for w in skip)):
+            results.append((name, 'SKIPPED (--skip)', 0, '-'))
+        group = [s for s in group if not any(w in s[0] for w in skip)]
         missing = {name: [m for m in needs if not found[m]] for name, _, _, _, needs in group}
         for name in (n for n, m in missing.items() if m):
             results.append((name, f'SKIPPED (no {", ".join(missing[name])}: pip install it)', 0, '-'))
@@ -189,6 +201,17 @@ def run_all(dry):
 
 
 def main(argv):
+    opts = dict(a.removeprefix('--').split('=', 1) for a in argv if a.startswith('--') and '=' in a)
+    unknown = set(opts) - {'skip', 'data', 'ckpt'}
+    bad = [f'unknown option --{k}' for k in unknown]
+    if 'ckpt' in opts and not os.path.isfile(opts['ckpt']):
+        bad.append(f'no file {opts["ckpt"]}')
+    if 'data' in opts and not os.path.isdir(opts['data']):
+        bad.append(f'no folder {opts["data"]}')
+    if bad:
+        print(f'check-gpu: error: {bad[0]} '
+              '(options: profile, --dry-run, --skip=STEP,..., --data=FASHION_MNIST_DIR, --ckpt=DEMO_CKPT)')
+        return 2
     dry = '--dry-run' in argv
     if not dry and not torch.cuda.is_available():
         print(f'check-gpu: no CUDA GPU visible to torch {torch.__version__} here; nothing to check')
@@ -196,7 +219,7 @@ def main(argv):
     if 'profile' in argv:
         profile(dry)
         return 0
-    return run_all(dry)
+    return run_all(dry, [w for w in opts.get('skip', '').split(',') if w], opts.get('data', FASHION), opts.get('ckpt'))
 
 
 if __name__ == '__main__':

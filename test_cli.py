@@ -255,3 +255,9 @@ def test_check_gpu_without_a_gpu_says_so_in_one_line_and_exits_0():
     assert r.returncode == 0 and r.stderr == '', r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and 'no CUDA GPU' in lines[0], r.stdout
+
+
+@pytest.mark.parametrize('arg', ['--skp=bench', '--ckpt=no/such/ckpt.pt', '--data=no/such/folder'])
+def test_check_gpu_refuses_a_bad_option_before_looking_for_a_gpu(arg):
+    r = subprocess.run([sys.executable, 'check_gpu.py', arg], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout.count('error:') == 1 and 'Traceback' not in r.stderr, r.stdout + r.stderr

@@ -254,15 +254,17 @@ def test_cuda_derivatives_equal_native(channels_last):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-@cuda
-def test_cuda_bf16_autocast_gradnorm_as_accurate_as_native(monkeypatch):
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=cuda)])
+def test_bf16_autocast_gradnorm_as_accurate_as_native(device, monkeypatch):
+    """bf16 autocast moves GradNorm's parameter gradient ~17% from float32 (relative L2; measured on
+    the CPU and on an H100 alike), and the fast conv by no more than native does."""
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    native, fast = (m.cuda() for m in twins('resnet18_small', 3, torch.float32))
+    native, fast = (m.to(device) for m in twins('resnet18_small', 3, torch.float32))
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(16, 3, 32, 32, generator=g).cuda(), torch.randint(0, 10, (16,), generator=g).cuda()
+    x, y = torch.rand(16, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device)
     ref = param_grad(native, G.gradnorm, x, y)
-    assert rel(param_grad(fast, G.gradnorm, x, y), ref) < 1e-4  # float32, different cuDNN algorithms
-    with torch.autocast('cuda', torch.bfloat16):
+    assert rel(param_grad(fast, G.gradnorm, x, y), ref) < 1e-4  # float32, different kernels
+    with torch.autocast(device, torch.bfloat16):
         assert fast.conv1(x).dtype == torch.bfloat16
         errors = [rel(param_grad(m, G.gradnorm, x, y), ref) for m in (native, fast)]
-    assert errors[1] < 0.1 and errors[1] < 2 * errors[0] + 1e-2, errors
+    assert 0 < errors[0] < 0.5 and errors[1] < 1.05 * errors[0] + 1e-3, errors
