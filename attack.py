@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from config import (ArgumentParser, Config, UserError, checked, cli, data_kind, load_checkpoint, load_official,
-                    model_from_checkpoint, setup_distributed)
+from config import (ArgumentParser, Config, UserError, checked, cli, data_kind, end_distributed, load_checkpoint,
+                    load_official, model_from_checkpoint, setup_distributed)
 from models import ACTS, is_model
 from autoattack_eval import VERSION, State, aa_checks, autoattack, square_check
 from data import make_loaders
@@ -508,8 +508,7 @@ def main(argv):
         report(args, r, checks, aa, ck, eps_list, time.time() - t0, compiled)
     if state:
         state.remove()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == '__main__':

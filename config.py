@@ -8,6 +8,7 @@ program with one line, `error: ...`, and exit status 2 (UserError; see `cli`).
 import argparse
 import dataclasses
 import glob
+import importlib
 import math
 import os
 import re
@@ -385,9 +386,23 @@ def load_official(path, model, act='gelu'):
 
 # ---------------------------------------------------------------- processes
 
+def end_distributed():
+    """Ends torchrun's process group while Python is fully alive. A gloo worker thread drops its
+    reference to a finished collective's tensors a little after wait() returns; if that is the last
+    reference to a tensor made in Python and the interpreter is already exiting, the worker needs the
+    GIL and aborts the process ("terminate called without an active exception": 2 of 12 two-rank CPU
+    test runs here; pytorch #179291). Destroying the group joins its workers first, if nothing else
+    holds it: DDP's reducer does, so DDP gets a group of its own (train.start; its collectives reduce
+    buffers made in C++, which free without the GIL), and so does torch._dynamo when first imported
+    after the group exists (setup_distributed imports it before)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup_distributed():
     """torchrun sets RANK: one process per GPU (NCCL) or per CPU slot (gloo). -> (rank, world, device)"""
     if 'RANK' in os.environ and not dist.is_initialized():
+        importlib.import_module('torch._dynamo')  # imported later, it keeps the default group alive (end_distributed)
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if torch.cuda.is_available():

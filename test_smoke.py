@@ -198,9 +198,16 @@ def test_torchrun_two_ranks_stay_identical(tiny_data, tmp_path):
         'import os, sys, torch\n'
         f'sys.path.insert(0, {HERE!r})\n'
         'import config as C, train as T\n'
+        'import threading\n'
+        'def threads():\n'
+        '    return set(os.listdir("/proc/self/task")) - {str(threading.get_native_id())}\n'
         'cfg = C.parse_config(sys.argv[1:])\n'
+        'C.setup_distributed()\n'
+        'default_group = threads()  # gloo\'s workers and network loop\n'
         'model = T.train(cfg)\n'
-        'torch.save(dict(model.named_parameters()), f"{cfg.out}/rank{os.environ[\'RANK\']}.pt")\n')
+        'left = len(default_group & threads())\n'
+        'torch.save(dict(model.named_parameters()), f"{cfg.out}/rank{os.environ[\'RANK\']}.pt")\n'
+        'print(f"default group: {len(default_group)} threads, {left} left after training")\n')
     out = tmp_path / 'ddp'
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     r = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2', str(script),
@@ -217,6 +224,9 @@ def test_torchrun_two_ranks_stay_identical(tiny_data, tmp_path):
     assert r.stdout.count('final:') == 1  # rank 0 alone prints
     # the per-epoch robust number says what it is: PGD, an upper bound, not the number to report
     assert 'pgd_upper' in json.loads(lines[0]) and r.stdout.count('an upper bound') == 2
+    # the default group's gloo workers are joined before the interpreter exits: one left running could
+    # free a Python tensor there and abort the process (config.end_distributed)
+    assert r.stdout.count('default group: 3 threads, 0 left after training') == 2, r.stdout[-2000:]
 
 
 def test_checkpoint_roundtrip_and_resume_continue_exactly(tiny_data, tmp_path):

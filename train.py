@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from attack import pgd_at, robust_accuracy
 from augment import STEP, rand_u32
-from config import (UserError, __version__, checkpoints, cli, describe_recipe, load_checkpoint, parse_config,
-                    save_checkpoint, setup_distributed)
+from config import (UserError, __version__, checkpoints, cli, describe_recipe, end_distributed, load_checkpoint,
+                    parse_config, save_checkpoint, setup_distributed)
 from data import make_loaders
 from edge_reg import edge_reg
 from gradnorm import gradnorm, gradnorm_fd, standard
@@ -219,7 +219,9 @@ def start(cfg, rank, world, device, log):
         torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
         torch._dynamo.config.optimize_ddp = False       # one graph: DDP syncs after backward
     net = Step(model, objective(cfg, device, compiled, normalization(model)))
-    net = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    if world > 1:  # gloo: a group of DDP's own, which outlives destroy_process_group (config.end_distributed)
+        group = dist.new_group() if device.type == 'cpu' else None
+        net = nn.parallel.DistributedDataParallel(net, process_group=group)
     run = Run(cfg, model, ema, opt, net, loaders, info, (ck or {}).get('run') or secrets.token_hex(4), rank, world, device)
     if ema is not None:
         run.ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
@@ -418,8 +420,7 @@ def train(cfg):
     if metrics:
         log(f'final: clean {100 * metrics["clean_acc"]:.1f}% | {pgd_name(cfg)} {100 * metrics["pgd_upper"]:.1f}% '
             f'(an upper bound; AutoAttack: python attack.py --ckpt {cfg.out}/ckpt.pt --autoattack) | {cfg.out}/ckpt.pt')
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed()
     return run.model
 
 
@@ -429,6 +430,8 @@ def main(argv):
     except Preempted as e:
         print(f'\npreempted: {e}', file=sys.stderr)
         return 75  # EX_TEMPFAIL: try again, e.g. requeue with --resume=auto
+    finally:
+        end_distributed()  # a preempted run's too: its exit status must stay 75
 
 
 if __name__ == '__main__':
