@@ -109,8 +109,9 @@ BENCH_MODELS = $(or $(MODEL),$(if $(filter-out 0,$(GPUS)),resnet50 vit_small,res
 bench: setup
 	for m in $(BENCH_MODELS); do $(PY) bench.py step --model=$$m $(if $(RES),--res=$(RES)) $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
 
-# The CUDA path on a fresh GPU box in < 8 minutes, with the torch already there (nothing installed): CUDA tests,
-# a 1-process torchrun demo epoch and evaluation, bench on resnet50/vit_small, a profile. No GPU: one line, exit 0.
+# The CUDA path on a fresh GPU box in about 12 minutes (ARGS=--skip=... for less), with the torch already there
+# (nothing installed): CUDA tests, a 1-process torchrun demo epoch and evaluation, AutoAttack on a demo checkpoint
+# (ARGS=--ckpt=...), bench on resnet50/vit_small, BatchNorm, a profile. No GPU: one line, exit 0.
 .PHONY: check-gpu
 check-gpu:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) check_gpu.py $(ARGS)
