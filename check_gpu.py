@@ -20,7 +20,6 @@ pytest are). Without a GPU it says so in one line and exits 0.
 5. the top CUDA kernels of one ResNet-50 GradNorm step with each conv, from torch.profiler
 Logs go to runs/check_gpu/. Exit status: 0 when every step passed.
 """
-import gzip
 import importlib.util
 import os
 import shlex
@@ -43,15 +42,14 @@ def fashion_or_synthetic(out, n, fashion=FASHION):
     the CUDA path, not accuracy)."""
     if n is None and os.path.exists(os.path.join(fashion, 't10k-labels-idx1-ubyte.gz')):
         return fashion, 'Fashion-MNIST'
+    from data import write_idx  # numpy: imported once the script said what this machine has
     n = n or 10000
     os.makedirs(out, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     for split, m in (('train', n), ('t10k', n // 4)):
         for kind, t in (('images-idx3', torch.randint(0, 256, (m, 28, 28), generator=g)),
                         ('labels-idx1', torch.randint(0, 10, (m,), generator=g))):
-            header = bytes([0, 0, 8, t.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in t.shape)
-            with gzip.open(os.path.join(out, f'{split}-{kind}-ubyte.gz'), 'wb') as f:
-                f.write(header + t.to(torch.uint8).numpy().tobytes())
+            write_idx(os.path.join(out, f'{split}-{kind}-ubyte.gz'), t)
     return out, f'{n} random images in Fashion-MNIST format'
 
 

@@ -1,18 +1,11 @@
 """Fixtures shared by the test files."""
-import gzip
 
 import pytest
 import torch
 
-from data import load_fashion_mnist
+from data import load_fashion_mnist, write_idx
 
 FASHION = '/usr/share/datasets/fashion-mnist'
-
-
-def write_idx(path, t):
-    header = bytes([0, 0, 8, t.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in t.shape)
-    with gzip.open(path, 'wb') as f:
-        f.write(header + t.contiguous().numpy().tobytes())
 
 
 @pytest.fixture(scope='session')

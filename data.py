@@ -75,6 +75,13 @@ def read_idx(path):
     return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
 
 
+def write_idx(path, t):
+    """t (uint8) as one gzipped IDX file, read_idx's inverse."""
+    header = bytes([0, 0, 8, t.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in t.shape)
+    with gzip.open(path, 'wb') as f:
+        f.write(header + t.to(torch.uint8).contiguous().numpy().tobytes())
+
+
 def load_fashion_mnist(root):
     names = ['train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
              't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz']
