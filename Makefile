@@ -76,7 +76,7 @@ eval: setup data
 	  $(if $(filter 1,$(AA)),--autoattack,$(if $(filter 0,$(AA)),--no-autoattack)) $(ARGS)
 
 test: setup data
-	$(PY) -m pytest -q $(wildcard test_*.py)
+	$(PY) -m pytest -q test_smoke.py tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache __pycache__
@@ -99,7 +99,7 @@ beton: setup
 	$(PY) data.py write $(IMAGENET) $(BETON) --max-side=$(MAX_SIDE) --quality=$(QUALITY) --compress=$(COMPRESS) --val-side=$(VAL_SIDE)
 
 bench-loader: setup
-	$(PY) bench.py loader
+	$(PY) -m tools.bench loader
 
 # Step cost of standard, GradNorm (exact, compiled, finite-difference), EdgeReg and PGD-3 AT, side by side.
 # Default: the demo model on the CPU; resnet50 and vit_small at 224 (bf16, channels_last) where there is a GPU.
@@ -107,19 +107,19 @@ RES ?=
 BENCH_MODELS = $(or $(MODEL),$(if $(filter-out 0,$(GPUS)),resnet50 vit_small,resnet_demo_pool))
 .PHONY: bench
 bench: setup
-	for m in $(BENCH_MODELS); do $(PY) bench.py step --model=$$m $(if $(RES),--res=$(RES)) $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
+	for m in $(BENCH_MODELS); do $(PY) -m tools.bench step --model=$$m $(if $(RES),--res=$(RES)) $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
 
 # The CUDA path on a fresh GPU box in about 12 minutes (ARGS=--skip=... for less), with the torch already there
 # (nothing installed): CUDA tests, a 1-process torchrun demo epoch and evaluation, AutoAttack on a demo checkpoint
 # (ARGS=--ckpt=...), bench on resnet50/vit_small, BatchNorm, a profile. No GPU: one line, exit 0.
 .PHONY: check-gpu
 check-gpu:
-	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) check_gpu.py $(ARGS)
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m tools.check_gpu $(ARGS)
 
 # Gradient statistics, pictures and PGD accuracy of one or more checkpoints (CKPT, CKPT2, ... or CKPTS="a.pt b.pt").
 .PHONY: characterize bench-attack
 characterize: setup data
-	$(PY) characterize.py $(or $(CKPTS),$(CKPT) $(CKPT2) $(CKPT3) $(CKPT4) $(CKPT5) $(CKPT6)) $(ARGS)
+	$(PY) -m tools.characterize $(or $(CKPTS),$(CKPT) $(CKPT2) $(CKPT3) $(CKPT4) $(CKPT5) $(CKPT6)) $(ARGS)
 # PGD-10 seconds per 1,000 images on the demo model, eager vs torch.compile, side by side.
 bench-attack: setup
-	$(PY) bench.py attack $(ARGS)
+	$(PY) -m tools.bench attack $(ARGS)

@@ -34,7 +34,7 @@ from models import IMAGENET_MEAN, IMAGENET_STD
 INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev libopencv-dev; '
                 'pip install ffcv==1.0.2), or pass --loader=torchvision')
 FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
-ROBUSTBENCH_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'robustbench_imagenet_val_5000.txt')
+ROBUSTBENCH_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lists', 'robustbench_imagenet_val_5000.txt')
 CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'gradnorm')
 VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evaluation crop
 VAL_SIDE = 256  # short side of the stored val images: 224 px center crops without resampling

@@ -18,6 +18,7 @@ from attack import pgd, pgd_at
 from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist
 from models import IMAGENET_MEAN, IMAGENET_STD
 from edge_reg import edge_energy, edge_reg
+from tests.conftest import tiny_data  # noqa: F401 (a fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASHION = '/usr/share/datasets/fashion-mnist'

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import config
-import science as S
+import tools.science as S
 from data import FASHION_MEAN, FASHION_STD
 from models import build_model
 

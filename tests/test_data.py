@@ -310,7 +310,7 @@ def test_without_ffcv_demo_still_loads_and_imagenet_says_what_to_install(tree):
             'try:\n    data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
             'except Exception as e:\n    print(type(e).__name__, e)\n')
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr
     assert 'TensorLoader 10' in r.stdout
     assert 'UserError FFCV is not importable' in r.stdout and 'libturbojpeg0-dev' in r.stdout

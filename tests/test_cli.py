@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import attack
-import characterize
+from tools import characterize
 import config as C
 import data as D
 import train as T
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Reached(Exception):
@@ -145,7 +145,8 @@ def test_bad_data_argument(argv, guarded, capsys, tmp_path):
                                          ('characterize.py', ['/nonexistent.pt']), ('data.py', ['write', '/x', '/y']),
                                          ('science.py', ['stems', 'resnet9000'])])
 def test_entry_points_exit_2_with_one_line(script, argv):
-    r = subprocess.run([sys.executable, script, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
+    cmd = [script] if script in ('train.py', 'attack.py', 'data.py') else ['-m', 'tools.' + script[:-3]]
+    r = subprocess.run([sys.executable, *cmd, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith('error: '), r.stderr
 
@@ -250,7 +251,7 @@ def test_readme_is_a_short_tutorial_whose_links_exist():
 
 
 def test_check_gpu_without_a_gpu_says_so_in_one_line_and_exits_0():
-    r = subprocess.run([sys.executable, 'check_gpu.py'], cwd=HERE, capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, '-m', 'tools.check_gpu'], cwd=HERE, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))  # no GPU even on a GPU machine
     assert r.returncode == 0 and r.stderr == '', r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
@@ -259,5 +260,5 @@ def test_check_gpu_without_a_gpu_says_so_in_one_line_and_exits_0():
 
 @pytest.mark.parametrize('arg', ['--skp=bench', '--ckpt=no/such/ckpt.pt', '--data=no/such/folder'])
 def test_check_gpu_refuses_a_bad_option_before_looking_for_a_gpu(arg):
-    r = subprocess.run([sys.executable, 'check_gpu.py', arg], cwd=HERE, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, '-m', 'tools.check_gpu', arg], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout.count('error:') == 1 and 'Traceback' not in r.stderr, r.stdout + r.stderr

@@ -1,5 +1,5 @@
 """The science of the CPU demo (issue 16): why GradNorm's robustness moves while it trains, and
-whether its input gradients show the paper's point. Commands (python science.py CMD --help):
+whether its input gradients show the paper's point. Commands (python -m tools.science CMD --help):
 measure (every ckpt-*.pt of a run folder -> RUN/science.jsonl), table (per epoch, mean +- sd over
 seeds; --png the curves), logs (the training logs alone), eps (robust accuracy against eps),
 pictures (|grad| maps), fdcheck (finite-difference GradNorm's error), stems (checkerboards at init).
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import gradnorm
 from attack import evaluate, parse_eps
-from characterize import first_order_ratio, gradient_grid, gradient_stats, input_gradients, nyquist_fraction, pixel_edges
+from tools.characterize import first_order_ratio, gradient_grid, gradient_stats, input_gradients, nyquist_fraction, pixel_edges
 from config import ArgumentParser, Config, checked, cli, load_checkpoint, model_from_checkpoint
 from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist, make_loaders
 from models import build_model, is_model

@@ -2,10 +2,10 @@
 whatever torch the machine has (FFCV, timm and pyautoattack are not needed; numpy, Pillow and
 pytest are). Without a GPU it says so in one line and exits 0.
 
-    python check_gpu.py             # every step below, each under its own time limit, then a summary
-    python check_gpu.py profile     # only the profile of one ResNet-50 GradNorm step per conv
-    python check_gpu.py --dry-run   # the same steps on the CPU at toy sizes (the script itself, not the GPU)
-    python check_gpu.py --ckpt=runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --skip=batchnorm
+    python -m tools.check_gpu             # every step below, each under its own time limit, then a summary
+    python -m tools.check_gpu profile     # only the profile of one ResNet-50 GradNorm step per conv
+    python -m tools.check_gpu --dry-run   # the same steps on the CPU at toy sizes (the script itself, not the GPU)
+    python -m tools.check_gpu --ckpt=runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --skip=batchnorm
         # AutoAttack on a checkpoint already evaluated on the CPU (compare with its eval_linf.json);
         # --data=DIR: Fashion-MNIST's IDX files when not at /usr/share/datasets/fashion-mnist
 
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = '/usr/share/datasets/fashion-mnist'
 SLACK = float(os.environ.get('CHECK_GPU_SLACK', 1))  # multiplies every step's time limit
 NEEDS = ('numpy', 'PIL')  # every step imports data.py (train.py, bench.py, attack.py)
@@ -73,9 +73,9 @@ def steps(logs, dry, fashion=FASHION, ckpt=None):
     cnn, vit = ('resnet_demo', 'vit_demo') if dry else ('resnet50', 'vit_small')
     sizes = ['--res=28', '--batch=8', '--warmup=1', '--repeats=2'] if dry else \
         ['--res=224', '--batch=128', '--warmup=2', '--repeats=5']
-    bench = [py, 'bench.py', 'step', *sizes, '--compile=none' if dry else '--compile=gradnorm']
+    bench = [py, '-m', 'tools.bench', 'step', *sizes, '--compile=none' if dry else '--compile=gradnorm']
     compiled = '' if dry else ' compiled'
-    bn = [py, 'bench.py', 'conv', 'batchnorm', '--eager', f'--model={cnn}', *sizes[:1], '--batch=8' if dry else '--batch=64',
+    bn = [py, '-m', 'tools.bench', 'conv', 'batchnorm', '--eager', f'--model={cnn}', *sizes[:1], '--batch=8' if dry else '--batch=64',
           *sizes[2:]]
     return [
         [('CUDA tests', [[py, '-m', 'pytest', '-q', '-rs', '-k', 'cuda', 'test_conv.py', 'test_compile.py']], 260,
@@ -90,7 +90,7 @@ def steps(logs, dry, fashion=FASHION, ckpt=None):
         [(f'bench {vit}', [[*bench, f'--model={vit}', '--skip=edgereg,gradnorm exact compiled native']], 120,
           [f'exact{compiled} fast'], NEEDS)],
         [(f'batchnorm {cnn}', [bn], 60, ['primitive BN'], NEEDS)],
-        [(f'profile {cnn}', [[py, __file__, 'profile', *(['--dry-run'] if dry else [])]], 60, ['top kernels, fast conv'], ())],
+        [(f'profile {cnn}', [[py, '-m', 'tools.check_gpu', 'profile', *(['--dry-run'] if dry else [])]], 60, ['top kernels, fast conv'], ())],
     ]
 
 

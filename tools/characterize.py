@@ -1,7 +1,7 @@
 """Read robustness from natural input gradients: robust models have small, image-like, edge-aligned
 gradients of the loss on clean images; vulnerable ones have large, noise-like ones.
 
-    python characterize.py runs/fashion-mnist/resnet_demo_pool-{standard,gradnorm}-gelu/ckpt.pt --n 1000
+    python -m tools.characterize runs/fashion-mnist/resnet_demo_pool-{standard,gradnorm}-gelu/ckpt.pt --n 1000
 Per checkpoint, on the same first n test images: per-image L1 and L2 norms of g = d CE_i / d x_i
 (mean, quantiles), per-channel statistics of g, edge alignment (Pearson correlation between |g|
 and the EdgeReg teacher's edge energy, per image), clean and PGD accuracy (attack.evaluate), the

@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attack
-import characterize
+from tools import characterize
 import config as C
 import gradnorm as G
 import models as M

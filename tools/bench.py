@@ -1,12 +1,12 @@
 """Benchmarks, each printing ratios measured side by side in one process (never absolute timings alone).
 
-    python bench.py step                             # a training step of every objective (make bench)
-    python bench.py step --model=resnet50 --res=224  # on a GPU: bf16 autocast
-    python bench.py loader                           # FFCV vs torchvision images/s (make bench-loader)
-    python bench.py loader --randaug=rand-m9-mstd0.5-inc1 --reprob=0.25  # with the ImageNet recipe's augmentations
-    python bench.py attack                           # PGD-10 per 1,000 images, eager vs compiled (make bench-attack)
-    python bench.py twice                            # which timm architectures survive a double backward
-    python bench.py conv skip|batchnorm|first_order  # models.Conv2d's choices (skipped weight gradients,
+    python -m tools.bench step                             # a training step of every objective (make bench)
+    python -m tools.bench step --model=resnet50 --res=224  # on a GPU: bf16 autocast
+    python -m tools.bench loader                           # FFCV vs torchvision images/s (make bench-loader)
+    python -m tools.bench loader --randaug=rand-m9-mstd0.5-inc1 --reprob=0.25  # with the ImageNet recipe's augmentations
+    python -m tools.bench attack                           # PGD-10 per 1,000 images, eager vs compiled (make bench-attack)
+    python -m tools.bench twice                            # which timm architectures survive a double backward
+    python -m tools.bench conv skip|batchnorm|first_order  # models.Conv2d's choices (skipped weight gradients,
                                                      # a BatchNorm of primitive ops, first-order steps)
 step: standard, GradNorm (exact eager and compiled, each with nn.Conv2d and models.Conv2d: native
 and fast; finite-difference), EdgeReg and PGD-3 adversarial training, timed interleaved, medians

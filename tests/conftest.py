@@ -27,8 +27,3 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
-
-def pytest_configure(config):
-    # ffcv_ops filters this at import, but pytest puts every test's warning filters back afterwards;
-    # by message only: naming numba's category would import numba before data.py configures it
-    config.addinivalue_line('filterwarnings', "ignore:Code running in object mode won't allow parallel execution")

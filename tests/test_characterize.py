@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import characterize as C
+import tools.characterize as C
 
 
 class Linear2(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attack
-import characterize
+from tools import characterize
 import config
 import gradnorm
 import models
