@@ -3,7 +3,7 @@
     python data.py write /path/to/imagenet /path/to/betons   # train.beton, val.beton (make beton)
 Every loader yields (x, y): x float in [0,1] on the device, channels_last (random erasing's noise,
 --reprob, goes outside); y int64 (soft labels with --mixup or --cutmix). Training augmentations are a
-function of (seed, epoch, sample) only (augment.py, ffcv_ops.py). `--data` is a Fashion-MNIST IDX
+function of (seed, epoch, sample) only (augment.py). `--data` is a Fashion-MNIST IDX
 folder (the demo, cached once as .beton), a folder with train.beton + val.beton, or an ImageFolder
 (train/<class>/*, val/<class>/*).
 """
@@ -322,21 +322,22 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
                 os_cache=True, drop_last=None, indices=None, res_start=0, epochs=1, channels=3, randaug=None,
                 augment=None):
     """train: random-resized crop + flip (+ randaug, a PIL transform), each a function of (seed, epoch,
-    image index) (ffcv_ops.py), shuffled (DDP: each rank its shard, distributed=True); val: center
+    image index) (augment.ffcv_ops), shuffled (DDP: each rank its shard, distributed=True); val: center
     crop (VAL_RATIO), in order, each rank every world-th of indices (default: all). crop=False decodes
     fixed-size images as stored. augment: on the device batch (Batches)."""
     need_ffcv()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
-    from ffcv_ops import RandAugment, Seeded, SeededFlip, SeededRandomResizedCrop
+    from augment import Seeded, ffcv_ops
+    SeededRandomResizedCrop, SeededFlip, RandAugment = ffcv_ops()
     if not crop:
         decoder = SimpleRGBImageDecoder()
     elif train:
-        decoder = SeededRandomResizedCrop((res, res), seed)
+        decoder = SeededRandomResizedCrop(seed, (res, res))
     else:
         decoder = CenterCropRGBImageDecoder((res, res), VAL_RATIO)
-    augs = ([SeededFlip(seed)] + ([RandAugment(randaug, seed)] if randaug is not None else [])) if train else []
+    augs = ([SeededFlip(seed)] + ([RandAugment(seed, randaug)] if randaug is not None else [])) if train else []
     device = torch.device(device)
     # GPU: uint8 batches go to the device and become float there (a quarter of the bytes to copy).
     # CPU: no copy; (x - 0) / 255 in FFCV's threads, into buffers it reuses (a fresh 38 MB tensor per

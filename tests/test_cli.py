@@ -38,7 +38,7 @@ BAD_CONFIG = {
     'min_lr': ['-1', 'nan', '1'], 'smoothing': ['1', '-0.1', 'nan'], 'clip': ['0', '-1', 'nan'],
     'eps': ['-0.1', '0', '2', 'nan', 'inf', '1/0', ''], 'ramp_epochs': ['-1', 'nan'],
     'edge_alpha': ['1,2', 'a,b,c', '', '1,nan,3'], 'pgd_steps': ['0', '-3'], 'ema': ['1', '-0.5', 'nan'],
-    'eval_n': ['0'], 'eval_steps': ['0'], 'compile': ['maybe'], 'out': ['HERE/test_cli.py/sub'],
+    'eval_n': ['0'], 'eval_steps': ['0'], 'compile': ['maybe'], 'out': ['HERE/tests/test_cli.py/sub'],
     'overwrite': ['maybe'], 'resume': ['/nonexistent.pt'], 'ckpt_every': ['-1'], 'keep': ['0'],
     'max_bad_steps': ['0'], 'seed': ['-1', 'x', '99999999999'], 'loader': ['dali'], 'res': ['0', '8', '100000'],
     'workers': ['-1', '1000'], 'init': ['imagenet', '/nonexistent.pt'], 'fd_h': ['0', '-1', '1'], 'res_start': ['-1', '500'],
@@ -118,7 +118,7 @@ def test_bad_attack_argument(argv, some_file, guarded, capsys):
 
 
 BAD_CHARACTERIZE = [[], ['/nonexistent.pt'], ['--n', '0'], ['--rows', '0'], ['--rows', '100'], ['--eps', '2'],
-                    ['--eps', '-1'], ['--steps', '0'], ['--data', '/nonexistent'], ['--out', 'HERE/test_cli.py/x'],
+                    ['--eps', '-1'], ['--steps', '0'], ['--data', '/nonexistent'], ['--out', 'HERE/tests/test_cli.py/x'],
                     ['--fo-n', '-1'], ['--fo-n', 'x']]
 
 
@@ -132,7 +132,7 @@ def test_bad_characterize_argument(argv, some_file, guarded, capsys):
                                   ['write', 'SRC', 'OUT', '--max-side=0'], ['write', 'SRC', 'OUT', '--quality=101'],
                                   ['write', 'SRC', 'OUT', '--compress=2'], ['write', 'SRC', 'OUT', '--compress=nan'],
                                   ['write', 'SRC', 'OUT', '--val-side=10'], ['write', 'SRC', 'OUT', '--workers=0'],
-                                  ['write', 'SRC', 'HERE/test_cli.py/out']])
+                                  ['write', 'SRC', 'HERE/tests/test_cli.py/out']])
 def test_bad_data_argument(argv, guarded, capsys, tmp_path):
     (tmp_path / 'src' / 'train').mkdir(parents=True)
     (tmp_path / 'src' / 'val').mkdir()
