@@ -6,12 +6,14 @@ Every value is checked here, before any data is read or any model is built, and 
 program with one line, `error: ...`, and exit status 2 (UserError; see `cli`).
 """
 import argparse
+import contextlib
 import dataclasses
 import glob
 import importlib
 import math
 import os
 import re
+import shutil
 import sys
 
 import torch
@@ -315,9 +317,18 @@ def parse_config(argv):
 
 # ---------------------------------------------------------------- checkpoints
 
+def write_failure(e, path):
+    """Why a write failed, in a few words: torch.save's zip writer raises RuntimeError, not OSError,
+    when the disk fills."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    return f'{str(e).splitlines()[0][:120]}; {free / 2 ** 20:.1f} MiB free on its disk'
+
+
 def save_checkpoint(path, state):
     """Atomic (temp file, fsync, rename): a crash or a full disk mid-write leaves the earlier
-    checkpoints as they were, never a truncated file under a valid name."""
+    checkpoints as they were, never a truncated file under a valid name, and no temp file."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
@@ -325,22 +336,52 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if os.path.isfile(tmp):
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise UserError(f'cannot write checkpoint {path!r} ({e.strerror}); earlier checkpoints are '
+        raise UserError(f'cannot write checkpoint {path!r} ({write_failure(e, path)}); earlier checkpoints are '
                         'intact: free some disk space or pass --out=DIR, then --resume=auto') from None
 
 
-def load_checkpoint(path):
+def append_line(path, line):
+    """Appends line + newline, or nothing: a failed write (a full disk) is cut off again, so the
+    file never ends in half a line."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, 'a') as f:
+            f.write(line + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise UserError(f'cannot write {path!r} ({write_failure(e, path)}): free some disk space, '
+                        'then --resume=auto') from None
+
+
+# what each reader of a checkpoint needs: (key, type); config must name these fields
+EVAL_KEYS = (('config', dict), ('model', dict), ('data_info', dict))
+RESUME_KEYS = EVAL_KEYS + (('optimizer', dict), ('step', int), ('run', str))
+CONFIG_KEYS = ('model', 'act', 'objective', 'eps')
+
+
+def load_checkpoint(path, keys=EVAL_KEYS):
+    """A checkpoint of ours, checked to hold keys (with their types): refused in one line, never a
+    KeyError later."""
     if not os.path.isfile(path):
         raise UserError(f'no checkpoint at {path!r}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # weights_only refuses pickled code; a truncated file fails to unzip
         why = 'it holds pickled Python objects, refused by torch.load(weights_only=True)' \
             if 'weights_only' in str(e) else 'it is truncated or corrupt'
         raise UserError(f'cannot load checkpoint {path!r}: {why}') from None
+    bad = [k for k, kind in keys if not isinstance(ck, dict) or not isinstance(ck.get(k), kind)]
+    bad += [f'config.{k}' for k in CONFIG_KEYS if not bad and 'config' in dict(keys) and k not in ck['config']]
+    if bad:
+        raise UserError(f'{path} is not a checkpoint of train.py: {bad[0]!r} is missing or of the wrong type '
+                        '(pass a ckpt.pt that train.py wrote)')
+    return ck
 
 
 def checkpoints(out, run=None):
@@ -351,8 +392,12 @@ def checkpoints(out, run=None):
 def model_from_checkpoint(ck, key='model'):
     """nn.Conv2d whatever --conv trained it (the same state_dict): evaluation differentiates once."""
     cfg = ck['config']
-    model = build_model(cfg['model'], cfg['act'], **ck['data_info'])
-    model.load_state_dict(ck[key])
+    try:
+        model = build_model(cfg['model'], cfg['act'], **ck['data_info'])
+        model.load_state_dict(ck[key])
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise UserError(f'the checkpoint\'s {key} weights do not fit its {cfg["model"]}/{cfg["act"]} with data_info '
+                        f'{ck["data_info"]}: {" ".join(str(e).split())[:200]}') from None
     return model
 
 

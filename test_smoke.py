@@ -293,11 +293,11 @@ def test_bad_checkpoints_and_divergence_get_one_line_errors(tiny_data, tmp_path)
 
     # an absurd learning rate overflows the weights: the message names the term, the checkpoint survives
     r = run(train_args(tiny_data, out, f'--resume={ckpt}', '--lr=1e30'))
-    one_line_error(r, 'non-finite ce', 'intact', '--lr')
+    one_line_error(r, 'non-finite ce', 'checkpoint', '--lr')
     assert ckpt.read_bytes() == good
 
     # output that cannot be written: a clear message, earlier checkpoints intact
-    one_line_error(run(train_args(tiny_data, ckpt / 'sub')), 'cannot create output directory')
+    one_line_error(run(train_args(tiny_data, ckpt / 'sub')), 'cannot use output directory')
     (out / f'ckpt-00000016-{C.load_checkpoint(str(ckpt))["run"]}.pt.tmp').mkdir()  # the next one's temporary name is taken
     one_line_error(run(train_args(tiny_data, out, '--resume=auto')), 'cannot write checkpoint', 'intact')
     assert ckpt.read_bytes() == good

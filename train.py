@@ -8,11 +8,13 @@ runs and how -> the training step -> the epoch -> evaluation and checkpoints -> 
 """
 import copy
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
@@ -23,8 +25,8 @@ import torch.nn as nn
 
 from attack import pgd_at, robust_accuracy
 from augment import STEP, rand_u32
-from config import (UserError, __version__, checkpoints, cli, describe_recipe, end_distributed, load_checkpoint,
-                    parse_config, save_checkpoint, setup_distributed)
+from config import (RESUME_KEYS, UserError, __version__, append_line, checkpoints, cli, describe_recipe,
+                    end_distributed, load_checkpoint, parse_config, save_checkpoint, setup_distributed)
 from data import make_loaders
 from edge_reg import edge_reg
 from gradnorm import gradnorm, gradnorm_fd, standard
@@ -140,36 +142,71 @@ class Preempted(Exception):
 
 
 def claim_out(cfg):
-    """One run per folder: a fresh run refuses an --out that holds another run's checkpoints or
-    metrics, unless --overwrite (which deletes them) or --resume (which continues that run)."""
+    """One live run per folder: an exclusive lock on OUT/run.lock for this process's lifetime (the
+    kernel drops it when the process dies, so kill -9 leaves no stale lock). A fresh run refuses an
+    --out that holds another run's checkpoints or metrics, unless --resume or --overwrite (which
+    deletes them later, once every other check has passed: clear_old_run). -> (lock file, made OUT)"""
+    made = not os.path.isdir(cfg.out)
     try:
         os.makedirs(cfg.out, exist_ok=True)
+        while True:  # the file may be removed (release) between open and flock: lock the one on disk
+            f = open(os.path.join(cfg.out, 'run.lock'), 'a+')
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise UserError(f'{cfg.out} is in use by another run ({f.read().strip() or "starting"}): wait for '
+                                'it to end, or pass another --out') from None
+            if os.path.exists(f.name) and os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
+                break
+            f.close()
+        f.truncate(0)
+        f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+        f.flush()
     except OSError as e:
-        raise UserError(f'cannot create output directory {cfg.out!r} ({e.strerror}): pass --out=DIR') from None
-    if cfg.resume:
-        return
-    old = checkpoints(cfg.out) + [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')
-                                  if os.path.exists(os.path.join(cfg.out, f))]
-    if old and not cfg.overwrite:
-        raise UserError(f'{cfg.out} holds another run ({os.path.basename(old[-1])}): continue it with --resume=auto, '
-                        'start afresh there with --overwrite (deletes it), or pass another --out')
-    for path in old:
+        raise UserError(f'cannot use output directory {cfg.out!r} ({e.strerror}): pass --out=DIR') from None
+    if not cfg.resume and old_run(cfg) and not cfg.overwrite:
+        release((f, made), cfg)
+        raise UserError(f'{cfg.out} holds another run ({os.path.basename(old_run(cfg)[-1])}): continue it with '
+                        '--resume=auto, start afresh there with --overwrite (deletes it), or pass another --out')
+    return f, made
+
+
+def old_run(cfg):
+    return checkpoints(cfg.out) + [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')
+                                   if os.path.exists(os.path.join(cfg.out, f))]
+
+
+def clear_old_run(cfg):
+    """--overwrite: the old run goes only now, when the new one holds the lock and has passed every check."""
+    for path in old_run(cfg) if cfg.overwrite and not cfg.resume else ():
         os.remove(path)
+
+
+def release(claim, cfg):
+    """Unlocks OUT; a folder this run made and left empty (it failed at start) is removed."""
+    f, made = claim
+    if made and os.listdir(cfg.out) == ['run.lock']:
+        os.remove(f.name)
+        with suppress(OSError):
+            os.rmdir(cfg.out)
+    f.close()
 
 
 def find_resume(cfg, log):
     """--resume=PATH, or --resume=auto: the newest checkpoint in --out that loads."""
     if cfg.resume != 'auto':
-        return cfg.resume, load_checkpoint(cfg.resume)
+        return cfg.resume, load_checkpoint(cfg.resume, RESUME_KEYS)
     for path in reversed(checkpoints(cfg.out)):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, RESUME_KEYS)
         except UserError as e:
             log(f'warning: skipping {e}')
+    log(f'--resume=auto: no checkpoint in {cfg.out} that loads: a new run starts there')
     return None, None
 
 
-def initial_model(cfg, info, device):
+def initial_model(cfg, info, device, log):
     """The model before training: random, timm's pretrained weights, torchvision's (the compact
     resnet50), or the weights of a checkpoint of ours (a recipe's stage 2 starts from stage 1's)."""
     model = build_model(cfg.model, cfg.act, pretrained=cfg.init == 'pretrained', conv=conv_kind(cfg, device), **info)
@@ -179,7 +216,10 @@ def initial_model(cfg, info, device):
         import torchvision
         model.load_state_dict(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), strict=True)
     elif cfg.init not in ('', 'pretrained'):
-        old = load_checkpoint(cfg.init)['model']  # the trained weights, not the EMA (the authors' stage 2 too)
+        ck = load_checkpoint(cfg.init)
+        old = ck['model']  # the trained weights, not the EMA (the authors' stage 2 too)
+        if ck['config']['objective'] != cfg.objective:
+            log(f'--init={cfg.init}: the weights of a {ck["config"]["objective"]} run, trained on with {cfg.objective}')
         if old.keys() != model.state_dict().keys() or any(v.shape != model.state_dict()[k].shape for k, v in old.items()):
             raise UserError(f'--init={cfg.init} holds another model than --model={cfg.model} with this data\'s classes')
         model.load_state_dict(old)
@@ -188,24 +228,16 @@ def initial_model(cfg, info, device):
 
 def start(cfg, rank, world, device, log):
     """Loaders, model (pretrained or resumed), EMA, optimizer and DDP: everything training needs."""
-    if cfg.batch_size % (world * cfg.accum):
-        raise UserError(f'--batch_size={cfg.batch_size} does not split into {world} ranks x --accum={cfg.accum} '
-                        f'micro-batches: make it a multiple of {world * cfg.accum}')
-    if rank == 0:
-        claim_out(cfg)
     torch.manual_seed(cfg.seed)
     *loaders, info = make_loaders(cfg, rank, world, device)
     if len(loaders[0]) == 0:
         raise UserError(f'--batch_size={cfg.batch_size} is larger than the training set ({cfg.data}): lower it')
-    model = initial_model(cfg, info, device)
+    model = initial_model(cfg, info, device, log)
     if device.type == 'cuda' and not cfg.amp:
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 as the paper (cuDNN convolutions: PyTorch's default)
     path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
     if ck:
-        old = ck['config']
-        if (old['model'], old['act']) != (cfg.model, cfg.act):
-            raise UserError(f'{path} holds a {old["model"]}/{old["act"]} model, not the requested '
-                            f'{cfg.model}/{cfg.act}: pass --model={old["model"]} --act={old["act"]} or another --out')
+        check_resume(cfg, ck, path, info)
         model.load_state_dict(ck['model'])
     model = model.to(device, memory_format=memory_format(cfg, device))
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
@@ -227,7 +259,24 @@ def start(cfg, rank, world, device, log):
         run.ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
     if ck:
         resume(run, ck, path, log)
+    if rank == 0:
+        clear_old_run(cfg)
     return run, compiled
+
+
+def check_resume(cfg, ck, path, info):
+    """A checkpoint continues only the run it came from: same model, activation, objective and data."""
+    old = ck['config']
+    if (old['model'], old['act']) != (cfg.model, cfg.act):
+        raise UserError(f'{path} holds a {old["model"]}/{old["act"]} model, not the requested '
+                        f'{cfg.model}/{cfg.act}: pass --model={old["model"]} --act={old["act"]} or another --out')
+    if old['objective'] != cfg.objective:
+        raise UserError(f'{path} is a {old["objective"]} run, not {cfg.objective}: resume it with '
+                        f'--objective={old["objective"]}, or start a new run from its weights with --init={path}')
+    differ = [k for k in ('in_ch', 'num_classes', 'img_size') if ck['data_info'].get(k) != info[k]]
+    if differ:
+        raise UserError(f'{path} was trained on data with {differ[0]}={ck["data_info"].get(differ[0])}, '
+                        f'--data={cfg.data} has {info[differ[0]]}: pass the data it was trained on, or another --out')
 
 
 def resume(run, ck, path, log):
@@ -270,6 +319,7 @@ def train_step(run, x, y, t, stop):
     # PGD starts, EdgeReg's sampled classes: a function of (seed, step, rank), so a resumed run (any
     # rank) draws what the uninterrupted one drew, with no generator state to save
     torch.manual_seed(rand_u32(cfg.seed, run.step, run.rank, STEP))
+    buffers = [b.clone() for b in run.model.buffers()]  # BatchNorm's statistics, kept if the step is skipped
     loss, parts = micro_steps(run, x, y, t)
     grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip)
     flags = torch.tensor([float(bool(stop)), float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))],
@@ -278,12 +328,15 @@ def train_step(run, x, y, t, stop):
         dist.all_reduce(flags, dist.ReduceOp.MAX)
     run.step += 1
     if flags[1]:
+        with torch.no_grad():
+            for b, old in zip(run.model.buffers(), buffers):
+                b.copy_(old)
         run.bad_steps += 1
         bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ['gradient']
         where = f'epoch {int(t)} step {(run.step - 1) % run.steps}'
         if run.bad_steps >= cfg.max_bad_steps:
-            raise UserError(f'non-finite {bad[0]} for {run.bad_steps} steps in a row at {where}: training stopped, '
-                            f'the last good checkpoint in {cfg.out} is intact (try a lower --lr)')
+            raise UserError(f'non-finite {bad[0]} for {run.bad_steps} steps in a row at {where}: training stopped; '
+                            f'{newest_checkpoint(run)} (try a lower --lr)')
         if run.rank == 0:
             print(f'\nwarning: non-finite {bad[0]} at {where}: step skipped ({run.bad_steps} in a row)')
         return None, bool(flags[0])
@@ -341,38 +394,53 @@ def evaluate(model, val, robust_val, eps, steps, seed):
     return {'clean_acc': (counts[0] / counts[1]).item(), 'pgd_upper': robust['robust'][eps]}
 
 
+def newest_checkpoint(run):
+    """For the divergence message: every checkpoint is of finite weights (save checks)."""
+    saved = checkpoints(run.cfg.out, run.run_id)
+    if not saved:
+        return f'this run wrote no checkpoint to {run.cfg.out}'
+    return f'its newest checkpoint, {saved[-1]} (step {int(os.path.basename(saved[-1]).split("-")[1])}), is finite'
+
+
 def save(run):
     """Rank 0 writes OUT/ckpt-<step>-<run id>.pt atomically, points OUT/ckpt.pt at it (a hard link)
-    and deletes this run's older checkpoints beyond --keep."""
+    and deletes this run's older checkpoints beyond --keep. Only finite weights are saved."""
     if run.rank != 0:
         return
     cfg = run.cfg
+    state = [run.model.state_dict()] + ([run.ema.state_dict()] if run.ema else [])
+    if not all(torch.isfinite(v).all() for sd in state for v in sd.values() if v.is_floating_point()):
+        raise UserError(f'the weights are not finite at step {run.step}: not saved; {newest_checkpoint(run)} '
+                        '(try a lower --lr)')
     path = os.path.join(cfg.out, f'ckpt-{run.step:08d}-{run.run_id}.pt')
     save_checkpoint(path, dict(
         model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None, optimizer=run.opt.state_dict(),
         step=run.step, epoch=run.step // run.steps, config=dataclasses.asdict(cfg),
         data_info=run.info, run=run.run_id, version=__version__))
     latest = os.path.join(cfg.out, 'ckpt.pt')
-    with suppress(FileNotFoundError):
-        os.remove(latest + '.tmp')  # left by a crash between the two lines below
-    os.link(path, latest + '.tmp')
-    os.replace(latest + '.tmp', latest)
-    for old in checkpoints(cfg.out, run.run_id)[:-cfg.keep]:
-        os.remove(old)
+    try:
+        with suppress(FileNotFoundError):
+            os.remove(latest + '.tmp')  # left by a crash between the two lines below
+        os.link(path, latest + '.tmp')
+        os.replace(latest + '.tmp', latest)
+        for old in checkpoints(cfg.out, run.run_id)[:-cfg.keep]:
+            os.remove(old)
+    except OSError as e:
+        raise UserError(f'cannot point {latest} at {path} ({e.strerror}): {path} is complete; '
+                        'continue with --resume=auto') from None
 
 
 def end_epoch(run, epoch, terms, img_per_s, log):
     """Evaluate the model (and its EMA), append a line to OUT/metrics.jsonl, checkpoint."""
     cfg, (_, val, robust_val) = run.cfg, run.loaders
-    metrics = dict(epoch=epoch, lr=lr_at(cfg, epoch + 1), img_per_s=img_per_s, **terms,
+    metrics = dict(run=run.run_id, epoch=epoch, lr=lr_at(cfg, epoch + 1), img_per_s=img_per_s, **terms,
                    **evaluate(run.model, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed))
     if run.ema is not None:
         ema = evaluate(run.ema, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed)
         metrics.update({f'ema_{k}': v for k, v in ema.items()})
     log('\n' + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
     if run.rank == 0:
-        with open(os.path.join(cfg.out, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps(metrics) + '\n')
+        append_line(os.path.join(cfg.out, 'metrics.jsonl'), json.dumps(metrics))
     save(run)
     return metrics
 
@@ -396,12 +464,28 @@ def pgd_name(cfg):
 
 
 def train(cfg):
-    """For each epoch: a pass over the data with the objective, then evaluation and a checkpoint."""
+    """Claims --out for this run (rank 0), then trains: loop."""
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     if cfg.recipe:
         log(describe_recipe(cfg))
+    if cfg.batch_size % (world * cfg.accum):
+        raise UserError(f'--batch_size={cfg.batch_size} does not split into {world} ranks x --accum={cfg.accum} '
+                        f'micro-batches: make it a multiple of {world * cfg.accum}')
+    claim = claim_out(cfg) if rank == 0 else None
+    try:
+        return loop(cfg, rank, world, device, log)
+    finally:
+        if claim:
+            release(claim, cfg)
+
+
+def loop(cfg, rank, world, device, log):
+    """For each epoch: a pass over the data with the objective, then evaluation and a checkpoint."""
     run, compiled = start(cfg, rank, world, device, log)
+    if run.step >= cfg.epochs * run.steps:
+        log(f'{cfg.out}: the run finished all {cfg.epochs} epochs: nothing to train (to train longer: --epochs=N)')
+        return run.model
     log(f'{cfg.objective} | {cfg.model} {cfg.act} | {sum(p.numel() for p in run.model.parameters()):,} params '
         f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{__version__}'
         + (f' | gradnorm_impl={gradnorm_impl(cfg, device)}' if cfg.objective == 'gradnorm' else '')
