@@ -101,17 +101,22 @@ beton: setup
 bench-loader: setup
 	$(PY) -m tools.bench loader
 
-# Step cost of standard, GradNorm (exact, compiled, finite-difference), EdgeReg and PGD-3 AT, side by side.
-# Default: the demo model on the CPU; resnet50 and vit_small at 224 (bf16, channels_last) where there is a GPU.
+# Step cost of standard, GradNorm (exact, finite-difference), EdgeReg and PGD-3 AT, side by side, as ratios
+# to PGD-3 (a few minutes on a 2-core CPU). Default: the demo model on a batch of DATA, on the CPU; resnet50
+# and vit_small on random 224 px images (bf16; compiled rows too) where there is a GPU and DATA is not given.
+# ARGS=--compile=gradnorm adds compiled exact GradNorm on the CPU (Inductor: minutes of compiling).
 RES ?=
 BENCH_MODELS = $(or $(MODEL),$(if $(filter-out 0,$(GPUS)),resnet50 vit_small,resnet_demo_pool))
+BENCH_DATA = $(if $(and $(filter file,$(origin DATA)),$(filter-out 0,$(GPUS))),,$(DATA))
 .PHONY: bench
-bench: setup
-	for m in $(BENCH_MODELS); do $(PY) -m tools.bench step --model=$$m $(if $(RES),--res=$(RES)) $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
+bench: setup $(if $(BENCH_DATA),data)
+	for m in $(BENCH_MODELS); do $(PY) -m tools.bench step --model=$$m --data=$(BENCH_DATA) $(if $(RES),--res=$(RES)) \
+	  $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
 
-# The CUDA path on a fresh GPU box in about 12 minutes (ARGS=--skip=... for less), with the torch already there
-# (nothing installed): CUDA tests, a 1-process torchrun demo epoch and evaluation, AutoAttack on a demo checkpoint
-# (ARGS=--ckpt=...), bench on resnet50/vit_small, BatchNorm, a profile. No GPU: one line, exit 0.
+# The CUDA path on a fresh GPU box in about 10 minutes (ARGS=--skip=... for less), with the torch already there
+# (nothing installed): CUDA tests, 1-process torchrun epochs (the demo; an ImageFolder with EMA and --resume=auto),
+# the paper's Swin-B in float32 and bf16 (step costs, largest micro-batch, --accum), AutoAttack on a demo
+# checkpoint (ARGS=--ckpt=...); ARGS=--all adds the fast conv's measurements. No GPU: one line, exit 0.
 .PHONY: check-gpu
 check-gpu:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m tools.check_gpu $(ARGS)

@@ -30,7 +30,11 @@ def gradnorm(model, x, y, eps, alpha, smoothing=0.1, weights=(0.8, 1.2)):
     return weights[0] * ce + weights[1] * alpha * penalty, {'ce': ce, 'gradnorm': penalty}
 
 
-def gradnorm_fd(model, x, y, eps, alpha, h=1e-3, smoothing=0.1, weights=(0.8, 1.2)):
+# the finite-difference step (pixel units): truncation error is O(h), float32 rounding takes over below ~1e-4
+FD_H = 1e-4
+
+
+def gradnorm_fd(model, x, y, eps, alpha, h=FD_H, smoothing=0.1, weights=(0.8, 1.2)):
     """GradNorm without second derivatives (Finlay & Oberman 2019): two forward-backward passes.
 
     With s = sign(grad_x CE) held fixed, the penalty's parameter gradient is eps times the derivative
@@ -38,9 +42,11 @@ def gradnorm_fd(model, x, y, eps, alpha, h=1e-3, smoothing=0.1, weights=(0.8, 1.
     Pass 1 gets grad_x (for s and the penalty) and G0 = grad_theta CE(x) from one backward. Pass 2's
     CE(x + h*s) goes into a surrogate whose backward (the training loop's, so DDP syncs as usual) is
     w0*G0 + k*(G1 - G0), k = w1*alpha*eps/h, and whose value is the true loss (w0, w1 = weights).
-    Error vs double backprop (demo ResNet, GELU): ~7*h relative from the O(h) term, plus float32
-    rounding ~1.4e-7/h, so h=1e-3 gives ~0.7%. Needs float32 and a smooth activation (ReLU: >80%).
-    No second derivative, so fused attention kernels work; BatchNorm's running stats see both passes.
+    Error of the parameter gradient against float64 double backprop, random weights (docs/speed.md):
+    O(h), 13-55*h relative (Swin-B, ResNet-50, demo ResNet), so h=1e-4 gives 0.1-0.6%; float32
+    rounding sets a floor of 0.1-0.3% (h=3e-5 is no better). Needs float32 and a smooth activation
+    (choose_impl). No second derivative, so fused attention kernels work; BatchNorm's running
+    stats see both passes.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not x.requires_grad:
@@ -53,3 +59,61 @@ def gradnorm_fd(model, x, y, eps, alpha, h=1e-3, smoothing=0.1, weights=(0.8, 1.
     surrogate = k * ce_h + (weights[0] - k) * sum((g * p).sum() for g, p in zip(g0, params))
     loss = weights[0] * ce + weights[1] * alpha * penalty
     return surrogate + (loss - surrogate).detach(), {'ce': ce.detach(), 'gradnorm': penalty}
+
+
+# ---------------------------------------------------------------- which implementation where
+
+# activations whose gradient is smooth enough for the difference quotient
+SMOOTH_ACTS = ('gelu', 'silu')
+
+
+def choose_impl(requested, device_type, amp, act):
+    """-> (impl, why): 'fd' or 'exact' for GradNorm, and a short phrase saying why, for the log.
+
+    requested: 'auto', 'exact' or 'fd'; device_type: 'cpu', 'cuda', ...; amp: whether the step runs
+    under bf16 autocast; act: the activation. auto picks fd where it was measured accurate (parameter
+    gradient within 1% of float64 double backprop, docs/speed.md) and it is cheaper (two first-order
+    passes instead of a double backward): float32 on the CPU or CUDA (with fd_backend_flags) and a
+    smooth activation. fd under bf16 raises ValueError; fd with ReLU is allowed, and why says that
+    it is inaccurate (act not in SMOOTH_ACTS: print a warning).
+    """
+    if requested not in ('auto', 'exact', 'fd'):
+        raise ValueError(f'unknown GradNorm implementation {requested!r}: auto, exact or fd')
+    smooth = act in SMOOTH_ACTS
+    where = f'float32 on {device_type} with {act}' + (', TF32 off' if device_type == 'cuda' else '')
+    if requested == 'exact':
+        return 'exact', 'exact: double backprop, as requested'
+    if amp:
+        if requested == 'fd':
+            raise ValueError('fd needs float32, but bf16 autocast rounds to ~4e-3, more than the difference '
+                             'quotient measures: turn amp off or use exact')
+        return 'exact', 'exact: bf16 autocast swamps the difference quotient'
+    if not smooth:
+        why = f"{act}'s gradient is piecewise constant, the difference quotient is 200-1700% off"
+        if requested == 'fd':
+            return 'fd', f'fd: inaccurate, as requested: {why}; use exact'
+        return 'exact', f'exact: {why}'
+    if requested == 'fd':
+        return 'fd', f'fd: {where}, as requested'
+    if device_type not in ('cpu', 'cuda'):
+        return 'exact', f'exact: fd is unmeasured on {device_type}'
+    return 'fd', f'fd: {where}: 2 passes instead of double backprop'
+
+
+def fd_backend_flags(device_type):
+    """The backend settings fd needs, {'torch.backends....attribute': value}: on CUDA TF32 off for
+    matmuls and cuDNN convolutions (TF32 keeps 10 mantissa bits, a rounding of ~5e-4 that the
+    difference quotient divides by h); none on other devices."""
+    if device_type != 'cuda':
+        return {}
+    return {'torch.backends.cuda.matmul.allow_tf32': False, 'torch.backends.cudnn.allow_tf32': False}
+
+
+def set_backend_flags(flags):
+    """Apply fd_backend_flags(...): each 'torch.backends.X.attr' set to its value."""
+    for name, value in flags.items():
+        owner, attr = name.removeprefix('torch.').rsplit('.', 1)
+        obj = torch
+        for part in owner.split('.'):
+            obj = getattr(obj, part)
+        setattr(obj, attr, value)

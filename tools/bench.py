@@ -1,20 +1,23 @@
 """Benchmarks, each printing ratios measured side by side in one process (never absolute timings alone).
 
     python -m tools.bench step                             # a training step of every objective (make bench)
-    python -m tools.bench step --model=resnet50 --res=224  # on a GPU: bf16 autocast
+    python -m tools.bench step --model=resnet50 --data=    # random 224 px images; on a GPU: bf16 autocast
     python -m tools.bench loader                           # FFCV vs torchvision images/s (make bench-loader)
     python -m tools.bench loader --randaug=rand-m9-mstd0.5-inc1 --reprob=0.25  # with the ImageNet recipe's augmentations
     python -m tools.bench attack                           # PGD-10 per 1,000 images, eager vs compiled (make bench-attack)
+    python -m tools.bench fd_error                         # finite differences vs float64 double backprop
     python -m tools.bench twice                            # which timm architectures survive a double backward
     python -m tools.bench conv skip|batchnorm|first_order  # models.Conv2d's choices (skipped weight gradients,
                                                      # a BatchNorm of primitive ops, first-order steps)
 step: standard, GradNorm (exact eager and compiled, each with nn.Conv2d and models.Conv2d: native
-and fast; finite-difference), EdgeReg and PGD-3 adversarial training, timed interleaved, medians
-after warm-up and compile. A step is everything the training loop does: objective, backward,
+and fast; finite-difference where float32 runs), EdgeReg and PGD-3 adversarial training, on one
+batch of the data (--data), timed interleaved, medians after warm-up and compile, as ratios to
+standard and to PGD-3. A step is everything the training loop does: objective, backward,
 clipping, AdamW. Peak memory is torch's allocator peak on CUDA, the peak resident-set growth over
 the step on the CPU.
 """
 import argparse
+import copy
 import ctypes
 import os
 import platform
@@ -30,41 +33,60 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import models
 from attack import pgd, pgd_at
 from augment import BatchAugment, randaug_transform
 from config import RULES, ArgumentParser, Config, UserError, checked, cli
-from data import FASHION_MEAN, FASHION_STD, VAL_SIDE, ffcv_loader, need_ffcv, torchvision_loader, write_beton
+from data import (FASHION_MEAN, FASHION_STD, VAL_SIDE, data_kind, ffcv_loader, make_loaders, need_ffcv,
+                  torchvision_loader, write_beton)
 from edge_reg import edge_reg
-from gradnorm import gradnorm, gradnorm_fd, standard
-import models
+from gradnorm import FD_H, choose_impl, gradnorm, gradnorm_fd, standard
 from models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from train import conv_kind, memory_format
 
 LIBC = ctypes.CDLL(None)
 
 
-def methods(compile_all, compile_gradnorm, eps, h, device):
+def bind(fn, *args, compiled=False, dynamic=None):
+    """fn(model, x, y, *args) as objective(model, x, y), compiled as training compiles it (fullgraph,
+    except PGD: its attack loop needs a graph break, see train.objective); dynamic: torch.compile's."""
+    f = torch.compile(fn, fullgraph=fn is not pgd_at, dynamic=dynamic) if compiled else fn
+    return lambda m, x, y: f(m, x, y, *args)
+
+
+def methods(compile_all, compile_gradnorm, eps, h, device, amp=False, act='gelu', dynamic=None):
     """-> {name: (objective(model, x, y), compiled?, the Config training would run it with)};
-    input-gradient objectives need x a leaf."""
+    input-gradient objectives need x a leaf. The finite-difference row where choose_impl allows it
+    (float32: on the CPU, or CUDA without autocast). dynamic=True: one compile for every batch size."""
     alpha = torch.tensor(1.0, device=device)  # a tensor: the value is not baked into a compiled graph
-    c = lambda fn, on: torch.compile(fn, fullgraph=fn is not pgd_at) if on else fn  # PGD: see objective()
-    std, exact, fd = Config(objective='standard'), Config(gradnorm_impl='exact'), Config(gradnorm_impl='fd')
-    edge, pgd = Config(objective='edge'), Config(objective='pgd')
-    rows = {'standard': (lambda m, x, y: standard(m, x, y), False, std)}
+    cfg = lambda **kw: Config(amp=amp, act=act, **kw)
+    std, exact, fd = cfg(objective='standard'), cfg(gradnorm_impl='exact'), cfg(gradnorm_impl='fd')
+    edge, pgd = cfg(objective='edge'), cfg(objective='pgd')
+    rows = {'standard': (bind(standard), False, std)}
     if compile_all:
-        rows['standard compiled'] = (lambda m, x, y, f=c(standard, True): f(m, x, y), True, std)
-    rows['gradnorm exact'] = (lambda m, x, y: gradnorm(m, x, y, eps, alpha), False, exact)
+        rows['standard compiled'] = (bind(standard, compiled=True, dynamic=dynamic), True, std)
+    rows['gradnorm exact'] = (bind(gradnorm, eps, alpha), False, exact)
     if compile_gradnorm:
-        rows['gradnorm exact compiled'] = (lambda m, x, y, f=c(gradnorm, True): f(m, x, y, eps, alpha), True, exact)
-    if device.type == 'cpu':  # FD needs float32: training refuses it on CUDA, which runs bf16
-        rows['gradnorm fd'] = (lambda m, x, y: gradnorm_fd(m, x, y, eps, alpha, h), False, fd)
-    rows['edgereg'] = (lambda m, x, y: edge_reg(m, x, y, alpha), False, edge)
+        fn = bind(gradnorm, eps, alpha, compiled=True, dynamic=dynamic)
+        rows['gradnorm exact compiled'] = (fn, True, exact)
+    try:
+        choose_impl('fd', device.type, amp, act)
+        rows['gradnorm fd'] = (bind(gradnorm_fd, eps, alpha, h), False, fd)
+    except ValueError:  # bf16 autocast
+        pass
+    rows['edgereg'] = (bind(edge_reg, alpha), False, edge)
     if compile_all:
-        rows['edgereg compiled'] = (lambda m, x, y, f=c(edge_reg, True): f(m, x, y, alpha), True, edge)
-    rows['pgd3 at'] = (lambda m, x, y: pgd_at(m, x, y, eps, 3), False, pgd)
+        rows['edgereg compiled'] = (bind(edge_reg, alpha, compiled=True, dynamic=dynamic), True, edge)
+    rows['pgd3 at'] = (bind(pgd_at, eps, 3), False, pgd)
     if compile_all:
-        rows['pgd3 at compiled'] = (lambda m, x, y, f=c(pgd_at, True): f(m, x, y, eps, 3), True, pgd)
+        rows['pgd3 at compiled'] = (bind(pgd_at, eps, 3, compiled=True, dynamic=dynamic), True, pgd)
     return rows
+
+
+def hardware(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name()
+    return f'{platform.processor() or platform.machine()} CPU'
 
 
 def rss_kib(key):
@@ -99,99 +121,252 @@ def timed_step(model, opt, fn, x, y, device, autocast):
 
 def step_args(p):
     p.add_argument('--model', default='resnet_demo_pool')
-    p.add_argument('--res', type=int, default=0, help='image size (default: 28 for *_demo, else 224)')
+    p.add_argument('--data', default=Config.data,
+                   help="the model's input comes from the data: one training batch of it, its channels, "
+                        "classes and size (Fashion-MNIST, an ImageFolder or .beton files); empty: random "
+                        "images of ImageNet's shape, 3 x --res x --res, 1000 classes")
+    p.add_argument('--res', type=int, default=0,
+                   help='image size of ImageFolder/.beton data or of --data= (default 224); '
+                        'Fashion-MNIST is 28')
     p.add_argument('--batch', type=int, default=128)
     p.add_argument('--act', default='gelu')
     p.add_argument('--eps', type=float, default=0.1)
-    p.add_argument('--fd_h', type=float, default=1e-3)
+    p.add_argument('--fd_h', type=float, default=FD_H)
+    p.add_argument('--amp', type=checked(str, lambda v: v in ('true', 'false'), 'true or false'),
+                   default='true',
+                   help='CUDA: bf16 autocast (true, as training by default) or float32 with TF32 off in '
+                        'matmuls and cuDNN (false: the paper\'s setting, and the only one with the fd row); '
+                        'the CPU runs float32 either way')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps per method (the first compiles)')
     p.add_argument('--repeats', type=int, default=15, help='timed steps per method, interleaved')
     p.add_argument('--compile', default='auto', choices=['auto', 'all', 'gradnorm', 'none'],
-                   help='auto: all objectives on CUDA, only GradNorm on the CPU (no speed-up there)')
+                   help='auto: all objectives on CUDA, none on the CPU (Inductor compiles a double backward '
+                        'there for minutes; --compile=gradnorm adds that row)')
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     p.add_argument('--skip', default='', help="comma-separated methods to leave out, e.g. 'edgereg compiled'")
     p.add_argument('--memory_format', default='auto', choices=['auto', 'channels_last', 'contiguous'],
                    help='auto: as training uses it (train.memory_format): channels_last except for '
                         'double backward')
     p.add_argument('--conv', default='both', choices=['both', 'auto', 'fast', 'native'],
-                   help='both: exact GradNorm with each convolution, nn.Conv2d (native) and models.Conv2d (fast), '
-                        'the others as training picks (train.conv_kind); auto: every method as training picks')
+                   help='both: exact GradNorm with each convolution, nn.Conv2d (native) and models.Conv2d '
+                        '(fast), the others as training picks (train.conv_kind); auto: every method as '
+                        'training picks')
+
+
+def bench_input(args, device):
+    """-> (x, y, info): one training batch of --data as training's loader delivers it, and what the
+    model knows of the data (build_model's kwargs: channels, classes, size, mean/std); --data= :
+    random images of ImageNet's shape at --res (default 224), 1000 classes."""
+    if not args.data:
+        res, g = args.res or 224, torch.Generator().manual_seed(0)
+        x = torch.rand(args.batch, 3, res, res, generator=g)
+        y = torch.randint(0, 1000, (args.batch,), generator=g)
+        return x.to(device), y.to(device), dict(in_ch=3, num_classes=1000, img_size=res)
+    kind = data_kind(args.data)
+    if kind == 'fashion' and args.res not in (0, 28):
+        raise UserError(f'--res={args.res}: Fashion-MNIST ({args.data}) is 28 px; --res sizes ImageFolder or '
+                        '.beton data, or random images with --data=')
+    cfg = Config(data=args.data, batch_size=args.batch, loader='ffcv' if kind == 'beton' else 'torchvision',
+                 res=args.res or Config.res, workers=2, eval_n=1)
+    train, *_, info = make_loaders(cfg, 0, 1, device)
+    x, y = next(iter(train))
+    return x.contiguous(), y, info
+
+
+def step_rows(args, device, amp, mode):
+    """-> {row name: (objective, compiled?, Config, conv)}: each method, exact GradNorm once per conv
+    with --conv=both, less --skip."""
+    rows = {}
+    for name, (fn, compiled, cfg) in methods(mode == 'all', mode in ('all', 'gradnorm'), args.eps, args.fd_h,
+                                             device, amp, args.act).items():
+        convs = ('native', 'fast') if args.conv == 'both' and name.startswith('gradnorm exact') else \
+            (conv_kind(cfg, device) if args.conv in ('both', 'auto') else args.conv,)
+        for conv in convs:
+            rows[f'{name} {conv}' if len(convs) > 1 else name] = (fn, compiled, cfg, conv)
+    return {n: r for n, r in rows.items() if n not in args.skip.split(',')}
+
+
+def warm_up(rows, args, info, x, y, device, autocast, build=None):
+    """Each row's model (the same weights), optimizer and input in training's memory format, after
+    --warmup untimed steps (the first compiles); a row that fails is reported and left out.
+    build(conv) -> model: build_model(args.model, args.act, conv=conv, **info) unless given.
+    -> {name: dict(model, opt, x, fmt, fn, layout, warm (s), times, peaks)}"""
+    build = build or (lambda conv: build_model(args.model, args.act, conv=conv, **info))
+    torch.manual_seed(0)
+    weights = build('native').state_dict()
+    state = {}
+    for name, (fn, compiled, cfg, conv) in rows.items():
+        fmt = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}.get(
+            args.memory_format, memory_format(cfg, device))
+        model = build(conv)
+        model.load_state_dict(weights)
+        model = model.to(device, memory_format=fmt).train()
+        opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == 'cuda')
+        x_, t0 = x.contiguous(memory_format=fmt), time.perf_counter()
+        try:
+            for _ in range(args.warmup):
+                timed_step(model, opt, fn, x_, y, device, autocast)
+        except Exception as e:  # a compiler bug in one row should not hide the others
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if 'CUDA error' in first:  # sticky: every later CUDA call fails too
+                raise UserError(f'warm-up {name}: {first} (seen with torch 2.11 on an H100 for "gradnorm '
+                                f'exact compiled native" on resnet50); rerun with --skip="{name}"') from e
+            print(f'warm-up {name}: FAILED, left out: {type(e).__name__}: {first}', flush=True)
+            continue
+        warm = time.perf_counter() - t0
+        print(f'warm-up {name}: {warm:.1f} s' + (' (includes compiling)' if compiled else ''), flush=True)
+        layout = ('channels_last' if fmt == torch.channels_last else 'contiguous') + f'  {conv}'
+        state[name] = dict(model=model, opt=opt, x=x_, fmt=fmt, fn=fn, layout=layout, warm=warm, times=[],
+                           peaks=[])
+    return state
+
+
+def time_rows(state, args, y, device, autocast):
+    """--repeats rounds of one step per row, interleaved: load from other processes hits every method
+    alike. A progress line per round."""
+    t0, tty = time.perf_counter(), sys.stdout.isatty()
+    for r in range(args.repeats):
+        for s in state.values():
+            t, m = timed_step(s['model'], s['opt'], s['fn'], s['x'], y, device, autocast)
+            s['times'].append(t)
+            s['peaks'].append(m)
+        print(f'timing: round {r + 1}/{args.repeats} of {len(state)} steps, {time.perf_counter() - t0:.0f} s',
+              end='\r' if tty and r + 1 < args.repeats else '\n', flush=True)
+
+
+def step_table(state, args, info, device, amp):
+    """Each row's median step time, as a ratio to standard and to PGD-3, warm-up apart; then GradNorm's
+    best (and auto's) cost over PGD-3's."""
+    res, precision = info['img_size'], 'bf16 autocast' if amp else 'float32'
+    precision += ', TF32 off' if device.type == 'cuda' and not amp else ''
+    print(f'\n{hardware(device)}, {torch.get_num_threads()} threads | torch {torch.__version__} | '
+          f'{args.model} {args.act} '
+          f'{info["in_ch"]}x{res}x{res}, {info["num_classes"]} classes, batch {args.batch} | {precision} | '
+          f'memory format {args.memory_format} | eps {args.eps} fd_h {args.fd_h:g} | '
+          f'median of {args.repeats} interleaved steps after {args.warmup} warm-up')
+    med = {name: statistics.median(s['times']) for name, s in state.items()}
+    std = med.get('standard')
+    pgds = [t for n, t in med.items() if n.startswith('pgd3')]
+    pgd = min(pgds) if pgds else None
+    ratio = lambda t, ref: f'{t / ref:9.2f}x' if ref else f'{"-":>10}'
+    print(f'{"method":<30} {"warm-up s":>9} {"step ms":>8} {"img/s":>8} {"peak MiB":>9} {"x standard":>10} '
+          f'{"x pgd3":>10}  format  conv')
+    for name, s in state.items():
+        print(f'{name:<30} {s["warm"]:9.1f} {1000 * med[name]:8.1f} {args.batch / med[name]:8.0f} '
+              f'{statistics.median(s["peaks"]) / 2 ** 20:9.1f} {ratio(med[name], std)} '
+              f'{ratio(med[name], pgd)}  {s["layout"]}')
+    gn = {n: t for n, t in med.items() if n.startswith('gradnorm')}
+    if not (gn and pgd):
+        return
+    best = min(gn, key=gn.get)
+    exact = ', '.join(f'{n[len("gradnorm "):]} {t / pgd:.2f}' for n, t in gn.items() if 'exact' in n)
+    auto, why = choose_impl('auto', device.type, amp, args.act)
+    print(f'gradnorm/pgd3 {gn[best] / pgd:.2f} (best: {best}) | double backprop: {exact} | '
+          + (f'fd {gn["gradnorm fd"] / pgd:.2f} | ' if 'gradnorm fd' in gn else '')
+          + (f'pgd3/standard {pgd / std:.2f} | ' if std else '') + f'auto picks {why}')
 
 
 def bench_step(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    demo = args.model.endswith('_demo')
-    res = args.res or (28 if demo else 224)
-    in_ch, classes = (1, 10) if demo else (3, 1000)
-    mode = {'auto': 'all' if device.type == 'cuda' else 'gradnorm'}.get(args.compile, args.compile)
+    amp = device.type == 'cuda' and args.amp == 'true'  # training autocasts on CUDA only
+    mode = {'auto': 'all' if device.type == 'cuda' else 'none'}.get(args.compile, args.compile)
     if mode != 'none':
         torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    if device.type == 'cuda':  # float32 as the paper runs it, and as fd needs it (gradnorm.fd_backend_flags)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp
+    autocast = torch.autocast('cuda', torch.bfloat16) if amp else nullcontext()
+    x, y, info = bench_input(args, device)
+    rows = step_rows(args, device, amp, mode)
+    print(f'bench step: {len(rows)} methods x ({args.warmup} warm-up + {args.repeats} timed steps), '
+          f'{args.model} {tuple(x.shape[1:])}, batch {args.batch} on {device.type}: {", ".join(rows)}',
+          flush=True)
+    state = warm_up(rows, args, info, x, y, device, autocast)
+    time_rows(state, args, y, device, autocast)
+    step_table(state, args, info, device, amp)
 
-    torch.manual_seed(0)
-    base = build_model(args.model, args.act, in_ch=in_ch, num_classes=classes, img_size=res).to(device).train()
-    x = torch.rand(args.batch, in_ch, res, res, device=device)
-    y = torch.randint(0, classes, (args.batch,), device=device)
-    rows = {}
-    for name, (fn, compiled, cfg) in methods(mode == 'all', mode in ('all', 'gradnorm'), args.eps, args.fd_h,
-                                             device).items():
-        convs = ('native', 'fast') if args.conv == 'both' and name.startswith('gradnorm exact') else \
-            (conv_kind(cfg, device) if args.conv in ('both', 'auto') else args.conv,)
-        for conv in convs:
-            rows[f'{name} {conv}' if len(convs) > 1 else name] = (fn, compiled, cfg, conv)
-    rows = {n: r for n, r in rows.items() if n not in args.skip.split(',')}
-    state, formats = {}, {}
-    for name, (fn, compiled, cfg, conv) in list(rows.items()):
-        fmt = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}.get(
-            args.memory_format, memory_format(cfg, device))
-        formats[name] = ('channels_last' if fmt == torch.channels_last else 'contiguous') + f'  {conv}'
-        model = build_model(args.model, args.act, in_ch=in_ch, num_classes=classes, img_size=res, conv=conv)
-        model.load_state_dict(base.state_dict())
-        model = model.to(device, memory_format=fmt).train()
-        opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=device.type == 'cuda')
-        t0 = time.perf_counter()
-        x_ = x.contiguous(memory_format=fmt)
-        try:
-            for _ in range(args.warmup):
-                timed_step(model, opt, fn, x_, y, device, autocast)
-        except Exception as e:  # a compiler bug in one row should not hide the others
-            if 'CUDA error' in str(e):  # sticky: every later CUDA call fails too
-                raise UserError(f'warm-up {name}: {str(e).splitlines()[0]} (seen with torch 2.11 on an H100 for '
-                                f'"gradnorm exact compiled native" on resnet50); rerun with --skip="{name}"') from e
-            print(f'warm-up {name}: FAILED, left out: {type(e).__name__}: {str(e).splitlines()[0]}', flush=True)
-            del rows[name]
+
+# ---------------------------------------------------------------- fd_error: finite differences' error
+
+def param_grad(model, fn, x, y, eps, autocast=None, **kw):
+    """The flat parameter gradient (float64) of one GradNorm loss at alpha 1, the end of the ramp."""
+    model.zero_grad(set_to_none=True)
+    alpha = torch.tensor(1.0, dtype=x.dtype, device=x.device)
+    with autocast or nullcontext():
+        loss, _ = fn(model, x.clone().requires_grad_(), y, eps, alpha, **kw)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+
+def reference_grad(model, x, y, eps, weights=(0.8, 1.2)):
+    """Double backprop in float64, of a float64 copy of model: the reference every error is against."""
+    return param_grad(copy.deepcopy(model).double(), gradnorm, x.double(), y, eps, weights=weights)
+
+
+def fd_error(model, x, y, eps, h=FD_H, ref=None, autocast=None, weights=(0.8, 1.2), fn=gradnorm_fd):
+    """||g - g_ref|| / ||g_ref||: the float32 parameter gradient of fn (finite differences at h, or
+    fn=gradnorm: double backprop) against float64 double backprop of the same weights."""
+    ref = reference_grad(model, x, y, eps, weights) if ref is None else ref
+    kw = dict(h=h) if fn is gradnorm_fd else {}
+    g = param_grad(model, fn, x, y, eps, autocast, weights=weights, **kw)
+    return ((g - ref).norm() / ref.norm()).item()
+
+
+def calibrate_bn(model, res, n=16, rounds=4, in_ch=3):
+    """BatchNorm in eval mode with running statistics of (random) images, as the paper's ResNet-50
+    runs train (bn_eval: pretrained statistics). Train mode at 2 images of 32 px would normalize the
+    last stage over 2 numbers, which float32 double backprop already gets 3% wrong."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for _ in range(rounds):
+            model(torch.rand(n, in_ch, res, res))
+    return model.eval()
+
+
+def fd_cases(res, names):
+    """-> {label: (model, x, y, eps)}: random weights, seed 0; the paper's eps on the timm models."""
+    cases = {}
+    for name in names:
+        torch.manual_seed(0)
+        if name.startswith('demo'):
+            act = name.split('_')[1]
+            model = build_model('resnet_demo_pool', act, in_ch=1, num_classes=10, img_size=28).train()
+            cases[f'demo ResNet {act}, train mode, 32 x 1x28x28, eps 0.1'] = (
+                model, torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,)), 0.1)
             continue
-        print(f'warm-up {name}: {time.perf_counter() - t0:.1f} s' + (' (includes compiling)' if compiled else ''),
-              flush=True)
-        state[name] = (model, opt, x_, [], [])
-    for _ in range(args.repeats):  # interleaved: load from other processes hits every method alike
-        for name, (fn, *_) in rows.items():
-            model, opt, x_, times, peaks = state[name]
-            t, m = timed_step(model, opt, fn, x_, y, device, autocast)
-            times.append(t)
-            peaks.append(m)
+        model = build_model(name, 'gelu', num_classes=10, img_size=res)
+        model = calibrate_bn(model, res) if 'resnet' in name else model.train()
+        mode = 'eval mode, BN statistics of 64 images' if 'resnet' in name else 'train mode'
+        cases[f'{name} gelu, {mode}, 2 x 3x{res}x{res}, eps 4/255'] = (
+            model, torch.rand(2, 3, res, res), torch.randint(0, 10, (2,)), 4 / 255)
+    return cases
 
-    hw = torch.cuda.get_device_name() if device.type == 'cuda' else f'{platform.processor() or platform.machine()} CPU'
-    print(f'\n{hw}, {torch.get_num_threads()} threads | torch {torch.__version__} | {args.model} {args.act} '
-          f'{in_ch}x{res}x{res} batch {args.batch} | {"bf16 autocast, " if device.type == "cuda" else "float32, "}'
-          f'memory format {args.memory_format} | eps {args.eps} fd_h {args.fd_h} | median of {args.repeats} interleaved steps '
-          f'after {args.warmup} warm-up')
-    med = {name: statistics.median(s[3]) for name, s in state.items()}
-    std = med['standard']
-    print(f'{"method":<30} {"step ms":>8} {"img/s":>8} {"peak MiB":>9} {"x standard":>11}  format  conv')
-    for name, s in state.items():
-        print(f'{name:<30} {1000 * med[name]:8.1f} {args.batch / med[name]:8.0f} '
-              f'{statistics.median(s[4]) / 2 ** 20:9.1f} {med[name] / std:10.2f}x  {formats[name]}')
-    gn = {n: t for n, t in med.items() if n.startswith('gradnorm')}
-    best = min(gn, key=gn.get)
-    pgd = min(t for n, t in med.items() if n.startswith('pgd3'))
-    exact = ', '.join(f'{n[len("gradnorm "):]} {t / pgd:.2f}' for n, t in gn.items() if 'exact' in n)
-    print(f'gradnorm/pgd3 {gn[best] / pgd:.2f} (best: {best}) | double backprop: {exact} | '
-          f'pgd3/standard {pgd / std:.2f}')
+
+def bench_fd_error(args):
+    """Relative error of the float32 parameter gradient against float64 double backprop: exact, fd
+    at several h, fd of the penalty alone, fd under bf16 autocast (CPU)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hs = (1e-3, 3e-4, 1e-4, 3e-5)
+    cols = ['exact f32'] + [f'fd h={h:g}' for h in hs] + [f'fd {FD_H:g} penalty only', f'fd {FD_H:g} bf16']
+    print(f'relative L2 error of the parameter gradient vs float64 double backprop (GradNorm, weights '
+          f'0.8/1.2, alpha 1; penalty only: weights 0/1) | torch {torch.__version__}, '
+          f'{hardware(torch.device("cpu"))}')
+    print('| model | ' + ' | '.join(cols) + ' |\n|---|' + '---|' * len(cols), flush=True)
+    bf16 = torch.autocast('cpu', torch.bfloat16)
+    for label, (model, x, y, eps) in fd_cases(args.res, args.models).items():
+        ref = reference_grad(model, x, y, eps)
+        errs = [fd_error(model, x, y, eps, ref=ref, fn=gradnorm)]
+        errs += [fd_error(model, x, y, eps, h, ref) for h in hs]
+        errs.append(fd_error(model, x, y, eps, weights=(0.0, 1.0)))
+        errs.append(fd_error(model, x, y, eps, ref=ref, autocast=bf16))
+        pct = lambda e: f'{100 * e:.2g}%' if e < 1 else f'{100 * e:.0f}%'
+        print(f'| {label} | ' + ' | '.join(map(pct, errs)) + ' |', flush=True)
 
 
 # ---------------------------------------------------------------- loader
@@ -484,12 +659,21 @@ def main(argv):
     c.add_argument('--repeats', type=positive, default=10)
     c.add_argument('--eager', action='store_true', help='batchnorm: leave out the compiled rows')
     c.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
+    f = sub.add_parser('fd_error', help='finite-difference GradNorm against float64 double backprop (CPU)')
+    f.add_argument('--models', nargs='*', default=['swin_base_patch4_window7_224', 'timm/resnet50', 'demo_gelu',
+                                                   'demo_silu', 'demo_relu'],
+                   help='timm names and demo_ACT (the demo ResNet with that activation)')
+    f.add_argument('--res', type=checked(int, lambda v: v >= 32, 'at least 32'), default=32,
+                   help='image size of the timm models')
+    f.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     w = sub.add_parser('twice', help='which timm architectures survive a double backward (CPU)')
     w.add_argument('--models', nargs='*', default=None, help='timm names (default: one of each family)')
     w.add_argument('--res', type=checked(int, lambda v: v >= 16, 'at least 16'), default=64)
     args = p.parse_args(argv)
     if args.cmd == 'twice':
         bench_twice(args)
+    elif args.cmd == 'fd_error':
+        bench_fd_error(args)
     elif args.cmd == 'step':
         bench_step(args)
     elif args.cmd == 'conv':

@@ -1,33 +1,45 @@
-"""`make check-gpu`: proves the CUDA path on a fresh GPU box in about 12 minutes on one GPU, with
-whatever torch the machine has (FFCV, timm and pyautoattack are not needed; numpy, Pillow and
-pytest are). Without a GPU it says so in one line and exits 0.
+"""`make check-gpu`: proves the CUDA path on a fresh GPU box in about 10 minutes on one GPU, with
+whatever torch the machine has (FFCV and pyautoattack are not needed; numpy, Pillow, pytest,
+torchvision and timm are). Without a GPU it says so in one line and exits 0.
 
-    python -m tools.check_gpu             # every step below, each under its own time limit, then a summary
+    python -m tools.check_gpu             # every default step, each under its own time limit, then a summary
+    python -m tools.check_gpu --all       # also the fast conv's measurements (steps 6-9, ~8 minutes more)
+    python -m tools.check_gpu paper       # only step 4: the paper's Swin-B table
     python -m tools.check_gpu profile     # only the profile of one ResNet-50 GradNorm step per conv
     python -m tools.check_gpu --dry-run   # the same steps on the CPU at toy sizes (the script itself, not the GPU)
-    python -m tools.check_gpu --ckpt=runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --skip=batchnorm
+    python -m tools.check_gpu --ckpt=runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt
         # AutoAttack on a checkpoint already evaluated on the CPU (compare with its eval_linf.json);
         # --data=DIR: Fashion-MNIST's IDX files when not at /usr/share/datasets/fashion-mnist
 
-1. the CUDA tests (test_conv.py, test_compile.py: the fast conv against native, compiled against eager)
+Steps 1-3 run at the same time (correctness only), the timed ones alone:
+1. the CUDA tests (tests/test_conv.py, test_compile.py, test_gradnorm_impl.py: the fast conv against
+   native, compiled against eager, finite differences without TF32 against float64)
 2. one demo epoch under a 1-process torchrun (NCCL): compiled exact GradNorm with the fast conv and
    its per-epoch evaluation; then attack.py on its checkpoint, also under torchrun
-   then: attack.py --autoattack (needs pyautoattack) on --ckpt, else on that epoch's checkpoint, alone
-   on the GPU so that its time per 1,000 images means something
-3. bench.py step, resnet50 and vit_small at 224, bf16: standard, exact GradNorm eager and compiled
-   with each conv (native, fast), PGD-3, peak memory
-4. bench.py conv batchnorm: nn.BatchNorm2d against a BatchNorm of primitive ops, ResNet-50 eager
-5. the top CUDA kernels of one ResNet-50 GradNorm step with each conv, from torch.profiler
+3. one epoch of a small synthetic ImageFolder (JPEG files) through --loader=torchvision under
+   torchrun: compiled GradNorm, EMA, checkpoints; then a second epoch from them with --resume=auto
+4. paper: timm's swin_base_patch4_window7_224 (GELU) at 224 px, float32 (TF32 off, the paper's
+   setting) and bf16: standard, exact GradNorm compiled, finite-difference GradNorm (float32),
+   EdgeReg, PGD-3 AT; step time, peak memory per image, the largest micro-batch that fits, --accum
+   for the recipes; and the finite difference's error against float64 double backprop
+5. attack.py --autoattack (needs pyautoattack) on --ckpt, else on step 2's checkpoint, alone on the
+   GPU so that its time per 1,000 images means something
+With --all: 6-7. bench.py step, resnet50 and vit_small at 224, bf16; 8. bench.py conv batchnorm;
+9. the top CUDA kernels of one ResNet-50 GradNorm step with each conv, from torch.profiler.
 Logs go to runs/check_gpu/. Exit status: 0 when every step passed.
 """
+import gc
 import importlib.util
+import math
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -53,13 +65,29 @@ def fashion_or_synthetic(out, n, fashion=FASHION):
     return out, f'{n} random images in Fashion-MNIST format'
 
 
-def steps(logs, dry, fashion=FASHION, ckpt=None):
+def image_folder(root, classes=4, train=8, val=4, seed=0):
+    """A small ImageNet-style ImageFolder, root/{train,val}/<class>/<i>.JPEG: random JPEG files of
+    a few sizes (the random-resized crop and the resize of --loader=torchvision get work to do)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', train), ('val', val)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f'c{c}'), exist_ok=True)
+            for i in range(n):
+                h, w = ((40, 48), (48, 40), (44, 44))[(c + i) % 3]
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, f'c{c}', f'{i}.JPEG'), quality=90)
+    return root
+
+
+def steps(logs, dry, fashion=FASHION, ckpt=None, extra=False):
     """-> groups of (name, commands run one after the other, seconds allowed, strings the output must
     hold, modules needed); the steps of a group run at the same time (correctness only), timed ones
     alone. dry: toy models on the CPU and no compiling (Inductor on a CPU takes minutes), so some
-    expected strings differ."""
+    expected strings differ. extra: the fast conv's measurements too (docs/speed.md, section 3)."""
     py = sys.executable
-    data, what = fashion_or_synthetic(os.path.join(logs, 'fashion'), 512 if dry else None, fashion)
+    data, what = fashion_or_synthetic(os.path.join(logs, 'fashion'), 256 if dry else None, fashion)
     torchrun = [py, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1']
     demo = os.path.join(logs, 'demo')
     train = [*torchrun, 'train.py', '--objective=gradnorm', '--gradnorm_impl=exact', '--epochs=1', f'--data={data}',
@@ -68,21 +96,52 @@ def steps(logs, dry, fashion=FASHION, ckpt=None):
     evaluate = [*torchrun, 'attack.py', '--ckpt', os.path.join(demo, 'ckpt.pt'), '--images', '64' if dry else '500',
                 '--attacks', 'ce-10', 'margin-10', '--no-autoattack', '--square-queries', '0',
                 '--json', os.path.join(logs, 'demo_eval.json')]
+    folder = image_folder(os.path.join(logs, 'imagefolder'))
+    folder_out = os.path.join(logs, 'imagefolder_run')
+    # --recipe= keeps the plain defaults: ImageNet-like data would get the paper's Swin-B run
+    folder_run = [*torchrun, 'train.py', f'--data={folder}', '--loader=torchvision', '--recipe=', '--res=32',
+                  '--objective=gradnorm', '--batch_size=16', '--ema=0.9', '--ckpt_every=1', '--eval_n=16',
+                  '--eval_steps=2', '--workers=2', f'--out={folder_out}', *(['--compile=off'] if dry else [])]
     autoattack = [py, 'attack.py', '--ckpt', ckpt or os.path.join(demo, 'ckpt.pt'), '--autoattack', f'--data={data}',
                   '--json', os.path.join(logs, 'autoattack.json'), *(['--images=64', '--compile=off'] if dry else [])]
+    compiled = [] if dry else ['compile=True', 'torch.compile: 1 graph(s)']
+    tests = ['tests/test_conv.py', 'tests/test_compile.py', 'tests/test_gradnorm_impl.py']
+    dry_flag = ['--dry-run'] if dry else []
+    exact = 'gradnorm exact ' if dry else 'gradnorm exact compiled'  # a table row of each precision
+    exact_rows = [f'float32, TF32 off  {exact}', f'bf16 autocast      {exact}']
+    groups = [
+        [('CUDA tests', [[py, '-m', 'pytest', '-q', '-rs', '-k', 'cuda', *tests]], 240,
+          ['skipped' if dry else 'passed'], NEEDS + ('pytest', 'timm')),
+         (f'torchrun demo epoch and evaluation ({what})', [train, evaluate], 240,
+          ['conv=fast', 'final: clean', 'PGD:', *compiled], NEEDS),
+         ('torchrun ImageFolder epoch and resume (EMA, checkpoints, --resume=auto)',
+          [[*folder_run, '--epochs=1', '--overwrite=true'], [*folder_run, '--epochs=2', '--resume=auto']],
+          240, ['ema_clean_acc', 'resumed from', 'at epoch 1 step 0', 'final: clean', *compiled],
+          NEEDS + ('torchvision',))],
+        [('paper Swin-B table', [[py, '-m', 'tools.check_gpu', 'paper', *dry_flag]], 270,
+          ['fd, float32 TF32 off', 'largest micro-batch', 'float32, TF32 off  gradnorm fd', *exact_rows],
+          NEEDS + ('timm',))],
+        [(f'autoattack {"--ckpt" if ckpt else "demo epoch"}', [autoattack], 90, ['autoattack '],
+          NEEDS + ('pyautoattack',))],
+    ]
+    if dry:  # nothing is timed on the CPU: the paper's table runs beside steps 1-3
+        groups = [groups[0] + groups[1], *groups[2:]]
+    return groups + (conv_steps(py, data, dry) if extra else [])
+
+
+def conv_steps(py, data, dry):
+    """Steps 6-9: the fast conv against native, measured (docs/speed.md, section 3)."""
     cnn, vit = ('resnet_demo', 'vit_demo') if dry else ('resnet50', 'vit_small')
     sizes = ['--res=28', '--batch=8', '--warmup=1', '--repeats=2'] if dry else \
         ['--res=224', '--batch=128', '--warmup=2', '--repeats=5']
-    bench = [py, '-m', 'tools.bench', 'step', *sizes, '--compile=none' if dry else '--compile=gradnorm']
+    # --data=: random 224 px images, ImageNet's shape; the dry run's models eat Fashion-MNIST
+    bench = [py, '-m', 'tools.bench', 'step', f'--data={data}' if dry else '--data=', *sizes[1:],
+             '--compile=none' if dry else '--compile=gradnorm', *([] if dry else sizes[:1])]
     compiled = '' if dry else ' compiled'
-    bn = [py, '-m', 'tools.bench', 'conv', 'batchnorm', '--eager', f'--model={cnn}', *sizes[:1], '--batch=8' if dry else '--batch=64',
-          *sizes[2:]]
+    bn = [py, '-m', 'tools.bench', 'conv', 'batchnorm', '--eager', f'--model={cnn}', *sizes[:1],
+          '--batch=8' if dry else '--batch=64', *sizes[2:]]
+    profile = [py, '-m', 'tools.check_gpu', 'profile', *(['--dry-run'] if dry else [])]
     return [
-        [('CUDA tests', [[py, '-m', 'pytest', '-q', '-rs', '-k', 'cuda', 'test_conv.py', 'test_compile.py']], 260,
-          ['skipped' if dry else 'passed'], NEEDS + ('pytest',)),
-         (f'torchrun demo epoch and evaluation ({what})', [train, evaluate], 240,
-          ['conv=fast', 'final: clean', 'PGD:'] + ([] if dry else ['compile=True', 'torch.compile: 1 graph(s)']), NEEDS)],
-        [(f'autoattack {"--ckpt" if ckpt else "demo epoch"}', [autoattack], 120, ['autoattack '], NEEDS + ('pyautoattack',))],
         # compiled native: "CUDA error: misaligned address" on resnet50 (torch 2.11, H100), which kills the process
         [(f'bench {cnn}', [[*bench, f'--model={cnn}', '--skip=edgereg,gradnorm exact compiled native']], 240,
           [f'exact{compiled} fast', 'double backprop: exact native'], NEEDS)],
@@ -90,16 +149,16 @@ def steps(logs, dry, fashion=FASHION, ckpt=None):
         [(f'bench {vit}', [[*bench, f'--model={vit}', '--skip=edgereg,gradnorm exact compiled native']], 120,
           [f'exact{compiled} fast'], NEEDS)],
         [(f'batchnorm {cnn}', [bn], 60, ['primitive BN'], NEEDS)],
-        [(f'profile {cnn}', [[py, '-m', 'tools.check_gpu', 'profile', *(['--dry-run'] if dry else [])]], 60, ['top kernels, fast conv'], ())],
+        [(f'profile {cnn}', [profile], 60, ['top kernels, fast conv'], ())],
     ]
 
 
-def start(name, cmds, limit, logs):
+def start(name, cmds, limit, logs, env=None):
     """Runs cmds one after the other (stopping at the first failure) in their own process group, so
     that torchrun's workers die with it when the time limit kills it."""
     log, t0 = os.path.join(logs, name.split(' (')[0].replace(' ', '_') + '.log'), time.time()
     p = subprocess.Popen(' && '.join(shlex.join(c) for c in cmds), shell=True, cwd=HERE, stdout=open(log, 'w'),
-                         stderr=subprocess.STDOUT, start_new_session=True)
+                         stderr=subprocess.STDOUT, start_new_session=True, env=env)
     expired = threading.Event()
     timer = threading.Timer(limit * SLACK, lambda: expired.set() or os.killpg(p.pid, signal.SIGKILL))
     timer.start()
@@ -143,19 +202,19 @@ def profile(dry):
         torch.manual_seed(0)
         net = models.build_model(model, 'gelu', conv=conv).to(device).train()
 
-        def step():
+        def step(net):
             with torch.autocast(device, torch.bfloat16, enabled=not dry):
                 loss, _ = gradnorm.gradnorm(net, x.clone().requires_grad_(), y, 4 / 255, alpha)
             loss.backward()
             net.zero_grad(set_to_none=True)
 
         for _ in range(2):
-            step()
+            step(net)
         if not dry:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         with torch.profiler.profile(activities=[activity]) as prof:
-            step()
+            step(net)
             if not dry:
                 torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if kernel_time(e, device) > 0]
@@ -170,7 +229,221 @@ def profile(dry):
         del net
 
 
-def run_all(dry, skip=(), fashion=FASHION, ckpt=None):
+# ---------------------------------------------------------------- paper: the paper's model, costs and sizes
+
+SWINB = 'swin_base_patch4_window7_224'
+# the rows, and the recipe whose per-GPU batch each would train (config.RECIPES)
+PAPER_ROWS = {'standard': 'swinb_standard', 'gradnorm exact compiled': 'swinb_gradnorm',
+              'gradnorm fd': 'swinb_gradnorm', 'edgereg': 'swinb_edge', 'pgd3 at': 'swinb_pgd'}
+
+
+def toy_swin(conv='native'):
+    """The dry run's stand-in for Swin-B: timm's Swin at 32 px, two stages of one block, width 24."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    import models
+    torch.manual_seed(0)
+    net = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=24, depths=(1, 1),
+                          num_heads=(1, 2), num_classes=10, drop_path_rate=0.0)
+    return models.use_conv(models.TimmModel(net, models.IMAGENET_MEAN, models.IMAGENET_STD), conv)
+
+
+def swinb(conv='native'):
+    import models
+    torch.manual_seed(0)
+    return models.build_model(SWINB, 'gelu', conv=conv)
+
+
+# how running out of memory reads: CUDA's caching allocator, cuBLAS/cuDNN workspaces, the CPU allocator
+OOM_WORDS = ('out of memory', 'ALLOC_FAILED', "can't allocate memory")
+
+
+def out_of_memory(e):
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and any(w in str(e) for w in OOM_WORDS))
+
+
+def largest_batch(fits, start, cap, seconds, grow=2.0):
+    """The largest micro-batch b <= cap with fits(b): growing by `grow` from start until one does not
+    fit, then bisection to within 1/16, for at most `seconds` (checked between trials).
+    -> (largest that fit or 0, smallest that did not or None)"""
+    lo, hi, b, t0 = 0, None, max(1, min(start, cap)), time.time()
+    while True:
+        if fits(b):
+            lo = b
+        else:
+            hi = b
+        if hi is None and b >= cap or hi is not None and hi - lo <= max(1, lo // 16):
+            return lo, hi
+        if time.time() - t0 > seconds:
+            return lo, hi
+        b = min(max(int(grow * b), b + 1), cap) if hi is None else (lo + hi) // 2
+
+
+def park(s, device):
+    """Move one row's model, gradients and optimizer state to device: each micro-batch search has
+    the card to itself."""
+    s['model'].to(device)
+    for st in s['opt'].state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v):  # fused AdamW's step count too: it lives beside the parameters
+                st[k] = v.to(device)
+
+
+def fits(s, b, classes, device, autocast, cap_bytes):
+    """Whether one training step of row s at micro-batch b runs without running out of memory. On the
+    CPU (the dry run) the card is cap_bytes: the step's peak memory growth must stay below it (making
+    allocations fail for real, under an address-space limit, crashed oneDNN's bf16 kernels)."""
+    from tools.bench import timed_step
+    x = torch.rand(b, *s['x'].shape[1:], device=device).contiguous(memory_format=s['fmt'])
+    y = torch.randint(0, classes, (b,), device=device)
+    try:
+        _, peak = timed_step(s['model'], s['opt'], s['fn'], x, y, device, autocast)
+        return device.type == 'cuda' or peak <= cap_bytes
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        return False
+    finally:
+        del x, y
+        s['model'].zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+
+
+def search(state, p, device, autocast, deadline):
+    """The largest micro-batch of each row, alone on the card, starting from what its peak memory per
+    image predicts; rows past the deadline are left unsearched."""
+    for s in state.values():
+        park(s, torch.device('cpu'))
+    for name, s in state.items():
+        if time.time() > deadline:
+            s['fit'] = 'no time'
+            continue
+        park(s, device)
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()  # cached blocks back to the driver, where mem_get_info sees them
+        per_image = max(statistics.median(s['peaks']) / p['batch'], 1)
+        free = torch.cuda.mem_get_info()[0] if device.type == 'cuda' else p['cap_bytes']
+        start = max(p['batch'], int(0.8 * free / per_image))  # activations grow with the batch, the rest not
+        trial = lambda b, s=s: fits(s, b, p['classes'], device, autocast, p['cap_bytes'])
+        lo, hi = largest_batch(trial, start, p['cap'], min(p['search_s'], deadline - time.time()), grow=1.25)
+        if hi is None:
+            s['fit'] = f'>= {lo}' + (' (cap)' if lo == p['cap'] else ' (time)')
+        else:
+            s['fit'] = f'{lo}' if hi - lo <= max(1, lo // 16) else f'{lo}-{hi - 1} (time)'
+        s['micro'] = lo
+        oom = f', too large at {hi}' if hi else ''
+        print(f'largest micro-batch {name}: {s["fit"]}{oom}', flush=True)
+        park(s, torch.device('cpu'))
+
+
+def fd_accuracy(p, device):
+    """The finite difference's parameter-gradient error against float64 double backprop, on the
+    paper's model at 2 images: float32 without TF32 (what fd runs), with TF32, under bf16 autocast."""
+    from gradnorm import gradnorm
+    from tools.bench import fd_error, reference_grad
+    model = p['build']().to(device).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, p['res'], p['res'], generator=g).to(device)
+    y = torch.randint(0, p['classes'], (2,), generator=g).to(device)
+    tf32(device, False)
+    ref = reference_grad(model, x, y, 4 / 255)
+    errs = {'exact, float32 TF32 off': fd_error(model, x, y, 4 / 255, ref=ref, fn=gradnorm),
+            'fd, float32 TF32 off': fd_error(model, x, y, 4 / 255, ref=ref)}
+    if device.type == 'cuda':
+        tf32(device, True)
+        errs['fd, float32 TF32 on'] = fd_error(model, x, y, 4 / 255, ref=ref)
+    bf16 = torch.autocast(device.type, torch.bfloat16)
+    errs['fd, bf16 autocast'] = fd_error(model, x, y, 4 / 255, ref=ref, autocast=bf16)
+    print('parameter gradient vs float64 double backprop (2 images, eps 4/255): '
+          + ', '.join(f'{k} {100 * v:.2g}%' for k, v in errs.items()), flush=True)
+    del model, ref
+
+
+def tf32(device, on):
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+
+
+def paper_settings(dry):
+    if dry:
+        return dict(device='cpu', build=toy_swin, name='toy Swin (2 stages, width 24)', res=32, classes=10,
+                    batch=2, warmup=1, repeats=2, cap=256, search_s=1, cap_bytes=16 * 2 ** 20, budget=20)
+    return dict(device='cuda', build=swinb, name=SWINB, res=224, classes=1000, batch=32, warmup=2, repeats=5,
+                cap=4096, search_s=20, cap_bytes=0, budget=230)
+
+
+def paper(dry):
+    """Step 4: the paper's Swin-B at 224 px in float32 (TF32 off) and bf16, side by side; then the
+    largest micro-batch of each row, and the --accum it gives each recipe."""
+    import argparse
+
+    from gradnorm import FD_H
+    from tools.bench import hardware, methods, time_rows, warm_up
+    from train import conv_kind
+    p = paper_settings(dry)
+    if dry:  # toy sizes: a second thread only spins against the other steps of the dry run
+        torch.set_num_threads(1)
+    device, t0 = torch.device(p['device']), time.time()
+    deadline = t0 + p['budget']
+    torch._dynamo.config.trace_autograd_ops = True
+    fd_accuracy(p, device)
+    info = dict(in_ch=3, num_classes=p['classes'], img_size=p['res'])
+    args = argparse.Namespace(model=p['name'], act='gelu', memory_format='auto', warmup=p['warmup'],
+                              repeats=p['repeats'])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(p['batch'], 3, p['res'], p['res'], generator=g).to(device)
+    y = torch.randint(0, p['classes'], (p['batch'],), generator=g).to(device)
+    tables = {}
+    for amp in (False, True):
+        tf32(device, amp)
+        autocast = torch.autocast(device.type, torch.bfloat16) if amp else nullcontext()
+        # dynamic: one compile serves every micro-batch of the search; no Inductor on the dry run's CPU
+        rows = methods(False, not dry, 4 / 255, FD_H, device, amp, 'gelu', dynamic=True)
+        keep = {*PAPER_ROWS, 'gradnorm exact'} - {'gradnorm exact compiled' if dry else 'gradnorm exact'}
+        rows = {n: (fn, c, cfg, conv_kind(cfg, device)) for n, (fn, c, cfg) in rows.items() if n in keep}
+        precision = 'bf16 autocast' if amp else 'float32, TF32 off'
+        print(f'\n{precision}: {", ".join(rows)}', flush=True)
+        state = warm_up(rows, args, info, x, y, device, autocast, build=p['build'])
+        time_rows(state, args, y, device, autocast)
+        tables[precision] = state
+        search(state, p, device, autocast, deadline)
+    paper_table(tables, p, hardware(device), time.time() - t0)
+
+
+def accum_for(per_gpu, micro):
+    """--accum for a per-GPU batch: ceil(per_gpu / micro), raised to a divisor of per_gpu (train.py
+    refuses a batch that does not split evenly into micro-batches)."""
+    return next(k for k in range(math.ceil(per_gpu / micro), per_gpu + 1) if per_gpu % k == 0)
+
+
+def paper_table(tables, p, hw, seconds):
+    from config import RECIPES
+    print(f'\n{p["name"]} gelu 3x{p["res"]}x{p["res"]}, {p["classes"]} classes | {hw} | '
+          f'torch {torch.__version__} | eps 4/255 | micro-batch {p["batch"]} timed: median of {p["repeats"]} '
+          f'interleaved steps after {p["warmup"]} warm-up | {seconds:.0f} s')
+    print(f'{"precision":<18} {"method":<24} {"warm-up s":>9} {"step ms":>8} {"img/s":>7} {"x pgd3":>7} '
+          f'{"MiB/img":>8} {"largest micro-batch":>20} {"--accum x micro (8 GPUs)":>24}')
+    for precision, state in tables.items():
+        med = {n: statistics.median(s['times']) for n, s in state.items()}
+        pgd = med.get('pgd3 at', math.nan)
+        for name, s in state.items():
+            per_gpu = RECIPES[PAPER_ROWS.get(name, 'swinb_gradnorm')]['batch_size'] // 8
+            accum = accum_for(per_gpu, s['micro']) if s.get('micro') else None
+            split = f'{accum} x {per_gpu // accum}' if accum else '-'
+            mib = statistics.median(s['peaks']) / p['batch'] / 2 ** 20
+            print(f'{precision:<18} {name:<24} {s["warm"]:9.1f} {1000 * med[name]:8.1f} '
+                  f'{p["batch"] / med[name]:7.1f} {med[name] / pgd:6.2f}x {mib:8.1f} {s.get("fit", "-"):>20} '
+                  f'{f"{split} ({per_gpu}/GPU)":>24}')
+    print('--accum: the smallest divisor of the recipe\'s per-GPU batch that is >= per-GPU batch / largest '
+          'micro-batch (train.py splits it evenly); training also holds an EMA copy and DDP\'s gradient '
+          'buckets: leave a margin', flush=True)
+
+
+def run_all(dry, skip=(), fashion=FASHION, ckpt=None, extra=False):
     logs = os.path.join(HERE, 'runs', 'check_gpu-dry' if dry else 'check_gpu')
     os.makedirs(logs, exist_ok=True)
     found = {m: importlib.util.find_spec(m) is not None for m in NEEDS + ('pytest', 'torchvision', 'timm', 'ffcv',
@@ -179,7 +452,9 @@ def run_all(dry, skip=(), fashion=FASHION, ckpt=None):
     print(f'check-gpu: {device} | torch {torch.__version__} | Python {sys.version.split()[0]} | '
           + ' '.join(f'{m}:{"yes" if ok else "no"}' for m, ok in found.items()) + f' | logs in {logs}', flush=True)
     t0, results = time.time(), []
-    for group in steps(logs, dry, fashion, ckpt):
+    # toy sizes on the CPU: parallel steps with one thread each, not two spinning against each other
+    env = dict(os.environ, OMP_NUM_THREADS='1') if dry else None
+    for group in steps(logs, dry, fashion, ckpt, extra):
         for name in (s[0] for s in group if any(w in s[0] for w in skip)):
             results.append((name, 'SKIPPED (--skip)', 0, '-'))
         group = [s for s in group if not any(w in s[0] for w in skip)]
@@ -190,7 +465,7 @@ def run_all(dry, skip=(), fashion=FASHION, ckpt=None):
         if not group:
             continue
         print(f'\n==== running: {", ".join(f"{n} (limit {l * SLACK:.0f} s)" for n, _, l, _, _ in group)}', flush=True)
-        running = [(name, want, start(name, cmds, limit, logs)) for name, cmds, limit, want, _ in group]
+        running = [(name, want, start(name, cmds, limit, logs, env)) for name, cmds, limit, want, _ in group]
         results += [(name, *finish(name, want, *handle)) for name, want, handle in running]
     print(f'\n==== check-gpu summary ({(time.time() - t0) / 60:.1f} min, {device})')
     for name, status, seconds, log in results:
@@ -202,13 +477,16 @@ def main(argv):
     opts = dict(a.removeprefix('--').split('=', 1) for a in argv if a.startswith('--') and '=' in a)
     unknown = set(opts) - {'skip', 'data', 'ckpt'}
     bad = [f'unknown option --{k}' for k in unknown]
+    words = ('paper', 'profile', '--dry-run', '--all')
+    bad += [f'unknown option {a}' for a in argv if '=' not in a and a not in words]
     if 'ckpt' in opts and not os.path.isfile(opts['ckpt']):
         bad.append(f'no file {opts["ckpt"]}')
     if 'data' in opts and not os.path.isdir(opts['data']):
         bad.append(f'no folder {opts["data"]}')
     if bad:
         print(f'check-gpu: error: {bad[0]} '
-              '(options: profile, --dry-run, --skip=STEP,..., --data=FASHION_MNIST_DIR, --ckpt=DEMO_CKPT)')
+              '(options: paper, profile, --dry-run, --all, --skip=STEP,..., --data=FASHION_MNIST_DIR, '
+              '--ckpt=DEMO_CKPT)')
         return 2
     dry = '--dry-run' in argv
     if not dry and not torch.cuda.is_available():
@@ -217,7 +495,11 @@ def main(argv):
     if 'profile' in argv:
         profile(dry)
         return 0
-    return run_all(dry, [w for w in opts.get('skip', '').split(',') if w], opts.get('data', FASHION), opts.get('ckpt'))
+    if 'paper' in argv:
+        paper(dry)
+        return 0
+    skip = [w for w in opts.get('skip', '').split(',') if w]
+    return run_all(dry, skip, opts.get('data', FASHION), opts.get('ckpt'), '--all' in argv)
 
 
 if __name__ == '__main__':

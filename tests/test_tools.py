@@ -1,0 +1,102 @@
+"""tools/bench.py step (the model's input from the data, ratios to PGD-3) and tools/check_gpu.py:
+its dry run on the CPU, and the micro-batch search against a real allocation limit."""
+import os
+import re
+import resource
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from tools.check_gpu import largest_batch, out_of_memory
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, '-m', *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize('data,shape', [('tiny', '1x28x28, 10 classes'), ('', '3x32x32, 1000 classes')])
+def test_bench_step_takes_the_input_from_the_data(tiny_data, data, shape):
+    """The demo model at the data's size (not 3x224x224 with 1000 classes); --data= is ImageNet's shape."""
+    data = tiny_data if data == 'tiny' else data
+    res = [] if data else ['--res=32']
+    p = run('tools.bench', 'step', f'--data={data}', *res, '--batch=8', '--warmup=1', '--repeats=1',
+            '--threads=1')
+    assert p.returncode == 0, p.stderr
+    assert f'resnet_demo_pool gelu {shape}, batch 8' in p.stdout
+    assert re.search(r'warm-up s +step ms .* x standard +x pgd3', p.stdout)
+    methods = 'standard', 'gradnorm exact native', 'gradnorm exact fast', 'gradnorm fd', 'edgereg', 'pgd3 at'
+    for method in methods:
+        assert re.search(rf'^{method} +\d', p.stdout, re.M), method
+    assert re.search(r'^pgd3 at .* 1\.00x  channels_last', p.stdout, re.M)
+    line = r'^gradnorm/pgd3 \d+\.\d\d \(best: gradnorm .*\| auto picks fd: float32 on cpu'
+    assert re.search(line, p.stdout, re.M)
+
+
+def test_bench_step_refuses_a_size_the_data_does_not_have(tiny_data):
+    p = run('tools.bench', 'step', f'--data={tiny_data}', '--res=64')
+    assert p.returncode == 2 and p.stderr.startswith('error: --res=64: Fashion-MNIST'), p.stderr
+
+
+@contextmanager
+def address_space_cap(extra):
+    """The CPU's stand-in for a full card: allocations beyond `extra` bytes more than now fail."""
+    with open('/proc/self/status') as f:
+        size = int(f.read().split('VmSize:')[1].split()[0]) * 1024
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
+
+
+def test_micro_batch_search_finds_a_real_allocation_limit(one_thread):
+    """fits(b) allocates b MiB under an address-space limit 64 MiB above the current size: the CPU
+    allocator fails above it, as CUDA's would on a full card; out_of_memory recognizes the error and
+    the search brackets the limit."""
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        try:
+            with address_space_cap(64 * 2 ** 20):
+                torch.ones(b * 2 ** 18)  # b MiB of float32
+            return True
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            return False
+
+    lo, hi = largest_batch(fits, 1, 4096, seconds=60)
+    assert 48 <= lo <= 80, (lo, tried)  # 64 MiB, give or take the allocator's own slack
+    assert hi is not None and hi - lo <= max(1, lo // 16), (lo, hi, tried)
+    assert fits(lo) and not fits(hi)
+    torch.ones(256 * 2 ** 18)  # the limit is lifted again
+
+
+def test_check_gpu_dry_run_runs_every_step():
+    """Every step of make check-gpu at toy sizes on the CPU: the CUDA tests (skipped), both torchrun
+    epochs (the ImageFolder one with EMA, checkpoints and --resume=auto), the paper's table (a toy
+    Swin, both precisions, micro-batch search) and AutoAttack. 45 s here at load 2, 90 s at load 5:
+    most of it the torchrun runs (two interpreters each, importing torch) and the paper table's 20 s."""
+    p = run('tools.check_gpu', '--dry-run', timeout=300)
+    summary = p.stdout.split('==== check-gpu summary')[-1]
+    assert p.returncode == 0, summary
+    for step in ('CUDA tests', 'torchrun demo epoch', 'torchrun ImageFolder epoch and resume',
+                 'paper Swin-B table', 'autoattack'):
+        assert re.search(rf'^PASS +\d+ s  {step}', summary, re.M), summary
+    paper = open(os.path.join(HERE, 'runs', 'check_gpu-dry', 'paper_Swin-B_table.log')).read()
+    table = paper.split('largest micro-batch  --accum')[-1]
+    for precision, method in [('float32, TF32 off', m) for m in ('standard', 'gradnorm exact', 'gradnorm fd',
+                                                                  'edgereg', 'pgd3 at')] + \
+            [('bf16 autocast', m) for m in ('standard', 'gradnorm exact', 'edgereg', 'pgd3 at')]:
+        assert re.search(rf'^{precision} +{method} +\d', table, re.M), (precision, method)
+    assert 'bf16 autocast      gradnorm fd' not in table  # fd refuses bf16
+    assert re.search(r'fd, float32 TF32 off (\d|0\.)[\d.e-]*%', paper)
