@@ -74,7 +74,7 @@ def data_kind(path):
 @dataclasses.dataclass
 class Config:
     objective: str = 'gradnorm'   # standard | gradnorm | pgd | edge
-    gradnorm_impl: str = 'auto'   # auto: fd on the CPU with a smooth activation, else exact (double backprop)
+    gradnorm_impl: str = 'auto'   # auto: fd in float32 with a smooth activation, else exact (double backprop)
     model: str = 'resnet_demo_pool'  # the demo's ResNet; its stem leaves no checkerboard in d loss / d x
     act: str = 'gelu'             # relu | gelu | silu: GradNorm needs a smooth one
     data: str = '/usr/share/datasets/fashion-mnist'
@@ -105,7 +105,7 @@ class Config:
     res: int = 224                # ImageNet training/eval resolution
     workers: int = 8
     init: str = ''                # '' (random) | pretrained: timm's weights | torchvision: the compact resnet50's | a checkpoint of ours
-    fd_h: float = 1e-3            # finite-difference step of --gradnorm_impl=fd (pixel units)
+    fd_h: float = 1e-4            # finite-difference step of --gradnorm_impl=fd (pixel units)
     res_start: int = 0            # progressive resizing: train res ramps res_start -> res (0 = off)
     mixup: float = 0.0            # Mixup alpha; with --cutmix too, one of the two per batch (p=0.5); 0 = off
     cutmix: float = 0.0           # CutMix alpha; with --mixup too, one of the two per batch (p=0.5); 0 = off
@@ -113,7 +113,7 @@ class Config:
     reprob: float = 0.0           # random-erasing probability per image (timm's RandomErasing, pixel mode)
     recipe: str = ''              # one of the paper's runs (RECIPES); unset: swinb_gradnorm on ImageNet-like data
     accum: int = 1                # micro-batches per optimizer step (gradient accumulation); batch_size stays global
-    amp: bool = True              # bf16 autocast on CUDA; off: float32, no TF32 matmuls (the paper's runs)
+    amp: bool = True              # bf16 autocast on CUDA; off: float32 without TF32 (the paper's runs)
     bn_eval: bool = False         # train in eval mode (BatchNorm keeps its running stats), as the authors' script
     gn_weights: str = '0.8,1.2'   # GradNorm: weights of CE and of the penalty
     conv: str = 'auto'            # auto: fast for double backward, else native | fast (models.Conv2d) | native (nn.Conv2d)

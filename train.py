@@ -29,21 +29,23 @@ from config import (RESUME_KEYS, UserError, __version__, append_line, checkpoint
                     end_distributed, load_checkpoint, parse_config, save_checkpoint, setup_distributed)
 from data import make_loaders
 from edge_reg import edge_reg
-from gradnorm import gradnorm, gradnorm_fd, standard
+from gradnorm import (SMOOTH_ACTS, choose_impl, fd_backend_flags, gradnorm, gradnorm_fd, set_backend_flags,
+                      standard)
 from models import build_model, no_weight_decay, normalization
 
 
 # ---------------------------------------------------------------- the objective, as training runs it
 
+def gradnorm_choice(cfg, device):
+    """-> (impl, why): gradnorm.choose_impl for this run (amp: bf16 autocast, which runs on CUDA only)."""
+    try:
+        return choose_impl(cfg.gradnorm_impl, device.type, device.type == 'cuda' and cfg.amp, cfg.act)
+    except ValueError as e:
+        raise UserError(f'--gradnorm_impl={cfg.gradnorm_impl}: {e}') from None
+
+
 def gradnorm_impl(cfg, device):
-    """auto: finite differences where they are accurate (float32 on the CPU, smooth activation) and
-    cheaper; double backprop on CUDA, whose bf16/TF32 rounding swamps the difference quotient."""
-    impl = cfg.gradnorm_impl
-    if impl == 'auto':
-        impl = 'fd' if device.type == 'cpu' and cfg.act != 'relu' else 'exact'
-    if impl == 'fd' and device.type == 'cuda':
-        raise UserError('--gradnorm_impl=fd needs float32, but CUDA training runs bf16 and TF32: use exact')
-    return impl
+    return gradnorm_choice(cfg, device)[0]
 
 
 def second_order(cfg, device):
@@ -235,6 +237,8 @@ def start(cfg, rank, world, device, log):
     model = initial_model(cfg, info, device, log)
     if device.type == 'cuda' and not cfg.amp:
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 as the paper (cuDNN convolutions: PyTorch's default)
+    if cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd':
+        set_backend_flags(fd_backend_flags(device.type))  # TF32's rounding would swamp the difference quotient
     path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
     if ck:
         check_resume(cfg, ck, path, info)
@@ -488,8 +492,10 @@ def loop(cfg, rank, world, device, log):
         return run.model
     log(f'{cfg.objective} | {cfg.model} {cfg.act} | {sum(p.numel() for p in run.model.parameters()):,} params '
         f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{__version__}'
-        + (f' | gradnorm_impl={gradnorm_impl(cfg, device)}' if cfg.objective == 'gradnorm' else '')
+        + (f' | gradnorm_impl={gradnorm_choice(cfg, device)[1]}' if cfg.objective == 'gradnorm' else '')
         + f' | conv={conv_kind(cfg, device)}')
+    if rank == 0 and cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd' and cfg.act not in SMOOTH_ACTS:
+        print(f'warning: --gradnorm_impl={gradnorm_choice(cfg, device)[1]}', file=sys.stderr)
     log(f'per epoch: clean accuracy on the validation set; pgd_upper = {pgd_name(cfg)}, an upper bound on robust '
         'accuracy (AutoAttack, the number to report: attack.py --autoattack)')
     metrics = {}
