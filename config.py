@@ -432,14 +432,10 @@ def load_official(path, model, act='gelu'):
 # ---------------------------------------------------------------- processes
 
 def end_distributed():
-    """Ends torchrun's process group while Python is fully alive. A gloo worker thread drops its
-    reference to a finished collective's tensors a little after wait() returns; if that is the last
-    reference to a tensor made in Python and the interpreter is already exiting, the worker needs the
-    GIL and aborts the process ("terminate called without an active exception": 2 of 12 two-rank CPU
-    test runs here; pytorch #179291). Destroying the group joins its workers first, if nothing else
-    holds it: DDP's reducer does, so DDP gets a group of its own (train.start; its collectives reduce
-    buffers made in C++, which free without the GIL), and so does torch._dynamo when first imported
-    after the group exists (setup_distributed imports it before)."""
+    """Ends torchrun's process group while Python is fully alive: a gloo worker that frees a
+    collective's tensor during interpreter exit aborts the process (docs/speed.md, section 5). DDP gets
+    a group of its own (train.start) and torch._dynamo is imported first (setup_distributed), since
+    either would keep the default group alive."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

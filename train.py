@@ -55,14 +55,13 @@ def second_order(cfg, device):
 
 def memory_format(cfg, device):
     """channels_last for first-order objectives; contiguous for double backward, where channels_last
-    measured slower (CPU 1.3-6x, H100 ResNet-50 bf16 eager 1.14x) and crashed torch 2.11's compiled
-    ResNet backward on CUDA (misaligned address)."""
+    is slower and crashed torch 2.11's compiled ResNet backward on CUDA (docs/speed.md, section 1)."""
     return torch.contiguous_format if second_order(cfg, device) else torch.channels_last
 
 
 def conv_kind(cfg, device):
     """auto: models.Conv2d ('fast') for double backward, whose weight term it computes on the
-    standard kernels instead of a slow convolution (README, A convolution for double backprop);
+    standard kernels instead of a slow convolution (docs/speed.md, section 2);
     nn.Conv2d ('native') for first-order objectives, where it has nothing to remove."""
     if cfg.conv != 'auto':
         return cfg.conv
