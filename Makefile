@@ -15,9 +15,14 @@ ARGS   ?=
 RECIPE ?=
 # train.py's default output folder (data, model, objective, activation: one run per folder), asked of config.py
 # because a recipe names the model; CKPT=official:PATH with MODEL=... evaluates a checkpoint the authors released
-RUN_DIR = $(shell $(PY) -c 'import sys, config; print(config.parse_config(sys.argv[1:]).out)' --data=$(DATA) --init= \
-          $(if $(RECIPE),--recipe=$(RECIPE)) $(if $(MODEL),--model=$(MODEL)) $(if $(ACT),--act=$(ACT)))
-CKPT   ?= $(RUN_DIR)/ckpt.pt
+# A bad value prints one `error:` line (config.cli) and leaves RUN_DIR empty: NEED_CKPT then stops the target.
+# Asked once (the $(eval) keeps the answer), however often CKPT is expanded.
+RUN_DIR = $(eval RUN_DIR := $(shell $(PY) -c 'import sys, config; \
+          sys.exit(config.cli(lambda a: print(config.parse_config(a).out), sys.argv[1:]))' \
+          --data=$(DATA) --init= $(if $(RECIPE),--recipe=$(RECIPE)) $(if $(MODEL),--model=$(MODEL)) \
+          $(if $(ACT),--act=$(ACT))))$(RUN_DIR)
+CKPT   ?= $(if $(RUN_DIR),$(RUN_DIR)/ckpt.pt)
+NEED_CKPT = @test -n '$(strip $(CKPT) $(CKPTS))' || exit 2
 EPS    ?=
 # AA=1: `make eval` also runs AutoAttack (standard version), the robust accuracy to report
 AA     ?=
@@ -71,6 +76,7 @@ train-edge: setup data
 	$(TRAIN) --objective=edge
 
 eval: setup data
+	$(NEED_CKPT)
 	$(RUN) attack.py --ckpt=$(CKPT) $(if $(filter official:%,$(CKPT)),--model=$(MODEL) --data=$(DATA) \
 	  $(if $(ACT),--act=$(ACT))) $(if $(EPS),--eps $(EPS)) \
 	  $(if $(filter 1,$(AA)),--autoattack,$(if $(filter 0,$(AA)),--no-autoattack)) $(ARGS)
@@ -124,6 +130,7 @@ check-gpu:
 # Gradient statistics, pictures and PGD accuracy of one or more checkpoints (CKPT, CKPT2, ... or CKPTS="a.pt b.pt").
 .PHONY: characterize bench-attack
 characterize: setup data
+	$(NEED_CKPT)
 	$(PY) -m tools.characterize $(or $(CKPTS),$(CKPT) $(CKPT2) $(CKPT3) $(CKPT4) $(CKPT5) $(CKPT6)) $(ARGS)
 # PGD-10 seconds per 1,000 images on the demo model, eager vs torch.compile, side by side.
 bench-attack: setup

@@ -10,7 +10,7 @@ An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. PGD is fast and
 robust accuracy; AutoAttack is what the paper, RobustBench and readers compare.
 """
 import argparse
-import json
+import dataclasses
 import math
 import os
 import sys
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from config import (ArgumentParser, Config, UserError, checked, cli, data_kind, end_distributed, load_checkpoint,
                     load_official, model_from_checkpoint, setup_distributed)
 from models import ACTS, is_model
-from autoattack_eval import VERSION, State, aa_checks, autoattack, square_check
-from data import make_loaders
+from autoattack_eval import VERSION, State, StateError, aa_checks, autoattack, square_check, write_json
+from data import data_shape, make_loaders
 
 
 # ---------------------------------------------------------------- losses (per sample, maximized)
@@ -395,16 +395,59 @@ def resolve(args, ck, official=False):
     return args
 
 
+def check_checkpoint(path, ck):
+    """UserError naming the file unless ck has what evaluating it needs: a config train.py can read,
+    data_info and the model's weights."""
+    if not isinstance(ck, dict):
+        raise UserError(f'{path} holds a {type(ck).__name__}, not a checkpoint of train.py (a dict)')
+    for k in ('config', 'data_info', 'model'):
+        if not isinstance(ck.get(k), dict):
+            raise UserError(f'{path} is not a checkpoint of train.py: its {k!r} is missing or not a dict')
+    fields = {f.name for f in dataclasses.fields(Config)}
+    missing = [k for k in ('model', 'act', 'eps', 'data', 'objective') if k not in ck['config']]
+    unknown = sorted(set(ck['config']) - fields)
+    if missing or unknown:
+        what = f'lacks {missing[0]!r}' if missing else f'has an unknown key {unknown[0]!r}'
+        raise UserError(f'{path}: its config {what}: not a checkpoint of this version of train.py')
+
+
+def checkpoint_model(path, ck, key='model'):
+    """The model of a checkpoint of ours with the weights under key; UserError naming the file when
+    they do not fit the model it names."""
+    c = ck['config']
+    try:
+        return model_from_checkpoint(ck, key)
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:  # load_state_dict: sizes, missing keys
+        why = ' '.join(str(e).split())[:300]
+        raise UserError(f'the {key!r} weights of {path} do not fit the {c["model"]}/{c["act"]} model it '
+                        f'names: {why}') from None
+
+
+def check_data(path, ck, info, data, subset=False):
+    """UserError unless the data are what the checkpoint's model was built for (classes, channels).
+    subset: fewer classes may do (the authors' ImageNet-1k models on a folder of some of its classes)."""
+    want = {k: ck['data_info'].get(k) for k in ('num_classes', 'in_ch')}
+    have = {k: info[k] for k in want}
+    n_here, n_trained = have['num_classes'], want['num_classes']
+    if want['in_ch'] != have['in_ch'] or not (n_here <= n_trained if subset else n_here == n_trained):
+        trained, here = (f'{d["num_classes"]} classes of {d["in_ch"]}-channel images' for d in (want, have))
+        raise UserError(f'{path} was trained on {trained}, {data} has {here}: pass the data it was '
+                        'trained on (--data=DIR)')
+
+
 def load(args, rank, world, device):
     """-> the checkpoint, its model on the device (eval mode, no parameter gradients), this rank's
-    robust-val batches (copies: FFCV reuses its buffers), data info."""
+    robust-val batches (copies: FFCV reuses its buffers), data info. args.n becomes the number of
+    images there are, if it was more."""
+    n_flag = '--n' if args.n else None  # before resolve fills in the default
     if args.ckpt.startswith('official:'):  # the authors release and evaluate their EMA weights
         ck, model = load_official(ckpt_path(args), args.model, args.act)
         resolve(args, ck, official=True)
     else:
         ck = load_checkpoint(args.ckpt)
+        check_checkpoint(args.ckpt, ck)
         resolve(args, ck)
-        model = model_from_checkpoint(ck, args.weights)
+        model = checkpoint_model(args.ckpt, ck, args.weights)
     model = model.to(device).eval().requires_grad_(False)
     cfg = Config(**{**ck['config'], 'eval_n': args.n})
     cfg.data = args.data or cfg.data
@@ -412,8 +455,10 @@ def load(args, rank, world, device):
         cfg.loader = 'ffcv' if data_kind(cfg.data) == 'beton' else 'torchvision'
     if not os.path.isdir(cfg.data):
         raise UserError(f'{args.ckpt} was trained on {cfg.data}, which is not here: pass --data=DIR')
+    check_data(args.ckpt, ck, data_shape(cfg.data), cfg.data, subset=bool(args.model))
     threads = torch.get_num_threads()
-    _, _, robust_val, info = make_loaders(cfg, rank, world, device)
+    _, _, robust_val, info = make_loaders(cfg, rank, world, device, n_flag, from_checkpoint=True)
+    args.n = cfg.eval_n
     batches = [(x.clone(), y.clone()) for x, y in robust_val]
     torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count (ffcv/pipeline/compiler.py)
     return ck, model, batches, info
@@ -427,6 +472,27 @@ def json_path(args):
     return args.json or os.path.join(os.path.dirname(ckpt_path(args)) or '.', f'eval_{args.norm}.json')
 
 
+def state_path(args, rank):
+    return f'{os.path.splitext(json_path(args))[0]}.autoattack-rank{rank}.json'
+
+
+def check_outputs(args, rank):
+    """Before any work: the results and AutoAttack's state can be written where they go (not into
+    a missing or read-only folder, nor where a folder stands)."""
+    for path in (json_path(args), state_path(args, rank)):
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            why = 'a folder is in its place'
+        elif not os.path.isdir(folder):
+            why = f'there is no folder {folder}'
+        elif not os.access(folder, os.W_OK):
+            why = f'{folder} is read-only'
+        else:
+            continue
+        raise UserError(f'cannot write {path} ({why}): pass --json=FILE in a writable folder '
+                        "(AutoAttack's resume state goes next to it)")
+
+
 def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
     """Per eps: AutoAttack (if asked) and the Square check on what every gradient attack left.
     -> ({eps: AutoAttack result}, {eps: (ok, message)}, the resume state: remove it once reported)"""
@@ -437,7 +503,7 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
                    mtime=os.path.getmtime(ckpt_path(args)),
                    weights=args.weights, norm=args.norm, n=args.n, world=world, seed=args.seed, bf16=args.bf16,
                    data=args.data, pyautoattack=aa_version)
-        state = State(f'{os.path.splitext(json_path(args))[0]}.autoattack-rank{rank}.json', key)
+        state = State(state_path(args, rank), key)
     if state and state.resumed and rank == 0:
         print(f'AutoAttack: resuming from {state.path} ({state.resumed} steps done)')
     aa, square, t0 = {}, {}, time.time()
@@ -446,7 +512,11 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
             f'  autoattack eps {text} batch {b + 1}/{len(batches)} {c:8} {left:5} of {n} standing '
             f'({"resumed" if resumed else f"{time.time() - t0:.0f} s"})', flush=True)
         if args.autoattack:
-            aa[eps] = autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
+            try:
+                aa[eps] = autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
+            except StateError as e:
+                raise UserError(f'{e}: free some space or pass --json=FILE elsewhere (the state goes next to '
+                                'it), then run again: it resumes') from None
         if not args.no_checks and (args.autoattack or args.square_queries):
             square[eps] = square_check(fwd, batches, r['standing'][eps], eps, args.norm, args.square_queries,
                                        args.seed, aa.get(eps))
@@ -473,16 +543,21 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
                   + f' | {100 * worst:9.1f} {100 * (worst - final):6.1f}')
     for ok, msg in checks:
         print(f'  {"ok  " if ok else "FLAG"} {msg}')
-    path = json_path(args)
-    with open(path, 'w') as f:
-        json.dump({'ckpt': args.ckpt, 'weights': args.weights, 'objective': c['objective'], 'model': c['model'],
-                   'act': c['act'], 'norm': args.norm, 'attacks': args.attacks, 'schedule': args.schedule,
-                   'n': r['n'], 'seed': args.seed, 'seconds': seconds, 'clean': r['clean'],
-                   'robust': {t: r['robust'][e] for e, t in zip(eps_list, args.eps)},
-                   'autoattack': {t: {'version': VERSION, 'after': aa[e]['after'], 'robust': list(aa[e]['after'].values())[-1],
-                                      'pgd_worst': r['robust'][e]['worst']} for e, t in zip(eps_list, args.eps) if e in aa},
-                   'unbounded': r['unbounded'], 'gain': r['gain'],
-                   'checks': [{'ok': ok, 'check': m} for ok, m in checks]}, f, indent=1)
+    path, result = json_path(args), {
+        'ckpt': args.ckpt, 'weights': args.weights, 'objective': c['objective'], 'model': c['model'],
+        'act': c['act'], 'norm': args.norm, 'attacks': args.attacks, 'schedule': args.schedule,
+        'n': r['n'], 'seed': args.seed, 'seconds': seconds, 'clean': r['clean'],
+        'robust': {t: r['robust'][e] for e, t in zip(eps_list, args.eps)},
+        'autoattack': {t: {'version': VERSION, 'after': aa[e]['after'],
+                           'robust': list(aa[e]['after'].values())[-1], 'pgd_worst': r['robust'][e]['worst']}
+                       for e, t in zip(eps_list, args.eps) if e in aa},
+        'unbounded': r['unbounded'], 'gain': r['gain'],
+        'checks': [{'ok': ok, 'check': m} for ok, m in checks]}
+    try:
+        write_json(path, result, indent=1)
+    except OSError as e:
+        raise UserError(f'cannot write {path} ({e.strerror or e}); the results are above: free some space '
+                        'or pass --json=FILE elsewhere') from None
     print(f'wrote {path}')
     for e, t in zip(eps_list, args.eps):
         if e in aa:
@@ -492,6 +567,7 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
 def main(argv):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
+    check_outputs(args, rank)
     ck, model, batches, info = load(args, rank, world, device)
     eps_list = [parse_eps(t) for t in args.eps]
     torch.manual_seed(args.seed + rank)

@@ -261,6 +261,12 @@ def validate(cfg):
     if cfg.init == 'pretrained' and not timm_name(cfg.model):
         raise UserError(f'--init=pretrained loads timm\'s weights, but {cfg.model} is a compact model of models.py: pass '
                         'a timm model (e.g. --model=timm/resnet50), --init=torchvision (resnet50) or --init=')
+    from models import patch_problem, pretrained_missing  # here: one hunk, apart from the rest of validate
+    size = 28 if data_kind(cfg.data) == 'fashion' else cfg.res  # Fashion-MNIST: 28 px, whatever --res
+    if why := patch_problem(cfg.model, size):
+        raise UserError(f'--model={cfg.model} at {size} px: {why}')
+    if cfg.init == 'pretrained' and (why := pretrained_missing(cfg.model)):
+        raise UserError(f'--init=pretrained: {why}')
     return cfg
 
 

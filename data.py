@@ -28,7 +28,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from augment import FLIP, BatchAugment, crop_params, rand_u32, randaug_image, randaug_transform, uniform
-from config import ArgumentParser, UserError, checked, cli, data_kind
+from config import ArgumentParser, Config, UserError, checked, cli, data_kind
 from models import IMAGENET_MEAN, IMAGENET_STD
 
 INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev libopencv-dev; '
@@ -193,10 +193,26 @@ def _decode_error(path):
         return f'{type(e).__name__}: {e}'
 
 
+def class_folders(folder):
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def known_classes(folder, classes):
+    """UserError if folder has a class folder outside classes (val/ a class train/ lacks): its
+    images would be dropped without a word, or carry labels the model never saw."""
+    extra = sorted(set(class_folders(folder)) - set(classes))
+    if extra:
+        raise UserError(f'{os.path.join(folder, extra[0])} is a class folder the {len(classes)} training '
+                        f'classes lack ({len(extra)} such): add it to train/ or move it out of {folder}')
+
+
 def list_images(folder, classes=None):
-    """ImageFolder order: sorted classes -> labels 0..C-1, sorted files. -> classes, [(path, label)]"""
+    """ImageFolder order: sorted classes -> labels 0..C-1, sorted files; with classes (val takes
+    train's), folder must have no other class. -> classes, [(path, label)]"""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-    classes = classes or sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if classes:
+        known_classes(folder, classes)
+    classes = classes or class_folders(folder)
     if not classes:
         raise UserError(f'{folder!r} has no class folders: expected {folder}/<class>/<image>')
     return classes, make_dataset(folder, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
@@ -246,6 +262,9 @@ def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None, 
     workers = workers or len(os.sched_getaffinity(0))
     os.makedirs(out, exist_ok=True)
     mode = 'raw' if compress <= 0 else 'jpg' if compress >= 1 else 'proportion'
+    train, val = os.path.join(src, 'train'), os.path.join(src, 'val')
+    if os.path.isdir(train) and os.path.isdir(val):
+        known_classes(val, class_folders(train))  # before train.beton is written
     classes, result = None, {}
     for split in ('train', 'val'):
         folder = os.path.join(src, split)
@@ -349,9 +368,13 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
     image = [decoder] + augs + on_device + [ToTorchImage(channels_last=True)]
     label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
+    from ffcv.reader import Reader
+    size = Reader(path).num_samples
+    if indices is not None and len(indices) and not 0 <= min(indices) <= max(indices) < size:
+        # FFCV would read past the end: phantom samples, junk labels
+        raise ValueError(f'{path} holds samples 0..{size - 1}, not {min(indices)}..{max(indices)}')
     if not train:  # not distributed=True: DistributedSampler pads with repeats, which would bias accuracy
-        from ffcv.reader import Reader
-        indices = np.asarray(range(Reader(path).num_samples) if indices is None else indices)[rank::world]
+        indices = np.asarray(range(size) if indices is None else indices)[rank::world]
     loader = Loader(path, batch_size, num_workers=workers, os_cache=os_cache, order=order, seed=seed,
                     distributed=train and world > 1, indices=indices, drop_last=train if drop_last is None else drop_last,
                     pipelines={'image': image, 'label': label}, recompile=bool(res_start))
@@ -479,36 +502,70 @@ def augmentations(cfg, rank, num_classes, res, mean, std):
     return dict(randaug=randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None, augment=augment or None)
 
 
-def make_loaders(cfg, rank, world, device):
+def data_shape(data):
+    """-> dict(in_ch, num_classes) of the data at this path, as make_loaders' info will say, read
+    without opening an image: a checkpoint can be checked against it before any loading."""
+    kind = data_kind(data)
+    if kind == 'fashion':
+        return dict(in_ch=1, num_classes=10)
+    if kind == 'folder':
+        return dict(in_ch=3, num_classes=len(class_folders(os.path.join(data, 'train'))))
+    need_ffcv()
+    return dict(in_ch=3, num_classes=int(beton_labels(f'{data}/train.beton').max()) + 1)
+
+
+def clamp_eval_n(cfg, size, rank, n_flag):
+    """cfg.eval_n at most the size of the validation split, so every later message (the number of
+    held-out images) is true; said once if n_flag set it (a default means 'up to': no word)."""
+    if cfg.eval_n > size:
+        if rank == 0 and n_flag and not (n_flag == '--eval_n' and cfg.eval_n == Config.eval_n):
+            warn(f'{n_flag}={cfg.eval_n} is more than the {size} validation images: using all {size}')
+        cfg.eval_n = size
+
+
+def fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint):
+    """make_loaders on Fashion-MNIST: through FFCV (the .beton cache, written once), else in memory."""
+    if cfg.res != Config.res and rank == 0 and not from_checkpoint:
+        warn(f'--res={cfg.res} is ignored: Fashion-MNIST\'s images are 28 px and are used as they are')
+    info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
+    aug = augmentations(cfg, rank, 10, 28, FASHION_MEAN, FASHION_STD)
+    if cfg.loader == 'torchvision' or ffcv_error():
+        if cfg.loader == 'ffcv' and rank == 0:
+            warn(f'FFCV is not importable ({ffcv_error()}); Fashion-MNIST is read in memory instead')
+        (xtr, ytr), (xte, yte) = load_fashion_mnist(cfg.data)
+        clamp_eval_n(cfg, len(yte), rank, n_flag)
+        train = TensorLoader(xtr, ytr, cfg.batch_size, device, True, cfg.seed, rank, world, aug['randaug'])
+        if aug['augment']:
+            train = Batches(train, device, train.set_epoch, 1, aug['augment'])
+        val = TensorLoader(xte, yte, 500, device, False, rank=rank, world=world)
+        n = cfg.eval_n
+        return train, val, TensorLoader(xte[:n], yte[:n], 500, device, False, rank=rank, world=world), info
+    if int(os.environ.get('LOCAL_RANK', rank)) == 0:
+        fashion_betons(cfg.data, workers)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for the cache
+    root = fashion_cache(cfg.data)
+    from ffcv.reader import Reader
+    clamp_eval_n(cfg, Reader(f'{root}/val.beton').num_samples, rank, n_flag)
+    kw = dict(device=device, crop=False, rank=rank, world=world, seed=cfg.seed, workers=workers, channels=1)
+    return (ffcv_loader(f'{root}/train.beton', cfg.batch_size // world, train=True, **aug, **kw),
+            ffcv_loader(f'{root}/val.beton', 500, train=False, **kw),
+            ffcv_loader(f'{root}/val.beton', 500, train=False, indices=range(cfg.eval_n), **kw), info)
+
+
+def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=False):
     """-> train loader, val loader, robust-val loader (first cfg.eval_n val images; RobustBench's
-    list on ImageNet), and what the model needs to know about the data (build_model's kwargs)."""
+    list on ImageNet), and what the model needs to know about the data (build_model's kwargs).
+    cfg.eval_n beyond the validation split is lowered to its size, with a warning naming n_flag
+    (the option that set it; None: a default, lowered silently, as train's --eval_n=1000).
+    from_checkpoint: cfg is a trained run's (its options were announced then)."""
     if cfg.loader not in ('ffcv', 'torchvision'):
         raise UserError(f'unknown --loader={cfg.loader}: use ffcv or torchvision')
     kind, workers = data_kind(cfg.data), min(cfg.workers, len(os.sched_getaffinity(0)))
-    local_rank = int(os.environ.get('LOCAL_RANK', rank))
+    if kind == 'fashion':
+        return fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint)
     batch = cfg.batch_size // world
     res_start = cfg.res_start
-    if kind == 'fashion':
-        info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
-        aug = augmentations(cfg, rank, 10, 28, FASHION_MEAN, FASHION_STD)
-        if cfg.loader == 'torchvision' or ffcv_error():
-            if cfg.loader == 'ffcv' and rank == 0:
-                warn(f'FFCV is not importable ({ffcv_error()}); Fashion-MNIST is read in memory instead')
-            (xtr, ytr), (xte, yte) = load_fashion_mnist(cfg.data)
-            train = TensorLoader(xtr, ytr, cfg.batch_size, device, True, cfg.seed, rank, world, aug['randaug'])
-            if aug['augment']:
-                train = Batches(train, device, train.set_epoch, 1, aug['augment'])
-            return (train, TensorLoader(xte, yte, 500, device, False, rank=rank, world=world),
-                    TensorLoader(xte[:cfg.eval_n], yte[:cfg.eval_n], 500, device, False, rank=rank, world=world), info)
-        if local_rank == 0:
-            fashion_betons(cfg.data, workers)
-        if dist.is_initialized():
-            dist.barrier()  # the other ranks wait for the cache
-        root = fashion_cache(cfg.data)
-        kw = dict(device=device, crop=False, rank=rank, world=world, seed=cfg.seed, workers=workers, channels=1)
-        return (ffcv_loader(f'{root}/train.beton', batch, train=True, **aug, **kw),
-                ffcv_loader(f'{root}/val.beton', 500, train=False, **kw),
-                ffcv_loader(f'{root}/val.beton', 500, train=False, indices=range(cfg.eval_n), **kw), info)
 
     if cfg.loader == 'torchvision':
         if kind != 'folder':
@@ -528,13 +585,19 @@ def make_loaders(cfg, rank, world, device):
         classes = range(int(beton_labels(f'{cfg.data}/train.beton').max()) + 1)
         with open(os.path.join(cfg.data, 'val_files.txt')) as f:
             names = f.read().split('\n')[:-1]
+        from ffcv.reader import Reader
+        stored = Reader(f'{cfg.data}/val.beton').num_samples
+        if len(names) != stored:  # one written without the other
+            raise UserError(f'{cfg.data}/val_files.txt names {len(names)} images, val.beton holds {stored}: '
+                            f'write both again (make beton)')
         make = lambda split, train, idx=None, **aug: ffcv_loader(
             f'{cfg.data}/{split}.beton', batch, device, train, cfg.res, rank=rank, world=world, seed=cfg.seed,
             workers=workers, indices=idx, res_start=res_start, epochs=cfg.epochs, **aug)
     info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res)  # the models' default: ImageNet's mean, std
+    clamp_eval_n(cfg, len(names), rank, n_flag)
     subset = robustbench_indices(names, cfg.eval_n)
     if subset is None:
-        subset = list(range(min(cfg.eval_n, len(names))))
+        subset = list(range(cfg.eval_n))
         if rank == 0:
             warn(f'robust accuracy on the first {len(subset)} val images, not RobustBench\'s list '
                  f'(it needs eval_n <= 5000 and the ImageNet val files): not comparable with the paper')

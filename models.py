@@ -250,6 +250,10 @@ class ViT(nn.Module):
     def __init__(self, img_size=224, patch=16, dim=192, depth=12, heads=3, act='gelu', in_ch=3,
                  num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, conv='native'):
         super().__init__()
+        if img_size % patch:  # the convolution would drop them silently
+            raise ValueError(f'{patch} px patches do not tile {img_size} px images: their last '
+                             f'{img_size % patch} pixel rows and columns would never reach the model; '
+                             f'use a multiple of {patch}')
         self.normalize = Normalize(mean, std)
         self.patch_embed = CONVS[conv](in_ch, dim, patch, patch)
         self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch) ** 2, dim) * 0.02)
@@ -341,6 +345,74 @@ def load_timm_state_dict(model, state_dict):
         state_dict = convert(state_dict, model.model)
     model.model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def _unreachable(url, hub):
+    """Why url's host cannot be reached now (hub: HF_HUB_OFFLINE counts), else None. One TCP
+    connection of at most 3 s; through a proxy, the download is left to try."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+    if hub and constants.HF_HUB_OFFLINE:
+        return 'HF_HUB_OFFLINE is set'
+    proxies = urllib.request.getproxies()
+    if 'https' in proxies or 'http' in proxies:
+        return None
+    u = urllib.parse.urlsplit(url)
+    port = u.port or (443 if u.scheme == 'https' else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=3).close()
+    except OSError as e:
+        return f'{u.hostname} cannot be reached ({e.strerror or e})'
+    return None
+
+
+def pretrained_missing(name):
+    """None if timm.create_model(name, pretrained=True) will get its weights: from the cache timm reads
+    (the Hugging Face hub's: HF_HOME, HF_HUB_CACHE; torch hub's for a plain URL), or online. Else why
+    not and the fix, naming the model and the cache folder: offline, timm retries the download for
+    about a minute and ends in a traceback."""
+    import timm
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models._builder import _resolve_pretrained_source  # timm's own choice of source
+    from timm.models._hub import _get_safe_alternatives, check_cached_file, get_cache_dir, hf_split
+    base = timm_name(name)
+    cfg = timm.models.get_pretrained_cfg(base)
+    source, loc = _resolve_pretrained_source(cfg.to_dict()) if cfg else ('', None)
+    if source == 'hf-hub':  # hf_hub_download's lookup, safetensors first (timm's load_state_dict_from_hf)
+        hub_id, file = loc if isinstance(loc, tuple) else (loc, 'pytorch_model.bin')
+        repo, revision = hf_split(hub_id)
+        files = [file] if file.endswith('.safetensors') else [*_get_safe_alternatives(file), file]
+        if any(isinstance(try_to_load_from_cache(repo, f, revision=revision), str) for f in files):
+            return None
+        cache, why = constants.HF_HUB_CACHE, _unreachable(constants.ENDPOINT, hub=True)
+        base = f'{base} ({repo})'
+    elif source == 'url':
+        if check_cached_file(loc):
+            return None
+        cache, why = get_cache_dir(), _unreachable(loc, hub=False)
+    else:
+        return None if source else f'timm has no pretrained weights for {base}'
+    if why is None:
+        return None
+    fetch = f"python -c \"import timm; timm.create_model('{timm_name(name)}', pretrained=True)\""
+    return (f"timm's weights for {base} are not in {cache} and {why}: download them on a machine with "
+            f"network ({fetch}) and copy {cache} here, or point HF_HUB_CACHE at a copy")
+
+
+def patch_problem(name, img_size):
+    """Why a model of this file cannot see all of an img_size image (a ViT whose patch does not
+    divide it), else None. Built on the meta device: nothing is allocated."""
+    if name not in MODELS or not name.startswith('vit'):
+        return None
+    try:
+        with torch.device('meta'):
+            MODELS[name](img_size=img_size)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # ---------------------------------------------------------------- any model

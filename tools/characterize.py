@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from attack import LOSSES, evaluate, parse_eps
-from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
-from data import make_loaders
+from attack import LOSSES, check_checkpoint, check_data, checkpoint_model, evaluate, parse_eps
+from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint
+from data import data_shape, make_loaders
 from edge_reg import edge_energy
 
 QUANTILES = {'q10': 0.1, 'q25': 0.25, 'median': 0.5, 'q75': 0.75, 'q90': 0.9}
@@ -258,28 +258,32 @@ def measure(model, batches, eps, steps, fo_n, fo_steps=10):
             'nyquist': nyq, 'first_order': fo}
 
 
-def characterize(ckpts, n=1000, rows=8, eps=None, steps=20, out='runs/characterize', data=None, fo_n=500):
+def characterize(ckpts, n=None, rows=8, eps=None, steps=20, out='runs/characterize', data=None, fo_n=500):
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f'cannot create --out {out!r} ({e.strerror})') from None
     torch.manual_seed(0)
+    n_flag, n = ('--n' if n else None), n or 1000  # more than there are: all, said only if asked for
     results, grads, images, info0 = [], [], None, None
     for path in ckpts:
         ck = load_checkpoint(path)
+        check_checkpoint(path, ck)
         if info0 is not None and ck['data_info'] != info0:
             raise UserError(f'{path} was trained on other data than {ckpts[0]}: characterize them separately')
         info0 = ck['data_info']
-        model = model_from_checkpoint(ck).eval().requires_grad_(False)  # train mode would move BN's running stats
+        model = checkpoint_model(path, ck).eval().requires_grad_(False)  # train mode: BN's running stats move
         cfg = Config(**{**ck['config'], 'eval_n': n})
         cfg.data = data or cfg.data
-        _, _, batches, _ = make_loaders(cfg, 0, 1, torch.device('cpu'))
+        check_data(path, ck, data_shape(cfg.data), cfg.data)
+        _, _, batches, _ = make_loaders(cfg, 0, 1, torch.device('cpu'), n_flag, from_checkpoint=True)
         images = images or head(batches, rows)[0]
         grads.append(input_gradients(model, *images))
         c = ck['config']
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
         results.append({'name': name, 'ckpt': path, 'objective': c['objective'], 'act': c['act'],
-                        **measure(model, batches, eps if eps is not None else c['eps'], steps, min(fo_n, n))})
+                        **measure(model, batches, eps if eps is not None else c['eps'], steps,
+                                  min(fo_n, cfg.eval_n))})
     names = [r['name'] for r in results]
     gradient_grid(images[0], grads, names, os.path.join(out, 'gradients.png'))
     scatter_plot([(r['name'], r['l1']['median'], r['pgd']) for r in results], os.path.join(out, 'norm_vs_robust.png'))
@@ -299,7 +303,7 @@ def main(argv):
     positive = checked(int, lambda v: v >= 1, 'at least 1')
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('ckpts', nargs='+', type=checked(str, os.path.isfile, 'an existing checkpoint file'))
-    p.add_argument('--n', type=positive, default=1000, help='first n test images')
+    p.add_argument('--n', type=positive, default=None, help='first n test images (default 1000)')
     p.add_argument('--rows', type=checked(int, lambda v: 1 <= v <= 64, 'in [1, 64]'), default=8,
                    help='images in the picture grid')
     p.add_argument('--eps', default=None, type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
@@ -314,7 +318,7 @@ def main(argv):
     w = max(10, *(len(r['name']) for r in res))
     print(f'{res[0]["n"]} test images | per-image gradient norms of CE | edge corr = Pearson(|g|, edge energy)\n'
           f'Nyquist = share of |g|\'s spectrum on the 2-pixel period over the images\' share (a checkerboard: >> 1) | '
-          f'first-order = CE gain of PGD-10 / eps*|g|_1 on {min(args.fo_n, args.n)} images (1: linear)')
+          f'first-order = CE gain of PGD-10 / eps*|g|_1 on {min(args.fo_n, res[0]["n"])} images (1: linear)')
     print(f'{"checkpoint":<{w}} {"clean":>6} {"PGD":>6} {"eps":>5} {"L1 median":>10} {"L1 mean":>9} '
           f'{"L2 median":>10} {"edge corr":>9} {"Nyquist":>8} {"first-order":>11}')
     for r in res:
