@@ -10,7 +10,6 @@ An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. PGD is fast and
 robust accuracy; AutoAttack is what the paper, RobustBench and readers compare.
 """
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -395,34 +394,6 @@ def resolve(args, ck, official=False):
     return args
 
 
-def check_checkpoint(path, ck):
-    """UserError naming the file unless ck has what evaluating it needs: a config train.py can read,
-    data_info and the model's weights."""
-    if not isinstance(ck, dict):
-        raise UserError(f'{path} holds a {type(ck).__name__}, not a checkpoint of train.py (a dict)')
-    for k in ('config', 'data_info', 'model'):
-        if not isinstance(ck.get(k), dict):
-            raise UserError(f'{path} is not a checkpoint of train.py: its {k!r} is missing or not a dict')
-    fields = {f.name for f in dataclasses.fields(Config)}
-    missing = [k for k in ('model', 'act', 'eps', 'data', 'objective') if k not in ck['config']]
-    unknown = sorted(set(ck['config']) - fields)
-    if missing or unknown:
-        what = f'lacks {missing[0]!r}' if missing else f'has an unknown key {unknown[0]!r}'
-        raise UserError(f'{path}: its config {what}: not a checkpoint of this version of train.py')
-
-
-def checkpoint_model(path, ck, key='model'):
-    """The model of a checkpoint of ours with the weights under key; UserError naming the file when
-    they do not fit the model it names."""
-    c = ck['config']
-    try:
-        return model_from_checkpoint(ck, key)
-    except (RuntimeError, TypeError, ValueError, KeyError) as e:  # load_state_dict: sizes, missing keys
-        why = ' '.join(str(e).split())[:300]
-        raise UserError(f'the {key!r} weights of {path} do not fit the {c["model"]}/{c["act"]} model it '
-                        f'names: {why}') from None
-
-
 def check_data(path, ck, info, data, subset=False):
     """UserError unless the data are what the checkpoint's model was built for (classes, channels).
     subset: fewer classes may do (the authors' ImageNet-1k models on a folder of some of its classes)."""
@@ -445,9 +416,8 @@ def load(args, rank, world, device):
         resolve(args, ck, official=True)
     else:
         ck = load_checkpoint(args.ckpt)
-        check_checkpoint(args.ckpt, ck)
         resolve(args, ck)
-        model = checkpoint_model(args.ckpt, ck, args.weights)
+        model = model_from_checkpoint(ck, args.weights, args.ckpt)
     model = model.to(device).eval().requires_grad_(False)
     cfg = Config(**{**ck['config'], 'eval_n': args.n})
     cfg.data = args.data or cfg.data

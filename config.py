@@ -19,7 +19,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from models import ACTS, IMAGENET_MEAN, IMAGENET_STD, build_model, is_model, load_timm_state_dict, timm_name
+from models import (ACTS, IMAGENET_MEAN, IMAGENET_STD, build_model, is_model, load_timm_state_dict, patch_problem,
+                    pretrained_missing, timm_name)
 
 __version__ = '0.2.0'
 
@@ -261,7 +262,6 @@ def validate(cfg):
     if cfg.init == 'pretrained' and not timm_name(cfg.model):
         raise UserError(f'--init=pretrained loads timm\'s weights, but {cfg.model} is a compact model of models.py: pass '
                         'a timm model (e.g. --model=timm/resnet50), --init=torchvision (resnet50) or --init=')
-    from models import patch_problem, pretrained_missing  # here: one hunk, apart from the rest of validate
     size = 28 if data_kind(cfg.data) == 'fashion' else cfg.res  # Fashion-MNIST: 28 px, whatever --res
     if why := patch_problem(cfg.model, size):
         raise UserError(f'--model={cfg.model} at {size} px: {why}')
@@ -368,7 +368,7 @@ def append_line(path, line):
 # what each reader of a checkpoint needs: (key, type); config must name these fields
 EVAL_KEYS = (('config', dict), ('model', dict), ('data_info', dict))
 RESUME_KEYS = EVAL_KEYS + (('optimizer', dict), ('step', int), ('run', str))
-CONFIG_KEYS = ('model', 'act', 'objective', 'eps')
+CONFIG_KEYS = ('model', 'act', 'objective', 'eps', 'data')
 
 
 def load_checkpoint(path, keys=EVAL_KEYS):
@@ -382,11 +382,15 @@ def load_checkpoint(path, keys=EVAL_KEYS):
         why = 'it holds pickled Python objects, refused by torch.load(weights_only=True)' \
             if 'weights_only' in str(e) else 'it is truncated or corrupt'
         raise UserError(f'cannot load checkpoint {path!r}: {why}') from None
-    bad = [k for k, kind in keys if not isinstance(ck, dict) or not isinstance(ck.get(k), kind)]
-    bad += [f'config.{k}' for k in CONFIG_KEYS if not bad and 'config' in dict(keys) and k not in ck['config']]
+    if not isinstance(ck, dict):
+        raise UserError(f'{path} holds a {type(ck).__name__}, not a checkpoint of train.py (a dict)')
+    bad = [f'its {k!r} is missing or not a {kind.__name__}' for k, kind in keys if not isinstance(ck.get(k), kind)]
+    if not bad and 'config' in dict(keys):
+        fields = {f.name for f in dataclasses.fields(Config)}
+        bad = [f'its config lacks {k!r}' for k in CONFIG_KEYS if k not in ck['config']]
+        bad += [f'its config has an unknown key {k!r}' for k in sorted(set(ck['config']) - fields)]
     if bad:
-        raise UserError(f'{path} is not a checkpoint of train.py: {bad[0]!r} is missing or of the wrong type '
-                        '(pass a ckpt.pt that train.py wrote)')
+        raise UserError(f'{path} is not a checkpoint of this version of train.py: {bad[0]}')
     return ck
 
 
@@ -395,15 +399,15 @@ def checkpoints(out, run=None):
     return sorted(glob.glob(os.path.join(out, f'ckpt-*-{run or "*"}.pt')))
 
 
-def model_from_checkpoint(ck, key='model'):
+def model_from_checkpoint(ck, key='model', path='the checkpoint'):
     """nn.Conv2d whatever --conv trained it (the same state_dict): evaluation differentiates once."""
     cfg = ck['config']
     try:
         model = build_model(cfg['model'], cfg['act'], **ck['data_info'])
         model.load_state_dict(ck[key])
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
-        raise UserError(f'the checkpoint\'s {key} weights do not fit its {cfg["model"]}/{cfg["act"]} with data_info '
-                        f'{ck["data_info"]}: {" ".join(str(e).split())[:200]}') from None
+        raise UserError(f'the {key!r} weights of {path} do not fit the {cfg["model"]}/{cfg["act"]} model it names: '
+                        f'{" ".join(str(e).split())[:300]}') from None
     return model
 
 

@@ -306,7 +306,7 @@ def test_without_ffcv_demo_still_loads_and_imagenet_says_what_to_install(tree):
             'cfg = config.parse_config(["--eval_n=10"])\n'
             'tr, va, rv, info = data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
             'print(type(tr).__name__, sum(len(y) for _, y in rv))\n'
-            f'cfg = config.parse_config(["--data={tree[0]}"])\n'
+            f'cfg = config.parse_config(["--data={tree[0]}", "--init="])\n'
             'try:\n    data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
             'except Exception as e:\n    print(type(e).__name__, e)\n')
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,

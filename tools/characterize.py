@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from attack import LOSSES, check_checkpoint, check_data, checkpoint_model, evaluate, parse_eps
-from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint
+from attack import LOSSES, check_data, evaluate, parse_eps
+from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
 from data import data_shape, make_loaders
 from edge_reg import edge_energy
 
@@ -268,11 +268,11 @@ def characterize(ckpts, n=None, rows=8, eps=None, steps=20, out='runs/characteri
     results, grads, images, info0 = [], [], None, None
     for path in ckpts:
         ck = load_checkpoint(path)
-        check_checkpoint(path, ck)
         if info0 is not None and ck['data_info'] != info0:
             raise UserError(f'{path} was trained on other data than {ckpts[0]}: characterize them separately')
         info0 = ck['data_info']
-        model = checkpoint_model(path, ck).eval().requires_grad_(False)  # train mode: BN's running stats move
+        # eval mode: in train mode BatchNorm's running statistics would move
+        model = model_from_checkpoint(ck, 'model', path).eval().requires_grad_(False)
         cfg = Config(**{**ck['config'], 'eval_n': n})
         cfg.data = data or cfg.data
         check_data(path, ck, data_shape(cfg.data), cfg.data)
