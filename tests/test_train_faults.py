@@ -195,3 +195,10 @@ def test_a_failed_start_leaves_no_empty_folder(tiny_data, tmp_path, capsys):
     out = tmp_path / 'run'
     assert 'larger than the training set' in fails(train_args(tiny_data, out, '--batch_size=1024')[1:], capsys)
     assert not out.exists()
+
+
+def test_finite_differences_with_relu_are_announced(tiny_data, tmp_path, capsys):
+    """ReLU's gradient is piecewise constant: fd may be asked for, but not silently."""
+    trained(tiny_data, tmp_path / 'run', '--act=relu', '--gradnorm_impl=fd')
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith('warning: --gradnorm_impl=fd: inaccurate')], err
