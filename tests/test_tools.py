@@ -57,10 +57,8 @@ def address_space_cap(extra):
         resource.setrlimit(resource.RLIMIT_AS, old)
 
 
-def test_micro_batch_search_finds_a_real_allocation_limit(one_thread):
-    """fits(b) allocates b MiB under an address-space limit 64 MiB above the current size: the CPU
-    allocator fails above it, as CUDA's would on a full card; out_of_memory recognizes the error and
-    the search brackets the limit."""
+def search_under_a_cap():
+    """fits(b) allocates b MiB under an address-space limit 64 MiB above the current size. -> (lo, hi, tried)"""
     tried = []
 
     def fits(b):
@@ -75,10 +73,22 @@ def test_micro_batch_search_finds_a_real_allocation_limit(one_thread):
             return False
 
     lo, hi = largest_batch(fits, 1, 4096, seconds=60)
+    return lo, hi, fits(lo), fits(hi), tried
+
+
+def test_micro_batch_search_finds_a_real_allocation_limit():
+    """The CPU allocator fails above the limit, as CUDA's would on a full card; out_of_memory
+    recognizes the error and the search brackets the limit. In a fresh process, every large block
+    mapped anew (a fixed mmap threshold): memory freed earlier in this one would hide the limit."""
+    code = ('import torch; torch.set_num_threads(1)\n'
+            'from tests.test_tools import search_under_a_cap\nprint(repr(search_under_a_cap()))')
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072', OMP_NUM_THREADS='1')
+    p = subprocess.run([sys.executable, '-c', code], cwd=HERE, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lo, hi, lo_fits, hi_fits, tried = eval(p.stdout.strip().splitlines()[-1])
     assert 48 <= lo <= 80, (lo, tried)  # 64 MiB, give or take the allocator's own slack
     assert hi is not None and hi - lo <= max(1, lo // 16), (lo, hi, tried)
-    assert fits(lo) and not fits(hi)
-    torch.ones(256 * 2 ** 18)  # the limit is lifted again
+    assert lo_fits and not hi_fits
 
 
 def test_check_gpu_dry_run_runs_every_step():
