@@ -102,9 +102,9 @@ def test_l2_and_linf_projection_and_step_schedule(one_thread):
         attack.parse_attack('ce20')
 
 
-def _ddp_worker(rank, world, port, x, y, model, eps, out):
+def _ddp_worker(rank, world, init_file, x, y, model, eps, out):
     import torch.distributed as dist
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     r = attack.evaluate(model, [(x[rank::world], y[rank::world])], [eps], ['ce-20'])
     if rank == 0:
         torch.save(r, out)
@@ -117,7 +117,7 @@ def test_ddp_sums_counts(tmp_path, one_thread):
     eps = dist[dist > 0].median().item()
     single = attack.evaluate(model, [(x, y)], [eps], ['ce-20'])
     out = str(tmp_path / 'r.pt')
-    torch.multiprocessing.spawn(_ddp_worker, (2, 29600 + os.getpid() % 1000, x, y, model, eps, out), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp_path / 'pg'), x, y, model, eps, out), nprocs=2)
     r = torch.load(out)
     assert r['n'] == 401 and r['clean'] == single['clean'] and r['robust'] == single['robust']
 

@@ -78,10 +78,10 @@ def test_interrupted_autoattack_resumes_where_it_stopped(tmp_path, one_thread):
     assert AE.State(path, {'ckpt': 'b'}).resumed == 0  # another evaluation's state is not used
 
 
-def _ddp_worker(rank, world, port, x, y, model, eps, out):
+def _ddp_worker(rank, world, init_file, x, y, model, eps, out):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     r = AE.autoattack(model, [(x[rank::world], y[rank::world])], eps, components=['apgd-ce', 'apgd-t'])
     ok = AE.square_check(model, [(x[rank::world], y[rank::world])], r['standing']['apgd-t'], eps, queries=100)
     if rank == 0:
@@ -95,7 +95,7 @@ def test_autoattack_under_torchrun_sums_the_shards(tmp_path, one_thread):
     ok = (dist - eps).abs() > 1e-3 * eps
     x, y, dist = x[ok], y[ok], dist[ok]
     out = str(tmp_path / 'r.pt')
-    torch.multiprocessing.spawn(_ddp_worker, (2, 29700 + os.getpid() % 1000, x, y, model, eps, out), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp_path / 'pg'), x, y, model, eps, out), nprocs=2)
     n, after, (square_ok, msg) = torch.load(out)
     assert n == len(y) and after['apgd-t'] == pytest.approx((dist >= eps).float().mean().item())
     assert square_ok and f'of the {int((dist >= eps).sum())} images' in msg  # both shards' survivors

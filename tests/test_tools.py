@@ -5,7 +5,6 @@ import re
 import resource
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -44,51 +43,44 @@ def test_bench_step_refuses_a_size_the_data_does_not_have(tiny_data):
     assert p.returncode == 2 and p.stderr.startswith('error: --res=64: Fashion-MNIST'), p.stderr
 
 
-@contextmanager
-def address_space_cap(extra):
-    """The CPU's stand-in for a full card: allocations beyond `extra` bytes more than now fail."""
-    with open('/proc/self/status') as f:
-        size = int(f.read().split('VmSize:')[1].split()[0]) * 1024
-    old = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (size + extra, old[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, old)
-
-
 def search_under_a_cap():
-    """fits(b) allocates b MiB under an address-space limit 64 MiB above the current size. -> (lo, hi, tried)"""
-    tried = []
+    """fits(b) allocates b MiB under one address-space limit, 64 MiB above the size at the start.
+    -> (lo, hi, {b: whether it fit})"""
+    with open('/proc/self/status') as f:
+        limit = int(f.read().split('VmSize:')[1].split()[0]) * 1024 + 64 * 2 ** 20
+    old, answers = resource.getrlimit(resource.RLIMIT_AS), {}
 
     def fits(b):
-        tried.append(b)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, old[1]))
         try:
-            with address_space_cap(64 * 2 ** 20):
-                torch.ones(b * 2 ** 18)  # b MiB of float32
-            return True
+            torch.ones(b * 2 ** 18)  # b MiB of float32
+            answers[b] = True
         except Exception as e:
             if not out_of_memory(e):
                 raise
-            return False
+            answers[b] = False
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, old)
+        return answers[b]
 
     lo, hi = largest_batch(fits, 1, 4096, seconds=60)
-    return lo, hi, fits(lo), fits(hi), tried
+    return lo, hi, answers
 
 
 def test_micro_batch_search_finds_a_real_allocation_limit():
     """The CPU allocator fails above the limit, as CUDA's would on a full card; out_of_memory
-    recognizes the error and the search brackets the limit. In a fresh process, every large block
-    mapped anew (a fixed mmap threshold): memory freed earlier in this one would hide the limit."""
+    recognizes the error and the search brackets the limit. In a fresh process with one malloc arena
+    and every large block mapped anew (a fixed mmap threshold), so freed memory cannot hide the limit."""
     code = ('import torch; torch.set_num_threads(1)\n'
             'from tests.test_tools import search_under_a_cap\nprint(repr(search_under_a_cap()))')
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072', OMP_NUM_THREADS='1')
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072', MALLOC_ARENA_MAX='1', OMP_NUM_THREADS='1')
     p = subprocess.run([sys.executable, '-c', code], cwd=HERE, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    lo, hi, lo_fits, hi_fits, tried = eval(p.stdout.strip().splitlines()[-1])
-    assert 48 <= lo <= 80, (lo, tried)  # 64 MiB, give or take the allocator's own slack
-    assert hi is not None and hi - lo <= max(1, lo // 16), (lo, hi, tried)
-    assert lo_fits and not hi_fits
+    lo, hi, answers = eval(p.stdout.strip().splitlines()[-1])
+    assert 48 <= lo <= 80, (lo, answers)  # 64 MiB, give or take what the process maps besides the tensor
+    assert hi is not None and hi - lo <= max(1, lo // 16), (lo, hi, answers)
+    assert answers[lo] and not answers[hi], answers
+    assert all(fit == (b <= lo) for b, fit in answers.items()), answers  # one threshold, no flicker
 
 
 def test_check_gpu_dry_run_runs_every_step():
