@@ -81,8 +81,11 @@ eval: setup data
 	  $(if $(ACT),--act=$(ACT))) $(if $(EPS),--eps $(EPS)) \
 	  $(if $(filter 1,$(AA)),--autoattack,$(if $(filter 0,$(AA)),--no-autoattack)) $(ARGS)
 
+# two pytest workers (the CI machine has 2 cores); work stealing keeps the slow subprocess tests from
+# ending up on one worker
+TEST_JOBS ?= 2
 test: setup data
-	$(PY) -m pytest -q test_smoke.py tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist=worksteal test_smoke.py tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache __pycache__
