@@ -113,6 +113,7 @@ def test_fd_gradnorm_chosen_by_config():
 
 def _ddp_rank(rank, init_file, x, y, out, compiled):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    torch.set_num_threads(1)  # as the parent's reference: FD divides any change of rounding order by h
     cfg = C.Config(objective='gradnorm', gradnorm_impl='exact' if compiled else 'fd', ramp_epochs=1.0)
     model = tiny('resnet', conv=T.conv_kind(cfg, torch.device('cpu')))  # exact: the fast conv, as training
     with torch._dynamo.config.patch(trace_autograd_ops=True, optimize_ddp=False):
@@ -129,7 +130,7 @@ def _ddp_rank(rank, init_file, x, y, out, compiled):
 
 
 @pytest.mark.parametrize('impl', ['fd', 'exact compiled'])
-def test_training_step_under_ddp_averages_the_ranks_gradients(impl):
+def test_training_step_under_ddp_averages_the_ranks_gradients(impl, one_thread):
     """The step as train() runs it under torchrun: DDP wraps model + objective (T.Step); FD makes two
     forwards and one backward, the compiled exact objective runs its double backward inside Dynamo
     (which cannot trace DDP's own forward). The synced gradient is the mean of each shard's."""
