@@ -1,10 +1,11 @@
 """AutoAttack, the robust accuracy the field compares (Croce & Hein 2020; RobustBench), run with the
 authors' reference code (pyautoattack), and the gradient-masking checks that need it or its
-gradient-free Square attack. attack.py runs these after its PGD attacks (`--autoattack`).
+gradient-free Square attack. evaluate.py runs these after its PGD attacks (`--autoattack`).
 
 Here: AutoAttack's standard version on our batches, per-image results after each component,
 resumable after an interruption, shards summed under torchrun; AutoAttack's own checks as ok/FLAG;
-Square on the images every gradient attack failed on. Imports only torch (pyautoattack lazily).
+Square on the images every gradient attack failed on. Imports only torch and attack.py (pyautoattack
+lazily).
 """
 import json
 import logging
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+from attack import inside
 
 VERSION = 'standard'  # APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries)
 NORMS = {'linf': 'Linf', 'l2': 'L2'}
@@ -141,7 +144,8 @@ class State:
             os.remove(self.path)
 
 
-def _summed(values, device):
+def summed(values, device):
+    """values (numbers) summed over the torchrun ranks, as floats."""
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         t = t.to(device)  # NCCL reduces GPU tensors only
@@ -149,15 +153,11 @@ def _summed(values, device):
     return t.tolist()
 
 
-def _broken(model, x, y, x_adv, eps, norm):
-    """Never trust, verify: fooled only if the point is in the eps-ball and [0,1] and misclassified
-    by the model as it is."""
-    d = (x_adv - x).flatten(1)
-    d = d.abs().amax(1) if norm == 'linf' else d.norm(dim=1)
-    valid = (d <= eps * (1 + 1e-5) + 1e-6) & (x_adv.flatten(1).amin(1) >= 0) & (x_adv.flatten(1).amax(1) <= 1)
+def fooled_at(model, x, y, x_adv, eps, norm):
+    """Fooled only if the point is in the eps-ball and [0,1] and misclassified by the model as it is."""
     with torch.no_grad():
         wrong = model(x_adv).argmax(1) != y
-    return wrong & valid
+    return wrong & inside(x_adv, x, eps, norm)
 
 
 def autoattack(model, batches, eps, norm='linf', seed=0, state=None, components=None, progress=None):
@@ -195,7 +195,7 @@ def _autoattack(model, batches, eps, norm, seed, state, components, progress):
                     idx = alive.nonzero().squeeze(1)
                     aa.attacks_to_run = [c]
                     x_adv, y_adv = aa.run_standard_evaluation(x[idx], y[idx], batch_size=len(idx))
-                    fooled = _broken(model, x[idx], y[idx], x_adv, eps, norm)
+                    fooled = fooled_at(model, x[idx], y[idx], x_adv, eps, norm)
                     alive, invalid = alive.clone(), invalid + int(((y_adv != y[idx]) & ~fooled).sum())
                     alive[idx[fooled]] = False
                 if done is None and state:
@@ -204,7 +204,7 @@ def _autoattack(model, batches, eps, norm, seed, state, components, progress):
                 if progress:
                     progress(b, c, int(alive.sum()), len(y), done is not None)
         standing = {k: torch.cat(v) for k, v in standing.items()}
-        counts = _summed([len(standing['clean'])] + [v.sum().item() for v in standing.values()] + [invalid], device)
+        counts = summed([len(standing['clean'])] + [v.sum().item() for v in standing.values()] + [invalid], device)
         after = {k: c / counts[0] for k, c in zip(standing, counts[1:])}
         checks.check_square_sr(after, logger=logging.getLogger('auto-attack'))
         warnings = list(messages)
@@ -230,33 +230,39 @@ def aa_checks(warnings):
     return out
 
 
+def square_broken(model, batches, standing, eps, norm='linf', queries=1000, seed=0):
+    """pyautoattack's gradient-free Square attack on the images `standing` marks (bool tensor over this
+    rank's images) -> bool tensor over them: those it fooled (verified)."""
+    from pyautoattack.square import SquareAttack
+    sq, parts, start = None, [], 0
+    for x, y in batches:
+        keep = standing[start:start + len(y)].to(x.device)
+        start += len(y)
+        hit = torch.zeros_like(keep)
+        if keep.any():
+            sq = sq or SquareAttack(model, norm=NORMS[norm], n_queries=queries, eps=eps, seed=seed, device=x.device)
+            x_adv = sq.perturb(x[keep].contiguous(), y[keep])
+            hit[keep] = fooled_at(model, x[keep], y[keep], x_adv, eps, norm)
+        parts.append(hit.cpu())
+    return torch.cat(parts) if parts else torch.zeros_like(standing)
+
+
 def square_check(model, batches, gradient_standing, eps, norm='linf', queries=1000, seed=0, aa=None,
                  slack_images=2, slack_share=0.01):
     """A gradient-free attack must not break images every gradient attack failed on (Carlini et al.
     2019): if it does, the gradients mislead the attacks (masking). gradient_standing: bool tensor
     over this rank's images, robust to every PGD attack. With an AutoAttack result (aa), its own
-    Square run (on the survivors of APGD-CE, APGD-T and FAB-T) is used; otherwise pyautoattack's
-    SquareAttack runs here. FLAG if it breaks more than max(slack_images, slack_share of them).
-    -> (ok, message)"""
+    Square run (on the survivors of APGD-CE, APGD-T and FAB-T) is used; otherwise square_broken
+    runs here. FLAG if it breaks more than max(slack_images, slack_share of them). -> (ok, message)"""
+    before = gradient_standing
     if aa and 'square' in aa['standing']:
         names = list(aa['standing'])
         before = gradient_standing & aa['standing'][names[names.index('square') - 1]]
         broken, queries = before & ~aa['standing']['square'], 5000
     else:
-        from pyautoattack.square import SquareAttack
-        sq, parts, start = None, [], 0
-        for x, y in batches:
-            keep = gradient_standing[start:start + len(y)].to(x.device)
-            start += len(y)
-            hit = torch.zeros_like(keep)
-            if keep.any():
-                sq = sq or SquareAttack(model, norm=NORMS[norm], n_queries=queries, eps=eps, seed=seed, device=x.device)
-                x_adv = sq.perturb(x[keep].contiguous(), y[keep])
-                hit[keep] = _broken(model, x[keep], y[keep], x_adv, eps, norm)
-            parts.append(hit.cpu())
-        before, broken = gradient_standing, torch.cat(parts) if parts else torch.zeros_like(gradient_standing)
+        broken = square_broken(model, batches, before, eps, norm, queries, seed)
     device = batches[0][0].device if batches else torch.device('cpu')
-    attacked, fooled = _summed([before.sum().item(), broken.sum().item()], device)
+    attacked, fooled = summed([before.sum().item(), broken.sum().item()], device)
     allowed = max(slack_images, slack_share * attacked)
     return fooled <= allowed, (f'Square ({queries} queries, no gradients) broke {fooled:.0f} of the {attacked:.0f} '
                                f'images every gradient attack failed on (allowed {allowed:.0f}; more: masked gradients)')

@@ -1,0 +1,412 @@
+"""The evaluator: PGD attacks (attack.py) and AutoAttack (Croce & Hein 2020, the authors' pyautoattack),
+the worst case per sample over attacks, and checks that flag gradient masking. PGD is fast and an
+upper bound on robust accuracy; AutoAttack is what the paper, RobustBench and readers compare.
+
+    python evaluate.py --ckpt runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --eps 0.05 0.1 --autoattack
+    torchrun --nproc_per_node=8 evaluate.py --ckpt imagenet.pt   # 4/255, 5,000 images, AutoAttack; ranks summed
+    python evaluate.py --ckpt official:gradnorm_swinb.pth.tar --model swin_base_patch4_window7_224 --data IMAGENET
+The last evaluates a checkpoint the authors released (its EMA weights, as the paper).
+An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. AutoAttack resumes after an interruption.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+from fractions import Fraction
+
+import torch
+
+from attack import LOSSES, distance, inside, pgd
+from autoattack_eval import VERSION, State, StateError, aa_checks, autoattack, square_check, summed, write_json
+from config import (ArgumentParser, Config, UserError, checked, cli, data_kind, end_distributed, load_checkpoint,
+                    load_official, model_from_checkpoint, setup_distributed)
+from data import data_shape, make_loaders
+from models import ACTS, is_model
+
+UNBOUNDED = ('ce-10', 'margin-10')  # at an eps where any image can become any other
+
+
+# ---------------------------------------------------------------- PGD: the worst case over attacks
+
+def parse_attack(spec):
+    """'dlr-50x2' -> ('dlr', 50, 2)"""
+    try:
+        loss, _, rest = spec.partition('-')
+        steps, _, restarts = rest.partition('x')
+        a = (loss, int(steps), int(restarts or 1))
+        assert loss in LOSSES and a[1] > 0 and a[2] > 0
+        return a
+    except (ValueError, AssertionError):
+        raise UserError(f'cannot read attack {spec!r}: write LOSS-STEPS[xRESTARTS] with LOSS in '
+                        f'{"/".join(LOSSES)}, e.g. ce-20 or dlr-50x2') from None
+
+
+def forward_fn(model, compile=False, bf16=False):
+    """The model's forward, optionally compiled (AOTAutograd compiles its backward too) and in
+    bf16 autocast; losses are computed in float32 either way."""
+    fwd = torch.compile(model, dynamic=True) if compile else model
+    if not bf16:
+        return fwd
+
+    def autocast_fwd(x):
+        with torch.autocast(x.device.type, torch.bfloat16):
+            return fwd(x)
+    return autocast_fwd
+
+
+def _attack(fwd, x, y, eps, spec, norm, schedule, step_size):
+    """One attack of the evaluator; -> fooled (bool per sample), after checking every point."""
+    loss, steps, restarts = spec
+    if not len(x):
+        return torch.zeros_like(y, dtype=torch.bool)
+    x_adv, fooled = pgd(fwd, x, y, eps, steps, step_size and step_size * eps, keep_best=True,
+                        norm=norm, loss=loss, restarts=restarts, schedule=schedule)
+    if not inside(x_adv, x, eps, norm).all():
+        d = distance(x_adv, x, norm).max().item()
+        raise RuntimeError(f'attack left the eps-ball or [0,1]: distance {d} (eps {eps})')
+    return fooled
+
+
+def loss_gain(model, x, y, eps, loss, steps=10, norm='linf'):
+    """'The loss must increase along the attack' (Carlini et al. 2019): PGD-steps from the clean
+    image, no random start (so a zero gradient leaves the image where it is), on the correctly
+    classified images. -> (how many images, how many end with a higher loss than they started)"""
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    x, y = x[ok], y[ok]
+    x_adv = pgd(model, x, y, eps, steps, random_start=False, norm=norm, loss=loss)
+    with torch.no_grad():
+        gain = LOSSES[loss](model(x_adv), y) - LOSSES[loss](model(x), y)
+    return len(y), (gain > 0).sum().item()
+
+
+def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule='constant',
+             step_size=None, checks=False, chain=False, compile=False, bf16=False, gain_n=256):
+    """Clean accuracy and, per eps, robust accuracy per attack and the worst case over attacks (per
+    sample: robust only if every attack failed). chain=True: each attack attacks only what the
+    earlier ones left standing (cheaper; each attack's number is then 'after it and those before').
+    checks=True adds what the masking checks need: UNBOUNDED attacks at an eps that reaches every
+    image, and loss_gain per loss on the first gain_n images at the largest eps. Under torchrun each
+    rank passes its shard and the counts are summed.
+    -> {'n', 'clean', 'robust': {eps: {attack: acc, 'worst': acc}}, 'standing': {eps: bool tensor over
+    this rank's images, robust to every attack}, 'unbounded': {'eps', attack: acc}, 'gain': {loss: (n, rose)}}"""
+    specs, names = [parse_attack(a) for a in attacks], list(attacks) + ['worst']
+    was_training, grads = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)  # no dropout or batch statistics; input gradients only
+    fwd = forward_fn(model, compile, bf16)
+    losses = list(dict.fromkeys(s[0] for s in specs)) if checks else []
+    unbounded = UNBOUNDED if checks else ()
+    keys = ['n', 'clean'] + [(e, a) for e in eps_list for a in names] + [('unbounded', a) for a in unbounded]
+    keys += [(g, loss) for loss in losses for g in ('gain_n', 'gain')]
+    counts, standing, big = dict.fromkeys(keys, 0.0), {e: [] for e in eps_list}, None
+    for b, (x, y) in enumerate(batches):
+        with torch.no_grad():
+            counts['n'] += len(y)
+            counts['clean'] += (fwd(x).argmax(1) == y).sum().item()
+        for eps in eps_list:
+            alive = torch.ones_like(y, dtype=torch.bool)
+            for a, spec in zip(attacks, specs):
+                idx = alive.nonzero().squeeze(1) if chain else torch.arange(len(y), device=y.device)
+                robust = torch.zeros_like(alive)
+                robust[idx] = ~_attack(fwd, x[idx], y[idx], eps, spec, norm, schedule, step_size)
+                counts[(eps, a)] += robust.sum().item()
+                alive &= robust
+            counts[(eps, 'worst')] += alive.sum().item()
+            standing[eps].append(alive.cpu())
+        big = 1.0 if norm == 'linf' else math.sqrt(x[0].numel())  # the whole cube: its side, its diagonal
+        for a in unbounded:
+            counts[('unbounded', a)] += (~_attack(fwd, x, y, big, parse_attack(a), norm, 'constant', None)).sum().item()
+        for loss in losses if b == 0 else ():
+            n, rose = loss_gain(fwd, x[:gain_n], y[:gain_n], max(eps_list), loss, norm=norm)
+            counts[('gain_n', loss)], counts[('gain', loss)] = n, rose
+    model.train(was_training)
+    for p, g in zip(model.parameters(), grads):
+        p.requires_grad_(g)
+    c = dict(zip(keys, summed([counts[k] for k in keys], next(model.parameters()).device)))
+    acc = lambda k: c[k] / c['n']
+    return {'n': int(c['n']), 'clean': acc('clean'), 'robust': {e: {a: acc((e, a)) for a in names} for e in eps_list},
+            'standing': {e: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for e, v in standing.items()},
+            'unbounded': {'eps': big, **{a: acc(('unbounded', a)) for a in unbounded}} if checks else None,
+            'gain': {loss: (int(c[('gain_n', loss)]), int(c[('gain', loss)])) for loss in losses} if checks else None}
+
+
+def robust_accuracy(model, batches, eps_list, steps):
+    """The per-epoch number in training: clean accuracy and the worst case of CE and margin PGD-steps
+    (one restart each, step 2.5*eps/steps, the margin attack on what CE left standing). Fast, and an
+    upper bound: AutoAttack (evaluate.py --autoattack) is the number to report.
+    -> {'n', 'clean', 'robust': {eps: acc}}"""
+    r = evaluate(model, batches, eps_list, [f'ce-{steps}', f'margin-{steps}'], chain=True)
+    return {'n': r['n'], 'clean': r['clean'], 'robust': {e: r['robust'][e]['worst'] for e in eps_list}}
+
+
+def sanity_checks(result, attacks, gap=0.1, slack_images=2, min_gain=0.95):
+    """Symptoms of gradient masking (Carlini et al. 2019), each -> (ok, message). Attacks at different
+    eps or with different steps are independent random runs, so a weaker one can win by an image or
+    two through luck: comparisons tolerate slack_images; more than that means do not trust."""
+    eps_list, out, slack = sorted(result['robust']), [], slack_images / result['n'] + 1e-12
+    acc = lambda e, a: result['robust'][e][a]
+    for name in list(attacks) + ['worst']:
+        bad = [(a, b) for a, b in zip(eps_list, eps_list[1:]) if acc(b, name) > acc(a, name) + slack]
+        out.append((not bad, f'{name}: robust accuracy never increases with eps'
+                    + (f' (it does from eps {bad[0][0]:.4g} to {bad[0][1]:.4g})' if bad else '')))
+    if result.get('unbounded'):
+        u = result['unbounded']
+        reached = ', '.join(f'{a} {100 * u[a]:.1f}%' for a in UNBOUNDED)
+        out.append((all(u[a] <= slack for a in UNBOUNDED), f'unbounded eps {u["eps"]:.4g} (any image can become '
+                    f'any other): {reached}, must reach 0 (allowed {slack_images} images)'))
+    for loss, (n, rose) in (result.get('gain') or {}).items():
+        out.append((rose >= min_gain * n, f'{loss} loss rises along PGD-10 from the clean image on {rose} of '
+                    f'{n} correctly classified images (needs {100 * min_gain:.0f}%; else the gradient does not lead up)'))
+    specs = {a: parse_attack(a) for a in attacks}
+    for a in attacks:
+        for b in attacks:
+            (la, sa, ra), (lb, sb, rb) = specs[a], specs[b]
+            if a != b and la == lb and sb >= sa and rb >= ra:
+                worse = [e for e in eps_list if acc(e, b) > acc(e, a) + slack]
+                out.append((not worse, f'{b} (more steps/restarts) <= {a} at every eps'
+                            + (f' (not at {worse[0]:.4g})' if worse else '')))
+    ce = [a for a in attacks if specs[a][0] == 'ce']
+    mg = [a for a in attacks if specs[a][0] != 'ce']
+    if ce and mg:
+        d = max(min(acc(e, a) for a in ce) - min(acc(e, a) for a in mg) for e in eps_list)
+        out.append((d <= gap, f'margin/DLR attacks at most {100 * gap:.0f} points stronger than CE '
+                    f'(largest gap {100 * d:.1f}; a big gap means CE gradients are masked)'))
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+def parse_eps(text):
+    """'4/255' -> 0.01568..., '0.1' -> 0.1"""
+    try:
+        return float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f'cannot read eps {text!r}: write it like 0.1 or 4/255') from None
+
+
+def parse_args(argv):
+    nonneg = checked(int, lambda v: v >= 0, 'an integer >= 0')
+    positive = checked(int, lambda v: v >= 1, 'at least 1')
+    is_ckpt = lambda v: os.path.isfile(v.removeprefix('official:'))
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ckpt', required=True, help="a checkpoint of ours, or official:PATH (the authors' .pth.tar)",
+                   type=checked(str, is_ckpt, 'an existing checkpoint file'))
+    p.add_argument('--model', type=checked(str, is_model, 'a model of models.py or timm'), default=None,
+                   help='with official:PATH, its timm model: swin_base_patch4_window7_224 or timm/resnet50')
+    p.add_argument('--act', choices=list(ACTS), default='gelu',
+                   help='with official:PATH, the activation (GELU: as released)')
+    p.add_argument('--eps', nargs='+', default=None, type=checked(str, lambda t: 0 < parse_eps(t) < math.inf, 'positive'),
+                   help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the training eps)')
+    p.add_argument('--norm', default='linf', choices=['linf', 'l2'])
+    p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'], help='LOSS-STEPS[xRESTARTS]',
+                   type=checked(str, parse_attack, 'LOSS-STEPS[xRESTARTS], e.g. ce-20 or dlr-50x2'))
+    p.add_argument('--steps', type=positive, default=None, help='shorthand for --attacks ce-STEPS')
+    p.add_argument('--schedule', default='constant', choices=['constant', 'cosine'])
+    p.add_argument('--step-size', type=checked(float, lambda v: 0 < v <= 10, 'in (0, 10]'), default=None,
+                   help='as a fraction of eps (default 2.5/steps)')
+    p.add_argument('--autoattack', action=argparse.BooleanOptionalAction, default=None,
+                   help='AutoAttack (standard version) after the PGD attacks (default: on ImageNet only)')
+    p.add_argument('--n', '--images', dest='n', type=positive, default=None,
+                   help='first n validation images (default 5000 on ImageNet, else 1000); torchrun takes --n as its own')
+    p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'),
+                   help='data path (default: the one used in training)')
+    p.add_argument('--weights', default='auto', choices=['auto', 'model', 'ema'],
+                   help='auto: the EMA weights if the run kept them, else the model\'s')
+    p.add_argument('--json', default=None, help='write the results here (default: next to the checkpoint)',
+                   type=checked(str, lambda v: os.path.isdir(os.path.dirname(os.path.abspath(v))), 'in an existing folder'))
+    p.add_argument('--seed', type=nonneg, default=0)
+    p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help='auto = on CUDA only')
+    p.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA)')
+    p.add_argument('--square-queries', type=nonneg, default=1000,
+                   help='Square queries of the masking check when AutoAttack is off (0: skip it)')
+    p.add_argument('--no-checks', action='store_true', help='skip the gradient-masking checks')
+    args = p.parse_args(argv)
+    args.attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
+    args.path = args.ckpt.removeprefix('official:')
+    args.json = args.json or os.path.join(os.path.dirname(args.path) or '.', f'eval_{args.norm}.json')
+    if args.ckpt.startswith('official:') != bool(args.model):
+        raise UserError('--model names the timm model of an official:PATH checkpoint (ours name their own): '
+                        + ('pass --model=swin_base_patch4_window7_224 or --model=timm/resnet50' if args.model is None
+                           else 'leave it out'))
+    if args.weights == 'model' and args.ckpt.startswith('official:'):  # checked before loading a large file
+        raise UserError('an official checkpoint is evaluated with its EMA weights, as the paper: leave out --weights')
+    if args.model and not args.data:
+        raise UserError('official checkpoints do not name their data: pass --data=IMAGENET (an ImageFolder or .beton folder)')
+    if args.norm == 'linf' and args.eps and max(map(parse_eps, args.eps)) > 1:
+        raise UserError(f'--eps {max(args.eps, key=parse_eps)}: an L-inf budget above 1 is larger than the whole '
+                        'pixel range [0, 1]')
+    return args
+
+
+def resolve(args, ck, official=False):
+    """The defaults that depend on the checkpoint. ImageNet (1000 classes): the paper's and
+    RobustBench's protocol, L-inf 4/255 on RobustBench's 5,000 val images (data.py picks them) with
+    AutoAttack's standard version; elsewhere the training eps on the first 1,000 test images.
+    Weights: the EMA weights whenever the run kept them (the authors' checkpoints: always)."""
+    imagenet, has_ema = ck['data_info'].get('num_classes') == 1000, official or ck.get('ema') is not None
+    args.eps = args.eps or (['4/255'] if imagenet else [f'{ck["config"]["eps"]:g}'])
+    args.n = args.n or (5000 if imagenet else 1000)
+    args.autoattack = imagenet if args.autoattack is None else args.autoattack
+    if args.weights == 'ema' and not has_ema:
+        raise UserError(f'{args.ckpt} holds no EMA weights (trained with --ema=0): leave out --weights=ema')
+    if args.weights == 'auto':
+        args.weights = 'ema' if has_ema else 'model'
+    return args
+
+
+def check_data(path, ck, info, data, subset=False):
+    """UserError unless the data are what the checkpoint's model was built for (classes, channels).
+    subset: fewer classes may do (the authors' ImageNet-1k models on a folder of some of its classes)."""
+    want = {k: ck['data_info'].get(k) for k in ('num_classes', 'in_ch')}
+    have = {k: info[k] for k in want}
+    n_here, n_trained = have['num_classes'], want['num_classes']
+    if want['in_ch'] != have['in_ch'] or not (n_here <= n_trained if subset else n_here == n_trained):
+        trained, here = (f'{d["num_classes"]} classes of {d["in_ch"]}-channel images' for d in (want, have))
+        raise UserError(f'{path} was trained on {trained}, {data} has {here}: pass the data it was '
+                        'trained on (--data=DIR)')
+
+
+def load(args, rank, world, device):
+    """-> the checkpoint, its model on the device (eval mode, no parameter gradients), this rank's
+    robust-val batches (copies: FFCV reuses its buffers), data info. args.n becomes the number of
+    images there are, if it was more."""
+    n_flag = '--n' if args.n else None  # before resolve fills in the default
+    if args.ckpt.startswith('official:'):  # the authors release and evaluate their EMA weights
+        ck, model = load_official(args.path, args.model, args.act)
+        resolve(args, ck, official=True)
+    else:
+        ck = load_checkpoint(args.ckpt)
+        resolve(args, ck)
+        model = model_from_checkpoint(ck, args.weights, args.ckpt)
+    model = model.to(device).eval().requires_grad_(False)
+    cfg = Config(**{**ck['config'], 'eval_n': args.n})
+    cfg.data = args.data or cfg.data
+    if args.model:  # official: read ImageNet as it is stored
+        cfg.loader = 'ffcv' if data_kind(cfg.data) == 'beton' else 'torchvision'
+    if not os.path.isdir(cfg.data):
+        raise UserError(f'{args.ckpt} was trained on {cfg.data}, which is not here: pass --data=DIR')
+    check_data(args.ckpt, ck, data_shape(cfg.data), cfg.data, subset=bool(args.model))
+    threads = torch.get_num_threads()
+    _, _, robust_val, info = make_loaders(cfg, rank, world, device, n_flag, from_checkpoint=True)
+    args.n = cfg.eval_n
+    batches = [(x.clone(), y.clone()) for x, y in robust_val]
+    torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count (ffcv/pipeline/compiler.py)
+    return ck, model, batches, info
+
+
+def check_outputs(args):
+    """Before any work: the results and AutoAttack's state can be written where they go (not into
+    a missing or read-only folder, nor where a folder stands)."""
+    for path in (args.json, args.state):
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            why = 'a folder is in its place'
+        elif not os.path.isdir(folder):
+            why = f'there is no folder {folder}'
+        elif not os.access(folder, os.W_OK):
+            why = f'{folder} is read-only'
+        else:
+            continue
+        raise UserError(f'cannot write {path} ({why}): pass --json=FILE in a writable folder '
+                        "(AutoAttack's resume state goes next to it)")
+
+
+def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
+    """Per eps: AutoAttack (if asked) and the Square check on what every gradient attack left.
+    -> ({eps: AutoAttack result}, {eps: (ok, message)}, the resume state: remove it once reported)"""
+    state = None
+    if args.autoattack:
+        from pyautoattack import __version__ as aa_version
+        key = dict(ckpt=os.path.abspath(args.path), size=os.path.getsize(args.path), mtime=os.path.getmtime(args.path),
+                   weights=args.weights, norm=args.norm, n=args.n, world=world, seed=args.seed, bf16=args.bf16,
+                   data=args.data, pyautoattack=aa_version)
+        state = State(args.state, key)
+    if state and state.resumed and rank == 0:
+        print(f'AutoAttack: resuming from {state.path} ({state.resumed} steps done)')
+    aa, square, t0 = {}, {}, time.time()
+    for eps, text in zip(eps_list, args.eps):
+        progress = lambda b, c, left, n, resumed, text=text: rank == 0 and print(
+            f'  autoattack eps {text} batch {b + 1}/{len(batches)} {c:8} {left:5} of {n} standing '
+            f'({"resumed" if resumed else f"{time.time() - t0:.0f} s"})', flush=True)
+        if args.autoattack:
+            try:
+                aa[eps] = autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
+            except StateError as e:
+                raise UserError(f'{e}: free some space or pass --json=FILE elsewhere (the state goes next to '
+                                'it), then run again: it resumes') from None
+        if not args.no_checks and (args.autoattack or args.square_queries):
+            square[eps] = square_check(fwd, batches, r['standing'][eps], eps, args.norm, args.square_queries,
+                                       args.seed, aa.get(eps))
+    return aa, square, state
+
+
+def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
+    c = ck['config']
+    weights = 'EMA weights' if args.weights == 'ema' else 'model weights' + (' (the run kept EMA weights too)'
+                                                                              if ck.get('ema') is not None else '')
+    print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {weights} | eval mode | {r["n"]} images | '
+          f'{args.norm} | seed {args.seed} | {seconds:.0f} s{" | bf16" if args.bf16 else ""}{" | compiled" if compiled else ""}')
+    names = args.attacks + ['worst']
+    print(f'PGD: {"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
+    for e, t in zip(eps_list, args.eps):
+        print(f'     {t:>8} {100 * r["clean"]:7.1f} ' + ' '.join(f'{100 * r["robust"][e][a]:8.1f}' for a in names))
+    if aa:
+        comps = list(next(iter(aa.values()))['after'])
+        print(f'AutoAttack {VERSION} (pyautoattack), robust accuracy after each component, which attacks what the '
+              f'earlier ones left:\n     {"eps":>8} ' + ' '.join(f'{k:>8}' for k in comps) + ' | PGD worst    gap')
+        for e, t in zip(eps_list, args.eps):
+            worst, final = r['robust'][e]['worst'], aa[e]['after'][comps[-1]]
+            print(f'     {t:>8} ' + ' '.join(f'{100 * aa[e]["after"][k]:8.1f}' for k in comps)
+                  + f' | {100 * worst:9.1f} {100 * (worst - final):6.1f}')
+    for ok, msg in checks:
+        print(f'  {"ok  " if ok else "FLAG"} {msg}')
+    result = {
+        'ckpt': args.ckpt, 'weights': args.weights, 'objective': c['objective'], 'model': c['model'],
+        'act': c['act'], 'norm': args.norm, 'attacks': args.attacks, 'schedule': args.schedule,
+        'n': r['n'], 'seed': args.seed, 'seconds': seconds, 'clean': r['clean'],
+        'robust': {t: r['robust'][e] for e, t in zip(eps_list, args.eps)},
+        'autoattack': {t: {'version': VERSION, 'after': aa[e]['after'],
+                           'robust': list(aa[e]['after'].values())[-1], 'pgd_worst': r['robust'][e]['worst']}
+                       for e, t in zip(eps_list, args.eps) if e in aa},
+        'unbounded': r['unbounded'], 'gain': r['gain'],
+        'checks': [{'ok': ok, 'check': m} for ok, m in checks]}
+    try:
+        write_json(args.json, result, indent=1)
+    except OSError as e:
+        raise UserError(f'cannot write {args.json} ({e.strerror or e}); the results are above: free some space '
+                        'or pass --json=FILE elsewhere') from None
+    print(f'wrote {args.json}')
+    for e, t in zip(eps_list, args.eps):
+        if e in aa:
+            print(f'autoattack {t} {100 * list(aa[e]["after"].values())[-1]:.1f}')
+
+
+def main(argv):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    args.state = f'{os.path.splitext(args.json)[0]}.autoattack-rank{rank}.json'
+    check_outputs(args)
+    ck, model, batches, info = load(args, rank, world, device)
+    if info['num_classes'] < 3 and any(parse_attack(a)[0] == 'dlr' for a in args.attacks):
+        raise UserError('the DLR loss needs at least 3 classes: use the margin loss (margin-STEPS)')
+    eps_list = [parse_eps(t) for t in args.eps]
+    torch.manual_seed(args.seed + rank)
+    compiled = args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda')
+    bf16 = args.bf16 and device.type == 'cuda'
+    t0 = time.time()
+    r = evaluate(model, batches, eps_list, args.attacks, args.norm, args.schedule, args.step_size,
+                 not args.no_checks, compile=compiled, bf16=bf16)
+    aa, square, state = run_autoattack(args, forward_fn(model, compiled, bf16), batches, eps_list, r, rank, world)
+    if rank == 0:
+        checks = [] if args.no_checks else sanity_checks(r, args.attacks)
+        checks += [(ok, f'eps {t}: {m}') for e, t in zip(eps_list, args.eps) if e in square for ok, m in [square[e]]]
+        checks += aa_checks([w for a in aa.values() for w in a['warnings']]) if aa and not args.no_checks else []
+        report(args, r, checks, aa, ck, eps_list, time.time() - t0, compiled)
+    if state:
+        state.remove()
+    end_distributed()
+
+
+if __name__ == '__main__':
+    sys.exit(cli(main, sys.argv[1:]))
