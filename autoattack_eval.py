@@ -4,8 +4,8 @@ gradient-free Square attack. evaluate.py runs these after its PGD attacks (`--au
 
 Here: AutoAttack's standard version on our batches, per-image results after each component,
 resumable after an interruption, shards summed under torchrun; AutoAttack's own checks as ok/FLAG;
-Square on the images every gradient attack failed on. Imports only torch and attack.py (pyautoattack
-lazily).
+Square on the images every gradient attack failed on. Imports torch, attack.py and config.py's
+UserError (pyautoattack lazily).
 """
 import json
 import logging
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from attack import inside
+from config import UserError
 
 VERSION = 'standard'  # APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries)
 NORMS = {'linf': 'Linf', 'l2': 'L2'}
@@ -55,26 +56,22 @@ def aa_logs():
         logger.setLevel(old[1])
 
 
-class StateError(Exception):
-    """The state file cannot be written (a full disk, a read-only folder, a folder in its place)."""
-
-
 class Damaged(Exception):
     """A state file that this evaluation cannot have written: its counts are not to be trusted."""
 
 
-def write_json(path, obj, **kw):
-    """obj as JSON at path, atomically: a temporary file renamed over it. On failure (OSError:
-    json and the file system raise it) the temporary file is removed and the error raised."""
+def write_json(path, obj, fix, name=None, **kw):
+    """obj as JSON at path, atomically: a temporary file renamed over it. If that fails (a full disk, a
+    read-only folder) the temporary file is removed and a UserError names the file (or name) and says fix."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'w') as f:
             json.dump(obj, f, **kw)
         os.replace(tmp, path)
-    except OSError:
+    except OSError as e:  # json and the file system raise it
         if os.path.isfile(tmp):
             os.remove(tmp)
-        raise
+        raise UserError(f'cannot write {name or path} ({e.strerror or e}){fix}') from None
 
 
 def _malformed(saved):
@@ -134,10 +131,9 @@ class State:
     def put(self, eps, batch, component, standing):
         self.done[f'{eps:.10g}/{batch}/{component}'] = ''.join('1' if s else '0' for s in standing.tolist())
         self.wrote.add(f'{eps:.10g}')
-        try:
-            write_json(self.path, {'key': self.key, 'done': self.done})
-        except OSError as e:
-            raise StateError(f'cannot write the AutoAttack state {self.path} ({e.strerror or e})') from None
+        write_json(self.path, {'key': self.key, 'done': self.done}, name=f'the AutoAttack state {self.path}',
+                   fix=': free some space or pass --json=FILE elsewhere (the state goes next to it), then run '
+                       'again: it resumes')
 
     def remove(self):
         if os.path.exists(self.path):

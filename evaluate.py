@@ -18,9 +18,9 @@ from fractions import Fraction
 import torch
 
 from attack import LOSSES, distance, inside, pgd
-from autoattack_eval import VERSION, State, StateError, aa_checks, autoattack, square_check, summed, write_json
-from config import (ArgumentParser, Config, UserError, checked, cli, data_kind, end_distributed, load_checkpoint,
-                    load_official, model_from_checkpoint, setup_distributed)
+from autoattack_eval import VERSION, State, aa_checks, autoattack, square_check, summed, write_json
+import config
+from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
 from data import data_shape, make_loaders
 from models import ACTS, is_model
 
@@ -273,7 +273,7 @@ def load(args, rank, world, device):
     images there are, if it was more."""
     n_flag = '--n' if args.n else None  # before resolve fills in the default
     if args.ckpt.startswith('official:'):  # the authors release and evaluate their EMA weights
-        ck, model = load_official(args.path, args.model, args.act)
+        ck, model = config.load_official(args.path, args.model, args.act)
         resolve(args, ck, official=True)
     else:
         ck = load_checkpoint(args.ckpt)
@@ -283,7 +283,7 @@ def load(args, rank, world, device):
     cfg = Config(**{**ck['config'], 'eval_n': args.n})
     cfg.data = args.data or cfg.data
     if args.model:  # official: read ImageNet as it is stored
-        cfg.loader = 'ffcv' if data_kind(cfg.data) == 'beton' else 'torchvision'
+        cfg.loader = 'ffcv' if config.data_kind(cfg.data) == 'beton' else 'torchvision'
     if not os.path.isdir(cfg.data):
         raise UserError(f'{args.ckpt} was trained on {cfg.data}, which is not here: pass --data=DIR')
     check_data(args.ckpt, ck, data_shape(cfg.data), cfg.data, subset=bool(args.model))
@@ -330,11 +330,7 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
             f'  autoattack eps {text} batch {b + 1}/{len(batches)} {c:8} {left:5} of {n} standing '
             f'({"resumed" if resumed else f"{time.time() - t0:.0f} s"})', flush=True)
         if args.autoattack:
-            try:
-                aa[eps] = autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
-            except StateError as e:
-                raise UserError(f'{e}: free some space or pass --json=FILE elsewhere (the state goes next to '
-                                'it), then run again: it resumes') from None
+            aa[eps] = autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
         if not args.no_checks and (args.autoattack or args.square_queries):
             square[eps] = square_check(fwd, batches, r['standing'][eps], eps, args.norm, args.square_queries,
                                        args.seed, aa.get(eps))
@@ -371,11 +367,7 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
                        for e, t in zip(eps_list, args.eps) if e in aa},
         'unbounded': r['unbounded'], 'gain': r['gain'],
         'checks': [{'ok': ok, 'check': m} for ok, m in checks]}
-    try:
-        write_json(args.json, result, indent=1)
-    except OSError as e:
-        raise UserError(f'cannot write {args.json} ({e.strerror or e}); the results are above: free some space '
-                        'or pass --json=FILE elsewhere') from None
+    write_json(args.json, result, '; the results are above: free some space or pass --json=FILE elsewhere', indent=1)
     print(f'wrote {args.json}')
     for e, t in zip(eps_list, args.eps):
         if e in aa:
@@ -384,7 +376,7 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
 
 def main(argv):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = config.setup_distributed()
     args.state = f'{os.path.splitext(args.json)[0]}.autoattack-rank{rank}.json'
     check_outputs(args)
     ck, model, batches, info = load(args, rank, world, device)
@@ -405,7 +397,7 @@ def main(argv):
         report(args, r, checks, aa, ck, eps_list, time.time() - t0, compiled)
     if state:
         state.remove()
-    end_distributed()
+    config.end_distributed()
 
 
 if __name__ == '__main__':
