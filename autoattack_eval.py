@@ -131,9 +131,8 @@ class State:
     def put(self, eps, batch, component, standing):
         self.done[f'{eps:.10g}/{batch}/{component}'] = ''.join('1' if s else '0' for s in standing.tolist())
         self.wrote.add(f'{eps:.10g}')
-        write_json(self.path, {'key': self.key, 'done': self.done}, name=f'the AutoAttack state {self.path}',
-                   fix=': free some space or pass --json=FILE elsewhere (the state goes next to it), then run '
-                       'again: it resumes')
+        fix = ': free some space or pass --json=FILE elsewhere (the state goes next to it), then run again: it resumes'
+        write_json(self.path, {'key': self.key, 'done': self.done}, fix, name=f'the AutoAttack state {self.path}')
 
     def remove(self):
         if os.path.exists(self.path):
@@ -176,7 +175,8 @@ def _autoattack(model, batches, eps, norm, seed, state, components, progress):
     aa, standing, invalid, device = None, {}, 0, torch.device('cpu')
     with aa_logs() as messages:
         for b, (x, y) in enumerate(batches):
-            x, device = x.contiguous(), x.device  # AutoAttack .view()s its gradients: channels_last breaks that
+            # AutoAttack .view()s its gradients: channels_last breaks that
+            x, device = x.contiguous(), x.device
             if aa is None:
                 aa = AutoAttack(model, norm=NORMS[norm], eps=eps, version=VERSION, seed=seed, device=x.device)
                 names = list(components or aa.attacks_to_run)
@@ -200,13 +200,14 @@ def _autoattack(model, batches, eps, norm, seed, state, components, progress):
                 if progress:
                     progress(b, c, int(alive.sum()), len(y), done is not None)
         standing = {k: torch.cat(v) for k, v in standing.items()}
-        counts = summed([len(standing['clean'])] + [v.sum().item() for v in standing.values()] + [invalid], device)
+        stood = [v.sum().item() for v in standing.values()]
+        counts = summed([len(standing['clean'])] + stood + [invalid], device)
         after = {k: c / counts[0] for k, c in zip(standing, counts[1:])}
         checks.check_square_sr(after, logger=logging.getLogger('auto-attack'))
         warnings = list(messages)
     if counts[-1]:
-        warnings.append(f'{int(counts[-1])} points AutoAttack called adversarial are outside the eps-ball or [0,1] '
-                        'or classified correctly when checked: counted as robust')
+        warnings.append(f'{int(counts[-1])} points AutoAttack called adversarial are outside the eps-ball or '
+                        '[0,1] or classified correctly when checked: counted as robust')
     if dist.is_initialized():
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, warnings)
@@ -220,8 +221,8 @@ def aa_checks(warnings):
     for name, phrase in AA_CHECKS.items():
         hits = [w for w in left if phrase in w]
         left = [w for w in left if phrase not in w]
-        out.append((not hits, f'AutoAttack check, {name}' + (f': {hits[0]}' + (f' (and {len(hits) - 1} more)'
-                                                                              if len(hits) > 1 else '') if hits else '')))
+        more = f' (and {len(hits) - 1} more)' if len(hits) > 1 else ''
+        out.append((not hits, f'AutoAttack check, {name}' + (f': {hits[0]}{more}' if hits else '')))
     out += [(False, f'AutoAttack: {w}') for w in dict.fromkeys(left)]
     return out
 
@@ -236,7 +237,8 @@ def square_broken(model, batches, standing, eps, norm='linf', queries=1000, seed
         start += len(y)
         hit = torch.zeros_like(keep)
         if keep.any():
-            sq = sq or SquareAttack(model, norm=NORMS[norm], n_queries=queries, eps=eps, seed=seed, device=x.device)
+            sq = sq or SquareAttack(model, norm=NORMS[norm], n_queries=queries, eps=eps, seed=seed,
+                                    device=x.device)
             x_adv = sq.perturb(x[keep].contiguous(), y[keep])
             hit[keep] = fooled_at(model, x[keep], y[keep], x_adv, eps, norm)
         parts.append(hit.cpu())
@@ -260,5 +262,6 @@ def square_check(model, batches, gradient_standing, eps, norm='linf', queries=10
     device = batches[0][0].device if batches else torch.device('cpu')
     attacked, fooled = summed([before.sum().item(), broken.sum().item()], device)
     allowed = max(slack_images, slack_share * attacked)
-    return fooled <= allowed, (f'Square ({queries} queries, no gradients) broke {fooled:.0f} of the {attacked:.0f} '
-                               f'images every gradient attack failed on (allowed {allowed:.0f}; more: masked gradients)')
+    return fooled <= allowed, (f'Square ({queries} queries, no gradients) broke {fooled:.0f} of the '
+                               f'{attacked:.0f} images every gradient attack failed on (allowed {allowed:.0f}; '
+                               'more: masked gradients)')

@@ -2,9 +2,9 @@
 the worst case per sample over attacks, and checks that flag gradient masking. PGD is fast and an
 upper bound on robust accuracy; AutoAttack is what the paper, RobustBench and readers compare.
 
-    python evaluate.py --ckpt runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --eps 0.05 0.1 --autoattack
-    torchrun --nproc_per_node=8 evaluate.py --ckpt imagenet.pt   # 4/255, 5,000 images, AutoAttack; ranks summed
-    python evaluate.py --ckpt official:gradnorm_swinb.pth.tar --model swin_base_patch4_window7_224 --data IMAGENET
+    python evaluate.py --ckpt runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --eps 0.1 --autoattack
+    torchrun --nproc_per_node=8 evaluate.py --ckpt imagenet.pt  # 4/255, 5,000 images, AutoAttack; ranks summed
+    python evaluate.py --ckpt official:gradnorm_swinb.pth.tar --model swin_base_patch4_window7_224 --data DIR
 The last evaluates a checkpoint the authors released (its EMA weights, as the paper).
 An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. AutoAttack resumes after an interruption.
 """
@@ -17,9 +17,9 @@ from fractions import Fraction
 
 import torch
 
+import config
 from attack import LOSSES, distance, inside, pgd
 from autoattack_eval import VERSION, State, aa_checks, autoattack, square_check, summed, write_json
-import config
 from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
 from data import data_shape, make_loaders
 from models import ACTS, is_model
@@ -90,7 +90,8 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
     image, and loss_gain per loss on the first gain_n images at the largest eps. Under torchrun each
     rank passes its shard and the counts are summed.
     -> {'n', 'clean', 'robust': {eps: {attack: acc, 'worst': acc}}, 'standing': {eps: bool tensor over
-    this rank's images, robust to every attack}, 'unbounded': {'eps', attack: acc}, 'gain': {loss: (n, rose)}}"""
+    this rank's images, robust to every attack}, 'unbounded': {'eps', attack: acc},
+    'gain': {loss: (n, rose)}}"""
     specs, names = [parse_attack(a) for a in attacks], list(attacks) + ['worst']
     was_training, grads = model.training, [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)  # no dropout or batch statistics; input gradients only
@@ -116,7 +117,8 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
             standing[eps].append(alive.cpu())
         big = 1.0 if norm == 'linf' else math.sqrt(x[0].numel())  # the whole cube: its side, its diagonal
         for a in unbounded:
-            counts[('unbounded', a)] += (~_attack(fwd, x, y, big, parse_attack(a), norm, 'constant', None)).sum().item()
+            fooled = _attack(fwd, x, y, big, parse_attack(a), norm, 'constant', None)
+            counts[('unbounded', a)] += (~fooled).sum().item()
         for loss in losses if b == 0 else ():
             n, rose = loss_gain(fwd, x[:gain_n], y[:gain_n], max(eps_list), loss, norm=norm)
             counts[('gain_n', loss)], counts[('gain', loss)] = n, rose
@@ -125,10 +127,13 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
         p.requires_grad_(g)
     c = dict(zip(keys, summed([counts[k] for k in keys], next(model.parameters()).device)))
     acc = lambda k: c[k] / c['n']
-    return {'n': int(c['n']), 'clean': acc('clean'), 'robust': {e: {a: acc((e, a)) for a in names} for e in eps_list},
-            'standing': {e: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for e, v in standing.items()},
-            'unbounded': {'eps': big, **{a: acc(('unbounded', a)) for a in unbounded}} if checks else None,
-            'gain': {loss: (int(c[('gain_n', loss)]), int(c[('gain', loss)])) for loss in losses} if checks else None}
+    r = {'n': int(c['n']), 'clean': acc('clean'), 'robust': {e: {a: acc((e, a)) for a in names} for e in eps_list},
+         'standing': {e: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for e, v in standing.items()},
+         'unbounded': None, 'gain': None}
+    if checks:
+        r['unbounded'] = {'eps': big, **{a: acc(('unbounded', a)) for a in unbounded}}
+        r['gain'] = {loss: (int(c[('gain_n', loss)]), int(c[('gain', loss)])) for loss in losses}
+    return r
 
 
 def robust_accuracy(model, batches, eps_list, steps):
@@ -153,11 +158,12 @@ def sanity_checks(result, attacks, gap=0.1, slack_images=2, min_gain=0.95):
     if result.get('unbounded'):
         u = result['unbounded']
         reached = ', '.join(f'{a} {100 * u[a]:.1f}%' for a in UNBOUNDED)
-        out.append((all(u[a] <= slack for a in UNBOUNDED), f'unbounded eps {u["eps"]:.4g} (any image can become '
-                    f'any other): {reached}, must reach 0 (allowed {slack_images} images)'))
+        out.append((all(u[a] <= slack for a in UNBOUNDED), f'unbounded eps {u["eps"]:.4g} (any image can '
+                    f'become any other): {reached}, must reach 0 (allowed {slack_images} images)'))
     for loss, (n, rose) in (result.get('gain') or {}).items():
         out.append((rose >= min_gain * n, f'{loss} loss rises along PGD-10 from the clean image on {rose} of '
-                    f'{n} correctly classified images (needs {100 * min_gain:.0f}%; else the gradient does not lead up)'))
+                    f'{n} correctly classified images (needs {100 * min_gain:.0f}%; else the gradient does '
+                    'not lead up)'))
     specs = {a: parse_attack(a) for a in attacks}
     for a in attacks:
         for b in attacks:
@@ -189,15 +195,18 @@ def parse_args(argv):
     nonneg = checked(int, lambda v: v >= 0, 'an integer >= 0')
     positive = checked(int, lambda v: v >= 1, 'at least 1')
     is_ckpt = lambda v: os.path.isfile(v.removeprefix('official:'))
+    in_folder = lambda v: os.path.isdir(os.path.dirname(os.path.abspath(v)))
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', required=True, help="a checkpoint of ours, or official:PATH (the authors' .pth.tar)",
-                   type=checked(str, is_ckpt, 'an existing checkpoint file'))
+    p.add_argument('--ckpt', type=checked(str, is_ckpt, 'an existing checkpoint file'), required=True,
+                   help="a checkpoint of ours, or official:PATH (the authors' .pth.tar)")
     p.add_argument('--model', type=checked(str, is_model, 'a model of models.py or timm'), default=None,
                    help='with official:PATH, its timm model: swin_base_patch4_window7_224 or timm/resnet50')
     p.add_argument('--act', choices=list(ACTS), default='gelu',
                    help='with official:PATH, the activation (GELU: as released)')
-    p.add_argument('--eps', nargs='+', default=None, type=checked(str, lambda t: 0 < parse_eps(t) < math.inf, 'positive'),
-                   help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the training eps)')
+    p.add_argument('--eps', nargs='+', default=None, type=checked(str, lambda t: 0 < parse_eps(t) < math.inf,
+                                                                  'positive'),
+                   help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the '
+                        'training eps)')
     p.add_argument('--norm', default='linf', choices=['linf', 'l2'])
     p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'], help='LOSS-STEPS[xRESTARTS]',
                    type=checked(str, parse_attack, 'LOSS-STEPS[xRESTARTS], e.g. ce-20 or dlr-50x2'))
@@ -208,13 +217,14 @@ def parse_args(argv):
     p.add_argument('--autoattack', action=argparse.BooleanOptionalAction, default=None,
                    help='AutoAttack (standard version) after the PGD attacks (default: on ImageNet only)')
     p.add_argument('--n', '--images', dest='n', type=positive, default=None,
-                   help='first n validation images (default 5000 on ImageNet, else 1000); torchrun takes --n as its own')
+                   help='first n validation images (default 5000 on ImageNet, else 1000); torchrun takes --n '
+                        'as its own')
     p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'),
                    help='data path (default: the one used in training)')
     p.add_argument('--weights', default='auto', choices=['auto', 'model', 'ema'],
                    help='auto: the EMA weights if the run kept them, else the model\'s')
     p.add_argument('--json', default=None, help='write the results here (default: next to the checkpoint)',
-                   type=checked(str, lambda v: os.path.isdir(os.path.dirname(os.path.abspath(v))), 'in an existing folder'))
+                   type=checked(str, in_folder, 'in an existing folder'))
     p.add_argument('--seed', type=nonneg, default=0)
     p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help='auto = on CUDA only')
     p.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA)')
@@ -225,17 +235,19 @@ def parse_args(argv):
     args.attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
     args.path = args.ckpt.removeprefix('official:')
     args.json = args.json or os.path.join(os.path.dirname(args.path) or '.', f'eval_{args.norm}.json')
-    if args.ckpt.startswith('official:') != bool(args.model):
-        raise UserError('--model names the timm model of an official:PATH checkpoint (ours name their own): '
-                        + ('pass --model=swin_base_patch4_window7_224 or --model=timm/resnet50' if args.model is None
-                           else 'leave it out'))
-    if args.weights == 'model' and args.ckpt.startswith('official:'):  # checked before loading a large file
-        raise UserError('an official checkpoint is evaluated with its EMA weights, as the paper: leave out --weights')
+    official = args.ckpt.startswith('official:')
+    if official != bool(args.model):
+        fix = 'pass --model=swin_base_patch4_window7_224 or --model=timm/resnet50' if official else 'leave it out'
+        raise UserError(f'--model names the timm model of an official:PATH checkpoint (ours name their own): {fix}')
+    if args.weights == 'model' and official:  # checked before loading a large file
+        raise UserError('an official checkpoint is evaluated with its EMA weights, as the paper: '
+                        'leave out --weights')
     if args.model and not args.data:
-        raise UserError('official checkpoints do not name their data: pass --data=IMAGENET (an ImageFolder or .beton folder)')
+        raise UserError('official checkpoints do not name their data: pass --data=IMAGENET (an ImageFolder '
+                        'or .beton folder)')
     if args.norm == 'linf' and args.eps and max(map(parse_eps, args.eps)) > 1:
-        raise UserError(f'--eps {max(args.eps, key=parse_eps)}: an L-inf budget above 1 is larger than the whole '
-                        'pixel range [0, 1]')
+        raise UserError(f'--eps {max(args.eps, key=parse_eps)}: an L-inf budget above 1 is larger than the '
+                        'whole pixel range [0, 1]')
     return args
 
 
@@ -291,7 +303,7 @@ def load(args, rank, world, device):
     _, _, robust_val, info = make_loaders(cfg, rank, world, device, n_flag, from_checkpoint=True)
     args.n = cfg.eval_n
     batches = [(x.clone(), y.clone()) for x, y in robust_val]
-    torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count (ffcv/pipeline/compiler.py)
+    torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count
     return ck, model, batches, info
 
 
@@ -318,9 +330,9 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
     state = None
     if args.autoattack:
         from pyautoattack import __version__ as aa_version
-        key = dict(ckpt=os.path.abspath(args.path), size=os.path.getsize(args.path), mtime=os.path.getmtime(args.path),
-                   weights=args.weights, norm=args.norm, n=args.n, world=world, seed=args.seed, bf16=args.bf16,
-                   data=args.data, pyautoattack=aa_version)
+        key = dict(ckpt=os.path.abspath(args.path), size=os.path.getsize(args.path),
+                   mtime=os.path.getmtime(args.path), weights=args.weights, norm=args.norm, n=args.n,
+                   world=world, seed=args.seed, bf16=args.bf16, data=args.data, pyautoattack=aa_version)
         state = State(args.state, key)
     if state and state.resumed and rank == 0:
         print(f'AutoAttack: resuming from {state.path} ({state.resumed} steps done)')
@@ -339,18 +351,20 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
 
 def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
     c = ck['config']
-    weights = 'EMA weights' if args.weights == 'ema' else 'model weights' + (' (the run kept EMA weights too)'
-                                                                              if ck.get('ema') is not None else '')
+    also = ' (the run kept EMA weights too)' if ck.get('ema') is not None else ''
+    weights = 'EMA weights' if args.weights == 'ema' else f'model weights{also}'
+    flags = (' | bf16' if args.bf16 else '') + (' | compiled' if compiled else '')
     print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {weights} | eval mode | {r["n"]} images | '
-          f'{args.norm} | seed {args.seed} | {seconds:.0f} s{" | bf16" if args.bf16 else ""}{" | compiled" if compiled else ""}')
+          f'{args.norm} | seed {args.seed} | {seconds:.0f} s{flags}')
     names = args.attacks + ['worst']
     print(f'PGD: {"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
     for e, t in zip(eps_list, args.eps):
-        print(f'     {t:>8} {100 * r["clean"]:7.1f} ' + ' '.join(f'{100 * r["robust"][e][a]:8.1f}' for a in names))
+        cells = ' '.join(f'{100 * r["robust"][e][a]:8.1f}' for a in names)
+        print(f'     {t:>8} {100 * r["clean"]:7.1f} {cells}')
     if aa:
         comps = list(next(iter(aa.values()))['after'])
-        print(f'AutoAttack {VERSION} (pyautoattack), robust accuracy after each component, which attacks what the '
-              f'earlier ones left:\n     {"eps":>8} ' + ' '.join(f'{k:>8}' for k in comps) + ' | PGD worst    gap')
+        print(f'AutoAttack {VERSION} (pyautoattack), robust accuracy after each component, which attacks what '
+              f'the earlier ones left:\n     {"eps":>8} ' + ' '.join(f'{k:>8}' for k in comps) + ' | PGD worst    gap')
         for e, t in zip(eps_list, args.eps):
             worst, final = r['robust'][e]['worst'], aa[e]['after'][comps[-1]]
             print(f'     {t:>8} ' + ' '.join(f'{100 * aa[e]["after"][k]:8.1f}' for k in comps)
@@ -367,7 +381,8 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
                        for e, t in zip(eps_list, args.eps) if e in aa},
         'unbounded': r['unbounded'], 'gain': r['gain'],
         'checks': [{'ok': ok, 'check': m} for ok, m in checks]}
-    write_json(args.json, result, '; the results are above: free some space or pass --json=FILE elsewhere', indent=1)
+    write_json(args.json, result, '; the results are above: free some space or pass --json=FILE elsewhere',
+               indent=1)
     print(f'wrote {args.json}')
     for e, t in zip(eps_list, args.eps):
         if e in aa:
@@ -389,11 +404,15 @@ def main(argv):
     t0 = time.time()
     r = evaluate(model, batches, eps_list, args.attacks, args.norm, args.schedule, args.step_size,
                  not args.no_checks, compile=compiled, bf16=bf16)
-    aa, square, state = run_autoattack(args, forward_fn(model, compiled, bf16), batches, eps_list, r, rank, world)
+    fwd = forward_fn(model, compiled, bf16)
+    aa, square, state = run_autoattack(args, fwd, batches, eps_list, r, rank, world)
     if rank == 0:
         checks = [] if args.no_checks else sanity_checks(r, args.attacks)
-        checks += [(ok, f'eps {t}: {m}') for e, t in zip(eps_list, args.eps) if e in square for ok, m in [square[e]]]
-        checks += aa_checks([w for a in aa.values() for w in a['warnings']]) if aa and not args.no_checks else []
+        for e, t in zip(eps_list, args.eps):
+            if e in square:
+                checks.append((square[e][0], f'eps {t}: {square[e][1]}'))
+        if aa and not args.no_checks:
+            checks += aa_checks([w for a in aa.values() for w in a['warnings']])
         report(args, r, checks, aa, ck, eps_list, time.time() - t0, compiled)
     if state:
         state.remove()
