@@ -131,8 +131,9 @@ class State:
     def put(self, eps, batch, component, standing):
         self.done[f'{eps:.10g}/{batch}/{component}'] = ''.join('1' if s else '0' for s in standing.tolist())
         self.wrote.add(f'{eps:.10g}')
-        fix = ': free some space or pass --json=FILE elsewhere (the state goes next to it), then run again: it resumes'
-        write_json(self.path, {'key': self.key, 'done': self.done}, fix, name=f'the AutoAttack state {self.path}')
+        fix = (': free some space or pass --json=FILE elsewhere (the state goes next to it), then run '
+               'again: it resumes')
+        write_json(self.path, {'key': self.key, 'done': self.done}, fix, f'the AutoAttack state {self.path}')
 
     def remove(self):
         if os.path.exists(self.path):
@@ -263,5 +264,5 @@ def square_check(model, batches, gradient_standing, eps, norm='linf', queries=10
     attacked, fooled = summed([before.sum().item(), broken.sum().item()], device)
     allowed = max(slack_images, slack_share * attacked)
     return fooled <= allowed, (f'Square ({queries} queries, no gradients) broke {fooled:.0f} of the '
-                               f'{attacked:.0f} images every gradient attack failed on (allowed {allowed:.0f}; '
-                               'more: masked gradients)')
+                               f'{attacked:.0f} images every gradient attack failed on '
+                               f'(allowed {allowed:.0f}; more: masked gradients)')

@@ -3,7 +3,7 @@ the worst case per sample over attacks, and checks that flag gradient masking. P
 upper bound on robust accuracy; AutoAttack is what the paper, RobustBench and readers compare.
 
     python evaluate.py --ckpt runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --eps 0.1 --autoattack
-    torchrun --nproc_per_node=8 evaluate.py --ckpt imagenet.pt  # 4/255, 5,000 images, AutoAttack; ranks summed
+    torchrun --nproc_per_node=8 evaluate.py --ckpt imagenet.pt  # 4/255, 5,000 images, AutoAttack
     python evaluate.py --ckpt official:gradnorm_swinb.pth.tar --model swin_base_patch4_window7_224 --data DIR
 The last evaluates a checkpoint the authors released (its EMA weights, as the paper).
 An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. AutoAttack resumes after an interruption.
@@ -127,9 +127,10 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
         p.requires_grad_(g)
     c = dict(zip(keys, summed([counts[k] for k in keys], next(model.parameters()).device)))
     acc = lambda k: c[k] / c['n']
-    r = {'n': int(c['n']), 'clean': acc('clean'), 'robust': {e: {a: acc((e, a)) for a in names} for e in eps_list},
-         'standing': {e: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for e, v in standing.items()},
-         'unbounded': None, 'gain': None}
+    robust = {e: {a: acc((e, a)) for a in names} for e in eps_list}
+    none = torch.zeros(0, dtype=torch.bool)
+    r = {'n': int(c['n']), 'clean': acc('clean'), 'robust': robust, 'unbounded': None, 'gain': None,
+         'standing': {e: torch.cat(v) if v else none for e, v in standing.items()}}
     if checks:
         r['unbounded'] = {'eps': big, **{a: acc(('unbounded', a)) for a in unbounded}}
         r['gain'] = {loss: (int(c[('gain_n', loss)]), int(c[('gain', loss)])) for loss in losses}
@@ -208,8 +209,9 @@ def parse_args(argv):
                    help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the '
                         'training eps)')
     p.add_argument('--norm', default='linf', choices=['linf', 'l2'])
-    p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'], help='LOSS-STEPS[xRESTARTS]',
-                   type=checked(str, parse_attack, 'LOSS-STEPS[xRESTARTS], e.g. ce-20 or dlr-50x2'))
+    p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'],
+                   type=checked(str, parse_attack, 'LOSS-STEPS[xRESTARTS], e.g. ce-20 or dlr-50x2'),
+                   help='LOSS-STEPS[xRESTARTS]')
     p.add_argument('--steps', type=positive, default=None, help='shorthand for --attacks ce-STEPS')
     p.add_argument('--schedule', default='constant', choices=['constant', 'cosine'])
     p.add_argument('--step-size', type=checked(float, lambda v: 0 < v <= 10, 'in (0, 10]'), default=None,
@@ -237,8 +239,11 @@ def parse_args(argv):
     args.json = args.json or os.path.join(os.path.dirname(args.path) or '.', f'eval_{args.norm}.json')
     official = args.ckpt.startswith('official:')
     if official != bool(args.model):
-        fix = 'pass --model=swin_base_patch4_window7_224 or --model=timm/resnet50' if official else 'leave it out'
-        raise UserError(f'--model names the timm model of an official:PATH checkpoint (ours name their own): {fix}')
+        fix = 'leave it out'
+        if official:
+            fix = 'pass --model=swin_base_patch4_window7_224 or --model=timm/resnet50'
+        raise UserError('--model names the timm model of an official:PATH checkpoint (ours name their own): '
+                        + fix)
     if args.weights == 'model' and official:  # checked before loading a large file
         raise UserError('an official checkpoint is evaluated with its EMA weights, as the paper: '
                         'leave out --weights')
@@ -354,8 +359,8 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
     also = ' (the run kept EMA weights too)' if ck.get('ema') is not None else ''
     weights = 'EMA weights' if args.weights == 'ema' else f'model weights{also}'
     flags = (' | bf16' if args.bf16 else '') + (' | compiled' if compiled else '')
-    print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {weights} | eval mode | {r["n"]} images | '
-          f'{args.norm} | seed {args.seed} | {seconds:.0f} s{flags}')
+    print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {weights} | eval mode | {r["n"]} images '
+          f'| {args.norm} | seed {args.seed} | {seconds:.0f} s{flags}')
     names = args.attacks + ['worst']
     print(f'PGD: {"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
     for e, t in zip(eps_list, args.eps):
@@ -363,8 +368,9 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
         print(f'     {t:>8} {100 * r["clean"]:7.1f} {cells}')
     if aa:
         comps = list(next(iter(aa.values()))['after'])
-        print(f'AutoAttack {VERSION} (pyautoattack), robust accuracy after each component, which attacks what '
-              f'the earlier ones left:\n     {"eps":>8} ' + ' '.join(f'{k:>8}' for k in comps) + ' | PGD worst    gap')
+        print(f'AutoAttack {VERSION} (pyautoattack), robust accuracy after each component, which attacks '
+              'what the earlier ones left:')
+        print(f'     {"eps":>8} ' + ' '.join(f'{k:>8}' for k in comps) + ' | PGD worst    gap')
         for e, t in zip(eps_list, args.eps):
             worst, final = r['robust'][e]['worst'], aa[e]['after'][comps[-1]]
             print(f'     {t:>8} ' + ' '.join(f'{100 * aa[e]["after"][k]:8.1f}' for k in comps)
