@@ -77,7 +77,7 @@ train-edge: setup data
 
 eval: setup data
 	$(NEED_CKPT)
-	$(RUN) attack.py --ckpt=$(CKPT) $(if $(filter official:%,$(CKPT)),--model=$(MODEL) --data=$(DATA) \
+	$(RUN) evaluate.py --ckpt=$(CKPT) $(if $(filter official:%,$(CKPT)),--model=$(MODEL) --data=$(DATA) \
 	  $(if $(ACT),--act=$(ACT))) $(if $(EPS),--eps $(EPS)) \
 	  $(if $(filter 1,$(AA)),--autoattack,$(if $(filter 0,$(AA)),--no-autoattack)) $(ARGS)
 

@@ -287,9 +287,9 @@ def test_bad_checkpoints_and_divergence_get_one_line_errors(tiny_data, tmp_path)
     one_line_error(run(train_args(tiny_data, out, f'--resume={ckpt}', '--model=vit_demo')), 'resnet_demo', 'vit_demo')
     (tmp_path / 'cut.pt').write_bytes(good[: len(good) // 2])
     one_line_error(run(train_args(tiny_data, out, f'--resume={tmp_path / "cut.pt"}')), 'corrupt')
-    one_line_error(run(['attack.py', f'--ckpt={tmp_path / "cut.pt"}']), 'corrupt')
+    one_line_error(run(['evaluate.py', f'--ckpt={tmp_path / "cut.pt"}']), 'corrupt')
     torch.save({'model': object.__new__(C.Config)}, tmp_path / 'pickled.pt')
-    one_line_error(run(['attack.py', f'--ckpt={tmp_path / "pickled.pt"}']), 'pickled')
+    one_line_error(run(['evaluate.py', f'--ckpt={tmp_path / "pickled.pt"}']), 'pickled')
 
     # an absurd learning rate overflows the weights: the message names the term, the checkpoint survives
     r = run(train_args(tiny_data, out, f'--resume={ckpt}', '--lr=1e30'))

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attack
+import evaluate
 from tools import characterize
 import config
 import gradnorm
@@ -62,7 +63,7 @@ def test_pgd_matches_exact_distance_on_linear_model(norm, loss, one_thread):
         assert (attack.distance(x_adv, x[ok], norm) <= eps * (1 + 1e-5)).all()
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         assert torch.equal(model(x_adv).argmax(1) != y[ok], fooled)  # the returned points do fool
-        r = attack.evaluate(model, [(x[ok], y[ok])], [eps], [f'{loss}-20'], norm=norm)
+        r = evaluate.evaluate(model, [(x[ok], y[ok])], [eps], [f'{loss}-20'], norm=norm)
         assert r['robust'][eps]['worst'] == pytest.approx((dist[ok] >= eps).float().mean().item())
         assert r['clean'] == pytest.approx((dist[ok] > 0).float().mean().item())
 
@@ -82,7 +83,7 @@ def test_multiclass_linear_never_beats_exact_distance(one_thread):
     dist = (gap / dual.clamp_min(1e-12)).scatter(1, y[:, None], float('inf')).amin(1)
     eps = dist.median().item()
     torch.manual_seed(0)
-    r = attack.evaluate(model, [(x, y)], [eps], ['ce-50x2', 'dlr-50x2'])
+    r = evaluate.evaluate(model, [(x, y)], [eps], ['ce-50x2', 'dlr-50x2'])
     exact = (dist >= eps).float().mean().item()
     assert r['robust'][eps]['worst'] >= exact - 1e-9
     assert r['robust'][eps]['worst'] <= exact + 0.02
@@ -98,14 +99,14 @@ def test_l2_and_linf_projection_and_step_schedule(one_thread):
         assert attack.distance(x + p, x, norm).max() == pytest.approx(eps, rel=1e-5)
     sizes = [attack.step_size_at(1.0, i, 10, 'cosine') for i in range(10)]
     assert sizes[0] == 1.0 and all(a > b for a, b in zip(sizes, sizes[1:]))
-    with pytest.raises(attack.UserError):
-        attack.parse_attack('ce20')
+    with pytest.raises(config.UserError):
+        evaluate.parse_attack('ce20')
 
 
 def _ddp_worker(rank, world, init_file, x, y, model, eps, out):
     import torch.distributed as dist
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
-    r = attack.evaluate(model, [(x[rank::world], y[rank::world])], [eps], ['ce-20'])
+    r = evaluate.evaluate(model, [(x[rank::world], y[rank::world])], [eps], ['ce-20'])
     if rank == 0:
         torch.save(r, out)
     dist.destroy_process_group()
@@ -115,7 +116,7 @@ def test_ddp_sums_counts(tmp_path, one_thread):
     """Two ranks with shards of 201 and 200 images: the summed counts equal one process's."""
     model, x, y, dist = linear_problem('linf', n=401)
     eps = dist[dist > 0].median().item()
-    single = attack.evaluate(model, [(x, y)], [eps], ['ce-20'])
+    single = evaluate.evaluate(model, [(x, y)], [eps], ['ce-20'])
     out = str(tmp_path / 'r.pt')
     torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp_path / 'pg'), x, y, model, eps, out), nprocs=2)
     r = torch.load(out)
@@ -151,23 +152,23 @@ def test_evaluator_invariants_on_gradnorm_model(trained):
     model, val, info = trained
     attacks, eps_list = ['ce-20', 'margin-20'], [0.03, 0.1, 0.2]
     torch.manual_seed(0)
-    r = attack.evaluate(model, val, eps_list, attacks, checks=True)
+    r = evaluate.evaluate(model, val, eps_list, attacks, checks=True)
     assert r['clean'] > 0.5  # it learned something, so the robust numbers mean something
     assert r['robust'][0.03]['worst'] > 0.3  # and the attack has something to break
-    checks = attack.sanity_checks(r, attacks) + [square_check(model, list(val), r['standing'][0.1], 0.1, queries=300)]
+    checks = evaluate.sanity_checks(r, attacks) + [square_check(model, list(val), r['standing'][0.1], 0.1, queries=300)]
     assert len(checks) == 8 and all(ok for ok, _ in checks), [m for ok, m in checks if not ok]
     for a, b in zip(eps_list, eps_list[1:]):  # spelled out: what the checks promise
         assert r['robust'][b]['worst'] <= r['robust'][a]['worst']
     for e in eps_list:
         assert abs(r['robust'][e]['margin-20'] - r['robust'][e]['ce-20']) <= 0.08  # measured: ~5 points
         assert r['robust'][e]['worst'] <= min(r['robust'][e][a] for a in attacks)
-    assert r['unbounded']['eps'] == 1 and max(r['unbounded'][a] for a in attack.UNBOUNDED) <= 2 / 200
+    assert r['unbounded']['eps'] == 1 and max(r['unbounded'][a] for a in evaluate.UNBOUNDED) <= 2 / 200
     assert r['standing'][0.1].sum().item() == round(200 * r['robust'][0.1]['worst'])
-    r = attack.evaluate(model, val, [0.1], ['ce-10', 'ce-50x2'])
+    r = evaluate.evaluate(model, val, [0.1], ['ce-10', 'ce-50x2'])
     # independent random starts: PGD-10 may luck into one sample PGD-50x2 misses (seen: 89 vs 90
     # of 200), never into more than the checks' slack of 2 images
     assert r['robust'][0.1]['ce-50x2'] <= r['robust'][0.1]['ce-10'] + 2 / 200
-    assert attack.sanity_checks(r, ['ce-10', 'ce-50x2'])[-1][0]
+    assert evaluate.sanity_checks(r, ['ce-10', 'ce-50x2'])[-1][0]
 
 
 class Scale(nn.Module):
@@ -187,8 +188,8 @@ class Quantize(nn.Module):
 
 def masking_checks(model, x, y, eps, attacks):
     torch.manual_seed(0)
-    r = attack.evaluate(model, [(x, y)], [eps], attacks, checks=True)
-    return attack.sanity_checks(r, attacks) + [square_check(model, [(x, y)], r['standing'][eps], eps, queries=200)]
+    r = evaluate.evaluate(model, [(x, y)], [eps], attacks, checks=True)
+    return evaluate.sanity_checks(r, attacks) + [square_check(model, [(x, y)], r['standing'][eps], eps, queries=200)]
 
 
 @pytest.mark.parametrize('masked', ['saturated softmax', 'quantized input'])

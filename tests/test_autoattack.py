@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import attack
 import autoattack_eval as AE
 import config
 import data
+import evaluate
 from data import FASHION_MEAN, FASHION_STD
 from models import build_model
 
@@ -116,29 +116,29 @@ def test_imagenet_defaults_are_the_papers_protocol(tmp_path):
     path = tmp_path / 'ck.pt'
     path.write_bytes(b'x')
     imagenet = {'data_info': {'num_classes': 1000}, 'config': {'eps': 4 / 255}, 'ema': {'w': 0}}
-    a = attack.resolve(attack.parse_args(['--ckpt', str(path)]), imagenet)
-    assert attack.parse_eps(a.eps[0]) == 4 / 255 and a.eps == ['4/255'] and a.norm == 'linf'
+    a = evaluate.resolve(evaluate.parse_args(['--ckpt', str(path)]), imagenet)
+    assert evaluate.parse_eps(a.eps[0]) == 4 / 255 and a.eps == ['4/255'] and a.norm == 'linf'
     assert a.n == 5000 and a.autoattack and AE.VERSION == 'standard' and a.weights == 'ema'
     with open(data.ROBUSTBENCH_LIST) as f:
         assert len(f.read().split()[:a.n]) == 5000  # RobustBench's list (data.robustbench_indices picks them)
     demo = {'data_info': {'num_classes': 10}, 'config': {'eps': 0.1}, 'ema': None}
-    a = attack.resolve(attack.parse_args(['--ckpt', str(path)]), demo)
+    a = evaluate.resolve(evaluate.parse_args(['--ckpt', str(path)]), demo)
     assert a.eps == ['0.1'] and a.n == 1000 and not a.autoattack and a.weights == 'model'
-    a = attack.resolve(attack.parse_args(['--ckpt', str(path), '--no-autoattack', '--weights=model']), imagenet)
+    a = evaluate.resolve(evaluate.parse_args(['--ckpt', str(path), '--no-autoattack', '--weights=model']), imagenet)
     assert not a.autoattack and a.weights == 'model'
     with pytest.raises(config.UserError):
-        attack.resolve(attack.parse_args(['--ckpt', str(path), '--weights=ema']), demo)
+        evaluate.resolve(evaluate.parse_args(['--ckpt', str(path), '--weights=ema']), demo)
 
 
 def test_command_prints_autoattack_line_and_json(tiny_data, tmp_path, capsys, monkeypatch):
     # APGD-CE alone (the full standard version is tested above): the command's plumbing, in seconds
-    monkeypatch.setattr(attack, 'autoattack', functools.partial(AE.autoattack, components=['apgd-ce']))
+    monkeypatch.setattr(evaluate, 'autoattack', functools.partial(AE.autoattack, components=['apgd-ce']))
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
     torch.manual_seed(0)
     ckpt = str(tmp_path / 'ckpt.pt')
     config.save_checkpoint(ckpt, dict(model=build_model('resnet_demo', 'gelu', **info).state_dict(), ema=None,
                                       config=vars(config.Config(data=tiny_data, loader='torchvision', model='resnet_demo')), data_info=info))
-    attack.main(['--ckpt', ckpt, '--n', '24', '--autoattack', '--attacks', 'ce-5', 'margin-5', '--square-queries', '50'])
+    evaluate.main(['--ckpt', ckpt, '--n', '24', '--autoattack', '--attacks', 'ce-5', 'margin-5', '--square-queries', '50'])
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r'autoattack 0\.1 \d+\.\d', out[-1]), out[-5:]
     assert any('apgd-ce' in line and 'PGD worst' in line for line in out)

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-import attack
+import evaluate
 from tools import characterize
 import config as C
 import data as D
@@ -68,7 +68,7 @@ def one_line_error(capsys, main, argv):
 @pytest.fixture
 def guarded(monkeypatch):
     """Data reads and model builds raise Reached: an error must come before them."""
-    for module, name in ((T, 'make_loaders'), (T, 'build_model'), (attack, 'load_checkpoint'),
+    for module, name in ((T, 'make_loaders'), (T, 'build_model'), (evaluate, 'load_checkpoint'),
                          (characterize, 'load_checkpoint'), (D, 'write_beton')):
         monkeypatch.setattr(module, name, guard)
 
@@ -113,7 +113,7 @@ BAD_ATTACK = [[], ['--ckpt=/nonexistent.pt'], ['--eps', '-1'], ['--eps', '0'], [
 
 @pytest.mark.parametrize('argv', BAD_ATTACK)
 def test_bad_attack_argument(argv, some_file, guarded, capsys):
-    one_line_error(capsys, attack.main, ([f'--ckpt={some_file}'] if argv and argv[0] != '--ckpt=/nonexistent.pt' else [])
+    one_line_error(capsys, evaluate.main, ([f'--ckpt={some_file}'] if argv and argv[0] != '--ckpt=/nonexistent.pt' else [])
                    + argv)
 
 
@@ -141,11 +141,11 @@ def test_bad_data_argument(argv, guarded, capsys, tmp_path):
     one_line_error(capsys, D.main, argv)
 
 
-@pytest.mark.parametrize('script,argv', [('train.py', ['--eps=-0.1']), ('attack.py', ['--ckpt=x', '--eps', '1/0']),
+@pytest.mark.parametrize('script,argv', [('train.py', ['--eps=-0.1']), ('evaluate.py', ['--ckpt=x', '--eps', '1/0']),
                                          ('characterize.py', ['/nonexistent.pt']), ('data.py', ['write', '/x', '/y']),
                                          ('science.py', ['stems', 'resnet9000'])])
 def test_entry_points_exit_2_with_one_line(script, argv):
-    cmd = [script] if script in ('train.py', 'attack.py', 'data.py') else ['-m', 'tools.' + script[:-3]]
+    cmd = [script] if script in ('train.py', 'evaluate.py', 'data.py') else ['-m', 'tools.' + script[:-3]]
     r = subprocess.run([sys.executable, *cmd, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith('error: '), r.stderr
@@ -232,7 +232,7 @@ def test_no_import_cycles():
     for m in sorted(graph):
         visit(m, [])
     assert graph['models'] == set() and graph['gradnorm'] == set() and graph['edge_reg'] == set()
-    assert 'train' not in graph['attack'] | graph['data'] | graph['config']
+    assert 'train' not in graph['attack'] | graph['evaluate'] | graph['data'] | graph['config']
 
 
 def test_no_function_over_80_lines():

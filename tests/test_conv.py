@@ -2,6 +2,7 @@
 its derivatives against F.conv2d's (and finite differences), GradNorm on the ResNets against native
 double backprop, torchvision weights, the weight gradients it skips, autocast and torch.compile."""
 import itertools
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import attack
+import evaluate
 from tools import characterize
 import config as C
 import gradnorm as G
@@ -210,11 +211,12 @@ def test_trained_with_fast_conv_then_evaluated_and_characterized(tiny_data, tmp_
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
-    assert attack.main(['--ckpt', str(out / 'ckpt.pt'), '--n', '32', '--attacks', 'ce-2', '--no-autoattack',
-                        '--no-checks', '--json', str(tmp_path / 'eval.json')]) in (None, 0)
-    assert characterize.main([str(out / 'ckpt.pt'), '--n', '32', '--rows', '2', '--steps', '2',
-                              '--out', str(tmp_path / 'char')]) in (None, 0)
-    assert (tmp_path / 'char' / 'characterize.json').exists()
+    evaluate.main(['--ckpt', str(out / 'ckpt.pt'), '--n', '32', '--attacks', 'ce-2', '--no-autoattack',
+                   '--no-checks', '--json', str(tmp_path / 'eval.json')])
+    result = json.load(open(tmp_path / 'eval.json'))
+    assert result['n'] == 32 and 0 <= result['robust'][f'{ck["config"]["eps"]:g}']['worst'] <= result['clean']
+    characterize.main([str(out / 'ckpt.pt'), '--n', '32', '--rows', '2', '--steps', '2', '--out', str(tmp_path / 'char')])
+    assert json.load(open(tmp_path / 'char' / 'characterize.json'))[0]['n'] == 32
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')

@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import attack
 import autoattack_eval as AE
 import config as C
 import data as D
+import evaluate
 import models as M
 import train as T
 from data import FASHION_MEAN, FASHION_STD
@@ -76,7 +76,7 @@ def test_n_beyond_the_test_set_gives_the_same_numbers(loader, tiny_data, tmp_pat
     ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data, loader)
     results = {}
     for n in (256, 300):
-        attack.main(['--ckpt', ckpt, '--n', str(n), '--attacks', 'ce-2', '--no-checks',
+        evaluate.main(['--ckpt', ckpt, '--n', str(n), '--attacks', 'ce-2', '--no-checks',
                      '--json', str(tmp_path / f'{n}.json')])
         results[n] = json.load(open(tmp_path / f'{n}.json'))
         err = capsys.readouterr().err
@@ -147,18 +147,18 @@ def guard(*_, **__):
 
 def test_output_path_problems_end_before_any_work(tiny_data, tmp_path, monkeypatch, capsys):
     ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data)
-    monkeypatch.setattr(attack, 'load_checkpoint', guard)
+    monkeypatch.setattr(evaluate, 'load_checkpoint', guard)
     (tmp_path / 'taken').mkdir()
-    code = C.cli(attack.main, ['--ckpt', ckpt, '--json', str(tmp_path / 'taken')])
+    code = C.cli(evaluate.main, ['--ckpt', ckpt, '--json', str(tmp_path / 'taken')])
     line = one_error(code, capsys.readouterr().err)
     assert str(tmp_path / 'taken') in line and 'a folder is in its place' in line
     (tmp_path / 'eval_linf.autoattack-rank0.json').mkdir()  # the resume state, next to the default JSON
-    line = one_error(C.cli(attack.main, ['--ckpt', ckpt]), capsys.readouterr().err)
+    line = one_error(C.cli(evaluate.main, ['--ckpt', ckpt]), capsys.readouterr().err)
     assert 'eval_linf.autoattack-rank0.json' in line
     with small_fs(tmp_path / 'ro', 'ro,size=64k') as ro:
         if ro is None:
             pytest.skip('mount is not permitted here')
-        code = C.cli(attack.main, ['--ckpt', ckpt, '--json', str(ro / 'e.json')])
+        code = C.cli(evaluate.main, ['--ckpt', ckpt, '--json', str(ro / 'e.json')])
         line = one_error(code, capsys.readouterr().err)
         assert f'{ro} is read-only' in line
 
@@ -183,7 +183,7 @@ def test_full_disk_ends_in_one_line_and_leaves_no_temporary_file(autoattack, tin
     """The results JSON (or, first, AutoAttack's resume state) on a full tmpfs; where mount is not
     permitted, in a process whose files may not grow past 100 bytes."""
     ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data)
-    argv = ['attack.py', '--ckpt', ckpt, '--n', '8', '--attacks', 'ce-1', '--no-checks']
+    argv = ['evaluate.py', '--ckpt', ckpt, '--n', '8', '--attacks', 'ce-1', '--no-checks']
     argv += ['--autoattack'] if autoattack else []
     with small_fs(tmp_path / 'full', 'size=1m') as full:
         out = full or tmp_path / 'full'
@@ -276,7 +276,7 @@ def test_damaged_autoattack_state_starts_afresh_with_a_warning(kind, aa_run, tmp
 ])
 def test_checkpoint_without_a_key_or_misfit_weights_is_one_line(changes, words, tiny_data, tmp_path, capsys):
     ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data, **changes)
-    for main, argv in ((attack.main, ['--ckpt', ckpt, '--n', '8', '--attacks', 'ce-1', '--no-checks']),
+    for main, argv in ((evaluate.main, ['--ckpt', ckpt, '--n', '8', '--attacks', 'ce-1', '--no-checks']),
                        (characterize.main, [ckpt, '--n', '8', '--out', str(tmp_path / 'c')])):
         line = one_error(C.cli(main, argv), capsys.readouterr().err)
         assert ckpt in line and all(w in line for w in words), line
@@ -284,7 +284,7 @@ def test_checkpoint_without_a_key_or_misfit_weights_is_one_line(changes, words, 
 
 def test_data_with_other_classes_than_the_checkpoint_is_one_line(folder, tiny_data, tmp_path, capsys):
     ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data)
-    for main, argv in ((attack.main, ['--ckpt', ckpt, '--data', str(folder), '--attacks', 'ce-1']),
+    for main, argv in ((evaluate.main, ['--ckpt', ckpt, '--data', str(folder), '--attacks', 'ce-1']),
                        (characterize.main, [ckpt, '--data', str(folder), '--out', str(tmp_path / 'c')])):
         code, err = C.cli(main, argv), capsys.readouterr().err
         assert one_error(code, err) == err.strip(), err  # the only line: refused before the data are read

@@ -365,14 +365,14 @@ def test_make_eval_of_an_official_resnet50(tmp_path):
 
 
 def test_official_checkpoint_errors(tmp_path, capsys):
-    import attack
+    import evaluate
     torch.save({'state_dict': {}}, tmp_path / 'x.pth.tar')
     for argv, words in (([f'--ckpt=official:{tmp_path}/x.pth.tar', '--data', str(tmp_path)], ['--model']),
                         ([f'--ckpt=official:{tmp_path}/x.pth.tar', f'--model={SWINB}'], ['--data']),
                         ([f'--ckpt=official:{tmp_path}/x.pth.tar', '--model=resnet50', '--data', str(tmp_path)], ['timm']),
                         ([f'--ckpt=official:{tmp_path}/x.pth.tar', f'--model={SWINB}', '--data', str(tmp_path)],
                          ['state_dict_ema'])):
-        assert C.cli(attack.main, argv) == 2
+        assert C.cli(evaluate.main, argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith('error: ') and len(err.splitlines()) == 1 and all(w in err for w in words), err
 

@@ -15,14 +15,14 @@ Steps 1-3 run at the same time (correctness only), the timed ones alone:
 1. the CUDA tests (tests/test_conv.py, test_compile.py, test_gradnorm_impl.py: the fast conv against
    native, compiled against eager, finite differences without TF32 against float64)
 2. one demo epoch under a 1-process torchrun (NCCL): compiled exact GradNorm with the fast conv and
-   its per-epoch evaluation; then attack.py on its checkpoint, also under torchrun
+   its per-epoch evaluation; then evaluate.py on its checkpoint, also under torchrun
 3. one epoch of a small synthetic ImageFolder (JPEG files) through --loader=torchvision under
    torchrun: compiled GradNorm, EMA, checkpoints; then a second epoch from them with --resume=auto
 4. paper: timm's swin_base_patch4_window7_224 (GELU) at 224 px, float32 (TF32 off, the paper's
    setting) and bf16: standard, exact GradNorm compiled, finite-difference GradNorm (float32),
    EdgeReg, PGD-3 AT; step time, peak memory per image, the largest micro-batch that fits, --accum
    for the recipes; and the finite difference's error against float64 double backprop
-5. attack.py --autoattack (needs pyautoattack) on --ckpt, else on step 2's checkpoint, alone on the
+5. evaluate.py --autoattack (needs pyautoattack) on --ckpt, else on step 2's checkpoint, alone on the
    GPU so that its time per 1,000 images means something
 With --all: 6-7. bench.py step, resnet50 and vit_small at 224, bf16; 8. bench.py conv batchnorm;
 9. the top CUDA kernels of one ResNet-50 GradNorm step with each conv, from torch.profiler.
@@ -46,7 +46,7 @@ import torch
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = '/usr/share/datasets/fashion-mnist'
 SLACK = float(os.environ.get('CHECK_GPU_SLACK', 1))  # multiplies every step's time limit
-NEEDS = ('numpy', 'PIL')  # every step imports data.py (train.py, bench.py, attack.py)
+NEEDS = ('numpy', 'PIL')  # every step imports data.py (train.py, bench.py, evaluate.py)
 
 
 def fashion_or_synthetic(out, n, fashion=FASHION):
@@ -93,7 +93,7 @@ def steps(logs, dry, fashion=FASHION, ckpt=None, extra=False):
     train = [*torchrun, 'train.py', '--objective=gradnorm', '--gradnorm_impl=exact', '--epochs=1', f'--data={data}',
              '--loader=torchvision', f'--out={demo}', '--overwrite=true',
              *(['--batch_size=64', '--eval_n=64', '--eval_steps=2', '--compile=off'] if dry else ['--eval_n=500'])]
-    evaluate = [*torchrun, 'attack.py', '--ckpt', os.path.join(demo, 'ckpt.pt'), '--images', '64' if dry else '500',
+    evaluate = [*torchrun, 'evaluate.py', '--ckpt', os.path.join(demo, 'ckpt.pt'), '--images', '64' if dry else '500',
                 '--attacks', 'ce-10', 'margin-10', '--no-autoattack', '--square-queries', '0',
                 '--json', os.path.join(logs, 'demo_eval.json')]
     folder = image_folder(os.path.join(logs, 'imagefolder'))
@@ -102,7 +102,7 @@ def steps(logs, dry, fashion=FASHION, ckpt=None, extra=False):
     folder_run = [*torchrun, 'train.py', f'--data={folder}', '--loader=torchvision', '--recipe=', '--res=32',
                   '--objective=gradnorm', '--batch_size=16', '--ema=0.9', '--ckpt_every=1', '--eval_n=16',
                   '--eval_steps=2', '--workers=2', f'--out={folder_out}', *(['--compile=off'] if dry else [])]
-    autoattack = [py, 'attack.py', '--ckpt', ckpt or os.path.join(demo, 'ckpt.pt'), '--autoattack', f'--data={data}',
+    autoattack = [py, 'evaluate.py', '--ckpt', ckpt or os.path.join(demo, 'ckpt.pt'), '--autoattack', f'--data={data}',
                   '--json', os.path.join(logs, 'autoattack.json'), *(['--images=64', '--compile=off'] if dry else [])]
     compiled = [] if dry else ['compile=True', 'torch.compile: 1 graph(s)']
     tests = ['tests/test_conv.py', 'tests/test_compile.py', 'tests/test_gradnorm_impl.py']
