@@ -4,7 +4,7 @@ gradients of the loss on clean images; vulnerable ones have large, noise-like on
     python -m tools.characterize runs/fashion-mnist/resnet_demo_pool-{standard,gradnorm}-gelu/ckpt.pt --n 1000
 Per checkpoint, on the same first n test images: per-image L1 and L2 norms of g = d CE_i / d x_i
 (mean, quantiles), per-channel statistics of g, edge alignment (Pearson correlation between |g|
-and the EdgeReg teacher's edge energy, per image), clean and PGD accuracy (attack.evaluate), the
+and the EdgeReg teacher's edge energy, per image), clean and PGD accuracy (evaluate.evaluate), the
 Nyquist share of |g| over the images' (a 2-pixel checkerboard printed by a strided stem: ~1 for
 image-like maps), and on the first --fo-n images the first-order ratio at the eval eps (the CE
 gain PGD-10 reaches over eps * ||g||_1, the gain GradNorm's penalty predicts: 1 on a linear model).
@@ -13,18 +13,19 @@ Writes to --out: characterize.json, characterize.csv, gradients.png, norm_vs_rob
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
-from attack import LOSSES, check_data, evaluate, parse_eps
+from attack import LOSSES, pgd
 from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
 from data import data_shape, make_loaders
 from edge_reg import edge_energy
+from evaluate import check_data, evaluate, parse_eps
 
 QUANTILES = {'q10': 0.1, 'q25': 0.25, 'median': 0.5, 'q75': 0.75, 'q90': 0.9}
 
@@ -75,33 +76,13 @@ def pixel_edges(x):
 
 # ---------------------------------------------------------------- how first-order is the model?
 
-def max_loss_pgd(model, x, y, eps, steps=10, loss='ce'):
-    """Per-sample highest loss seen by L-inf PGD started at x itself (no random start: on a model
-    that is linear in x the first step already points at the optimal corner, so the answer is
-    exact), sign steps of 2.5*eps/steps, projected onto the eps-ball and [0,1]. Unlike the
-    evaluator's PGD it never stops at a misclassification: it measures how far the loss climbs."""
-    loss_fn, size = LOSSES[loss], 2.5 * eps / steps
-    x, x_adv = x.detach(), x.detach().clone()
-    best = torch.full(y.shape, float('-inf'), dtype=x.dtype, device=x.device)
-    for i in range(steps + 1):
-        x_adv.requires_grad_(i < steps)
-        with torch.enable_grad() if i < steps else torch.no_grad():
-            l = loss_fn(model(x_adv), y).to(x.dtype)
-        best = torch.maximum(best, l.detach())
-        if i == steps:
-            break
-        (g,) = torch.autograd.grad(l.sum(), x_adv)
-        x_adv = (x + (x_adv.detach() + size * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
-    return best
-
-
 def loss_and_input_gradient(model, x, y, loss='ce'):
     """Per-sample loss (attack.LOSSES) and its gradient in x, per sample as in input_gradients."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        l = LOSSES[loss](model(x), y).to(x.dtype)
-        (g,) = torch.autograd.grad(l.sum(), x)
-    return l.detach(), g
+        value = LOSSES[loss](model(x), y).to(x.dtype)
+        (g,) = torch.autograd.grad(value.sum(), x)
+    return value.detach(), g
 
 
 def first_order_ratio(model, batches, eps, steps=10, loss='ce'):
@@ -116,7 +97,10 @@ def first_order_ratio(model, batches, eps, steps=10, loss='ce'):
     inc, pred, box = [], [], []
     for x, y in batches:
         l0, g = loss_and_input_gradient(model, x, y, loss)
-        inc.append(max_loss_pgd(model, x, y, eps, steps, loss) - l0)
+        # PGD from x itself (on a model linear in x the first step already reaches the optimal corner),
+        # never stopping at a misclassification: how far the loss climbs
+        _, top = pgd(model, x, y, eps, steps, random_start=False, loss=loss, max_loss=True)
+        inc.append(top.to(x.dtype) - l0)
         pred.append(eps * g.abs().flatten(1).sum(1))
         room = torch.where(g > 0, (1 - x).clamp(max=eps), x.clamp(max=eps))  # how far each pixel may go
         box.append((g.abs() * room).flatten(1).sum(1))
@@ -204,34 +188,22 @@ def gradient_grid(x, grads, names, path, size=112, pad=2):
     save_image(torch.cat([header, grid], 1), path)
 
 
-def scatter_plot(points, path, w=520, h=360):
-    """Robust accuracy (y) against the median per-image L1 gradient norm (x, log10 scale)."""
-    from PIL import Image, ImageDraw
-    from torchvision.transforms.functional import pil_to_tensor
-    img = Image.new('RGB', (w, h), 'white')
-    d = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, w - 20, 20, h - 50
-    lx = [math.log10(max(p[1], 1e-12)) for p in points]
-    lo, hi = math.floor(min(lx)), math.ceil(max(lx))
-    hi += hi == lo
-    px = lambda v: left + (v - lo) / (hi - lo) * (right - left)
-    py = lambda acc: bottom - acc * (bottom - top)
-    d.line([(left, top), (left, bottom), (right, bottom)], fill='black')
-    for e in range(lo, hi + 1):
-        d.line([(px(e), bottom), (px(e), bottom + 4)], fill='black')
-        d.text((px(e) - 12, bottom + 6), f'1e{e}', fill='black')
-    for a in range(0, 101, 20):
-        d.line([(left - 4, py(a / 100)), (left, py(a / 100))], fill='black')
-        d.text((left - 30, py(a / 100) - 5), f'{a}%', fill='black')
-    d.text((left + 60, h - 22), 'median per-image L1 norm of d CE / d x (log scale)', fill='black')
-    d.text((4, 4), 'PGD accuracy', fill='black')
-    colors = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf']
-    for i, ((name, _, acc), v) in enumerate(zip(points, lx)):
-        c = colors[i % len(colors)]
-        d.ellipse([px(v) - 4, py(acc) - 4, px(v) + 4, py(acc) + 4], fill=c)
-        d.ellipse([right - 150, top + 14 * i + 2, right - 142, top + 14 * i + 10], fill=c)  # legend
-        d.text((right - 136, top + 14 * i), name[:22], fill=c)
-    save_image(pil_to_tensor(img).float() / 255, path)
+def scatter_plot(points, path):
+    """Robust accuracy (y) against the median per-image L1 gradient norm (x, log scale): one point per
+    checkpoint. A Figure without pyplot renders with Agg: no display, no global state."""
+    fig = Figure(figsize=(5.2, 3.6), dpi=100)  # 520 x 360 px
+    ax = fig.subplots()
+    for name, l1, acc in points:
+        ax.scatter(max(l1, 1e-12), 100 * acc, label=name[:22])
+    ax.set_xscale('log')
+    ax.set_ylim(0, 100)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_xlabel('median per-image L1 norm of d CE / d x')
+    ax.set_ylabel('PGD accuracy (%)')
+    ax.set_title('robust accuracy against input-gradient norm')
+    ax.legend(fontsize='small')
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 # ---------------------------------------------------------------- the command
@@ -253,9 +225,9 @@ def measure(model, batches, eps, steps, fo_n, fo_steps=10):
     l1, l2, align, channels, nyq = gradient_stats(model, batches)
     r = evaluate(model, batches, [eps], [f'ce-{steps}'])
     fo = first_order_ratio(model, head(batches, fo_n), eps, fo_steps) | {'steps': fo_steps} if fo_n else None
-    return {'n': r['n'], 'clean': r['clean'], 'eps': eps, 'attack': f'PGD-{steps} CE L-inf', 'pgd': r['robust'][eps]['worst'],
-            'l1': summary(l1), 'l2': summary(l2), 'edge_alignment': summary(align), 'channels': channels,
-            'nyquist': nyq, 'first_order': fo}
+    return {'n': r['n'], 'clean': r['clean'], 'eps': eps, 'attack': f'PGD-{steps} CE L-inf',
+            'pgd': r['robust'][eps]['worst'], 'l1': summary(l1), 'l2': summary(l2),
+            'edge_alignment': summary(align), 'channels': channels, 'nyquist': nyq, 'first_order': fo}
 
 
 def characterize(ckpts, n=None, rows=8, eps=None, steps=20, out='runs/characterize', data=None, fo_n=500):
@@ -286,12 +258,18 @@ def characterize(ckpts, n=None, rows=8, eps=None, steps=20, out='runs/characteri
                                   min(fo_n, cfg.eval_n))})
     names = [r['name'] for r in results]
     gradient_grid(images[0], grads, names, os.path.join(out, 'gradients.png'))
-    scatter_plot([(r['name'], r['l1']['median'], r['pgd']) for r in results], os.path.join(out, 'norm_vs_robust.png'))
+    points = [(r['name'], r['l1']['median'], r['pgd']) for r in results]
+    scatter_plot(points, os.path.join(out, 'norm_vs_robust.png'))
     with open(os.path.join(out, 'characterize.json'), 'w') as f:
         json.dump(results, f, indent=1)
-    flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))}
-            | {f'{s}_{k}': v for s in ('l1', 'l2', 'edge_alignment', 'nyquist', 'first_order') for k, v in (r[s] or {}).items()}
-            | {f'ch{i}_{k}': v for i, ch in enumerate(r['channels']) for k, v in ch.items()} for r in results]
+    flat = []
+    for r in results:  # a CSV row per checkpoint: its numbers, each summary's fields, each channel's
+        row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+        for s in ('l1', 'l2', 'edge_alignment', 'nyquist', 'first_order'):
+            row |= {f'{s}_{k}': v for k, v in (r[s] or {}).items()}
+        for i, ch in enumerate(r['channels']):
+            row |= {f'ch{i}_{k}': v for k, v in ch.items()}
+        flat.append(row)
     with open(os.path.join(out, 'characterize.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(flat[0]))
         w.writeheader()
@@ -316,16 +294,19 @@ def main(argv):
     args = p.parse_args(argv)
     res = characterize(args.ckpts, args.n, args.rows, args.eps, args.steps, args.out, args.data, args.fo_n)
     w = max(10, *(len(r['name']) for r in res))
-    print(f'{res[0]["n"]} test images | per-image gradient norms of CE | edge corr = Pearson(|g|, edge energy)\n'
-          f'Nyquist = share of |g|\'s spectrum on the 2-pixel period over the images\' share (a checkerboard: >> 1) | '
-          f'first-order = CE gain of PGD-10 / eps*|g|_1 on {min(args.fo_n, res[0]["n"])} images (1: linear)')
+    print(f'{res[0]["n"]} test images | per-image gradient norms of CE | edge corr = Pearson(|g|, edge '
+          'energy)')
+    print("Nyquist = share of |g|'s spectrum on the 2-pixel period over the images' share (a checkerboard: "
+          f'>> 1) | first-order = CE gain of PGD-10 / eps*|g|_1 on {min(args.fo_n, res[0]["n"])} images '
+          '(1: linear)')
     print(f'{"checkpoint":<{w}} {"clean":>6} {"PGD":>6} {"eps":>5} {"L1 median":>10} {"L1 mean":>9} '
           f'{"L2 median":>10} {"edge corr":>9} {"Nyquist":>8} {"first-order":>11}')
     for r in res:
         nyq = f'{r["nyquist"]["rel"]:8.2f}' if r['nyquist'] else f'{"-":>8}'
         fo = f'{r["first_order"]["ratio"]:11.2f}' if r['first_order'] else f'{"-":>11}'
-        print(f'{r["name"]:<{w}} {100 * r["clean"]:6.1f} {100 * r["pgd"]:6.1f} {r["eps"]:5.3g} {r["l1"]["median"]:10.4g} '
-              f'{r["l1"]["mean"]:9.4g} {r["l2"]["median"]:10.4g} {r["edge_alignment"]["mean"]:9.3f} {nyq} {fo}')
+        print(f'{r["name"]:<{w}} {100 * r["clean"]:6.1f} {100 * r["pgd"]:6.1f} {r["eps"]:5.3g} '
+              f'{r["l1"]["median"]:10.4g} {r["l1"]["mean"]:9.4g} {r["l2"]["median"]:10.4g} '
+              f'{r["edge_alignment"]["mean"]:9.3f} {nyq} {fo}')
     print(f'wrote {args.out}/characterize.json, characterize.csv, gradients.png (columns: input, |grad| of '
           f'{", ".join(r["name"] for r in res)}, edge energy), norm_vs_robust.png')
 
