@@ -1,11 +1,11 @@
-"""The science of the CPU demo (issue 16): why GradNorm's robustness moves while it trains, and
+"""The science of the CPU demo: why GradNorm's robustness moves while it trains, and
 whether its input gradients show the paper's point. Commands (python -m tools.science CMD --help):
 measure (every ckpt-*.pt of a run folder -> RUN/science.jsonl), table (per epoch, mean +- sd over
 seeds; --png the curves), logs (the training logs alone), eps (robust accuracy against eps),
 pictures (|grad| maps), fdcheck (finite-difference GradNorm's error), stems (checkerboards at init).
 
 Per checkpoint (first n test images, eval-mode model unless said otherwise): clean accuracy (10k
-test images); PGD ce-20, margin-20, dlr-20 and their per-sample worst case (attack.evaluate); at
+test images); PGD ce-20, margin-20, dlr-20 and their per-sample worst case (evaluate.evaluate); at
 the final epoch optionally Square on the images every PGD attack failed on; the first-order ratio
 (characterize.py) for CE and for the logit margin; mean ||grad_x CE_i||_1 with batch statistics
 (as the penalty sees the model) and with running statistics (as the attack does); edge alignment
@@ -20,13 +20,24 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 import gradnorm
-from attack import evaluate, parse_eps
-from tools.characterize import first_order_ratio, gradient_grid, gradient_stats, input_gradients, nyquist_fraction, pixel_edges
+from autoattack_eval import square_broken
 from config import ArgumentParser, Config, checked, cli, load_checkpoint, model_from_checkpoint
 from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist, make_loaders
+from evaluate import evaluate, parse_eps
 from models import build_model, is_model
+from tools.characterize import (
+    first_order_ratio,
+    gradient_grid,
+    gradient_stats,
+    input_gradients,
+    nyquist_fraction,
+    pixel_edges,
+)
 
 ATTACKS = ('ce-20', 'margin-20', 'dlr-20')
 
@@ -41,7 +52,8 @@ def fd_vs_exact(model, x, y, eps=0.1):
     for fn in (gradnorm.gradnorm, gradnorm.gradnorm_fd):
         m = copy.deepcopy(model).train().requires_grad_(True)
         loss, _ = fn(m, x.detach().clone().requires_grad_(), y, eps, torch.tensor(1.0))
-        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()))]).double())
+        flat = [g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()))]
+        grads.append(torch.cat(flat).double())
     a, b = grads
     return {'rel_err': ((a - b).norm() / a.norm()).item(), 'cos': F.cosine_similarity(a, b, 0).item()}
 
@@ -73,19 +85,6 @@ def picture_stats(model, batches):
     edges = torch.cat([nyquist_fraction(pixel_edges(x)) for x, _ in batches]).mean().item()
     return {'edge_corr': align.double().mean().item(), 'nyq_grad': nyq['grad'], 'nyq_img': nyq['image'],
             'nyq_rel': nyq['rel'], 'nyq_edges_rel': edges / max(nyq['image'], 1e-30)}
-
-
-def square_robust(model, x, y, eps, n_queries=1000, seed=0):
-    """Gradient-free Square attack (pyautoattack's, margin loss) on the images every PGD attack
-    failed on: a check that PGD's failures are real, not gradient masking. -> bool mask of survivors."""
-    from pyautoattack.square import SquareAttack
-    if len(y) == 0:
-        return torch.zeros(0, dtype=torch.bool)
-    x_adv = SquareAttack(model, norm='Linf', n_queries=n_queries, eps=eps, seed=seed, device=x.device).perturb(x, y)
-    with torch.no_grad():
-        if (x_adv - x).abs().max() > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
-            raise RuntimeError('Square left the eps-ball or [0,1]')
-        return model(x_adv).argmax(1) == y
 
 
 # ---------------------------------------------------------------- one checkpoint, one run folder
@@ -124,10 +123,11 @@ def robust(model, val, x, y, eps, square=0):
     """Clean accuracy on the 10k test images; PGD per attack and the per-sample worst case on (x, y);
     square > 0: Square on the images every PGD attack failed on."""
     masks = standing(model, x, y, eps)
-    out = dict(eps=eps, n=len(y), clean=evaluate(model, val, [])['clean'], **{k: v.double().mean().item() for k, v in masks.items()})
-    if square:
-        idx = masks['worst'].nonzero().squeeze(1)
-        out.update(square_queries=square, square=square_robust(model, x[idx], y[idx], eps, square).sum().item() / len(y))
+    out = dict(eps=eps, n=len(y), clean=evaluate(model, val, [])['clean'])
+    out.update({k: v.double().mean().item() for k, v in masks.items()})
+    if square:  # Square (gradient-free) on what every PGD attack failed on: PGD's failures are real
+        broken = square_broken(model, [(x, y)], masks['worst'], eps, 'linf', square)
+        out.update(square_queries=square, square=(masks['worst'] & ~broken).sum().item() / len(y))
     return out
 
 
@@ -174,11 +174,13 @@ def measure_run(run, n=1000, square=0, final=False, square_all=False):
         if r == recs.get(step):
             continue
         m = log.get(r['epoch'], {})
-        recs[step] = {**r, 'train_penalty': m.get('gradnorm'), 'train_ce': m.get('ce'), 'log_pgd': m.get('pgd')}
+        recs[step] = {**r, 'train_penalty': m.get('gradnorm'), 'train_ce': m.get('ce'),
+                      'log_pgd': m.get('pgd')}
         with open(out + '.tmp', 'w') as f:
             f.writelines(json.dumps(recs[k]) + '\n' for k in sorted(recs))
         os.replace(out + '.tmp', out)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in recs[step].items()}), flush=True)
+        rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in recs[step].items()}
+        print(json.dumps(rounded), flush=True)
 
 
 # ---------------------------------------------------------------- tables over seeds
@@ -198,8 +200,8 @@ def load_groups(runs, per_run=False):
         if not log:
             print(f'warning: {run}/metrics.jsonl missing, skipped', file=sys.stderr)
             continue
-        per_epoch = {e: {'epoch': e, 'clean': m['clean_acc'], 'log_pgd': m['pgd'], 'train_penalty': m.get('gradnorm'),
-                         'train_ce': m.get('ce')} for e, m in log.items()}
+        per_epoch = {e: {'epoch': e, 'clean': m['clean_acc'], 'log_pgd': m['pgd'],
+                         'train_penalty': m.get('gradnorm'), 'train_ce': m.get('ce')} for e, m in log.items()}
         for r in map(json.loads, open(path)) if os.path.exists(path) else []:
             per_epoch[r['epoch']] = {**per_epoch.get(r['epoch'], {}), **r}
         for epoch, r in per_epoch.items():
@@ -218,8 +220,9 @@ def mean_sd(values):
 
 
 # column: (header, key, scale, digits)
-COLUMNS = [('clean %', 'clean', 100, 1), ('PGD worst %', 'worst', 100, 1), ('PGD+Square worst %', 'square', 100, 1),
-           ('ce-20 %', 'ce-20', 100, 1), ('log PGD % (eval_n imgs)', 'log_pgd', 100, 1),
+COLUMNS = [('clean %', 'clean', 100, 1), ('PGD worst %', 'worst', 100, 1),
+           ('PGD+Square worst %', 'square', 100, 1), ('ce-20 %', 'ce-20', 100, 1),
+           ('log PGD % (eval_n imgs)', 'log_pgd', 100, 1),
            ('penalty (train BN)', 'train_penalty', 1, 3), ('eps·‖g‖₁ (eval BN)', 'fo_predicted', 1, 3),
            ('PGD CE gain', 'fo_actual', 1, 3), ('first-order ratio', 'fo_ratio', 1, 2),
            ('margin ratio', 'fo_margin_ratio', 1, 2), ('BN eval/train ‖g‖₁', 'bn_ratio', 1, 2),
@@ -228,8 +231,10 @@ COLUMNS = [('clean %', 'clean', 100, 1), ('PGD worst %', 'worst', 100, 1), ('PGD
 
 def table(groups, columns=COLUMNS):
     """Markdown: one row per group and epoch, each cell mean +- sd over seeds (n seeds in a column)."""
-    cols = [c for c in columns if any(r.get(c[1]) is not None for g in groups.values() for rs in g.values() for r in rs)]
-    lines = ['| run | epoch | seeds | ' + ' | '.join(c[0] for c in cols) + ' |', '|' + '---|' * (len(cols) + 3)]
+    records = [r for g in groups.values() for rs in g.values() for r in rs]
+    cols = [c for c in columns if any(r.get(c[1]) is not None for r in records)]
+    lines = ['| run | epoch | seeds | ' + ' | '.join(c[0] for c in cols) + ' |',
+             '|' + '---|' * (len(cols) + 3)]
     for name, epochs in groups.items():
         for epoch in sorted(epochs):
             cells = []
@@ -248,92 +253,68 @@ def log_table(runs):
     groups = {}
     for run in runs:
         for m in read_log(run).values():
-            groups.setdefault(group_name(run), {}).setdefault(m['epoch'], []).append((m['clean_acc'], m['pgd']))
-    lines = ['| run | epoch | seeds | clean % (10k) | PGD % (log) | per seed: clean / PGD |', '|---|---|---|---|---|---|']
+            per_epoch = groups.setdefault(group_name(run), {})
+            per_epoch.setdefault(m['epoch'], []).append((m['clean_acc'], m['pgd']))
+    lines = ['| run | epoch | seeds | clean % (10k) | PGD % (log) | per seed: clean / PGD |',
+             '|---|---|---|---|---|---|']
     for name, epochs in groups.items():
         for e, v in sorted(epochs.items()):
             (c, cs, _), (p, ps, _) = mean_sd(a for a, _ in v), mean_sd(b for _, b in v)
             seeds = ', '.join(f'{100 * a:.1f} / {100 * b:.1f}' for a, b in v)
-            lines.append(f'| {name} | {e} | {len(v)} | {100 * c:.1f} ± {100 * cs:.1f} | {100 * p:.1f} ± {100 * ps:.1f} | {seeds} |')
+            lines.append(f'| {name} | {e} | {len(v)} | {100 * c:.1f} ± {100 * cs:.1f} | '
+                         f'{100 * p:.1f} ± {100 * ps:.1f} | {seeds} |')
     return '\n'.join(lines)
 
 
-# ---------------------------------------------------------------- per-epoch curves (Pillow only)
+# ---------------------------------------------------------------- per-epoch curves
 
 PANELS = [('clean accuracy % (10k test images)', 'clean', 100),
-          ('robust %: worst of PGD ce/margin/dlr-20 (solid), +Square (dashed)', ('worst', 'square'), 100),
-          ('training log: PGD % on its eval_n test images', 'log_pgd', 100),
-          ('penalty eps*mean|g|_1: train log (solid), eval BN (dashed)', ('train_penalty', 'fo_predicted'), 1),
-          ('CE gain: PGD reaches (solid), eps*|g|_1 predicts (dashed)', ('fo_actual', 'fo_predicted'), 1),
-          ('first-order ratio (gain/prediction): CE solid, margin dashed', ('fo_ratio', 'fo_margin_ratio'), 1),
+          ('robust %: PGD worst (solid), +Square (dashed)', ('worst', 'square'), 100),
+          ("training log's PGD % (its eval_n images)", 'log_pgd', 100),
+          ('eps*mean|g|_1: train log (solid), eval BN (dashed)', ('train_penalty', 'fo_predicted'), 1),
+          ('CE gain: PGD (solid), eps*|g|_1 (dashed)', ('fo_actual', 'fo_predicted'), 1),
+          ('first-order ratio: CE (solid), margin (dashed)', ('fo_ratio', 'fo_margin_ratio'), 1),
           ('|g|_1 eval-mode BN / train-mode BN', 'bn_ratio', 1), ('edge corr of |g|', 'edge_corr', 1),
           ('Nyquist share of |g| / of the images', 'nyq_rel', 1)]
-COLORS = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf']
 
 
-def draw_lines(d, pts, color, style):
-    """style 'seed': a thin line, open dots; 'mean': a thick line, filled dots; 'dashed': a dashed
-    mean (every other ninth of each segment)."""
-    r, width = (2, 1) if style == 'seed' else (3, 3 if style == 'mean' else 2)
-    for (ax, ay), (bx, by) in zip(pts, pts[1:]):
-        for j in range(0, 9, 2) if style == 'dashed' else [None]:
-            f0, f1 = (0, 1) if j is None else (j / 9, (j + 1) / 9)
-            d.line([(ax + (bx - ax) * f0, ay + (by - ay) * f0), (ax + (bx - ax) * f1, ay + (by - ay) * f1)],
-                   fill=color, width=width)
-    for x, y in pts:
-        d.ellipse([x - r, y - r, x + r, y + r], **({'outline': color} if style == 'seed' else {'fill': color}))
-
-
-def draw_panel(d, box, title, series, epochs):
-    """One panel: series = [(color, [[value per epoch] per seed], dashed)]; a thin line per seed, a
-    thick line for the mean over the seeds measured at every epoch."""
-    left, top, right, bottom = box
-    vals = [v for _, seeds, _ in series for s in seeds for v in s if v is not None]
-    if not vals:
-        return
-    lo, hi = min(vals), max(vals)
-    pad = 0.08 * (hi - lo or abs(hi) or 1)
-    lo, hi = lo - pad, hi + pad
-    px = lambda e: left + (e - epochs[0]) / max(epochs[-1] - epochs[0], 1) * (right - left)
-    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
-    d.rectangle([left, top, right, bottom], outline='black')
-    d.text((left, top - 14), title, fill='black')
-    for k in range(5):  # y ticks
-        v = lo + k * (hi - lo) / 4
-        d.line([(left - 4, py(v)), (left, py(v))], fill='black')
-        d.text((left - 44, py(v) - 5), f'{v:.3g}', fill='black')
-    for e in epochs:
-        d.text((px(e) - 3, bottom + 4), str(e), fill='black')
-    for color, seeds, dashed in series:
-        for s in seeds:
-            draw_lines(d, [(px(e), py(v)) for e, v in zip(epochs, s) if v is not None], color, 'seed')
-        full = [s for s in seeds if all(v is not None for v in s)]  # the mean of seeds measured every epoch
+def draw_series(ax, epochs, seeds, color, style):
+    """A thin line per seed, a thick one for the mean over the seeds measured at every epoch."""
+    for s in seeds:
+        points = [(e, v) for e, v in zip(epochs, s) if v is not None]
+        if points:
+            ax.plot(*zip(*points), style, color=color, lw=0.8, alpha=0.5, marker='o', ms=2)
+    full = [s for s in seeds if all(v is not None for v in s)]
+    if full:
         mean = [mean_sd([s[i] for s in full])[0] for i in range(len(epochs))]
-        draw_lines(d, [(px(e), py(v)) for e, v in zip(epochs, mean) if v is not None], color, 'dashed' if dashed else 'mean')
+        ax.plot(epochs, mean, style, color=color, lw=2)
 
 
-def plot_curves(groups, path, panels=PANELS, cols=3, w=330, h=230):
-    """Per-epoch curves of every group (a color each; thin: seeds, thick: mean) in one PNG."""
-    from PIL import Image, ImageDraw
+def plot_curves(groups, path, panels=PANELS, cols=3):
+    """Per-epoch curves of every group (a colour each) in one PNG, 330 x 230 px per panel. A Figure
+    without pyplot renders with Agg: no display, no global state."""
     epochs = sorted({e for g in groups.values() for e in g})
     rows = -(-len(panels) // cols)
-    img = Image.new('RGB', (cols * w + 20, rows * h + 40), 'white')
-    d = ImageDraw.Draw(img)
-    for i, (title, keys, scale) in enumerate(panels):
-        series = []
+    fig = Figure(figsize=(cols * 3.3 + 0.2, rows * 2.3 + 0.4), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax, (title, keys, scale) in zip(axes, panels):
         for c, g in enumerate(groups.values()):
             n_seeds = max(len(g.get(e, [])) for e in epochs)
             for j, key in enumerate(keys if isinstance(keys, tuple) else (keys,)):
                 seeds = [[scale * g[e][s][key] if e in g and s < len(g[e]) and g[e][s].get(key) is not None
                           else None for e in epochs] for s in range(n_seeds)]
-                series.append((COLORS[c % len(COLORS)], seeds, j > 0))
-        x0, y0 = (i % cols) * w + 60, (i // cols) * h + 30
-        draw_panel(d, (x0, y0, x0 + w - 80, y0 + h - 60), title, series, epochs)
-    for c, name in enumerate(groups):  # legend along the bottom
-        d.rectangle([20 + c * 160, rows * h + 18, 32 + c * 160, rows * h + 30], fill=COLORS[c % len(COLORS)])
-        d.text((36 + c * 160, rows * h + 18), name[:24], fill='black')
-    d.text((cols * w - 110, rows * h + 18), 'x: epoch', fill='black')
-    img.save(path, optimize=True)
+                draw_series(ax, epochs, seeds, f'C{c}', '--' if j else '-')
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel('epoch', fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    lines = [Line2D([], [], color=f'C{c}', lw=2) for c in range(len(groups))]
+    fig.legend(lines, list(groups), loc='lower center', ncol=min(len(groups), 6), fontsize=8)
+    fig.suptitle('per epoch: thin lines one seed each, thick the mean over seeds', fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(path)
 
 
 # ---------------------------------------------------------------- robust accuracy against eps
@@ -364,12 +345,14 @@ def eps_table(results, eps_list):
              '|' + '---|' * (len(eps_list) + 3)]
     for name, rs in groups.items():
         cells = [mean_sd(r[k] for r in rs) for k in ['clean', *eps_list]]
-        lines.append(f'| {name} | {len(rs)} | ' + ' | '.join(f'{100 * m:.1f} ± {100 * s:.1f}' for m, s, _ in cells) + ' |')
+        row = ' | '.join(f'{100 * m:.1f} ± {100 * s:.1f}' for m, s, _ in cells)
+        lines.append(f'| {name} | {len(rs)} | {row} |')
     lines += ['', '| run: first-order ratio (PGD-10 CE gain / eps·mean‖g‖₁) | seeds | | '
               + ' | '.join(f'eps {e:g}' for e in eps_list) + ' |', '|' + '---|' * (len(eps_list) + 3)]
     for name, rs in groups.items():
         cells = [mean_sd(r['fo_ratio'][e] for r in rs) for e in eps_list]
-        lines.append(f'| {name} | {len(rs)} | | ' + ' | '.join(f'{m:.2f} ± {s:.2f}' for m, s, _ in cells) + ' |')
+        row = ' | '.join(f'{m:.2f} ± {s:.2f}' for m, s, _ in cells)
+        lines.append(f'| {name} | {len(rs)} | | {row} |')
     return '\n'.join(lines)
 
 
@@ -402,7 +385,8 @@ def screen_stems(names, n=500, seeds=(0, 1, 2), act='gelu', data=Config.data):
         stats = []
         for seed in seeds:
             torch.manual_seed(seed)
-            m = build_model(name, act, in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
+            m = build_model(name, act, in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN,
+                            std=FASHION_STD)
             stats.append(picture_stats(m.eval(), [(x, y)]))
         out[name] = {k: mean_sd(s[k] for s in stats)[:2] for k in stats[0]}
     return out
@@ -426,7 +410,8 @@ def parser():
     t.add_argument('--png', default=None)
     t.add_argument('--final', action='store_true', help='only the last epoch of each group')
     t.add_argument('--per-run', action='store_true', help='one row per run instead of mean +- sd over seeds')
-    sub.add_parser('logs', help='per-epoch clean and PGD accuracy from the training logs').add_argument('runs', nargs='+')
+    logs = sub.add_parser('logs', help='per-epoch clean and PGD accuracy from the training logs')
+    logs.add_argument('runs', nargs='+')
     e = sub.add_parser('eps', help='worst-case robust accuracy against eps, mean +- sd over seeds')
     e.add_argument('ckpts', nargs='+')
     e.add_argument('--eps', nargs='+', type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
@@ -438,7 +423,8 @@ def parser():
     g.add_argument('--out', required=True)
     g.add_argument('--n', type=positive, default=1000)
     g.add_argument('--rows', type=checked(int, lambda v: 1 <= v <= 64, 'in [1, 64]'), default=8)
-    sub.add_parser('fdcheck', help='finite-difference GradNorm against double backprop').add_argument('ckpts', nargs='+')
+    fd = sub.add_parser('fdcheck', help='finite-difference GradNorm against double backprop')
+    fd.add_argument('ckpts', nargs='+')
     st = sub.add_parser('stems', help='Nyquist share and edge correlation of |grad| at initialization')
     st.add_argument('models', nargs='+', type=checked(str, is_model, 'a model name (models.py)'))
     return p
@@ -474,13 +460,14 @@ def main(argv):
     elif a.cmd == 'stems':
         print('| model | Nyquist abs(g) / image | edge corr |\n|---|---|---|')
         for name, r in screen_stems(a.models).items():
-            print(f'| {name} | {r["nyq_rel"][0]:.1f} ± {r["nyq_rel"][1]:.1f} | {r["edge_corr"][0]:.3f} ± {r["edge_corr"][1]:.3f} |')
+            print(f'| {name} | {r["nyq_rel"][0]:.1f} ± {r["nyq_rel"][1]:.1f} | '
+                  f'{r["edge_corr"][0]:.3f} ± {r["edge_corr"][1]:.3f} |')
     else:
         print('| checkpoint | edge corr | Nyquist share of abs(g) | of the images | abs(g) / images | '
               'pixel edges / images |\n|---|---|---|---|---|---|')
         for s in pictures(a.ckpts, a.out, a.n, a.rows):
-            print(f'| {s["ckpt"]} | {s["edge_corr"]:.3f} | {s["nyq_grad"]:.4f} | {s["nyq_img"]:.4f} | {s["nyq_rel"]:.2f} | '
-                  f'{s["nyq_edges_rel"]:.2f} |')
+            print(f'| {s["ckpt"]} | {s["edge_corr"]:.3f} | {s["nyq_grad"]:.4f} | {s["nyq_img"]:.4f} | '
+                  f'{s["nyq_rel"]:.2f} | {s["nyq_edges_rel"]:.2f} |')
         print(f'wrote {a.out}')
 
 
