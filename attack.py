@@ -99,11 +99,12 @@ def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=Fa
     loss_fn, size, x = LOSSES[loss], step_size or 2.5 * eps / steps, x.detach()
     if not keep_best:
         x_adv = (x + random_delta(x, eps, norm)).clamp(0, 1) if random_start else x.clone()
-        top = torch.full(y.shape, float('-inf'), device=x.device)
+        top = torch.full((len(x),), float('-inf'), device=x.device)
         for i in range(steps):
             x_adv.requires_grad_(True)
             value = loss_fn(model(x_adv), y)
-            top = torch.maximum(top, value.detach())
+            if max_loss:
+                top = torch.maximum(top, value.detach())
             (g,) = torch.autograd.grad(value.sum(), x_adv)
             x_adv = step(x, x_adv.detach(), g, step_size_at(size, i, steps, schedule), eps, norm)
         if not max_loss:
