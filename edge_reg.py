@@ -20,7 +20,10 @@ def bessel_kernel(t=1.0):
     make_gaussian_filter with stddev=t; t is the variance of the discrete Gaussian, so at their
     sigma=1 it is also the standard deviation). I_n by its power series, in float64."""
     r = math.ceil(3 * t)
-    i_n = lambda n: sum((t / 2) ** (2 * k + n) / (math.factorial(k) * math.factorial(k + n)) for k in range(40))
+
+    def i_n(n):
+        return sum((t / 2) ** (2 * k + n) / (math.factorial(k) * math.factorial(k + n)) for k in range(40))
+
     h = torch.tensor([math.exp(-t) * i_n(abs(n)) for n in range(-r, r + 1)], dtype=torch.float64)
     return h / h.sum()
 

@@ -1,13 +1,7 @@
-"""Compact ResNet and ViT for robustness from natural input gradients, and any timm model.
+"""Compact ResNets and ViTs, and any timm model (`swin_base_patch4_window7_224`, `timm/resnet50`).
 
-All take the activation by name (GradNorm needs a smooth one: GELU or SiLU) and the number of
-input channels and classes, and all eat images in [0,1]: normalization is a buffer inside the
-model, so input gradients and attacks live in pixel space. `resnet50` keeps torchvision's
-parameter names and shapes, so its pretrained weights load with strict=True.
-
-Any other name timm knows (the paper's `swin_base_patch4_window7_224`; `timm/NAME` where a
-compact model has the same name, e.g. `timm/resnet50`) is built by timm, imported only then.
-"""
+Every model takes its activation by name (GradNorm needs a smooth one) and eats images in [0,1]:
+normalization is a buffer inside it, so input gradients and attacks live in pixel space."""
 from typing import List, Optional
 
 import torch
@@ -38,17 +32,15 @@ class Normalize(nn.Module):
 
 
 # ---------------------------------------------------------------- a convolution for double backprop
-# PyTorch's double backward of a convolution computes its weight term as a convolution whose
-# kernel is the output gradient (kernel = feature map, dilation = stride), a shape with no fast
-# cuDNN algorithm. Here each gradient is an op of its own (conv2d_input, conv2d_weight) whose
-# derivatives are again conv2d, conv2d_input and conv2d_weight: the same numbers, on the three
-# standard kernels. Custom ops, not autograd.Functions: torch.compile (trace_autograd_ops) of a
-# double backward through autograd.Functions returned wrong gradients (torch 2.14).
+# Copyable as one block, from here to CONVS; it needs only torch (>= 2.4, torch.library.custom_op).
+# PyTorch's double backward of a convolution runs its weight term as a convolution whose kernel is
+# the output gradient, a shape with no fast cuDNN algorithm. Here each gradient is an op whose
+# derivatives are again conv2d, conv2d_input and conv2d_weight: the same numbers on the standard
+# kernels. Custom ops, because autograd.Functions gave wrong double backwards under torch.compile.
 
 def _needed(ctx, i):
-    """Whether this backward pass wants the gradient of tensor input i. ctx.needs_input_grad says
-    only whether it requires grad, so autograd.grad(ce, x) would compute every weight gradient;
-    native convolutions ask the engine, as here."""
+    """Whether this backward wants input i's gradient (needs_input_grad says only that it could:
+    autograd.grad(ce, x) would compute every weight gradient too)."""
     node = ctx.next_functions[i][0]
     if node is None:
         return False
@@ -198,9 +190,8 @@ class ResNet(nn.Module):
                           1 if small_stem else 3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.act = make_act(act)
-        # stem_pool=2 (small stem): 2x2 average pooling after a stride-1 stem. Its input gradient spreads
-        # each pooled cell's gradient evenly over its 4 pixels, where a stride-2 3x3 conv reaches every
-        # other pixel twice and prints a 2-pixel checkerboard into d loss / d x (docs/demo_science.md)
+        # stem_pool=2: a stride-2 3x3 stem prints a 2-pixel checkerboard into d loss / d x, average
+        # pooling does not (docs/demo_science.md)
         self.maxpool = (nn.AvgPool2d(stem_pool) if stem_pool > 1 else nn.Identity()) if small_stem \
             else nn.MaxPool2d(3, 2, 1)
         cin = widths[0]
@@ -265,14 +256,18 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(x)).mean(1))  # mean-pooled tokens, no class token
 
 
+def _demo(**kw):
+    return ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, **kw)
+
+
 MODELS = {
     'resnet18': lambda **kw: ResNet(BasicBlock, [2, 2, 2, 2], **kw),
     'resnet50': lambda **kw: ResNet(Bottleneck, [3, 4, 6, 3], **kw),
     'resnet18_small': lambda **kw: ResNet(BasicBlock, [2, 2, 2, 2], small_stem=True, **kw),
     # the CPU demo: 28 px -> 14 -> 7 -> 4, ~20x cheaper than resnet18_small
-    'resnet_demo': lambda **kw: ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, stem_stride=2, **kw),
+    'resnet_demo': lambda **kw: _demo(stem_stride=2, **kw),
     # the demo with a stem whose input gradients carry no 2-pixel checkerboard (1.3x the step cost)
-    'resnet_demo_pool': lambda **kw: ResNet(BasicBlock, [1, 1, 1], (16, 32, 64), small_stem=True, stem_pool=2, **kw),
+    'resnet_demo_pool': lambda **kw: _demo(stem_pool=2, **kw),
     'vit_tiny': lambda **kw: ViT(patch=16, dim=192, depth=12, heads=3, **kw),
     'vit_small': lambda **kw: ViT(patch=16, dim=384, depth=12, heads=6, **kw),
     'vit_demo': lambda **kw: ViT(patch=4, dim=96, depth=4, heads=3, **kw),
@@ -310,9 +305,8 @@ class TimmModel(nn.Module):
 
 
 def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
-    """timm.create_model without dropout or stochastic depth (as the paper's runs), at img_size
-    where the architecture has a fixed input size (ViT, Swin: timm resizes position embeddings and
-    relative position tables of pretrained weights), the activation swapped in after."""
+    """timm.create_model without dropout or stochastic depth (as the paper's runs), at img_size where
+    the architecture fixes it (ViT, Swin: timm resizes pretrained position tables), act swapped in."""
     import timm
     base = timm_name(name)
     cfg = timm.models.get_pretrained_cfg(base)
@@ -320,7 +314,7 @@ def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
     kw.update(num_classes=num_classes, in_chans=in_ch, drop_rate=0.0, drop_path_rate=0.0)
     try:
         model = timm.create_model(base, pretrained=pretrained, **kw)
-    except TypeError as e:  # an architecture without stochastic depth (VGG, DenseNet, ...) refuses the argument
+    except TypeError as e:  # architectures without stochastic depth (VGG, DenseNet, ...) refuse the argument
         if 'drop_path_rate' not in str(e):
             raise
         del kw['drop_path_rate']
@@ -329,16 +323,16 @@ def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
     from timm.layers.activations import HardSigmoid
     for module in list(model.modules()):  # squeeze-excite gates (MobileNetV3, GhostNet, LCNet, ...)
         for child_name, child in module.named_children():
-            if isinstance(child, nn.Hardsigmoid):  # the same function: aten's hardsigmoid backward has no derivative
-                setattr(module, child_name, HardSigmoid())  # relu6(x + 3) / 6, twice differentiable
+            # the same function, twice differentiable (aten's hardsigmoid backward has no derivative)
+            if isinstance(child, nn.Hardsigmoid):
+                setattr(module, child_name, HardSigmoid())
     mean = mean or (cfg.mean if cfg else IMAGENET_MEAN)[:in_ch]
     return TimmModel(model, mean, std or (cfg.std if cfg else IMAGENET_STD)[:in_ch])
 
 
 def load_timm_state_dict(model, state_dict):
-    """Weights saved from the bare timm model (e.g. by timm's training scripts) into a TimmModel,
-    through timm's own converter for the architecture where it has one: the authors' Swin
-    checkpoints use the original layout (patch merging at the end of a stage, `head.weight`)."""
+    """A bare timm model's weights into a TimmModel, through timm's converter where the architecture
+    has one (the authors' Swin checkpoints use the original layout)."""
     import sys
     convert = getattr(sys.modules[type(model.model).__module__], 'checkpoint_filter_fn', None)
     if convert is not None:
@@ -348,8 +342,8 @@ def load_timm_state_dict(model, state_dict):
 
 
 def _unreachable(url, hub):
-    """Why url's host cannot be reached now (hub: HF_HUB_OFFLINE counts), else None. One TCP
-    connection of at most 3 s; through a proxy, the download is left to try."""
+    """Why url's host cannot be reached (one TCP connection, 3 s at most), else None; behind a
+    proxy the download is left to try."""
     import socket
     import urllib.parse
     import urllib.request
@@ -370,10 +364,8 @@ def _unreachable(url, hub):
 
 
 def pretrained_missing(name):
-    """None if timm.create_model(name, pretrained=True) will get its weights: from the cache timm reads
-    (the Hugging Face hub's: HF_HOME, HF_HUB_CACHE; torch hub's for a plain URL), or online. Else why
-    not and the fix, naming the model and the cache folder: offline, timm retries the download for
-    about a minute and ends in a traceback."""
+    """None if timm.create_model(name, pretrained=True) will find its weights (in timm's cache or
+    online), else why not and the fix: offline, timm retries for a minute and ends in a traceback."""
     import timm
     from huggingface_hub import constants, try_to_load_from_cache
     from timm.models._builder import _resolve_pretrained_source  # timm's own choice of source
@@ -403,8 +395,8 @@ def pretrained_missing(name):
 
 
 def patch_problem(name, img_size):
-    """Why a model of this file cannot see all of an img_size image (a ViT whose patch does not
-    divide it), else None. Built on the meta device: nothing is allocated."""
+    """Why a ViT of this file cannot see all of an img_size image, else None (built on the meta
+    device: nothing is allocated)."""
     if name not in MODELS or not name.startswith('vit'):
         return None
     try:
@@ -417,10 +409,10 @@ def patch_problem(name, img_size):
 
 # ---------------------------------------------------------------- any model
 
-def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=None, std=None, pretrained=False,
-                conv='native'):
-    """pretrained: timm's weights (timm models only; downloaded by timm from the Hugging Face hub).
-    conv: 'native' (nn.Conv2d) or 'fast' (Conv2d, for double backward); same parameters either way."""
+def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=None, std=None,
+                pretrained=False, conv='native'):
+    """pretrained: timm's weights (timm models only). conv: 'native' (nn.Conv2d) or 'fast' (Conv2d,
+    for double backward); the same parameters either way."""
     if not is_model(name):
         raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)} or a timm model')
     if conv not in CONVS:
@@ -437,8 +429,8 @@ def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=
 
 
 def use_conv(model, conv):
-    """Make every plain nn.Conv2d of model (timm's) the given kind, in place. Subclasses that change
-    the forward (timm's Conv2dSame, StdConv2d, ...) stay as they are."""
+    """Every plain nn.Conv2d of model the given kind, in place (timm's Conv2dSame, StdConv2d, ...
+    change the forward and stay as they are)."""
     for m in model.modules():
         if type(m) in (nn.Conv2d, Conv2d):
             m.__class__ = CONVS[conv]  # same attributes and parameters: only the forward differs
@@ -446,15 +438,13 @@ def use_conv(model, conv):
 
 
 def activation_types():
-    """The module classes an activation swap replaces: ours and timm's ReLU/GELU/SiLU kinds (not
-    the sigmoid/tanh gates of squeeze-excite or attention blocks, which are not the nonlinearity)."""
+    """Ours and timm's ReLU/GELU/SiLU kinds; not the sigmoid gates of squeeze-excite blocks."""
     kinds = tuple(ACTS.values())
     try:
         from timm.layers import activations as t
-        kinds += (t.GELU, t.GELUTanh, t.QuickGELU, t.Swish)
     except ImportError:
-        pass
-    return kinds
+        return kinds
+    return kinds + (t.GELU, t.GELUTanh, t.QuickGELU, t.Swish)
 
 
 def set_activation(model, act):
@@ -468,13 +458,16 @@ def set_activation(model, act):
 
 
 def no_weight_decay(model):
-    """Names of the parameters AdamW should not decay: 1-D ones (norms, biases) and those a timm
-    architecture lists (Swin's relative position tables, ViT's position embedding), as timm's
-    optimizer factory (the authors') leaves them."""
+    """Parameters AdamW should not decay, as timm's optimizer factory (the authors') leaves them: 1-D
+    ones (norms, biases) and those a timm architecture lists (Swin's relative position tables)."""
     import fnmatch
     inner = getattr(model, 'model', None)
     listed = [f'model.{n}' for n in inner.no_weight_decay()] if hasattr(inner, 'no_weight_decay') else []
-    return {n for n, p in model.named_parameters() if p.ndim <= 1 or any(fnmatch.fnmatch(n, pat) for pat in listed)}
+    skip = set()
+    for name, p in model.named_parameters():
+        if p.ndim <= 1 or any(fnmatch.fnmatch(name, pattern) for pattern in listed):
+            skip.add(name)
+    return skip
 
 
 def normalization(model):
