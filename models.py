@@ -119,11 +119,8 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, state_dict and arguments) whose double backward is fast."""
 
     def _conv_forward(self, x, w, b):
-        if isinstance(self.padding, str):  # 'same'/'valid': rare, and not worth the code here
+        if isinstance(self.padding, str) or self.padding_mode != 'zeros':  # rare: the native double backward
             return super()._conv_forward(x, w, b)
-        if self.padding_mode != 'zeros':
-            return conv2d(F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), w, b,
-                          self.stride, 0, self.dilation, self.groups)
         return conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -293,8 +290,7 @@ def is_model(name):
 
 
 class TimmModel(nn.Module):
-    """A timm model behind our Normalize: images in [0,1] stay the interface. Its state_dict is the
-    timm model's under 'model.' (Normalize's buffers are not persistent)."""
+    """A timm model behind our Normalize (images in [0,1]); its state_dict is timm's under 'model.'."""
 
     def __init__(self, model, mean, std):
         super().__init__()
