@@ -317,11 +317,9 @@ def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
         model = timm.create_model(base, pretrained=pretrained, **kw)
     set_activation(model, act)
     from timm.layers.activations import HardSigmoid
-    for module in list(model.modules()):  # squeeze-excite gates (MobileNetV3, GhostNet, LCNet, ...)
-        for child_name, child in module.named_children():
-            # the same function, twice differentiable (aten's hardsigmoid backward has no derivative)
-            if isinstance(child, nn.Hardsigmoid):
-                setattr(module, child_name, HardSigmoid())
+    # squeeze-excite gates (MobileNetV3, GhostNet, ...): the same function, twice differentiable
+    # (aten's hardsigmoid backward has no derivative)
+    replace_modules(model, nn.Hardsigmoid, HardSigmoid)
     mean = mean or (cfg.mean if cfg else IMAGENET_MEAN)[:in_ch]
     return TimmModel(model, mean, std or (cfg.std if cfg else IMAGENET_STD)[:in_ch])
 
@@ -337,18 +335,13 @@ def load_timm_state_dict(model, state_dict):
     return model
 
 
-def _unreachable(url, hub):
+def _unreachable(url):
     """Why url's host cannot be reached (one TCP connection, 3 s at most), else None; behind a
     proxy the download is left to try."""
     import socket
     import urllib.parse
     import urllib.request
-
-    from huggingface_hub import constants
-    if hub and constants.HF_HUB_OFFLINE:
-        return 'HF_HUB_OFFLINE is set'
-    proxies = urllib.request.getproxies()
-    if 'https' in proxies or 'http' in proxies:
+    if {'http', 'https'} & set(urllib.request.getproxies()):
         return None
     u = urllib.parse.urlsplit(url)
     port = u.port or (443 if u.scheme == 'https' else 80)
@@ -375,12 +368,13 @@ def pretrained_missing(name):
         files = [file] if file.endswith('.safetensors') else [*_get_safe_alternatives(file), file]
         if any(isinstance(try_to_load_from_cache(repo, f, revision=revision), str) for f in files):
             return None
-        cache, why = constants.HF_HUB_CACHE, _unreachable(constants.ENDPOINT, hub=True)
+        offline = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else None
+        cache, why = constants.HF_HUB_CACHE, offline or _unreachable(constants.ENDPOINT)
         base = f'{base} ({repo})'
     elif source == 'url':
         if check_cached_file(loc):
             return None
-        cache, why = get_cache_dir(), _unreachable(loc, hub=False)
+        cache, why = get_cache_dir(), _unreachable(loc)
     else:
         return None if source else f'timm has no pretrained weights for {base}'
     if why is None:
@@ -443,14 +437,18 @@ def activation_types():
     return kinds + (t.GELU, t.GELUTanh, t.QuickGELU, t.Swish)
 
 
-def set_activation(model, act):
-    """Swap every activation module in place, e.g. ReLU -> GELU after loading pretrained weights."""
-    kinds = activation_types()
+def replace_modules(model, kinds, make):
+    """Every submodule of the given classes replaced in place by make()."""
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, kinds):
-                setattr(module, name, make_act(act))
+                setattr(module, name, make())
     return model
+
+
+def set_activation(model, act):
+    """Swap every activation module in place, e.g. ReLU -> GELU after loading pretrained weights."""
+    return replace_modules(model, activation_types(), lambda: make_act(act))
 
 
 def no_weight_decay(model):
