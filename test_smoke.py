@@ -1,5 +1,6 @@
 """Smoke tests: the math against independent computations, every model, the attack, the training
 loop end to end (one process and torchrun), checkpoints, and the user-facing errors."""
+
 import json
 import os
 import shutil
@@ -16,8 +17,8 @@ import gradnorm as G
 import models as M
 from attack import pgd, pgd_at
 from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist
-from models import IMAGENET_MEAN, IMAGENET_STD
 from edge_reg import edge_energy, edge_reg
+from models import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import tiny_data  # noqa: F401 (a fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,14 +33,19 @@ def batch():
 
 def demo_model(act='gelu', **kw):
     torch.manual_seed(0)
-    return M.build_model('resnet_demo', act, in_ch=1, num_classes=10, mean=FASHION_MEAN, std=FASHION_STD, **kw)
+    return M.build_model(
+        'resnet_demo', act, in_ch=1, num_classes=10, mean=FASHION_MEAN, std=FASHION_STD, **kw
+    )
 
 
 def run(args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 # ---------------------------------------------------------------- the math
+
 
 def test_gradnorm_term_matches_per_sample_float64(batch):
     """The penalty is eps * mean_i ||d CE_i / d x_i||_1, computed here one image at a time.
@@ -50,8 +56,8 @@ def test_gradnorm_term_matches_per_sample_float64(batch):
     loss, parts = G.gradnorm(model, x, y, eps, alpha, smoothing=0.1)
     norms = []
     for i in range(len(y)):
-        xi = x[i:i + 1].clone().requires_grad_()
-        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i:i + 1], label_smoothing=0.1), xi)
+        xi = x[i : i + 1].clone().requires_grad_()
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i : i + 1], label_smoothing=0.1), xi)
         norms.append(g.abs().sum())
     penalty = eps * torch.stack(norms).mean()
     ce = F.cross_entropy(model(x), y, label_smoothing=0.1)
@@ -91,7 +97,10 @@ def test_every_model_forward_and_double_backward(name, act, channels_last):
     model = M.build_model(name, act, in_ch=3, num_classes=7, img_size=size)
     x = torch.rand(2, 3, size, size)
     if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        model, x = (
+            model.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
     y = torch.tensor([0, 3])
     loss, parts = G.gradnorm(model, x, y, 4 / 255, torch.tensor(1.0))
     loss.backward()
@@ -119,6 +128,7 @@ def test_resnet50_loads_torchvision_weights_strictly():
 
 
 # ---------------------------------------------------------------- attack and teacher
+
 
 def test_pgd_stays_in_ball_and_raises_loss(batch):
     x, y = batch[0][:32], batch[1][:32]
@@ -161,15 +171,18 @@ def test_edge_teacher_marks_square_boundary():
 
 # ---------------------------------------------------------------- objectives train
 
+
 @pytest.mark.parametrize('name', ['standard', 'gradnorm', 'pgd', 'edge'])
 def test_each_objective_lowers_its_loss(name, batch):
     x, y = batch
     model = demo_model()
     one = torch.tensor(1.0)
-    fn = {'standard': lambda: G.standard(model, x, y),
-          'gradnorm': lambda: G.gradnorm(model, x, y, 0.1, one),
-          'pgd': lambda: pgd_at(model, x, y, 0.1, 3),
-          'edge': lambda: edge_reg(model, x, y, one)}[name]
+    fn = {
+        'standard': lambda: G.standard(model, x, y),
+        'gradnorm': lambda: G.gradnorm(model, x, y, 0.1, one),
+        'pgd': lambda: pgd_at(model, x, y, 0.1, 3),
+        'edge': lambda: edge_reg(model, x, y, one),
+    }[name]
 
     def loss(seed=0):
         torch.manual_seed(seed)  # same random start / sampled class for before and after
@@ -187,10 +200,21 @@ def test_each_objective_lowers_its_loss(name, batch):
 
 # ---------------------------------------------------------------- training loop
 
+
 def train_args(data, out, *extra):
-    return ['train.py', f'--data={data}', f'--out={out}', '--epochs=2', '--batch_size=64',
-            '--eval_n=64', '--eval_steps=2', '--warmup_epochs=0.5', '--ramp_epochs=1',
-            '--loader=torchvision', *extra]  # in-memory Fashion-MNIST: no FFCV JIT warm-up per run
+    return [
+        'train.py',
+        f'--data={data}',
+        f'--out={out}',
+        '--epochs=2',
+        '--batch_size=64',
+        '--eval_n=64',
+        '--eval_steps=2',
+        '--warmup_epochs=0.5',
+        '--ramp_epochs=1',
+        '--loader=torchvision',
+        *extra,
+    ]  # in-memory Fashion-MNIST: no FFCV JIT warm-up per run
 
 
 def test_torchrun_two_ranks_stay_identical(tiny_data, tmp_path):
@@ -208,12 +232,23 @@ def test_torchrun_two_ranks_stay_identical(tiny_data, tmp_path):
         'model = T.train(cfg)\n'
         'left = len(default_group & threads())\n'
         'torch.save(dict(model.named_parameters()), f"{cfg.out}/rank{os.environ[\'RANK\']}.pt")\n'
-        'print(f"default group: {len(default_group)} threads, {left} left after training")\n')
+        'print(f"default group: {len(default_group)} threads, {left} left after training")\n'
+    )
     out = tmp_path / 'ddp'
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
-    r = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2', str(script),
-                        *train_args(tiny_data, out, '--epochs=1', '--accum=2')[1:]],  # DDP's no_sync on the first half
-                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            torchrun,
+            '--standalone',
+            '--nproc_per_node=2',
+            str(script),
+            *train_args(tiny_data, out, '--epochs=1', '--accum=2')[1:],
+        ],  # DDP's no_sync on the first half
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # parameters, not BatchNorm's running stats: DDP broadcasts those from rank 0 before each
     # forward, and each rank's last forward then updates its own copy
@@ -253,10 +288,11 @@ def test_checkpoint_roundtrip_and_resume_continue_exactly(tiny_data, tmp_path):
     resumed = C.load_checkpoint(str(part / 'ckpt.pt'))
     assert resumed['step'] == 16
     assert all(torch.equal(resumed['model'][k], ck['model'][k]) for k in ck['model'])
-    assert [json.loads(l)['epoch'] for l in (part / 'metrics.jsonl').read_text().splitlines()] == [1]
+    assert [json.loads(line)['epoch'] for line in (part / 'metrics.jsonl').read_text().splitlines()] == [1]
 
 
 # ---------------------------------------------------------------- errors a user can fix
+
 
 def one_line_error(r, *words):
     assert r.returncode != 0
@@ -265,13 +301,16 @@ def one_line_error(r, *words):
     assert msg.startswith('error:') and all(w in msg for w in words), msg
 
 
-@pytest.mark.parametrize('args,words', [
-    (['--data=/nonexistent'], ['/nonexistent', 'make data']),
-    (['--model=resnet9000'], ['resnet9000', 'resnet50']),
-    (['--act=tanh'], ['tanh', 'gelu']),
-    (['--epochs=two'], ['--epochs', 'int']),
-    (['--bogus=1'], ['--bogus']),
-])
+@pytest.mark.parametrize(
+    'args,words',
+    [
+        (['--data=/nonexistent'], ['/nonexistent', 'make data']),
+        (['--model=resnet9000'], ['resnet9000', 'resnet50']),
+        (['--act=tanh'], ['tanh', 'gelu']),
+        (['--epochs=two'], ['--epochs', 'int']),
+        (['--bogus=1'], ['--bogus']),
+    ],
+)
 def test_bad_arguments_get_one_line_errors(args, words):
     one_line_error(run(['train.py', *args]), *words)
 
@@ -284,7 +323,9 @@ def test_bad_checkpoints_and_divergence_get_one_line_errors(tiny_data, tmp_path)
     good = ckpt.read_bytes()
 
     one_line_error(run(train_args(tiny_data, out, f'--resume={ckpt}', '--act=relu')), 'gelu', 'relu')
-    one_line_error(run(train_args(tiny_data, out, f'--resume={ckpt}', '--model=vit_demo')), 'resnet_demo', 'vit_demo')
+    one_line_error(
+        run(train_args(tiny_data, out, f'--resume={ckpt}', '--model=vit_demo')), 'resnet_demo', 'vit_demo'
+    )
     (tmp_path / 'cut.pt').write_bytes(good[: len(good) // 2])
     one_line_error(run(train_args(tiny_data, out, f'--resume={tmp_path / "cut.pt"}')), 'corrupt')
     one_line_error(run(['evaluate.py', f'--ckpt={tmp_path / "cut.pt"}']), 'corrupt')
@@ -298,6 +339,8 @@ def test_bad_checkpoints_and_divergence_get_one_line_errors(tiny_data, tmp_path)
 
     # output that cannot be written: a clear message, earlier checkpoints intact
     one_line_error(run(train_args(tiny_data, ckpt / 'sub')), 'cannot use output directory')
-    (out / f'ckpt-00000016-{C.load_checkpoint(str(ckpt))["run"]}.pt.tmp').mkdir()  # the next one's temporary name is taken
+    (
+        out / f'ckpt-00000016-{C.load_checkpoint(str(ckpt))["run"]}.pt.tmp'
+    ).mkdir()  # the next one's temporary name is taken
     one_line_error(run(train_args(tiny_data, out, '--resume=auto')), 'cannot write checkpoint', 'intact')
     assert ckpt.read_bytes() == good

@@ -1,5 +1,6 @@
 """The evaluator against exact answers (linear models), its invariants on a trained GradNorm model,
 and the characterization statistics against independent computations."""
+
 import os
 
 import pytest
@@ -8,15 +9,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attack
-import evaluate
-from tools import characterize
 import config
+import evaluate
 import gradnorm
 import models
 import train
-from data import FASHION_MEAN, FASHION_STD, TensorLoader, load_fashion_mnist
 from autoattack_eval import square_check
+from data import FASHION_MEAN, FASHION_STD, TensorLoader, load_fashion_mnist
 from edge_reg import edge_energy
+from tools import characterize
 
 DATA = '/usr/share/datasets/fashion-mnist'
 
@@ -105,6 +106,7 @@ def test_l2_and_linf_projection_and_step_schedule(one_thread):
 
 def _ddp_worker(rank, world, init_file, x, y, model, eps, out):
     import torch.distributed as dist
+
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     r = evaluate.evaluate(model, [(x[rank::world], y[rank::world])], [eps], ['ce-20'])
     if rank == 0:
@@ -124,6 +126,7 @@ def test_ddp_sums_counts(tmp_path, one_thread):
 
 
 # ---------------------------------------------------------------- a trained GradNorm model
+
 
 @pytest.fixture(scope='module')
 def trained():
@@ -155,7 +158,9 @@ def test_evaluator_invariants_on_gradnorm_model(trained):
     r = evaluate.evaluate(model, val, eps_list, attacks, checks=True)
     assert r['clean'] > 0.5  # it learned something, so the robust numbers mean something
     assert r['robust'][0.03]['worst'] > 0.3  # and the attack has something to break
-    checks = evaluate.sanity_checks(r, attacks) + [square_check(model, list(val), r['standing'][0.1], 0.1, queries=300)]
+    checks = evaluate.sanity_checks(r, attacks) + [
+        square_check(model, list(val), r['standing'][0.1], 0.1, queries=300)
+    ]
     assert len(checks) == 8 and all(ok for ok, _ in checks), [m for ok, m in checks if not ok]
     for a, b in zip(eps_list, eps_list[1:]):  # spelled out: what the checks promise
         assert r['robust'][b]['worst'] <= r['robust'][a]['worst']
@@ -182,6 +187,7 @@ class Scale(nn.Module):
 
 class Quantize(nn.Module):
     """Inputs rounded to 16 levels: a zero gradient almost everywhere, and robust to nothing."""
+
     def forward(self, x):
         return torch.round(x * 16) / 16
 
@@ -189,7 +195,9 @@ class Quantize(nn.Module):
 def masking_checks(model, x, y, eps, attacks):
     torch.manual_seed(0)
     r = evaluate.evaluate(model, [(x, y)], [eps], attacks, checks=True)
-    return evaluate.sanity_checks(r, attacks) + [square_check(model, [(x, y)], r['standing'][eps], eps, queries=200)]
+    return evaluate.sanity_checks(r, attacks) + [
+        square_check(model, [(x, y)], r['standing'][eps], eps, queries=200)
+    ]
 
 
 @pytest.mark.parametrize('masked', ['saturated softmax', 'quantized input'])
@@ -208,15 +216,19 @@ def test_masked_models_trip_checks_and_plain_model_passes(masked, one_thread):
     plain = masking_checks(model, x, y, eps, ['ce-10', 'margin-10'])
     assert all(ok for ok, _ in plain), [m for ok, m in plain if not ok]
     with_ce_only = masking_checks(nn.Sequential(model, Scale(1e4)), x, y, eps, ['ce-10'])
-    assert not with_ce_only[-1][0]  # no margin attack to compare with: Square (margin loss) finds what CE missed
+    assert not with_ce_only[-1][
+        0
+    ]  # no margin attack to compare with: Square (margin loss) finds what CE missed
 
 
 # ---------------------------------------------------------------- characterization
 
+
 def small_model(seed):
     torch.manual_seed(seed)
-    return models.build_model('resnet_demo', 'gelu', in_ch=1, num_classes=10, img_size=28,
-                                mean=FASHION_MEAN, std=FASHION_STD).eval()
+    return models.build_model(
+        'resnet_demo', 'gelu', in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD
+    ).eval()
 
 
 def test_gradient_norms_match_one_image_at_a_time():
@@ -225,13 +237,13 @@ def test_gradient_norms_match_one_image_at_a_time():
     x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
     l1, l2, align, channels, nyq = characterize.gradient_stats(model, [(x[:4], y[:4]), (x[4:], y[4:])])
     for i in range(6):
-        xi = x[i:i + 1].clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i:i + 1]), xi)
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i : i + 1]), xi)
         assert l1[i].item() == pytest.approx(g.abs().sum().item(), rel=1e-4)
         assert l2[i].item() == pytest.approx(g.pow(2).sum().sqrt().item(), rel=1e-4)
     assert channels[0]['l1_share'] == pytest.approx(1.0)
     assert channels[0]['mean_abs'] * 6 * 28 * 28 == pytest.approx(l1.sum().item(), rel=1e-4)
-    s = characterize.summary(torch.tensor([1., 2., 3., 4., 5.]))
+    s = characterize.summary(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
     assert s['median'] == 3 and s['mean'] == 3 and s['q25'] == 2
 
 
@@ -250,6 +262,7 @@ def test_characterize_writes_pictures_and_numbers(tmp_path):
     if not os.path.exists(os.path.join(DATA, 't10k-labels-idx1-ubyte.gz')):
         pytest.skip('no Fashion-MNIST: run `make data`')
     from PIL import Image
+
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
     paths = []
     for i in range(2):
@@ -257,18 +270,30 @@ def test_characterize_writes_pictures_and_numbers(tmp_path):
         paths.append(str(tmp_path / f'run{i}' / 'ckpt.pt'))
         cfg = config.Config(data=DATA, model='resnet_demo')  # small_model's architecture
         import dataclasses
-        config.save_checkpoint(paths[-1], dict(model=small_model(i).state_dict(), config=dataclasses.asdict(cfg),
-                                                 data_info=info, epoch=0))
+
+        config.save_checkpoint(
+            paths[-1],
+            dict(model=small_model(i).state_dict(), config=dataclasses.asdict(cfg), data_info=info, epoch=0),
+        )
     out = str(tmp_path / 'out')
     characterize.main(paths + ['--n', '40', '--rows', '3', '--steps', '2', '--fo-n', '16', '--out', out])
     grid = Image.open(os.path.join(out, 'gradients.png'))
     assert grid.size == (4 * (112 + 2) + 2, 14 + 3 * (112 + 2) + 2)  # 4 columns: input, 2 runs, edges
     assert Image.open(os.path.join(out, 'norm_vs_robust.png')).size == (520, 360)
     import json
+
     res = json.load(open(os.path.join(out, 'characterize.json')))
     assert [r['name'] for r in res] == ['run0', 'run1'] and res[0]['n'] == 40
-    assert res[0]['first_order']['n'] == 16 and res[0]['first_order']['ratio'] > 0 and res[0]['nyquist']['rel'] > 0
-    _, (xte, yte) = load_fashion_mnist(DATA)  # the same number from the untouched model: nothing moved its BN stats
-    direct = characterize.first_order_ratio(small_model(0), [(xte[:16].float() / 255, yte[:16])], res[0]['eps'])
+    assert (
+        res[0]['first_order']['n'] == 16
+        and res[0]['first_order']['ratio'] > 0
+        and res[0]['nyquist']['rel'] > 0
+    )
+    _, (xte, yte) = load_fashion_mnist(
+        DATA
+    )  # the same number from the untouched model: nothing moved its BN stats
+    direct = characterize.first_order_ratio(
+        small_model(0), [(xte[:16].float() / 255, yte[:16])], res[0]['eps']
+    )
     assert res[0]['first_order']['ratio'] == pytest.approx(direct['ratio'], rel=1e-4)
     assert open(os.path.join(out, 'characterize.csv')).read().count('\n') == 3

@@ -1,6 +1,7 @@
 """AutoAttack against exact answers (linear models), its resumption and its shards under torchrun;
 the gradient-masking checks on deliberately masked models; the ImageNet protocol's defaults; the
 command line's final line."""
+
 import functools
 import json
 import os
@@ -67,19 +68,30 @@ def test_interrupted_autoattack_resumes_where_it_stopped(tmp_path, one_thread):
     def stop_after(b, c, *_):
         if (b, c) == (1, 'apgd-ce'):
             raise Stop
+
     with pytest.raises(Stop):
         AE.autoattack(model, batches, eps, state=AE.State(path, key), components=comps, progress=stop_after)
     steps = []
     state = AE.State(path, key)
     assert state.resumed == 3  # both components of batch 0, the first of batch 1
-    again = AE.autoattack(model, batches, eps, state=state, components=comps, progress=lambda b, c, l, n, res: steps.append(res))
+    again = AE.autoattack(
+        model,
+        batches,
+        eps,
+        state=state,
+        components=comps,
+        progress=lambda b, c, left, n, res: steps.append(res),
+    )
     assert steps == [True, True, True, False]
-    assert again['after'] == whole['after'] and all(torch.equal(again['standing'][k], whole['standing'][k]) for k in comps)
+    assert again['after'] == whole['after'] and all(
+        torch.equal(again['standing'][k], whole['standing'][k]) for k in comps
+    )
     assert AE.State(path, {'ckpt': 'b'}).resumed == 0  # another evaluation's state is not used
 
 
 def _ddp_worker(rank, world, init_file, x, y, model, eps, out):
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     r = AE.autoattack(model, [(x[rank::world], y[rank::world])], eps, components=['apgd-ce', 'apgd-t'])
@@ -103,6 +115,7 @@ def test_autoattack_under_torchrun_sums_the_shards(tmp_path, one_thread):
 
 # ---------------------------------------------------------------- masking checks (more in test_attack.py)
 
+
 def test_autoattack_own_checks_are_surfaced(one_thread):
     model, x, y, _ = linear10(n=20)
     r = AE.autoattack(nn.Sequential(model, nn.Softmax(1)), [(x, y)], 0.01, components=['apgd-ce'])
@@ -112,6 +125,7 @@ def test_autoattack_own_checks_are_surfaced(one_thread):
 
 # ---------------------------------------------------------------- the protocol and the command
 
+
 def test_imagenet_defaults_are_the_papers_protocol(tmp_path):
     path = tmp_path / 'ck.pt'
     path.write_bytes(b'x')
@@ -120,11 +134,15 @@ def test_imagenet_defaults_are_the_papers_protocol(tmp_path):
     assert evaluate.parse_eps(a.eps[0]) == 4 / 255 and a.eps == ['4/255'] and a.norm == 'linf'
     assert a.n == 5000 and a.autoattack and AE.VERSION == 'standard' and a.weights == 'ema'
     with open(data.ROBUSTBENCH_LIST) as f:
-        assert len(f.read().split()[:a.n]) == 5000  # RobustBench's list (data.robustbench_indices picks them)
+        assert (
+            len(f.read().split()[: a.n]) == 5000
+        )  # RobustBench's list (data.robustbench_indices picks them)
     demo = {'data_info': {'num_classes': 10}, 'config': {'eps': 0.1}, 'ema': None}
     a = evaluate.resolve(evaluate.parse_args(['--ckpt', str(path)]), demo)
     assert a.eps == ['0.1'] and a.n == 1000 and not a.autoattack and a.weights == 'model'
-    a = evaluate.resolve(evaluate.parse_args(['--ckpt', str(path), '--no-autoattack', '--weights=model']), imagenet)
+    a = evaluate.resolve(
+        evaluate.parse_args(['--ckpt', str(path), '--no-autoattack', '--weights=model']), imagenet
+    )
     assert not a.autoattack and a.weights == 'model'
     with pytest.raises(config.UserError):
         evaluate.resolve(evaluate.parse_args(['--ckpt', str(path), '--weights=ema']), demo)
@@ -136,9 +154,29 @@ def test_command_prints_autoattack_line_and_json(tiny_data, tmp_path, capsys, mo
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
     torch.manual_seed(0)
     ckpt = str(tmp_path / 'ckpt.pt')
-    config.save_checkpoint(ckpt, dict(model=build_model('resnet_demo', 'gelu', **info).state_dict(), ema=None,
-                                      config=vars(config.Config(data=tiny_data, loader='torchvision', model='resnet_demo')), data_info=info))
-    evaluate.main(['--ckpt', ckpt, '--n', '24', '--autoattack', '--attacks', 'ce-5', 'margin-5', '--square-queries', '50'])
+    config.save_checkpoint(
+        ckpt,
+        dict(
+            model=build_model('resnet_demo', 'gelu', **info).state_dict(),
+            ema=None,
+            config=vars(config.Config(data=tiny_data, loader='torchvision', model='resnet_demo')),
+            data_info=info,
+        ),
+    )
+    evaluate.main(
+        [
+            '--ckpt',
+            ckpt,
+            '--n',
+            '24',
+            '--autoattack',
+            '--attacks',
+            'ce-5',
+            'margin-5',
+            '--square-queries',
+            '50',
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r'autoattack 0\.1 \d+\.\d', out[-1]), out[-5:]
     assert any('apgd-ce' in line and 'PGD worst' in line for line in out)
@@ -146,14 +184,18 @@ def test_command_prints_autoattack_line_and_json(tiny_data, tmp_path, capsys, mo
     res = json.load(open(tmp_path / 'eval_linf.json'))
     assert res['weights'] == 'model' and list(res['autoattack']) == ['0.1']
     assert f'{100 * res["autoattack"]["0.1"]["robust"]:.1f}' == out[-1].split()[-1]
-    assert not [f for f in os.listdir(tmp_path) if 'autoattack-rank' in f]  # the resume state is gone when done
+    assert not [
+        f for f in os.listdir(tmp_path) if 'autoattack-rank' in f
+    ]  # the resume state is gone when done
 
 
 def test_autoattack_takes_channels_last_colour_batches(one_thread):
     """The loaders hand out channels_last batches; AutoAttack .view()s its gradients, which a
     3-channel channels_last tensor (a convolution's input gradient) cannot do; a 1-channel one can."""
     g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval().requires_grad_(False)
+    model = (
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval().requires_grad_(False)
+    )
     x = torch.rand(16, 3, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         y = model(x).argmax(1)

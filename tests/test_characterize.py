@@ -1,6 +1,7 @@
 """characterize.py's first-order ratio and Nyquist share against answers known in closed form:
 linear and saturating models (the attack losses are float32, attack.LOSSES: tolerances 1e-6),
 pure periodic patterns, white noise."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,7 +54,11 @@ def test_saturating_loss_ratio_matches_closed_form_below_one():
     """margin loss tanh(s), s = w.x + b in [0.5, 1.5]: concave where PGD climbs, so the gain falls short."""
     w, x, y = setup()
     eps, model = 0.05, Linear2(w, 0.0)
-    model.b = 0.5 - model.score(x) + torch.rand(len(y), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model.b = (
+        0.5
+        - model.score(x)
+        + torch.rand(len(y), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    )
     model.f = torch.tanh
     s, d = model.score(x), eps * w.abs().sum()
     gain, pred = torch.tanh(s + d) - torch.tanh(s), (1 - torch.tanh(s) ** 2) * d
@@ -71,7 +76,7 @@ def test_box_aware_prediction_on_black_pixels():
 
 
 def test_nyquist_fraction_of_known_patterns():
-    i, j = torch.meshgrid(torch.arange(28.), torch.arange(28.), indexing='ij')
+    i, j = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing='ij')
     checker = 1 + (-1) ** (i + j)  # |g|-like: non-negative, 2-pixel periodic
     stripes = 1 + (-1) ** j
     blob = torch.exp(-((i - 13) ** 2 + (j - 15) ** 2) / 30)
@@ -84,7 +89,7 @@ def test_nyquist_fraction_of_known_patterns():
 def test_gradient_stats_nyquist_of_a_checkerboard_model():
     """A model whose input gradient is a fixed checkerboard times the loss's slope: |g|'s Nyquist
     share is 1, so its ratio to the images' is 1 / (the images' share)."""
-    i, j = torch.meshgrid(torch.arange(8.), torch.arange(8.), indexing='ij')
+    i, j = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing='ij')
     w = ((-1) ** (i + j) + 2)[None]  # non-negative, periodic around its mean
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     *_, nyq = C.gradient_stats(Linear2(w, 0.0), [(x, torch.zeros(4, dtype=torch.long))])

@@ -1,6 +1,7 @@
 """The command lines cannot be broken, runs cannot overwrite each other, and the code reads in one
 direction: every bad value ends in one `error:` line and exit status 2 before any data is read or
 any model is built; one run per output folder; no import cycles between the top-level modules."""
+
 import ast
 import dataclasses
 import glob
@@ -11,13 +12,12 @@ import sys
 import time
 
 import pytest
-import torch
 
-import evaluate
-from tools import characterize
 import config as C
 import data as D
+import evaluate
 import train as T
+from tools import characterize
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,20 +32,50 @@ def guard(*_, **__):
 
 # every Config field with bad values: wrong type, out of range, NaN, zero, negative, too large, empty
 BAD_CONFIG = {
-    'objective': ['adv', ''], 'gradnorm_impl': ['fast'], 'model': ['resnet9000', ''], 'act': ['tanh', ''],
-    'data': ['/nonexistent', ''], 'epochs': ['two', '0', '-1', '1.5'], 'batch_size': ['0', '-8', 'x'],
-    'lr': ['nan', '0', '-1', 'inf', 'x'], 'weight_decay': ['-0.1', 'nan'], 'warmup_epochs': ['-1', 'inf'],
-    'min_lr': ['-1', 'nan', '1'], 'smoothing': ['1', '-0.1', 'nan'], 'clip': ['0', '-1', 'nan'],
-    'eps': ['-0.1', '0', '2', 'nan', 'inf', '1/0', ''], 'ramp_epochs': ['-1', 'nan'],
-    'edge_alpha': ['1,2', 'a,b,c', '', '1,nan,3'], 'pgd_steps': ['0', '-3'], 'ema': ['1', '-0.5', 'nan'],
-    'eval_n': ['0'], 'eval_steps': ['0'], 'compile': ['maybe'], 'out': ['HERE/tests/test_cli.py/sub'],
-    'overwrite': ['maybe'], 'resume': ['/nonexistent.pt'], 'ckpt_every': ['-1'], 'keep': ['0'],
-    'max_bad_steps': ['0'], 'seed': ['-1', 'x', '99999999999'], 'loader': ['dali'], 'res': ['0', '8', '100000'],
-    'workers': ['-1', '1000'], 'init': ['imagenet', '/nonexistent.pt'], 'fd_h': ['0', '-1', '1'], 'res_start': ['-1', '500'],
-    'mixup': ['-1', 'nan'], 'cutmix': ['-0.5', 'inf', 'nan'],
-    'randaug': ['rand-x9', 'rand-m9-mstdfoo', 'rand-m9-mmax20', 'autoaug', 'm9', 'x'], 'reprob': ['-0.1', '1.5', 'nan'],
-    'recipe': ['swinb', 'x'], 'accum': ['0', '-2', '1.5'], 'amp': ['maybe'], 'bn_eval': ['maybe'],
-    'gn_weights': ['0.8', '-1,1', 'a,b', '1,nan'], 'conv': ['cudnn', 'Fast', ''],
+    'objective': ['adv', ''],
+    'gradnorm_impl': ['fast'],
+    'model': ['resnet9000', ''],
+    'act': ['tanh', ''],
+    'data': ['/nonexistent', ''],
+    'epochs': ['two', '0', '-1', '1.5'],
+    'batch_size': ['0', '-8', 'x'],
+    'lr': ['nan', '0', '-1', 'inf', 'x'],
+    'weight_decay': ['-0.1', 'nan'],
+    'warmup_epochs': ['-1', 'inf'],
+    'min_lr': ['-1', 'nan', '1'],
+    'smoothing': ['1', '-0.1', 'nan'],
+    'clip': ['0', '-1', 'nan'],
+    'eps': ['-0.1', '0', '2', 'nan', 'inf', '1/0', ''],
+    'ramp_epochs': ['-1', 'nan'],
+    'edge_alpha': ['1,2', 'a,b,c', '', '1,nan,3'],
+    'pgd_steps': ['0', '-3'],
+    'ema': ['1', '-0.5', 'nan'],
+    'eval_n': ['0'],
+    'eval_steps': ['0'],
+    'compile': ['maybe'],
+    'out': ['HERE/tests/test_cli.py/sub'],
+    'overwrite': ['maybe'],
+    'resume': ['/nonexistent.pt'],
+    'ckpt_every': ['-1'],
+    'keep': ['0'],
+    'max_bad_steps': ['0'],
+    'seed': ['-1', 'x', '99999999999'],
+    'loader': ['dali'],
+    'res': ['0', '8', '100000'],
+    'workers': ['-1', '1000'],
+    'init': ['imagenet', '/nonexistent.pt'],
+    'fd_h': ['0', '-1', '1'],
+    'res_start': ['-1', '500'],
+    'mixup': ['-1', 'nan'],
+    'cutmix': ['-0.5', 'inf', 'nan'],
+    'randaug': ['rand-x9', 'rand-m9-mstdfoo', 'rand-m9-mmax20', 'autoaug', 'm9', 'x'],
+    'reprob': ['-0.1', '1.5', 'nan'],
+    'recipe': ['swinb', 'x'],
+    'accum': ['0', '-2', '1.5'],
+    'amp': ['maybe'],
+    'bn_eval': ['maybe'],
+    'gn_weights': ['0.8', '-1,1', 'a,b', '1,nan'],
+    'conv': ['cudnn', 'Fast', ''],
 }
 
 
@@ -68,30 +98,50 @@ def one_line_error(capsys, main, argv):
 @pytest.fixture
 def guarded(monkeypatch):
     """Data reads and model builds raise Reached: an error must come before them."""
-    for module, name in ((T, 'make_loaders'), (T, 'build_model'), (evaluate, 'load_checkpoint'),
-                         (characterize, 'load_checkpoint'), (D, 'write_beton')):
+    for module, name in (
+        (T, 'make_loaders'),
+        (T, 'build_model'),
+        (evaluate, 'load_checkpoint'),
+        (characterize, 'load_checkpoint'),
+        (D, 'write_beton'),
+    ):
         monkeypatch.setattr(module, name, guard)
 
 
 @pytest.mark.parametrize('key,bad', [(k, v) for k, vals in BAD_CONFIG.items() for v in vals])
 def test_bad_config_value_is_one_line_error_before_any_work(key, bad, guarded, capsys, tmp_path):
-    argv = [f'--{key}={bad.replace("HERE", HERE)}', f'--out={tmp_path / "run"}'] if key != 'out' else [f'--out={bad.replace("HERE", HERE)}']
+    argv = (
+        [f'--{key}={bad.replace("HERE", HERE)}', f'--out={tmp_path / "run"}']
+        if key != 'out'
+        else [f'--out={bad.replace("HERE", HERE)}']
+    )
     line = one_line_error(capsys, T.main, argv)
     assert f'--{key}' in line or key == 'out', line  # names the option
 
 
-@pytest.mark.parametrize('argv', [['--bogus=1'], ['epochs=2'], ['--init=torchvision'],  # init: only for resnet50
-                                  ['--init=pretrained'],  # timm's weights: only for timm's models
-                                  ['--recipe=rn50_gelu_gradnorm'],  # stage 2 without stage 1's checkpoint
-                                  ['--res=64', '--res_start=96'], ['--lr=1e-3', '--min_lr=1e-2']])
+@pytest.mark.parametrize(
+    'argv',
+    [
+        ['--bogus=1'],
+        ['epochs=2'],
+        ['--init=torchvision'],  # init: only for resnet50
+        ['--init=pretrained'],  # timm's weights: only for timm's models
+        ['--recipe=rn50_gelu_gradnorm'],  # stage 2 without stage 1's checkpoint
+        ['--res=64', '--res_start=96'],
+        ['--lr=1e-3', '--min_lr=1e-2'],
+    ],
+)
 def test_bad_combinations_and_spellings(argv, guarded, capsys, tmp_path):
     one_line_error(capsys, T.main, argv + [f'--out={tmp_path / "run"}'])
 
 
 def test_batch_larger_than_training_set(tiny_data, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(T, 'build_model', guard)  # loaders are made, so the size is known: no model yet
-    line = one_line_error(capsys, T.main, [f'--data={tiny_data}', '--loader=torchvision', '--batch_size=1024',
-                                           f'--out={tmp_path / "run"}'])
+    line = one_line_error(
+        capsys,
+        T.main,
+        [f'--data={tiny_data}', '--loader=torchvision', '--batch_size=1024', f'--out={tmp_path / "run"}'],
+    )
     assert '--batch_size=1024' in line and 'larger than the training set' in line
 
 
@@ -102,37 +152,89 @@ def some_file(tmp_path_factory):
     return str(path)
 
 
-BAD_ATTACK = [[], ['--ckpt=/nonexistent.pt'], ['--eps', '-1'], ['--eps', '0'], ['--eps', '1/0'], ['--eps', '2'],
-              ['--eps', 'abc'], ['--eps', 'nan'], ['--norm', 'l3'], ['--attacks', 'ce20'], ['--attacks', 'foo-10'],
-              ['--attacks', 'ce-0'], ['--steps', '0'], ['--schedule', 'linear'], ['--step-size', '0'],
-              ['--step-size', 'nan'], ['--n', '0'], ['--n', '-5'], ['--data', '/nonexistent'],
-              ['--json', '/nonexistent/dir/x.json'], ['--seed', '-1'], ['--compile', 'maybe'], ['--foo'],
-              ['--model', 'resnet9000'], ['--act', 'tanh'], ['--model', 'swin_base_patch4_window7_224'],  # official only
-              ['--weights', 'both'], ['--square-queries', '-1'], ['--autoattack', 'yes'], ['--images', '0']]
+BAD_ATTACK = [
+    [],
+    ['--ckpt=/nonexistent.pt'],
+    ['--eps', '-1'],
+    ['--eps', '0'],
+    ['--eps', '1/0'],
+    ['--eps', '2'],
+    ['--eps', 'abc'],
+    ['--eps', 'nan'],
+    ['--norm', 'l3'],
+    ['--attacks', 'ce20'],
+    ['--attacks', 'foo-10'],
+    ['--attacks', 'ce-0'],
+    ['--steps', '0'],
+    ['--schedule', 'linear'],
+    ['--step-size', '0'],
+    ['--step-size', 'nan'],
+    ['--n', '0'],
+    ['--n', '-5'],
+    ['--data', '/nonexistent'],
+    ['--json', '/nonexistent/dir/x.json'],
+    ['--seed', '-1'],
+    ['--compile', 'maybe'],
+    ['--foo'],
+    ['--model', 'resnet9000'],
+    ['--act', 'tanh'],
+    ['--model', 'swin_base_patch4_window7_224'],  # official only
+    ['--weights', 'both'],
+    ['--square-queries', '-1'],
+    ['--autoattack', 'yes'],
+    ['--images', '0'],
+]
 
 
 @pytest.mark.parametrize('argv', BAD_ATTACK)
 def test_bad_attack_argument(argv, some_file, guarded, capsys):
-    one_line_error(capsys, evaluate.main, ([f'--ckpt={some_file}'] if argv and argv[0] != '--ckpt=/nonexistent.pt' else [])
-                   + argv)
+    one_line_error(
+        capsys,
+        evaluate.main,
+        ([f'--ckpt={some_file}'] if argv and argv[0] != '--ckpt=/nonexistent.pt' else []) + argv,
+    )
 
 
-BAD_CHARACTERIZE = [[], ['/nonexistent.pt'], ['--n', '0'], ['--rows', '0'], ['--rows', '100'], ['--eps', '2'],
-                    ['--eps', '-1'], ['--steps', '0'], ['--data', '/nonexistent'], ['--out', 'HERE/tests/test_cli.py/x'],
-                    ['--fo-n', '-1'], ['--fo-n', 'x']]
+BAD_CHARACTERIZE = [
+    [],
+    ['/nonexistent.pt'],
+    ['--n', '0'],
+    ['--rows', '0'],
+    ['--rows', '100'],
+    ['--eps', '2'],
+    ['--eps', '-1'],
+    ['--steps', '0'],
+    ['--data', '/nonexistent'],
+    ['--out', 'HERE/tests/test_cli.py/x'],
+    ['--fo-n', '-1'],
+    ['--fo-n', 'x'],
+]
 
 
 @pytest.mark.parametrize('argv', BAD_CHARACTERIZE)
 def test_bad_characterize_argument(argv, some_file, guarded, capsys):
     argv = [a.replace('HERE', HERE) for a in argv]
-    one_line_error(capsys, characterize.main, ([some_file] if argv and argv[0].startswith('--') else []) + argv)
+    one_line_error(
+        capsys, characterize.main, ([some_file] if argv and argv[0].startswith('--') else []) + argv
+    )
 
 
-@pytest.mark.parametrize('argv', [[], ['write'], ['write', '/nonexistent', 'out'], ['read', 'a', 'b'],
-                                  ['write', 'SRC', 'OUT', '--max-side=0'], ['write', 'SRC', 'OUT', '--quality=101'],
-                                  ['write', 'SRC', 'OUT', '--compress=2'], ['write', 'SRC', 'OUT', '--compress=nan'],
-                                  ['write', 'SRC', 'OUT', '--val-side=10'], ['write', 'SRC', 'OUT', '--workers=0'],
-                                  ['write', 'SRC', 'HERE/tests/test_cli.py/out']])
+@pytest.mark.parametrize(
+    'argv',
+    [
+        [],
+        ['write'],
+        ['write', '/nonexistent', 'out'],
+        ['read', 'a', 'b'],
+        ['write', 'SRC', 'OUT', '--max-side=0'],
+        ['write', 'SRC', 'OUT', '--quality=101'],
+        ['write', 'SRC', 'OUT', '--compress=2'],
+        ['write', 'SRC', 'OUT', '--compress=nan'],
+        ['write', 'SRC', 'OUT', '--val-side=10'],
+        ['write', 'SRC', 'OUT', '--workers=0'],
+        ['write', 'SRC', 'HERE/tests/test_cli.py/out'],
+    ],
+)
 def test_bad_data_argument(argv, guarded, capsys, tmp_path):
     (tmp_path / 'src' / 'train').mkdir(parents=True)
     (tmp_path / 'src' / 'val').mkdir()
@@ -141,9 +243,16 @@ def test_bad_data_argument(argv, guarded, capsys, tmp_path):
     one_line_error(capsys, D.main, argv)
 
 
-@pytest.mark.parametrize('script,argv', [('train.py', ['--eps=-0.1']), ('evaluate.py', ['--ckpt=x', '--eps', '1/0']),
-                                         ('characterize.py', ['/nonexistent.pt']), ('data.py', ['write', '/x', '/y']),
-                                         ('science.py', ['stems', 'resnet9000'])])
+@pytest.mark.parametrize(
+    'script,argv',
+    [
+        ('train.py', ['--eps=-0.1']),
+        ('evaluate.py', ['--ckpt=x', '--eps', '1/0']),
+        ('characterize.py', ['/nonexistent.pt']),
+        ('data.py', ['write', '/x', '/y']),
+        ('science.py', ['stems', 'resnet9000']),
+    ],
+)
 def test_entry_points_exit_2_with_one_line(script, argv):
     cmd = [script] if script in ('train.py', 'evaluate.py', 'data.py') else ['-m', 'tools.' + script[:-3]]
     r = subprocess.run([sys.executable, *cmd, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
@@ -153,9 +262,20 @@ def test_entry_points_exit_2_with_one_line(script, argv):
 
 # ---------------------------------------------------------------- one run per output folder
 
+
 def small_run(data, out, *extra):
-    return T.main([f'--data={data}', f'--out={out}', '--epochs=1', '--batch_size=64', '--eval_n=32', '--eval_steps=1',
-                   '--loader=torchvision', *extra])
+    return T.main(
+        [
+            f'--data={data}',
+            f'--out={out}',
+            '--epochs=1',
+            '--batch_size=64',
+            '--eval_n=32',
+            '--eval_steps=1',
+            '--loader=torchvision',
+            *extra,
+        ]
+    )
 
 
 def snapshot(folder):
@@ -169,11 +289,16 @@ def test_second_run_never_touches_the_first(tiny_data, tmp_path, capsys):
     first = snapshot(out)
     assert any(p.endswith('metrics.jsonl') for p in first) and any(p.endswith('ckpt.pt') for p in first)
     capsys.readouterr()
-    line = one_line_error(capsys, T.main, [f'--data={tiny_data}', f'--out={out}', '--model=vit_demo', '--epochs=1'])
+    line = one_line_error(
+        capsys, T.main, [f'--data={tiny_data}', f'--out={out}', '--model=vit_demo', '--epochs=1']
+    )
     assert '--resume=auto' in line and '--overwrite' in line
     assert snapshot(out) == first  # checkpoints, metrics and ckpt.pt untouched
     # without --out, different data or models get different folders
-    a, b = C.parse_config([f'--data={tiny_data}']), C.parse_config([f'--data={tiny_data}', '--model=vit_demo'])
+    a, b = (
+        C.parse_config([f'--data={tiny_data}']),
+        C.parse_config([f'--data={tiny_data}', '--model=vit_demo']),
+    )
     assert a.out != b.out and 'resnet_demo' in a.out and 'vit_demo' in b.out
     assert os.path.basename(tiny_data) in a.out and 'gradnorm-gelu' in a.out
 
@@ -201,10 +326,14 @@ def test_overwrite_starts_afresh(tiny_data, tmp_path):
 
 # ---------------------------------------------------------------- one direction
 
+
 def import_graph():
     """module -> project modules it imports, anywhere in its source (function-level imports count)."""
-    mods = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(HERE, '*.py'))
-            if not os.path.basename(f).startswith(('test_', 'conftest'))}
+    mods = {
+        os.path.basename(f)[:-3]
+        for f in glob.glob(os.path.join(HERE, '*.py'))
+        if not os.path.basename(f).startswith(('test_', 'conftest'))
+    }
     graph = {}
     for m in mods:
         deps = set()
@@ -229,6 +358,7 @@ def test_no_import_cycles():
                 visit(d, path + [m])
             state[m] = 'done'
             order.append(m)
+
     for m in sorted(graph):
         visit(m, [])
     assert graph['models'] == set() and graph['gradnorm'] == set() and graph['edge_reg'] == set()
@@ -251,8 +381,14 @@ def test_readme_is_a_short_tutorial_whose_links_exist():
 
 
 def test_check_gpu_without_a_gpu_says_so_in_one_line_and_exits_0():
-    r = subprocess.run([sys.executable, '-m', 'tools.check_gpu'], cwd=HERE, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))  # no GPU even on a GPU machine
+    r = subprocess.run(
+        [sys.executable, '-m', 'tools.check_gpu'],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=''),
+    )  # no GPU even on a GPU machine
     assert r.returncode == 0 and r.stderr == '', r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and 'no CUDA GPU' in lines[0], r.stdout
@@ -260,5 +396,9 @@ def test_check_gpu_without_a_gpu_says_so_in_one_line_and_exits_0():
 
 @pytest.mark.parametrize('arg', ['--skp=bench', '--ckpt=no/such/ckpt.pt', '--data=no/such/folder'])
 def test_check_gpu_refuses_a_bad_option_before_looking_for_a_gpu(arg):
-    r = subprocess.run([sys.executable, '-m', 'tools.check_gpu', arg], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stdout.count('error:') == 1 and 'Traceback' not in r.stderr, r.stdout + r.stderr
+    r = subprocess.run(
+        [sys.executable, '-m', 'tools.check_gpu', arg], cwd=HERE, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2 and r.stdout.count('error:') == 1 and 'Traceback' not in r.stderr, (
+        r.stdout + r.stderr
+    )

@@ -4,6 +4,7 @@ Compiling uses the aot_eager_decomp_partition backend: Dynamo capture, AOT autog
 and the forward/backward partition, i.e. everything torch.compile does except Inductor's C++/Triton
 code generation, which costs minutes on a CPU. `make bench` runs the Inductor path.
 """
+
 import functools
 import os
 import tempfile
@@ -27,8 +28,9 @@ BACKEND = 'aot_eager_decomp_partition'
 def tiny(name, act='gelu', conv='native'):
     torch.manual_seed(0)
     if name == 'resnet':  # BatchNorm, in train mode throughout
-        return M.ResNet(M.BasicBlock, [1, 1], (8, 16), act=act, in_ch=3, num_classes=10, small_stem=True,
-                        conv=conv).train()
+        return M.ResNet(
+            M.BasicBlock, [1, 1], (8, 16), act=act, in_ch=3, num_classes=10, small_stem=True, conv=conv
+        ).train()
     return M.ViT(img_size=16, patch=4, dim=24, depth=2, heads=2, act=act, num_classes=10, conv=conv).train()
 
 
@@ -119,7 +121,9 @@ def _ddp_rank(rank, init_file, x, y, out, compiled):
     with torch._dynamo.config.patch(trace_autograd_ops=True, optimize_ddp=False):
         if compiled:  # as train() does it, with the test backend
             torch.compile = functools.partial(torch.compile, backend=BACKEND)
-        net = nn.parallel.DistributedDataParallel(T.Step(model, T.objective(cfg, torch.device('cpu'), compiled)))
+        net = nn.parallel.DistributedDataParallel(
+            T.Step(model, T.objective(cfg, torch.device('cpu'), compiled))
+        )
         shard = slice(rank * 8, (rank + 1) * 8)
         loss, _ = net(x[shard].clone().requires_grad_(), y[shard], 5.0)
         loss.backward()
@@ -137,8 +141,10 @@ def test_training_step_under_ddp_averages_the_ranks_gradients(impl, one_thread):
     x, y = batch(16)
     model = tiny('resnet')
     fn = G.gradnorm_fd if impl == 'fd' else G.gradnorm
-    want = sum(param_grad(model, fn, x[s], y[s], 0.1, torch.tensor(1.0))[1]
-               for s in (slice(0, 8), slice(8, 16))) / 2
+    want = (
+        sum(param_grad(model, fn, x[s], y[s], 0.1, torch.tensor(1.0))[1] for s in (slice(0, 8), slice(8, 16)))
+        / 2
+    )
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, 'grad.pt')
         mp.spawn(_ddp_rank, args=(os.path.join(d, 'init'), x, y, out, impl != 'fd'), nprocs=2)

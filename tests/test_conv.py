@@ -1,6 +1,7 @@
 """models.Conv2d, the convolution whose double backward runs on the three standard kernels:
 its derivatives against F.conv2d's (and finite differences), GradNorm on the ResNets against native
 double backprop, torchvision weights, the weight gradients it skips, autocast and torch.compile."""
+
 import itertools
 import json
 
@@ -11,13 +12,13 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import evaluate
-from tools import characterize
 import config as C
+import evaluate
 import gradnorm as G
 import models as M
 import train as T
 from models import IMAGENET_MEAN, IMAGENET_STD
+from tools import characterize
 
 # kernel, stride, padding
 SHAPES = list(itertools.product((1, 3, 7), (1, 2), (0, 1, 3)))
@@ -67,7 +68,8 @@ def test_derivatives_equal_native_and_finite_differences(shape, groups, bias, ch
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert got[0].is_contiguous(memory_format=torch.channels_last) == want[0].is_contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     fast = lambda x, w, b=None: M.conv2d(x, w, b, stride, padding, 1, groups)
     assert torch.autograd.gradcheck(fast, ts, fast_mode=True)
     assert torch.autograd.gradgradcheck(fast, ts, fast_mode=True)
@@ -76,8 +78,12 @@ def test_derivatives_equal_native_and_finite_differences(shape, groups, bias, ch
 def test_dilation_and_module_options_equal_nn_conv2d():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 10, 10, dtype=torch.float64)
-    for kw in (dict(dilation=2, padding=2), dict(padding=1, padding_mode='reflect'), dict(padding='same'),
-               dict(padding=(0, 2), stride=(1, 2))):
+    for kw in (
+        dict(dilation=2, padding=2),
+        dict(padding=1, padding_mode='reflect'),
+        dict(padding='same'),
+        dict(padding=(0, 2), stride=(1, 2)),
+    ):
         ours = M.Conv2d(4, 6, 3, **kw).double()
         native = nn.Conv2d(4, 6, 3, **kw).double()
         native.load_state_dict(ours.state_dict(), strict=True)
@@ -100,8 +106,11 @@ def twins(name, in_ch, dtype=torch.float64):
     native = M.build_model(name, 'gelu', in_ch=in_ch, num_classes=10, conv='native').to(dtype).train()
     fast = M.build_model(name, 'gelu', in_ch=in_ch, num_classes=10, conv='fast').to(dtype).train()
     fast.load_state_dict(native.state_dict(), strict=True)
-    assert sum(isinstance(m, M.Conv2d) for m in fast.modules()) == sum(
-        isinstance(m, nn.Conv2d) for m in native.modules()) > 0
+    assert (
+        sum(isinstance(m, M.Conv2d) for m in fast.modules())
+        == sum(isinstance(m, nn.Conv2d) for m in native.modules())
+        > 0
+    )
     return native, fast
 
 
@@ -113,7 +122,10 @@ def rel(a, b):
 def test_gradnorm_parameter_gradient_equals_native_double_backprop(name, in_ch, size):
     native, fast = twins(name, in_ch)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(4, in_ch, size, size, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+    x, y = (
+        torch.rand(4, in_ch, size, size, generator=g, dtype=torch.float64),
+        torch.randint(0, 10, (4,), generator=g),
+    )
     want = param_grad(native, G.gradnorm, x, y)
     assert rel(param_grad(fast, G.gradnorm, x, y), want) < 1e-12
     for a, b in zip(native.buffers(), fast.buffers()):  # same BatchNorm running statistics
@@ -149,7 +161,9 @@ def test_input_gradient_pass_skips_weight_gradients_and_weight_users_still_get_t
     with OpCounter() as ops:
         torch.autograd.grad(ce(fast), x, create_graph=True)
     convs = sum(isinstance(m, M.Conv2d) for m in fast.modules())
-    assert ops.calls['gradnorm.conv2d_input'] == convs and 'gradnorm.conv2d_weight' not in ops.calls, ops.calls
+    assert ops.calls['gradnorm.conv2d_input'] == convs and 'gradnorm.conv2d_weight' not in ops.calls, (
+        ops.calls
+    )
     with OpCounter() as ops:
         ce(fast).backward(inputs=[x])
     assert 'gradnorm.conv2d_weight' not in ops.calls
@@ -161,8 +175,11 @@ def test_input_gradient_pass_skips_weight_gradients_and_weight_users_still_get_t
             x.grad = None
             g = torch.autograd.grad(ce(m), params(m), create_graph=True)
             sum(t.square().sum() for t in g).backward()
-            grads.append(torch.cat([*(t.flatten() for t in g), x.grad.flatten(),
-                                    *(p.grad.flatten() for p in m.parameters())]))
+            grads.append(
+                torch.cat(
+                    [*(t.flatten() for t in g), x.grad.flatten(), *(p.grad.flatten() for p in m.parameters())]
+                )
+            )
         assert rel(grads[1], grads[0]) < 1e-12
 
 
@@ -183,10 +200,16 @@ def test_bf16_autocast_casts_as_f_conv2d_does():
 def test_timm_resnet_with_fast_conv_equals_native():
     """timm's models get the fast conv by class swap (use_conv): same parameters, same GradNorm gradient."""
     pytest.importorskip('timm')
-    native, fast = (M.build_model('timm/resnet18', 'gelu', num_classes=10, conv=c) for c in ('native', 'fast'))
+    native, fast = (
+        M.build_model('timm/resnet18', 'gelu', num_classes=10, conv=c) for c in ('native', 'fast')
+    )
     fast.load_state_dict(native.state_dict(), strict=True)
     native, fast = native.double().train(), fast.double().train()
-    assert sum(type(m) is M.Conv2d for m in fast.modules()) == sum(type(m) is nn.Conv2d for m in native.modules()) > 0
+    assert (
+        sum(type(m) is M.Conv2d for m in fast.modules())
+        == sum(type(m) is nn.Conv2d for m in native.modules())
+        > 0
+    )
     x, y = torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1])
     assert rel(param_grad(fast, G.gradnorm, x, y), param_grad(native, G.gradnorm, x, y)) < 1e-12
 
@@ -194,15 +217,27 @@ def test_timm_resnet_with_fast_conv_equals_native():
 def test_conv_auto_is_fast_for_double_backward_only():
     cpu = torch.device('cpu')
     kind = lambda **kw: T.conv_kind(C.Config(**kw), cpu)
-    assert kind(gradnorm_impl='exact') == kind(objective='edge') == kind(conv='fast', objective='pgd') == 'fast'
+    assert (
+        kind(gradnorm_impl='exact') == kind(objective='edge') == kind(conv='fast', objective='pgd') == 'fast'
+    )
     assert kind(gradnorm_impl='fd') == kind(objective='pgd') == kind(objective='standard') == 'native'
     assert kind(conv='native', gradnorm_impl='exact') == 'native'
 
 
 def test_trained_with_fast_conv_then_evaluated_and_characterized(tiny_data, tmp_path, capsys):
     out = tmp_path / 'run'
-    T.main([f'--data={tiny_data}', f'--out={out}', '--epochs=1', '--batch_size=128', '--eval_n=32',
-            '--eval_steps=1', '--loader=torchvision', '--gradnorm_impl=exact'])
+    T.main(
+        [
+            f'--data={tiny_data}',
+            f'--out={out}',
+            '--epochs=1',
+            '--batch_size=128',
+            '--eval_n=32',
+            '--eval_steps=1',
+            '--loader=torchvision',
+            '--gradnorm_impl=exact',
+        ]
+    )
     assert 'conv=fast' in capsys.readouterr().out
     ck = C.load_checkpoint(str(out / 'ckpt.pt'))
     model = C.model_from_checkpoint(ck).eval()  # nn.Conv2d: evaluation differentiates once
@@ -211,18 +246,33 @@ def test_trained_with_fast_conv_then_evaluated_and_characterized(tiny_data, tmp_
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
-    evaluate.main(['--ckpt', str(out / 'ckpt.pt'), '--n', '32', '--attacks', 'ce-2', '--no-autoattack',
-                   '--no-checks', '--json', str(tmp_path / 'eval.json')])
+    evaluate.main(
+        [
+            '--ckpt',
+            str(out / 'ckpt.pt'),
+            '--n',
+            '32',
+            '--attacks',
+            'ce-2',
+            '--no-autoattack',
+            '--no-checks',
+            '--json',
+            str(tmp_path / 'eval.json'),
+        ]
+    )
     result = json.load(open(tmp_path / 'eval.json'))
     assert result['n'] == 32 and 0 <= result['robust'][f'{ck["config"]["eps"]:g}']['worst'] <= result['clean']
-    characterize.main([str(out / 'ckpt.pt'), '--n', '32', '--rows', '2', '--steps', '2', '--out', str(tmp_path / 'char')])
+    characterize.main(
+        [str(out / 'ckpt.pt'), '--n', '32', '--rows', '2', '--steps', '2', '--out', str(tmp_path / 'char')]
+    )
     assert json.load(open(tmp_path / 'char' / 'characterize.json'))[0]['n'] == 32
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 # Dynamo alone; + AOT autograd, decompositions, partitioner; + Inductor (its C++ build: minutes on a CPU)
 BACKENDS = [pytest.param(b, 'cpu', id=b) for b in ('eager', 'aot_eager_decomp_partition')] + [
-    pytest.param('inductor', 'cuda', id='inductor-cuda', marks=cuda)]
+    pytest.param('inductor', 'cuda', id='inductor-cuda', marks=cuda)
+]
 
 
 @pytest.mark.parametrize('backend,device', BACKENDS)
@@ -230,11 +280,19 @@ def test_compiled_gradnorm_with_fast_conv_is_one_graph_and_matches_eager(backend
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = M.ResNet(M.BasicBlock, [1, 1], (8, 16), act='gelu', in_ch=3, num_classes=10, small_stem=True,
-                     conv='fast').to(device).train()
+    model = (
+        M.ResNet(
+            M.BasicBlock, [1, 1], (8, 16), act='gelu', in_ch=3, num_classes=10, small_stem=True, conv='fast'
+        )
+        .to(device)
+        .train()
+    )
     assert any(isinstance(m, M.Conv2d) for m in model.modules())
     g = torch.Generator().manual_seed(1)
-    x, y = torch.rand(8, 3, 16, 16, generator=g).to(device), torch.randint(0, 10, (8,), generator=g).to(device)
+    x, y = (
+        torch.rand(8, 3, 16, 16, generator=g).to(device),
+        torch.randint(0, 10, (8,), generator=g).to(device),
+    )
     counter = CompileCounterWithBackend(backend)
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         compiled = torch.compile(G.gradnorm, backend=counter, fullgraph=True)
@@ -263,7 +321,10 @@ def test_bf16_autocast_gradnorm_as_accurate_as_native(device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     native, fast = (m.to(device) for m in twins('resnet18_small', 3, torch.float32))
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(16, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device)
+    x, y = (
+        torch.rand(16, 3, 32, 32, generator=g).to(device),
+        torch.randint(0, 10, (16,), generator=g).to(device),
+    )
     ref = param_grad(native, G.gradnorm, x, y)
     assert rel(param_grad(fast, G.gradnorm, x, y), ref) < 1e-4  # float32, different kernels
     with torch.autocast(device, torch.bfloat16):

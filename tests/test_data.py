@@ -1,6 +1,7 @@
 """The data path (issue 3): ImageFolder of real photos -> .beton -> batches, FFCV and torchvision.
-    .venv/bin/python -m pytest -q test_data.py
+.venv/bin/python -m pytest -q test_data.py
 """
+
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ CPU = torch.device('cpu')
 
 def skimage_photo(name):
     import skimage.data
+
     return Image.fromarray(getattr(skimage.data, name)())
 
 
@@ -54,7 +56,9 @@ def tree(tmp_path_factory):
         bad = root / split / 'bird' / 'broken.JPEG'
         full = (root / split / 'apple').iterdir().__next__().read_bytes()
         bad.write_bytes(full[: len(full) // 2])
-        files[split] = sorted(files[split] + [(str(bad), 1, False)], key=lambda f: (f[1], f[0]))  # ImageFolder's order
+        files[split] = sorted(
+            files[split] + [(str(bad), 1, False)], key=lambda f: (f[1], f[0])
+        )  # ImageFolder's order
     return root, files
 
 
@@ -69,6 +73,7 @@ def betons(tree, tmp_path_factory):
     out = tmp_path_factory.mktemp('beton')
     import io
     from contextlib import redirect_stderr
+
     err = io.StringIO()
     with redirect_stderr(err):  # all-JPEG (compress=1): the test bounds JPEG loss, the worst case
         counts = D.write_beton(str(tree[0]), str(out), max_side=500, quality=90, compress=1.0, workers=2)
@@ -80,9 +85,12 @@ def reference(path, res=224):
     224 square, its offset rounded down as FFCV does (torchvision's CenterCrop rounds to even: a 1 px
     shift, which alone costs ~10 dB on a detailed photo)."""
     from torchvision.transforms.functional import resize
+
     im = resize(Image.open(path).convert('RGB'), round(res / 0.875))
     left, top = (im.width - res) // 2, (im.height - res) // 2
-    return torch.from_numpy(np.array(im.crop((left, top, left + res, top + res)))).permute(2, 0, 1).float() / 255
+    return (
+        torch.from_numpy(np.array(im.crop((left, top, left + res, top + res)))).permute(2, 0, 1).float() / 255
+    )
 
 
 def psnr(a, b):
@@ -114,10 +122,15 @@ def test_writer_counts_skips_and_labels(betons, tree):
         assert listed == [os.path.relpath(p, tree[0] / split) for p, _, ok in files[split] if ok]
     assert not list(out.glob('*.tmp'))
     from ffcv.reader import Reader
-    stored = {split: Reader(str(out / f'{split}.beton')).metadata['f0'] for split in ('train', 'val')}  # f0: image
+
+    stored = {
+        split: Reader(str(out / f'{split}.beton')).metadata['f0'] for split in ('train', 'val')
+    }  # f0: image
     train_sizes = set(zip(stored['train']['width'].tolist(), stored['train']['height'].tolist()))
     assert max(map(max, train_sizes)) <= 500 and (500, 375) in train_sizes  # 640x480 shrunk, not cut
-    assert (np.minimum(stored['val']['height'], stored['val']['width']) == 256).all()  # Resize(256), 150 px ones too
+    assert (
+        np.minimum(stored['val']['height'], stored['val']['width']) == 256
+    ).all()  # Resize(256), 150 px ones too
     x, y = collect(D.ffcv_loader(str(out / 'val.beton'), 4, CPU, train=False))
     assert y.tolist() == [c for _, c, ok in files['val'] if ok]  # sorted-class labels, in order
     check_batch(x, y, 224)
@@ -137,7 +150,9 @@ def test_torchvision_fallback(tree, capfd):
     err = capfd.readouterr().err
     assert f'cannot decode {broken(files["val"])}' in err
     assert len(y) == len(files['val'])  # the broken file's slot holds the next image
-    assert [v for v, (_, _, ok) in zip(y.tolist(), files['val']) if ok] == [c for _, c, ok in files['val'] if ok]
+    assert [v for v, (_, _, ok) in zip(y.tolist(), files['val']) if ok] == [
+        c for _, c, ok in files['val'] if ok
+    ]
     good = [(a, p) for a, (p, _, ok) in zip(x, files['val']) if ok]
     assert min(psnr(a, reference(p)) for a, p in good) >= 30
     check_batch(x, y, 224)
@@ -165,9 +180,13 @@ def id_folder(tmp_path_factory):
 
 def _rank(rank, root, pg_file, out):
     dist.init_process_group('gloo', init_method=f'file://{pg_file}', rank=rank, world_size=2)
-    loaders = {'torchvision': D.torchvision_loader(f'{root}/train', 5, CPU, True, 32, rank, 2, seed=3, workers=0)}
+    loaders = {
+        'torchvision': D.torchvision_loader(f'{root}/train', 5, CPU, True, 32, rank, 2, seed=3, workers=0)
+    }
     if not D.ffcv_error():
-        loaders['ffcv'] = D.ffcv_loader(f'{root}/beton/train.beton', 5, CPU, True, 32, rank=rank, world=2, seed=3)
+        loaders['ffcv'] = D.ffcv_loader(
+            f'{root}/beton/train.beton', 5, CPU, True, 32, rank=rank, world=2, seed=3
+        )
     seen = {}
     for name, loader in loaders.items():
         for epoch in (0, 1, 0):
@@ -218,9 +237,12 @@ def test_two_writers_of_one_beton(tmp_path):
 
 # ---------------------------------------------------------------- the contract train.train uses
 
+
 @needs_ffcv
 def test_make_loaders_on_betons(betons):
-    cfg = C.parse_config([f'--data={betons[0]}', '--recipe=', '--batch_size=4', '--res=64', '--eval_n=5', '--workers=2'])
+    cfg = C.parse_config(
+        [f'--data={betons[0]}', '--recipe=', '--batch_size=4', '--res=64', '--eval_n=5', '--workers=2']
+    )
     train, val, robust_val, info = D.make_loaders(cfg, 0, 1, CPU)
     assert info == dict(in_ch=3, num_classes=3, img_size=64)  # the models' default normalization: ImageNet's
     assert sum(len(y) for _, y in val) == 9 and sum(len(y) for _, y in robust_val) == 5
@@ -240,8 +262,20 @@ def test_progressive_resizing_and_mixup(loader, tree, tmp_path_factory):
         D.write_beton(str(tree[0]), str(data), max_side=256, workers=2)
     else:
         data = tree[0]
-    cfg = C.parse_config([f'--data={data}', f'--loader={loader}', '--batch_size=4', '--res=64', '--res_start=32',
-                          '--epochs=4', '--mixup=0.8', '--cutmix=1.0', '--reprob=0', '--workers=2'])
+    cfg = C.parse_config(
+        [
+            f'--data={data}',
+            f'--loader={loader}',
+            '--batch_size=4',
+            '--res=64',
+            '--res_start=32',
+            '--epochs=4',
+            '--mixup=0.8',
+            '--cutmix=1.0',
+            '--reprob=0',
+            '--workers=2',
+        ]
+    )
     train, val, _, _ = D.make_loaders(cfg, 0, 1, CPU)
     sizes = []
     for epoch in (0, 3):
@@ -259,20 +293,55 @@ def test_imagenet_recipe_unless_overridden(tree):
     """ImageNet-like data without --recipe: the paper's headline run (swinb_gradnorm), each value
     overridable; a --batch_size override rescales lr as the authors' rule (base lr x batch / 512)."""
     cfg = C.parse_config([f'--data={tree[0]}', '--batch_size=256'])
-    assert (cfg.recipe, cfg.model, cfg.init, cfg.objective, cfg.lr, cfg.weight_decay, cfg.warmup_epochs, cfg.min_lr) == \
-        ('swinb_gradnorm', 'swin_base_patch4_window7_224', 'pretrained', 'gradnorm', 0.625e-3 * 256 / 512, 0.05, 5.0, 1e-5)
-    assert (cfg.smoothing, cfg.ema, cfg.clip, cfg.ramp_epochs, cfg.eps, cfg.res) == (0.1, 0.9998, 0.5, 5.0, 4 / 255, 224)
+    assert (
+        cfg.recipe,
+        cfg.model,
+        cfg.init,
+        cfg.objective,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.warmup_epochs,
+        cfg.min_lr,
+    ) == (
+        'swinb_gradnorm',
+        'swin_base_patch4_window7_224',
+        'pretrained',
+        'gradnorm',
+        0.625e-3 * 256 / 512,
+        0.05,
+        5.0,
+        1e-5,
+    )
+    assert (cfg.smoothing, cfg.ema, cfg.clip, cfg.ramp_epochs, cfg.eps, cfg.res) == (
+        0.1,
+        0.9998,
+        0.5,
+        5.0,
+        4 / 255,
+        224,
+    )
     cfg = C.parse_config([f'--data={tree[0]}', '--lr=0.01', '--model=vit_small', '--init='])
     assert (cfg.lr, cfg.model, cfg.init) == (0.01, 'vit_small', '')
-    assert C.parse_config([]).model == 'resnet_demo_pool' and C.parse_config([]).recipe == ''  # Fashion-MNIST: the demo
-    assert C.parse_config([f'--data={tree[0]}', '--recipe=']).model == 'resnet_demo_pool'  # --recipe= : plain defaults
+    assert (
+        C.parse_config([]).model == 'resnet_demo_pool' and C.parse_config([]).recipe == ''
+    )  # Fashion-MNIST: the demo
+    assert (
+        C.parse_config([f'--data={tree[0]}', '--recipe=']).model == 'resnet_demo_pool'
+    )  # --recipe= : plain defaults
     assert (cfg.randaug, cfg.reprob, cfg.mixup, cfg.cutmix) == ('rand-m9-mstd0.5-inc1', 0.25, 0.8, 1.0)
     demo = C.parse_config([])  # Fashion-MNIST keeps the demo's defaults: no RandAugment, erasing or mixing
-    assert (demo.model, demo.randaug, demo.reprob, demo.mixup, demo.cutmix) == ('resnet_demo_pool', '', 0.0, 0.0, 0.0)
+    assert (demo.model, demo.randaug, demo.reprob, demo.mixup, demo.cutmix) == (
+        'resnet_demo_pool',
+        '',
+        0.0,
+        0.0,
+        0.0,
+    )
 
 
 def test_torchvision_resnet50_loads_strictly():
     import torchvision
+
     ours = M.build_model('resnet50', 'gelu')
     ours.load_state_dict(torchvision.models.resnet50().state_dict(), strict=True)
     assert sum(isinstance(m, torch.nn.GELU) for m in ours.modules()) > 0
@@ -294,30 +363,42 @@ def test_fashion_mnist_through_ffcv_is_exact():
     train, val, robust_val, info = D.make_loaders(cfg, 0, 1, CPU)
     (xtr, _), (xte, yte) = D.load_fashion_mnist(cfg.data)
     x, y = collect(robust_val)
-    assert x.shape == (700, 1, 28, 28) and torch.equal((x * 255).round().byte(), xte[:700]) and torch.equal(y, yte[:700])
+    assert (
+        x.shape == (700, 1, 28, 28)
+        and torch.equal((x * 255).round().byte(), xte[:700])
+        and torch.equal(y, yte[:700])
+    )
     train.set_epoch(0)
     x, y = next(iter(train))
     assert x.shape == (128, 1, 28, 28) and y.dtype == torch.int64 and len(train) == 60000 // 128
 
 
 def test_without_ffcv_demo_still_loads_and_imagenet_says_what_to_install(tree):
-    code = ('import sys; sys.modules["ffcv"] = None\n'
-            'import torch, data, config\n'
-            'cfg = config.parse_config(["--eval_n=10"])\n'
-            'tr, va, rv, info = data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
-            'print(type(tr).__name__, sum(len(y) for _, y in rv))\n'
-            f'cfg = config.parse_config(["--data={tree[0]}", "--init="])\n'
-            'try:\n    data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
-            'except Exception as e:\n    print(type(e).__name__, e)\n')
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        'import sys; sys.modules["ffcv"] = None\n'
+        'import torch, data, config\n'
+        'cfg = config.parse_config(["--eval_n=10"])\n'
+        'tr, va, rv, info = data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
+        'print(type(tr).__name__, sum(len(y) for _, y in rv))\n'
+        f'cfg = config.parse_config(["--data={tree[0]}", "--init="])\n'
+        'try:\n    data.make_loaders(cfg, 0, 1, torch.device("cpu"))\n'
+        'except Exception as e:\n    print(type(e).__name__, e)\n'
+    )
+    r = subprocess.run(
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert r.returncode == 0, r.stderr
     assert 'TensorLoader 10' in r.stdout
     assert 'UserError FFCV is not importable' in r.stdout and 'libturbojpeg0-dev' in r.stdout
     assert '--loader=torchvision' in r.stdout
 
 
-# ---------------------------------------------------------------- augmentations: a function of (seed, epoch, sample)
+# -------------------------------------------- augmentations: a function of (seed, epoch, sample)
+
 
 def epochs_of(loader, epochs=(0, 1)):
     out = []
@@ -337,22 +418,32 @@ def test_crop_rule_is_torchvisions_and_the_same_in_numba():
     its own random numbers); numba (FFCV's path) and Python (the fallback's) compute the same boxes."""
     import numba
     import torchvision.transforms as T
+
     import augment as A
+
     A.ffcv_ops()  # makes augment's functions callable from numba
 
     @numba.njit
     def boxes(hs, ws, out):
         for k in range(len(hs)):
             out[k] = A.crop_params(hs[k], ws[k], 5, 2, np.int64(k), A.SCALE, A.RATIO)
+
     rng = np.random.default_rng(0)
     hs, ws = rng.integers(1, 900, 3000), rng.integers(1, 900, 3000)
     jit = np.zeros((3000, 4), np.int64)
     boxes(hs, ws, jit)
-    assert np.array_equal(jit, [A.crop_params(int(h), int(w), 5, 2, k) for k, (h, w) in enumerate(zip(hs, ws))])
+    assert np.array_equal(
+        jit, [A.crop_params(int(h), int(w), 5, 2, k) for k, (h, w) in enumerate(zip(hs, ws))]
+    )
     ours = np.array([A.crop_params(375, 500, 0, 0, k) for k in range(4000)], float)
     torch.manual_seed(0)
-    theirs = np.array([T.RandomResizedCrop.get_params(Image.new('RGB', (500, 375)), [0.08, 1], [3 / 4, 4 / 3])
-                       for _ in range(4000)], float)
+    theirs = np.array(
+        [
+            T.RandomResizedCrop.get_params(Image.new('RGB', (500, 375)), [0.08, 1], [3 / 4, 4 / 3])
+            for _ in range(4000)
+        ],
+        float,
+    )
     se = np.sqrt(ours.var(0) / 4000 + theirs.var(0) / 4000)
     assert (abs(ours.mean(0) - theirs.mean(0)) < 4 * se).all(), (ours.mean(0), theirs.mean(0))
     assert (ours[:, 0] + ours[:, 2] <= 375).all() and (ours[:, 1] + ours[:, 3] <= 500).all()
@@ -361,6 +452,7 @@ def test_crop_rule_is_torchvisions_and_the_same_in_numba():
 
 def test_batch_augment_erases_mixes_and_is_a_function_of_its_key():
     import augment as A
+
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     aug = A.BatchAugment(7, 0, 10, mean, std, reprob=1.0)
     x, y = torch.full((64, 3, 32, 32), 0.5), torch.arange(64) % 10
@@ -368,8 +460,11 @@ def test_batch_augment_erases_mixes_and_is_a_function_of_its_key():
     a, _ = aug(x.clone(), y, 3, 5)
     assert torch.equal(torch.get_rng_state(), state)  # training's generator is left as it was
     assert torch.equal(aug(x.clone(), y, 3, 5)[0], a)  # same (seed, epoch, batch): same erasing
-    for other in (aug(x.clone(), y, 4, 5)[0], aug(x.clone(), y, 3, 6)[0],
-                  A.BatchAugment(7, 1, 10, mean, std, reprob=1.0)(x.clone(), y, 3, 5)[0]):  # epoch, batch, rank
+    for other in (
+        aug(x.clone(), y, 4, 5)[0],
+        aug(x.clone(), y, 3, 6)[0],
+        A.BatchAugment(7, 1, 10, mean, std, reprob=1.0)(x.clone(), y, 3, 5)[0],
+    ):  # epoch, batch, rank
         assert not torch.equal(other, a)
     erased = a != 0.5
     assert erased.flatten(1).any(1).float().mean() > 0.9  # p=1 (a box fits in 10 tries nearly always)
@@ -391,10 +486,17 @@ def test_fashion_beton_flips_are_a_function_of_seed_epoch_index(tiny_data, tmp_p
     """The demo's path: raw Fashion-MNIST in a .beton, SeededFlip. 1 or 2 threads, the same batches;
     each image is the stored one, mirrored exactly when augment.uniform(seed, epoch, index, FLIP) < 0.5."""
     import augment as A
+
     (x, y), _ = D.load_fashion_mnist(tiny_data)
     D.write_split(D._GrayAsRGB(x, y), str(tmp_path / 'train.beton'), workers=1, write_mode='raw')
-    runs = [epochs_of(D.ffcv_loader(str(tmp_path / 'train.beton'), 64, CPU, True, crop=False, workers=w, seed=1,
-                                    channels=1)) for w in (1, 2)]
+    runs = [
+        epochs_of(
+            D.ffcv_loader(
+                str(tmp_path / 'train.beton'), 64, CPU, True, crop=False, workers=w, seed=1, channels=1
+            )
+        )
+        for w in (1, 2)
+    ]
     assert same(runs[0][0], runs[1][0]) and same(runs[0][1], runs[1][1])
     assert not torch.equal(runs[0][0][1], runs[0][1][1])  # a new order every epoch
     stored = {x[i].numpy().tobytes(): (i, False) for i in range(len(x))}
@@ -414,6 +516,7 @@ def test_fashion_beton_flips_are_a_function_of_seed_epoch_index(tiny_data, tmp_p
 @pytest.fixture(scope='module')
 def randaug():
     import augment as A
+
     return A.randaug_transform('rand-m9-mstd0.5-inc1', 64, M.IMAGENET_MEAN)
 
 
@@ -423,6 +526,7 @@ def test_ffcv_crops_flips_randaug_erasing_reproducible_for_any_thread_count(beto
     and 2 threads, the same batches for two epochs; epochs differ; RandAugment changes most images,
     and so does random erasing on the batch, the same way every time."""
     import augment as A
+
     path = str(betons[0] / 'train.beton')
     make = lambda w, ra: D.ffcv_loader(path, 4, CPU, True, 64, workers=w, seed=3, randaug=ra)
     plain_loader = make(2, None)
@@ -443,9 +547,11 @@ def test_torchvision_crops_flips_randaug_erasing_reproducible(tree, randaug):
     """The fallback: the same rules in worker processes (0 or 2 of them, persistent), and erasing
     and Mixup/CutMix on the batch: the same batches for two epochs; epochs differ; both change them."""
     import augment as A
+
     folder = str(tree[0] / 'train')
-    make = lambda w, ra, aug: D.torchvision_loader(folder, 4, CPU, True, 64, workers=w, seed=3, randaug=ra,
-                                                   augment=aug)
+    make = lambda w, ra, aug: D.torchvision_loader(
+        folder, 4, CPU, True, 64, workers=w, seed=3, randaug=ra, augment=aug
+    )
     batch_aug = A.BatchAugment(3, 0, 3, M.IMAGENET_MEAN, M.IMAGENET_STD, reprob=0.5, mixup=0.8, cutmix=1.0)
     zero, two = epochs_of(make(0, randaug, batch_aug)), epochs_of(make(2, randaug, batch_aug))
     plain, no_erase = epochs_of(make(0, None, None)), epochs_of(make(2, randaug, None))
@@ -459,6 +565,7 @@ def test_torchvision_crops_flips_randaug_erasing_reproducible(tree, randaug):
 def test_in_memory_demo_randaug_reproducible(tiny_data):
     """The demo without FFCV (TensorLoader): RandAugment per image from (seed, epoch, index)."""
     import augment as A
+
     (x, y), _ = D.load_fashion_mnist(tiny_data)
     ra = A.randaug_transform('rand-m9-mstd0.5-inc1', 28, D.FASHION_MEAN)
     make = lambda ra: D.TensorLoader(x[:128], y[:128], 64, CPU, True, seed=2, randaug=ra)

@@ -2,6 +2,7 @@
 more images asked for than exist, outputs that cannot be written (a folder in the way, a read-only
 or full file system), a damaged AutoAttack state, checkpoints and data that do not fit each other,
 a bad value under make, timm's weights missing offline, and options the data make meaningless."""
+
 import json
 import os
 import resource
@@ -33,8 +34,12 @@ FASHION_INFO = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std
 def demo_ckpt(path, data, loader='torchvision', **changes):
     """A random resnet_demo as train.py saves it; changes replace (None: remove) top-level keys."""
     torch.manual_seed(0)
-    ck = dict(model=M.build_model('resnet_demo', 'gelu', **FASHION_INFO).state_dict(), ema=None,
-              config=vars(C.Config(data=data, loader=loader, model='resnet_demo')), data_info=FASHION_INFO)
+    ck = dict(
+        model=M.build_model('resnet_demo', 'gelu', **FASHION_INFO).state_dict(),
+        ema=None,
+        config=vars(C.Config(data=data, loader=loader, model='resnet_demo')),
+        data_info=FASHION_INFO,
+    )
     ck = {k: v for k, v in {**ck, **changes}.items() if v is not None}
     C.save_checkpoint(str(path), ck)
     return str(path)
@@ -48,8 +53,9 @@ def one_error(code, err):
 
 
 def run(args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300,
-                          **kw)
+    return subprocess.run(
+        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def image_tree(root, counts, size=32):
@@ -66,6 +72,7 @@ def image_tree(root, counts, size=32):
 
 # ---------------------------------------------------------------- more images than there are
 
+
 @pytest.mark.parametrize('loader', ['ffcv', 'torchvision'])
 def test_n_beyond_the_test_set_gives_the_same_numbers(loader, tiny_data, tmp_path, monkeypatch, capsys):
     """256 test images: --n=300 evaluates those 256 and says so (FFCV read 44 phantom samples)."""
@@ -76,8 +83,19 @@ def test_n_beyond_the_test_set_gives_the_same_numbers(loader, tiny_data, tmp_pat
     ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data, loader)
     results = {}
     for n in (256, 300):
-        evaluate.main(['--ckpt', ckpt, '--n', str(n), '--attacks', 'ce-2', '--no-checks',
-                     '--json', str(tmp_path / f'{n}.json')])
+        evaluate.main(
+            [
+                '--ckpt',
+                ckpt,
+                '--n',
+                str(n),
+                '--attacks',
+                'ce-2',
+                '--no-checks',
+                '--json',
+                str(tmp_path / f'{n}.json'),
+            ]
+        )
         results[n] = json.load(open(tmp_path / f'{n}.json'))
         err = capsys.readouterr().err
     said = 'warning: --n=300 is more than the 256 validation images: using all 256'
@@ -104,8 +122,10 @@ def test_train_eval_n_is_lowered_to_the_validation_set_and_said(tiny_data, capsy
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
     """3 classes; 2, 1, 3 val images."""
-    return image_tree(tmp_path_factory.mktemp('imagefolder'), {'train': {'a': 2, 'b': 2, 'c': 2},
-                                                              'val': {'a': 2, 'b': 1, 'c': 3}})
+    return image_tree(
+        tmp_path_factory.mktemp('imagefolder'),
+        {'train': {'a': 2, 'b': 2, 'c': 2}, 'val': {'a': 2, 'b': 1, 'c': 3}},
+    )
 
 
 @pytest.mark.parametrize('loader', ['ffcv', 'torchvision'])
@@ -119,8 +139,17 @@ def test_imagefolder_and_beton_paths_yield_exactly_their_images(loader, folder, 
         with pytest.raises(ValueError, match='holds samples 0..5, not 0..8'):  # no caller reads past the end
             D.ffcv_loader(str(data / 'val.beton'), 4, CPU, train=False, res=32, indices=range(9))
     capsys.readouterr()
-    cfg = C.parse_config([f'--data={data}', '--recipe=', f'--loader={loader}', '--res=32', '--eval_n=9',
-                          '--batch_size=2', '--workers=1'])
+    cfg = C.parse_config(
+        [
+            f'--data={data}',
+            '--recipe=',
+            f'--loader={loader}',
+            '--res=32',
+            '--eval_n=9',
+            '--batch_size=2',
+            '--workers=1',
+        ]
+    )
     _, val, robust_val, _ = D.make_loaders(cfg, 0, 1, CPU)
     assert 'warning: --eval_n=9 is more than the 6 validation images: using all 6' in capsys.readouterr().err
     labels = [torch.cat([y for _, y in loader]).tolist() for loader in (robust_val, val)]
@@ -128,6 +157,7 @@ def test_imagefolder_and_beton_paths_yield_exactly_their_images(loader, folder, 
 
 
 # ---------------------------------------------------------------- outputs that cannot be written
+
 
 @contextmanager
 def small_fs(path, options):
@@ -189,8 +219,11 @@ def test_full_disk_ends_in_one_line_and_leaves_no_temporary_file(autoattack, tin
         out = full or tmp_path / 'full'
         if full:
             fill(full)
-        r = run(argv + ['--json', str(out / 'e.json')], env=dict(os.environ, OMP_NUM_THREADS='1'),
-                preexec_fn=None if full else at_most_100_bytes)
+        r = run(
+            argv + ['--json', str(out / 'e.json')],
+            env=dict(os.environ, OMP_NUM_THREADS='1'),
+            preexec_fn=None if full else at_most_100_bytes,
+        )
         line = one_error(r.returncode, r.stderr)
         name = 'e.autoattack-rank0.json' if autoattack else 'e.json'
         assert line.startswith(f'error: cannot write {"the AutoAttack state " if autoattack else ""}'), line
@@ -199,6 +232,7 @@ def test_full_disk_ends_in_one_line_and_leaves_no_temporary_file(autoattack, tin
 
 
 # ---------------------------------------------------------------- a damaged AutoAttack state
+
 
 def linear(n=32, seed=1):
     """10 classes, logits W x + b on 8x8 inputs; the first 4 labels wrong on purpose."""
@@ -213,7 +247,7 @@ def linear(n=32, seed=1):
 
 
 def damage(kind, saved):
-    done, up = saved['done'], lambda bits, i: bits[:i] + '1' + bits[i + 1:]
+    done, up = saved['done'], lambda bits, i: bits[:i] + '1' + bits[i + 1 :]
     if kind == 'shorter':
         done['0.03/1/apgd-t'] = done['0.03/1/apgd-t'][:-1]
     elif kind == 'longer':
@@ -249,8 +283,10 @@ def aa_run(tmp_path_factory):
 COMPS = ['apgd-ce', 'apgd-t']
 
 
-@pytest.mark.parametrize('kind', ['shorter', 'longer', 'rises', 'gap', 'not 0/1', 'entry type', 'done type',
-                                  'file type', 'truncated'])
+@pytest.mark.parametrize(
+    'kind',
+    ['shorter', 'longer', 'rises', 'gap', 'not 0/1', 'entry type', 'done type', 'file type', 'truncated'],
+)
 def test_damaged_autoattack_state_starts_afresh_with_a_warning(kind, aa_run, tmp_path, capsys):
     model, batches, fresh, saved = aa_run
     saved, path = json.loads(json.dumps(saved)), str(tmp_path / 'state.json')
@@ -268,24 +304,36 @@ def test_damaged_autoattack_state_starts_afresh_with_a_warning(kind, aa_run, tmp
 
 # ---------------------------------------------------------------- checkpoints and data that do not fit
 
-@pytest.mark.parametrize('changes,words', [
-    (dict(config=None), ["'config'"]), (dict(model=None), ["'model'"]),
-    (dict(data_info=None), ["'data_info'"]), (dict(data_info='x'), ["'data_info'", 'not a dict']),
-    (dict(config={**vars(C.Config(loader='torchvision')), 'model': 'resnet18_small'}),
-     ['do not fit', 'resnet18_small']),
-])
+
+@pytest.mark.parametrize(
+    'changes,words',
+    [
+        (dict(config=None), ["'config'"]),
+        (dict(model=None), ["'model'"]),
+        (dict(data_info=None), ["'data_info'"]),
+        (dict(data_info='x'), ["'data_info'", 'not a dict']),
+        (
+            dict(config={**vars(C.Config(loader='torchvision')), 'model': 'resnet18_small'}),
+            ['do not fit', 'resnet18_small'],
+        ),
+    ],
+)
 def test_checkpoint_without_a_key_or_misfit_weights_is_one_line(changes, words, tiny_data, tmp_path, capsys):
     ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data, **changes)
-    for main, argv in ((evaluate.main, ['--ckpt', ckpt, '--n', '8', '--attacks', 'ce-1', '--no-checks']),
-                       (characterize.main, [ckpt, '--n', '8', '--out', str(tmp_path / 'c')])):
+    for main, argv in (
+        (evaluate.main, ['--ckpt', ckpt, '--n', '8', '--attacks', 'ce-1', '--no-checks']),
+        (characterize.main, [ckpt, '--n', '8', '--out', str(tmp_path / 'c')]),
+    ):
         line = one_error(C.cli(main, argv), capsys.readouterr().err)
         assert ckpt in line and all(w in line for w in words), line
 
 
 def test_data_with_other_classes_than_the_checkpoint_is_one_line(folder, tiny_data, tmp_path, capsys):
     ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data)
-    for main, argv in ((evaluate.main, ['--ckpt', ckpt, '--data', str(folder), '--attacks', 'ce-1']),
-                       (characterize.main, [ckpt, '--data', str(folder), '--out', str(tmp_path / 'c')])):
+    for main, argv in (
+        (evaluate.main, ['--ckpt', ckpt, '--data', str(folder), '--attacks', 'ce-1']),
+        (characterize.main, [ckpt, '--data', str(folder), '--out', str(tmp_path / 'c')]),
+    ):
         code, err = C.cli(main, argv), capsys.readouterr().err
         assert one_error(code, err) == err.strip(), err  # the only line: refused before the data are read
         assert '10 classes of 1-channel images' in err and '3 classes of 3-channel images' in err, err
@@ -293,11 +341,17 @@ def test_data_with_other_classes_than_the_checkpoint_is_one_line(folder, tiny_da
 
 # ---------------------------------------------------------------- make, timm's weights
 
+
 def test_make_eval_with_a_bad_value_is_one_error_line():
     for target in ('eval', 'characterize'):
         # -o: never (re)install into the shared virtualenv from a test
-        r = subprocess.run(['make', '-o', '.venv/.installed', target, 'ACT=tanh'], cwd=HERE,
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            ['make', '-o', '.venv/.installed', target, 'ACT=tanh'],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode != 0 and 'python' not in r.stdout, r.stdout  # nothing ran
         assert one_error(2, r.stderr) == 'error: --act=tanh: must be relu, gelu, silu'
 
@@ -311,6 +365,7 @@ def hub_env(home, **extra):
 def fake_hub_file(home):
     """A file where hf_hub_download looks offline for timm's resnet18 (its hub id, safetensors first)."""
     import safetensors.torch
+
     folder, commit = home / 'hub' / 'models--timm--resnet18.a1_in1k', 'c0ffee' * 6 + 'c0ff'
     (folder / 'refs').mkdir(parents=True)
     (folder / 'refs' / 'main').write_text(commit)
@@ -321,10 +376,19 @@ def fake_hub_file(home):
 def test_pretrained_weights_missing_offline_is_one_line_naming_model_cache_and_fix(tiny_data, tmp_path):
     """train.py offline; config alone where the hub cannot be reached, and once the weights are there."""
     home = tmp_path / 'hf'
-    args = [f'--data={tiny_data}', '--model=timm/resnet18', '--init=pretrained', f'--out={tmp_path / "run"}',
-            '--loader=torchvision', '--epochs=1']
-    parse = ['-c', 'import sys, config\n'
-                   'sys.exit(config.cli(lambda a: print(config.parse_config(a).init), sys.argv[1:]))']
+    args = [
+        f'--data={tiny_data}',
+        '--model=timm/resnet18',
+        '--init=pretrained',
+        f'--out={tmp_path / "run"}',
+        '--loader=torchvision',
+        '--epochs=1',
+    ]
+    parse = [
+        '-c',
+        'import sys, config\n'
+        'sys.exit(config.cli(lambda a: print(config.parse_config(a).init), sys.argv[1:]))',
+    ]
     offline = ['train.py'], dict(HF_HUB_OFFLINE='1'), 'HF_HUB_OFFLINE is set'
     no_route = parse, dict(HF_ENDPOINT='http://127.0.0.1:9'), '127.0.0.1 cannot be reached'  # port 9: none
     for command, extra, why in (offline, no_route):
@@ -339,6 +403,7 @@ def test_pretrained_weights_missing_offline_is_one_line_naming_model_cache_and_f
 
 
 # ---------------------------------------------------------------- options the data make meaningless
+
 
 def test_val_class_that_train_lacks_is_refused(tmp_path, capsys):
     data = image_tree(tmp_path / 'f', {'train': {'a': 1, 'b': 1}, 'val': {'a': 1, 'b': 1, 'zebra': 2}})

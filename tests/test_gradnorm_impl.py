@@ -2,6 +2,7 @@
 the finite-difference parameter gradient in float32 (gradnorm_fd's default h) against double
 backprop in float64 (tools.bench.fd_error), on the paper's Swin-B and ResNet-50 (timm, random
 weights, 32 px; ResNet-50 in eval mode, as the paper's runs) and the demo ResNet."""
+
 import itertools
 
 import pytest

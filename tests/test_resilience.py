@@ -1,4 +1,5 @@
 """Long runs that survive: kill -9, preemption signals, truncated checkpoints, full disks."""
+
 import os
 import signal
 import subprocess
@@ -35,11 +36,21 @@ def same_run(full, cut, steps):
 
 def kill_and_resume(command, full, cut, kill_at, env=None):
     """Runs command(full) and command(cut, '--ckpt_every=1', ...) side by side, kills the cut run
-    (SIGKILL to it and every process it started) once checkpoint kill_at is written, and checks that every checkpoint
-    it left matches full's at that step. -> the steps cut had checkpointed"""
+    (SIGKILL to it and every process it started) once checkpoint kill_at is written, and checks that
+    every checkpoint it left matches full's at that step. -> the steps cut had checkpointed"""
     import psutil
-    procs = [subprocess.Popen(command(out, '--ckpt_every=1', '--keep=100'), cwd=HERE, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for out in (full, cut)]
+
+    procs = [
+        subprocess.Popen(
+            command(out, '--ckpt_every=1', '--keep=100'),
+            cwd=HERE,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for out in (full, cut)
+    ]
     wait_for(cut, f'ckpt-{kill_at:08d}-*.pt', procs[1])
     cut_proc = psutil.Process(procs[1].pid)
     for p in cut_proc.children(recursive=True) + [cut_proc]:  # torchrun's ranks are in sessions of their own
@@ -58,8 +69,9 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny_data, tmp_path)
     threads spinning at barriers, run ~10x slower."""
     full, cut, env = tmp_path / 'full', tmp_path / 'cut', dict(os.environ, OMP_NUM_THREADS='1')
     aug = ['--randaug=rand-m9-mstd0.5-inc1', '--reprob=0.25', '--mixup=0.8', '--cutmix=1.0']
-    steps = kill_and_resume(lambda out, *extra: [sys.executable, *train_args(tiny_data, out, *aug, *extra)],
-                            full, cut, 10, env)
+    steps = kill_and_resume(
+        lambda out, *extra: [sys.executable, *train_args(tiny_data, out, *aug, *extra)], full, cut, 10, env
+    )
     assert 10 <= steps[-1] < 16  # killed inside epoch 1
     newest = sorted(cut.glob('ckpt-*.pt'))[-1]
     newest.write_bytes(newest.read_bytes()[:1000])  # and the newest file is truncated, as by a dying disk
@@ -86,7 +98,9 @@ def test_ffcv_default_path_sigkill_then_resume_matches_uninterrupted_run(tiny_da
     and one killed mid-epoch and resumed ends with the same weights. One loader thread: on two busy
     cores FFCV's second thread only slows training; thread counts are the loader tests' business."""
     env, full, cut = ffcv_demo(tiny_data, tmp_path, monkeypatch), tmp_path / 'full', tmp_path / 'cut'
-    args = lambda out, *extra: train_args(tiny_data, out, '--loader=ffcv', '--workers=1', '--batch_size=32', *extra)
+    args = lambda out, *extra: train_args(
+        tiny_data, out, '--loader=ffcv', '--workers=1', '--batch_size=32', *extra
+    )
     steps = kill_and_resume(lambda out, *extra: [sys.executable, *args(out, *extra)], full, cut, 17, env)
     assert 17 <= steps[-1] < 32  # inside epoch 1
     r = run(args(cut, '--resume=auto'), env=env)
@@ -100,13 +114,32 @@ def test_torchrun_two_ranks_sigkill_then_resume_matches_uninterrupted_run(tiny_d
     erasing + Mixup/CutMix (per rank and batch): killed mid-epoch (torchrun and both ranks) and
     resumed, the same weights as the uninterrupted 2-rank run."""
     env, full, cut = ffcv_demo(tiny_data, tmp_path, monkeypatch), tmp_path / 'full', tmp_path / 'cut'
-    torchrun = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--standalone', '--nproc_per_node=2']
-    args = lambda out, *extra: torchrun + train_args(tiny_data, out, '--loader=ffcv', '--workers=1', '--batch_size=32',
-                                                     '--objective=pgd', '--pgd_steps=1', '--reprob=0.25', '--mixup=0.8',
-                                                     '--cutmix=1.0', *extra)
+    torchrun = [
+        os.path.join(os.path.dirname(sys.executable), 'torchrun'),
+        '--standalone',
+        '--nproc_per_node=2',
+    ]
+    args = lambda out, *extra: (
+        torchrun
+        + train_args(
+            tiny_data,
+            out,
+            '--loader=ffcv',
+            '--workers=1',
+            '--batch_size=32',
+            '--objective=pgd',
+            '--pgd_steps=1',
+            '--reprob=0.25',
+            '--mixup=0.8',
+            '--cutmix=1.0',
+            *extra,
+        )
+    )
     steps = kill_and_resume(args, full, cut, 17, env)
     assert 17 <= steps[-1] < 32  # inside epoch 1
-    r = subprocess.run(args(cut, '--resume=auto'), cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        args(cut, '--resume=auto'), cwd=HERE, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'at epoch 1 step {steps[-1] - 16}' in r.stdout
     assert same_weights(C.load_checkpoint(str(cut / 'ckpt.pt')), C.load_checkpoint(str(full / 'ckpt.pt')))
@@ -114,8 +147,13 @@ def test_torchrun_two_ranks_sigkill_then_resume_matches_uninterrupted_run(tiny_d
 
 def test_sigterm_checkpoints_and_exits_75(tiny_data, tmp_path):
     out = tmp_path / 'run'
-    proc = subprocess.Popen([sys.executable, *train_args(tiny_data, out, '--epochs=50')],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *train_args(tiny_data, out, '--epochs=50')],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(out, 'ckpt.pt', proc)  # epoch 0 done
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -128,9 +166,13 @@ def test_sigterm_checkpoints_and_exits_75(tiny_data, tmp_path):
 def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_path):
     out = tmp_path / 'ddp'
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
-    proc = subprocess.Popen([torchrun, '--standalone', '--nproc_per_node=2',
-                             *train_args(tiny_data, out, '--epochs=50')],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [torchrun, '--standalone', '--nproc_per_node=2', *train_args(tiny_data, out, '--epochs=50')],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(out, 'ckpt.pt', proc)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
     _, err = proc.communicate(timeout=120)
@@ -139,9 +181,18 @@ def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_p
     step = C.load_checkpoint(str(out / 'ckpt.pt'))['step']
     assert step > 8  # the global batch is split over the ranks: still 8 steps per epoch
 
-    r = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2',
-                        *train_args(tiny_data, out, '--resume=auto', f'--epochs={step // 8 + 2}')],
-                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            torchrun,
+            '--standalone',
+            '--nproc_per_node=2',
+            *train_args(tiny_data, out, '--resume=auto', f'--epochs={step // 8 + 2}'),
+        ],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'at epoch {step // 8} step {step % 8}' in r.stdout
     assert C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == (step // 8 + 2) * 8
@@ -160,7 +211,9 @@ def poison(monkeypatch, bad):
             def __iter__(self):
                 for i, (x, y) in enumerate(train):
                     yield (torch.full_like(x, float('nan')) if bad(i) else x), y
+
         return (Poisoned(), *rest)
+
     monkeypatch.setattr(T, 'make_loaders', with_nan_batches)
 
 

@@ -1,5 +1,6 @@
 """tools/bench.py step (the model's input from the data, ratios to PGD-3) and tools/check_gpu.py:
 its dry run on the CPU, and the micro-batch search against a real allocation limit."""
+
 import os
 import re
 import resource
@@ -16,8 +17,9 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(*args, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, '-m', *args], cwd=HERE, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, '-m', *args], cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.mark.parametrize('data,shape', [('tiny', '1x28x28, 10 classes'), ('', '3x32x32, 1000 classes')])
@@ -25,8 +27,9 @@ def test_bench_step_takes_the_input_from_the_data(tiny_data, data, shape):
     """The demo model at the data's size (not 3x224x224 with 1000 classes); --data= is ImageNet's shape."""
     data = tiny_data if data == 'tiny' else data
     res = [] if data else ['--res=32']
-    p = run('tools.bench', 'step', f'--data={data}', *res, '--batch=8', '--warmup=1', '--repeats=1',
-            '--threads=1')
+    p = run(
+        'tools.bench', 'step', f'--data={data}', *res, '--batch=8', '--warmup=1', '--repeats=1', '--threads=1'
+    )
     assert p.returncode == 0, p.stderr
     assert f'resnet_demo_pool gelu {shape}, batch 8' in p.stdout
     assert re.search(r'warm-up s +step ms .* x standard +x pgd3', p.stdout)
@@ -47,13 +50,13 @@ def search_under_a_cap():
     """fits(b) allocates b MiB under one address-space limit, 64 MiB above the size at the start.
     -> (lo, hi, {b: whether it fit})"""
     with open('/proc/self/status') as f:
-        limit = int(f.read().split('VmSize:')[1].split()[0]) * 1024 + 64 * 2 ** 20
+        limit = int(f.read().split('VmSize:')[1].split()[0]) * 1024 + 64 * 2**20
     old, answers = resource.getrlimit(resource.RLIMIT_AS), {}
 
     def fits(b):
         resource.setrlimit(resource.RLIMIT_AS, (limit, old[1]))
         try:
-            torch.ones(b * 2 ** 18)  # b MiB of float32
+            torch.ones(b * 2**18)  # b MiB of float32
             answers[b] = True
         except Exception as e:
             if not out_of_memory(e):
@@ -71,10 +74,14 @@ def test_micro_batch_search_finds_a_real_allocation_limit():
     """The CPU allocator fails above the limit, as CUDA's would on a full card; out_of_memory
     recognizes the error and the search brackets the limit. In a fresh process with one malloc arena
     and every large block mapped anew (a fixed mmap threshold), so freed memory cannot hide the limit."""
-    code = ('import torch; torch.set_num_threads(1)\n'
-            'from tests.test_tools import search_under_a_cap\nprint(repr(search_under_a_cap()))')
+    code = (
+        'import torch; torch.set_num_threads(1)\n'
+        'from tests.test_tools import search_under_a_cap\nprint(repr(search_under_a_cap()))'
+    )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='131072', MALLOC_ARENA_MAX='1', OMP_NUM_THREADS='1')
-    p = subprocess.run([sys.executable, '-c', code], cwd=HERE, capture_output=True, text=True, timeout=120, env=env)
+    p = subprocess.run(
+        [sys.executable, '-c', code], cwd=HERE, capture_output=True, text=True, timeout=120, env=env
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     lo, hi, answers = eval(p.stdout.strip().splitlines()[-1])
     assert 48 <= lo <= 80, (lo, answers)  # 64 MiB, give or take what the process maps besides the tensor
@@ -91,14 +98,19 @@ def test_check_gpu_dry_run_runs_every_step():
     p = run('tools.check_gpu', '--dry-run', timeout=300)
     summary = p.stdout.split('==== check-gpu summary')[-1]
     assert p.returncode == 0, summary
-    for step in ('CUDA tests', 'torchrun demo epoch', 'torchrun ImageFolder epoch and resume',
-                 'paper Swin-B table', 'autoattack'):
+    for step in (
+        'CUDA tests',
+        'torchrun demo epoch',
+        'torchrun ImageFolder epoch and resume',
+        'paper Swin-B table',
+        'autoattack',
+    ):
         assert re.search(rf'^PASS +\d+ s  {step}', summary, re.M), summary
     paper = open(os.path.join(HERE, 'runs', 'check_gpu-dry', 'paper_Swin-B_table.log')).read()
     table = paper.split('largest micro-batch  --accum')[-1]
-    for precision, method in [('float32, TF32 off', m) for m in ('standard', 'gradnorm exact', 'gradnorm fd',
-                                                                  'edgereg', 'pgd3 at')] + \
-            [('bf16 autocast', m) for m in ('standard', 'gradnorm exact', 'edgereg', 'pgd3 at')]:
+    for precision, method in [
+        ('float32, TF32 off', m) for m in ('standard', 'gradnorm exact', 'gradnorm fd', 'edgereg', 'pgd3 at')
+    ] + [('bf16 autocast', m) for m in ('standard', 'gradnorm exact', 'edgereg', 'pgd3 at')]:
         assert re.search(rf'^{precision} +{method} +\d', table, re.M), (precision, method)
     assert 'bf16 autocast      gradnorm fd' not in table  # fd refuses bf16
     assert re.search(r'fd, float32 TF32 off (\d|0\.)[\d.e-]*%', paper)

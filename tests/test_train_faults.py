@@ -1,6 +1,7 @@
 """Accidents in training that must neither lose a run, nor mix two, nor call a bad checkpoint good:
 two runs in one folder, --overwrite with a bad option, divergence, a full disk, checkpoints of
 another run, kind or shape."""
+
 import json
 import os
 import resource
@@ -44,15 +45,26 @@ def snapshot(folder):
 
 def test_two_runs_started_together_into_one_folder_one_trains(tiny_data, tmp_path):
     out, env = tmp_path / 'run', dict(os.environ, OMP_NUM_THREADS='1')
-    procs = [subprocess.Popen([sys.executable, *train_args(tiny_data, out, '--epochs=1')], cwd=HERE, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *train_args(tiny_data, out, '--epochs=1')],
+            cwd=HERE,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 2], results
     err = next(e for rc, e in results if rc == 2).strip()
     assert err.startswith('error: ') and 'in use by another run (pid ' in err and '\n' not in err, err
     lines = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     runs = {p.name.split('-')[2][:-3] for p in out.glob('ckpt-*.pt')}
-    assert len(lines) == 1 and runs == {lines[0]['run']}  # one run's checkpoints and metrics, and they say whose
+    assert len(lines) == 1 and runs == {
+        lines[0]['run']
+    }  # one run's checkpoints and metrics, and they say whose
     assert C.load_checkpoint(str(out / 'ckpt.pt'))['run'] == lines[0]['run']
 
 
@@ -79,7 +91,9 @@ def test_overwrite_deletes_the_old_run_only_after_every_check(tiny_data, base, t
         fails(train_args(tiny_data, out, '--overwrite', bad)[1:], capsys)
         assert snapshot(out) == before, bad
     trained(tiny_data, out, '--overwrite')
-    assert not (set(before) - {'ckpt.pt', 'metrics.jsonl'}) & set(snapshot(out))  # the old run's files are gone
+    assert not (set(before) - {'ckpt.pt', 'metrics.jsonl'}) & set(
+        snapshot(out)
+    )  # the old run's files are gone
     assert len((out / 'metrics.jsonl').read_text().splitlines()) == 1
 
 
@@ -87,8 +101,18 @@ def test_divergence_keeps_every_checkpoint_finite_and_names_the_newest(tiny_data
     """lr 1e9: the weights blow up within a few steps; a skipped step's forward pass must not leave
     inf in BatchNorm's running statistics, and no checkpoint may hold non-finite numbers."""
     out = tmp_path / 'run'
-    err = fails(train_args(tiny_data, out, '--lr=1e9', '--ckpt_every=1', '--keep=100', '--max_bad_steps=2',
-                           '--warmup_epochs=0')[1:], capsys)
+    err = fails(
+        train_args(
+            tiny_data,
+            out,
+            '--lr=1e9',
+            '--ckpt_every=1',
+            '--keep=100',
+            '--max_bad_steps=2',
+            '--warmup_epochs=0',
+        )[1:],
+        capsys,
+    )
     saved = sorted(out.glob('ckpt-*.pt'))
     assert saved, err
     assert f'its newest checkpoint, {saved[-1]}' in err and 'is finite' in err
@@ -112,7 +136,9 @@ def test_skipped_step_changes_no_parameter_or_buffer(tiny_data, tmp_path, monkey
 def tiny_disk(path, size):
     """A real file system of size bytes at path (tmpfs), or None where mounting is not allowed."""
     path.mkdir()
-    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True)
+    r = subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True
+    )
     return path if r.returncode == 0 else None
 
 
@@ -129,19 +155,24 @@ def test_full_disk_one_line_no_temp_file_and_resume_later(tiny_data, tmp_path):
         if limit:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit // 3, limit // 3))
+
     try:
         args = [sys.executable, *train_args(tiny_data, out, '--ckpt_every=1', '--keep=100', '--epochs=1')]
         r = subprocess.run(args, cwd=HERE, capture_output=True, text=True, timeout=600, preexec_fn=child)
         assert r.returncode == 2, r.stderr[-3000:]
         err = r.stderr.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith('error: cannot write') and 'then --resume=auto' in err[0], err
+        assert (
+            len(err) == 1 and err[0].startswith('error: cannot write') and 'then --resume=auto' in err[0]
+        ), err
         assert not list(out.glob('*.tmp'))
         good = sorted(out.glob('ckpt-*.pt'))
         assert good and all(C.load_checkpoint(str(p)) for p in good + [out / 'ckpt.pt'])
         if limit:
             return
         subprocess.run(['mount', '-o', 'remount,size=50m', str(disk)], check=True)
-        r = subprocess.run(args[:-3] + ['--resume=auto'], cwd=HERE, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            args[:-3] + ['--resume=auto'], cwd=HERE, capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == 16
     finally:
@@ -154,10 +185,12 @@ def test_resume_refuses_checkpoints_of_another_kind(tiny_data, base, tmp_path, c
     ck = C.load_checkpoint(str(base / 'ckpt.pt'))
     C.save_checkpoint(str(broken), {k: v for k, v in ck.items() if k != 'config'})
     out = tmp_path / 'run'
-    cases = {f'--resume={broken}': "'config' is missing",
-             f'--resume={base}/ckpt.pt --objective=pgd': 'is a gradnorm run, not pgd',
-             f'--resume={base}/ckpt.pt --act=silu': 'resnet_demo_pool/gelu model',
-             f'--resume={base}/ckpt.pt --data={folder(tmp_path / "two", 2)} --recipe= --res=28': 'in_ch=1'}
+    cases = {
+        f'--resume={broken}': "'config' is missing",
+        f'--resume={base}/ckpt.pt --objective=pgd': 'is a gradnorm run, not pgd',
+        f'--resume={base}/ckpt.pt --act=silu': 'resnet_demo_pool/gelu model',
+        f'--resume={base}/ckpt.pt --data={folder(tmp_path / "two", 2)} --recipe= --res=28': 'in_ch=1',
+    }
     for extra, why in cases.items():
         err = fails(train_args(tiny_data, out, *extra.split())[1:], capsys)
         assert why in err, (extra, err)
@@ -167,6 +200,7 @@ def test_resume_refuses_checkpoints_of_another_kind(tiny_data, base, tmp_path, c
 def folder(root, classes):
     """An ImageFolder of 28 px RGB images: train/ and val/, 32 images per class each."""
     from PIL import Image
+
     g = torch.Generator().manual_seed(0)
     for split in ('train', 'val'):
         for c in range(classes):
@@ -193,7 +227,9 @@ def test_resume_says_what_it_does(tiny_data, base, tmp_path, capsys):
 
 def test_a_failed_start_leaves_no_empty_folder(tiny_data, tmp_path, capsys):
     out = tmp_path / 'run'
-    assert 'larger than the training set' in fails(train_args(tiny_data, out, '--batch_size=1024')[1:], capsys)
+    assert 'larger than the training set' in fails(
+        train_args(tiny_data, out, '--batch_size=1024')[1:], capsys
+    )
     assert not out.exists()
 
 

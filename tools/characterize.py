@@ -10,6 +10,7 @@ image-like maps), and on the first --fo-n images the first-order ratio at the ev
 gain PGD-10 reaches over eps * ||g||_1, the gain GradNorm's penalty predicts: 1 on a linear model).
 Writes to --out: characterize.json, characterize.csv, gradients.png, norm_vs_robust.png.
 """
+
 import argparse
 import csv
 import json
@@ -71,10 +72,11 @@ def pixel_edges(x):
     |grad| map would look like, sharp edges and all (a reference for the Nyquist share of |grad|)."""
     dx = F.pad(x[..., :, 1:] - x[..., :, :-1], (0, 1))
     dy = F.pad(x[..., 1:, :] - x[..., :-1, :], (0, 0, 0, 1))
-    return (dx ** 2 + dy ** 2).sqrt()
+    return (dx**2 + dy**2).sqrt()
 
 
 # ---------------------------------------------------------------- how first-order is the model?
+
 
 def loss_and_input_gradient(model, x, y, loss='ce'):
     """Per-sample loss (attack.LOSSES) and its gradient in x, per sample as in input_gradients."""
@@ -107,9 +109,15 @@ def first_order_ratio(model, batches, eps, steps=10, loss='ce'):
     model.train(was_training)
     inc, pred, box = torch.cat(inc).double(), torch.cat(pred).double(), torch.cat(box).double()
     ok = pred > 1e-12
-    return {'actual': inc.mean().item(), 'predicted': pred.mean().item(), 'predicted_box': box.mean().item(),
-            'ratio': (inc.mean() / pred.mean()).item(), 'ratio_box': (inc.mean() / box.mean()).item(),
-            'median_ratio': (inc[ok] / pred[ok]).median().item(), 'n': len(inc)}
+    return {
+        'actual': inc.mean().item(),
+        'predicted': pred.mean().item(),
+        'predicted_box': box.mean().item(),
+        'ratio': (inc.mean() / pred.mean()).item(),
+        'ratio_box': (inc.mean() / box.mean()).item(),
+        'median_ratio': (inc[ok] / pred[ok]).median().item(),
+        'n': len(inc),
+    }
 
 
 def summary(v):
@@ -133,14 +141,17 @@ def gradient_stats(model, batches):
         abs_sum = abs_sum + g.abs().sum((0, 2, 3)).double()
         signed_sum = signed_sum + g.sum((0, 2, 3)).double()
         n += g.shape[0] * g.shape[2] * g.shape[3]
-    channels = [{'mean_abs': (a / n).item(), 'mean': (s / n).item(), 'l1_share': (a / abs_sum.sum()).item()}
-                for a, s in zip(abs_sum, signed_sum)]
+    channels = [
+        {'mean_abs': (a / n).item(), 'mean': (s / n).item(), 'l1_share': (a / abs_sum.sum()).item()}
+        for a, s in zip(abs_sum, signed_sum)
+    ]
     grad, image = torch.cat(nyq).mean(0).tolist() if nyq else (None, None)
     nyq = {'grad': grad, 'image': image, 'rel': grad / max(image, 1e-30)} if nyq else None
     return torch.cat(l1), torch.cat(l2), torch.cat(align), channels, nyq
 
 
 # ---------------------------------------------------------------- pictures
+
 
 def display(t, size):
     """(B, C, H, W) -> (B, 3, size, size) for a grid: gray -> RGB, nearest-neighbour upscaling."""
@@ -159,6 +170,7 @@ def text_strip(labels, width, height, x_positions):
     """A black strip with white labels (Pillow's built-in bitmap font: no font files needed)."""
     from PIL import Image, ImageDraw
     from torchvision.transforms.functional import pil_to_tensor
+
     img = Image.new('RGB', (width, height))
     draw = ImageDraw.Draw(img)
     for x, label in zip(x_positions, labels):
@@ -173,7 +185,7 @@ def short_names(names):
         return names
     cut = lambda common: max(common.rfind('-'), common.rfind('_')) + 1  # whole words only
     head, tail = cut(os.path.commonprefix(names)), cut(os.path.commonprefix([n[::-1] for n in names]))
-    short = [n[head:len(n) - tail].strip('-_') for n in names]
+    short = [n[head : len(n) - tail].strip('-_') for n in names]
     return short if all(short) and len(set(short)) == len(short) else names
 
 
@@ -183,7 +195,7 @@ def gradient_grid(x, grads, names, path, size=112, pad=2):
     cols.append(display(normalized_map(edge_energy(x)), size))
     tiles = torch.stack(cols, 1).flatten(0, 1)  # row-major: image by image
     grid = make_grid(tiles, nrow=len(cols), padding=pad, pad_value=1.0)
-    labels = ['input'] + [n[:size // 6] for n in short_names(names)] + ['edge energy']
+    labels = ['input'] + [n[: size // 6] for n in short_names(names)] + ['edge energy']
     header = text_strip(labels, grid.shape[2], 14, [pad + i * (size + pad) + 2 for i in range(len(cols))])
     save_image(torch.cat([header, grid], 1), path)
 
@@ -208,13 +220,14 @@ def scatter_plot(points, path):
 
 # ---------------------------------------------------------------- the command
 
+
 def head(batches, k):
     """The first k images of a loader, as a list of (x, y) batches."""
     out, got = [], 0
     for x, y in batches:
         if got >= k:
             break
-        out.append((x[:k - got], y[:k - got]))
+        out.append((x[: k - got], y[: k - got]))
         got += len(out[-1][1])
     return out
 
@@ -225,9 +238,19 @@ def measure(model, batches, eps, steps, fo_n, fo_steps=10):
     l1, l2, align, channels, nyq = gradient_stats(model, batches)
     r = evaluate(model, batches, [eps], [f'ce-{steps}'])
     fo = first_order_ratio(model, head(batches, fo_n), eps, fo_steps) | {'steps': fo_steps} if fo_n else None
-    return {'n': r['n'], 'clean': r['clean'], 'eps': eps, 'attack': f'PGD-{steps} CE L-inf',
-            'pgd': r['robust'][eps]['worst'], 'l1': summary(l1), 'l2': summary(l2),
-            'edge_alignment': summary(align), 'channels': channels, 'nyquist': nyq, 'first_order': fo}
+    return {
+        'n': r['n'],
+        'clean': r['clean'],
+        'eps': eps,
+        'attack': f'PGD-{steps} CE L-inf',
+        'pgd': r['robust'][eps]['worst'],
+        'l1': summary(l1),
+        'l2': summary(l2),
+        'edge_alignment': summary(align),
+        'channels': channels,
+        'nyquist': nyq,
+        'first_order': fo,
+    }
 
 
 def characterize(ckpts, n=None, rows=8, eps=None, steps=20, out='runs/characterize', data=None, fo_n=500):
@@ -253,9 +276,15 @@ def characterize(ckpts, n=None, rows=8, eps=None, steps=20, out='runs/characteri
         grads.append(input_gradients(model, *images))
         c = ck['config']
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        results.append({'name': name, 'ckpt': path, 'objective': c['objective'], 'act': c['act'],
-                        **measure(model, batches, eps if eps is not None else c['eps'], steps,
-                                  min(fo_n, cfg.eval_n))})
+        results.append(
+            {
+                'name': name,
+                'ckpt': path,
+                'objective': c['objective'],
+                'act': c['act'],
+                **measure(model, batches, eps if eps is not None else c['eps'], steps, min(fo_n, cfg.eval_n)),
+            }
+        )
     names = [r['name'] for r in results]
     gradient_grid(images[0], grads, names, os.path.join(out, 'gradients.png'))
     points = [(r['name'], r['l1']['median'], r['pgd']) for r in results]
@@ -282,33 +311,54 @@ def main(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('ckpts', nargs='+', type=checked(str, os.path.isfile, 'an existing checkpoint file'))
     p.add_argument('--n', type=positive, default=None, help='first n test images (default 1000)')
-    p.add_argument('--rows', type=checked(int, lambda v: 1 <= v <= 64, 'in [1, 64]'), default=8,
-                   help='images in the picture grid')
-    p.add_argument('--eps', default=None, type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
-                   help='PGD budget (default: each checkpoint\'s training eps)')
+    p.add_argument(
+        '--rows',
+        type=checked(int, lambda v: 1 <= v <= 64, 'in [1, 64]'),
+        default=8,
+        help='images in the picture grid',
+    )
+    p.add_argument(
+        '--eps',
+        default=None,
+        type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
+        help='PGD budget (default: each checkpoint\'s training eps)',
+    )
     p.add_argument('--steps', type=positive, default=20)
     p.add_argument('--out', default='runs/characterize')
     p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'))
-    p.add_argument('--fo-n', type=checked(int, lambda v: v >= 0, 'at least 0'), default=500,
-                   help='first-order ratio (PGD-10) on the first FO_N of the n images; 0: skip it')
+    p.add_argument(
+        '--fo-n',
+        type=checked(int, lambda v: v >= 0, 'at least 0'),
+        default=500,
+        help='first-order ratio (PGD-10) on the first FO_N of the n images; 0: skip it',
+    )
     args = p.parse_args(argv)
     res = characterize(args.ckpts, args.n, args.rows, args.eps, args.steps, args.out, args.data, args.fo_n)
     w = max(10, *(len(r['name']) for r in res))
-    print(f'{res[0]["n"]} test images | per-image gradient norms of CE | edge corr = Pearson(|g|, edge '
-          'energy)')
-    print("Nyquist = share of |g|'s spectrum on the 2-pixel period over the images' share (a checkerboard: "
-          f'>> 1) | first-order = CE gain of PGD-10 / eps*|g|_1 on {min(args.fo_n, res[0]["n"])} images '
-          '(1: linear)')
-    print(f'{"checkpoint":<{w}} {"clean":>6} {"PGD":>6} {"eps":>5} {"L1 median":>10} {"L1 mean":>9} '
-          f'{"L2 median":>10} {"edge corr":>9} {"Nyquist":>8} {"first-order":>11}')
+    print(
+        f'{res[0]["n"]} test images | per-image gradient norms of CE | edge corr = Pearson(|g|, edge energy)'
+    )
+    print(
+        "Nyquist = share of |g|'s spectrum on the 2-pixel period over the images' share (a checkerboard: "
+        f'>> 1) | first-order = CE gain of PGD-10 / eps*|g|_1 on {min(args.fo_n, res[0]["n"])} images '
+        '(1: linear)'
+    )
+    print(
+        f'{"checkpoint":<{w}} {"clean":>6} {"PGD":>6} {"eps":>5} {"L1 median":>10} {"L1 mean":>9} '
+        f'{"L2 median":>10} {"edge corr":>9} {"Nyquist":>8} {"first-order":>11}'
+    )
     for r in res:
         nyq = f'{r["nyquist"]["rel"]:8.2f}' if r['nyquist'] else f'{"-":>8}'
         fo = f'{r["first_order"]["ratio"]:11.2f}' if r['first_order'] else f'{"-":>11}'
-        print(f'{r["name"]:<{w}} {100 * r["clean"]:6.1f} {100 * r["pgd"]:6.1f} {r["eps"]:5.3g} '
-              f'{r["l1"]["median"]:10.4g} {r["l1"]["mean"]:9.4g} {r["l2"]["median"]:10.4g} '
-              f'{r["edge_alignment"]["mean"]:9.3f} {nyq} {fo}')
-    print(f'wrote {args.out}/characterize.json, characterize.csv, gradients.png (columns: input, |grad| of '
-          f'{", ".join(r["name"] for r in res)}, edge energy), norm_vs_robust.png')
+        print(
+            f'{r["name"]:<{w}} {100 * r["clean"]:6.1f} {100 * r["pgd"]:6.1f} {r["eps"]:5.3g} '
+            f'{r["l1"]["median"]:10.4g} {r["l1"]["mean"]:9.4g} {r["l2"]["median"]:10.4g} '
+            f'{r["edge_alignment"]["mean"]:9.3f} {nyq} {fo}'
+        )
+    print(
+        f'wrote {args.out}/characterize.json, characterize.csv, gradients.png (columns: input, |grad| of '
+        f'{", ".join(r["name"] for r in res)}, edge energy), norm_vs_robust.png'
+    )
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ torchvision and timm are). Without a GPU it says so in one line and exits 0.
     python -m tools.check_gpu --all       # also the fast conv's measurements (steps 6-9, ~8 minutes more)
     python -m tools.check_gpu paper       # only step 4: the paper's Swin-B table
     python -m tools.check_gpu profile     # only the profile of one ResNet-50 GradNorm step per conv
-    python -m tools.check_gpu --dry-run   # the same steps on the CPU at toy sizes (the script itself, not the GPU)
+    python -m tools.check_gpu --dry-run   # the same steps on the CPU, toy sizes (tests the script only)
     python -m tools.check_gpu --ckpt=runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt
         # AutoAttack on a checkpoint already evaluated on the CPU (compare with its eval_linf.json);
         # --data=DIR: Fashion-MNIST's IDX files when not at /usr/share/datasets/fashion-mnist
@@ -28,6 +28,7 @@ With --all: 6-7. bench.py step, resnet50 and vit_small at 224, bf16; 8. bench.py
 9. the top CUDA kernels of one ResNet-50 GradNorm step with each conv, from torch.profiler.
 Logs go to runs/check_gpu/. Exit status: 0 when every step passed.
 """
+
 import gc
 import importlib.util
 import math
@@ -55,12 +56,15 @@ def fashion_or_synthetic(out, n, fashion=FASHION):
     if n is None and os.path.exists(os.path.join(fashion, 't10k-labels-idx1-ubyte.gz')):
         return fashion, 'Fashion-MNIST'
     from data import write_idx  # numpy: imported once the script said what this machine has
+
     n = n or 10000
     os.makedirs(out, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     for split, m in (('train', n), ('t10k', n // 4)):
-        for kind, t in (('images-idx3', torch.randint(0, 256, (m, 28, 28), generator=g)),
-                        ('labels-idx1', torch.randint(0, 10, (m,), generator=g))):
+        for kind, t in (
+            ('images-idx3', torch.randint(0, 256, (m, 28, 28), generator=g)),
+            ('labels-idx1', torch.randint(0, 10, (m,), generator=g)),
+        ):
             write_idx(os.path.join(out, f'{split}-{kind}-ubyte.gz'), t)
     return out, f'{n} random images in Fashion-MNIST format'
 
@@ -70,6 +74,7 @@ def image_folder(root, classes=4, train=8, val=4, seed=0):
     a few sizes (the random-resized crop and the resize of --loader=torchvision get work to do)."""
     import numpy as np
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     for split, n in (('train', train), ('val', val)):
         for c in range(classes):
@@ -90,39 +95,120 @@ def steps(logs, dry, fashion=FASHION, ckpt=None, extra=False):
     data, what = fashion_or_synthetic(os.path.join(logs, 'fashion'), 256 if dry else None, fashion)
     torchrun = [py, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1']
     demo = os.path.join(logs, 'demo')
-    train = [*torchrun, 'train.py', '--objective=gradnorm', '--gradnorm_impl=exact', '--epochs=1', f'--data={data}',
-             '--loader=torchvision', f'--out={demo}', '--overwrite=true',
-             *(['--batch_size=64', '--eval_n=64', '--eval_steps=2', '--compile=off'] if dry else ['--eval_n=500'])]
-    evaluate = [*torchrun, 'evaluate.py', '--ckpt', os.path.join(demo, 'ckpt.pt'), '--images', '64' if dry else '500',
-                '--attacks', 'ce-10', 'margin-10', '--no-autoattack', '--square-queries', '0',
-                '--json', os.path.join(logs, 'demo_eval.json')]
+    train = [
+        *torchrun,
+        'train.py',
+        '--objective=gradnorm',
+        '--gradnorm_impl=exact',
+        '--epochs=1',
+        f'--data={data}',
+        '--loader=torchvision',
+        f'--out={demo}',
+        '--overwrite=true',
+        *(['--batch_size=64', '--eval_n=64', '--eval_steps=2', '--compile=off'] if dry else ['--eval_n=500']),
+    ]
+    evaluate = [
+        *torchrun,
+        'evaluate.py',
+        '--ckpt',
+        os.path.join(demo, 'ckpt.pt'),
+        '--images',
+        '64' if dry else '500',
+        '--attacks',
+        'ce-10',
+        'margin-10',
+        '--no-autoattack',
+        '--square-queries',
+        '0',
+        '--json',
+        os.path.join(logs, 'demo_eval.json'),
+    ]
     folder = image_folder(os.path.join(logs, 'imagefolder'))
     folder_out = os.path.join(logs, 'imagefolder_run')
     # --recipe= keeps the plain defaults: ImageNet-like data would get the paper's Swin-B run
-    folder_run = [*torchrun, 'train.py', f'--data={folder}', '--loader=torchvision', '--recipe=', '--res=32',
-                  '--objective=gradnorm', '--batch_size=16', '--ema=0.9', '--ckpt_every=1', '--eval_n=16',
-                  '--eval_steps=2', '--workers=2', f'--out={folder_out}', *(['--compile=off'] if dry else [])]
-    autoattack = [py, 'evaluate.py', '--ckpt', ckpt or os.path.join(demo, 'ckpt.pt'), '--autoattack', f'--data={data}',
-                  '--json', os.path.join(logs, 'autoattack.json'), *(['--images=64', '--compile=off'] if dry else [])]
+    folder_run = [
+        *torchrun,
+        'train.py',
+        f'--data={folder}',
+        '--loader=torchvision',
+        '--recipe=',
+        '--res=32',
+        '--objective=gradnorm',
+        '--batch_size=16',
+        '--ema=0.9',
+        '--ckpt_every=1',
+        '--eval_n=16',
+        '--eval_steps=2',
+        '--workers=2',
+        f'--out={folder_out}',
+        *(['--compile=off'] if dry else []),
+    ]
+    autoattack = [
+        py,
+        'evaluate.py',
+        '--ckpt',
+        ckpt or os.path.join(demo, 'ckpt.pt'),
+        '--autoattack',
+        f'--data={data}',
+        '--json',
+        os.path.join(logs, 'autoattack.json'),
+        *(['--images=64', '--compile=off'] if dry else []),
+    ]
     compiled = [] if dry else ['compile=True', 'torch.compile: 1 graph(s)']
     tests = ['tests/test_conv.py', 'tests/test_compile.py', 'tests/test_gradnorm_impl.py']
     dry_flag = ['--dry-run'] if dry else []
     exact = 'gradnorm exact ' if dry else 'gradnorm exact compiled'  # a table row of each precision
     exact_rows = [f'float32, TF32 off  {exact}', f'bf16 autocast      {exact}']
     groups = [
-        [('CUDA tests', [[py, '-m', 'pytest', '-q', '-rs', '-k', 'cuda', *tests]], 240,
-          ['skipped' if dry else 'passed'], NEEDS + ('pytest', 'timm')),
-         (f'torchrun demo epoch and evaluation ({what})', [train, evaluate], 240,
-          ['conv=fast', 'final: clean', 'PGD:', *compiled], NEEDS),
-         ('torchrun ImageFolder epoch and resume (EMA, checkpoints, --resume=auto)',
-          [[*folder_run, '--epochs=1', '--overwrite=true'], [*folder_run, '--epochs=2', '--resume=auto']],
-          240, ['ema_clean_acc', 'resumed from', 'at epoch 1 step 0', 'final: clean', *compiled],
-          NEEDS + ('torchvision',))],
-        [('paper Swin-B table', [[py, '-m', 'tools.check_gpu', 'paper', *dry_flag]], 270,
-          ['fd, float32 TF32 off', 'largest micro-batch', 'float32, TF32 off  gradnorm fd', *exact_rows],
-          NEEDS + ('timm',))],
-        [(f'autoattack {"--ckpt" if ckpt else "demo epoch"}', [autoattack], 90, ['autoattack '],
-          NEEDS + ('pyautoattack',))],
+        [
+            (
+                'CUDA tests',
+                [[py, '-m', 'pytest', '-q', '-rs', '-k', 'cuda', *tests]],
+                240,
+                ['skipped' if dry else 'passed'],
+                NEEDS + ('pytest', 'timm'),
+            ),
+            (
+                f'torchrun demo epoch and evaluation ({what})',
+                [train, evaluate],
+                240,
+                ['conv=fast', 'final: clean', 'PGD:', *compiled],
+                NEEDS,
+            ),
+            (
+                'torchrun ImageFolder epoch and resume (EMA, checkpoints, --resume=auto)',
+                [
+                    [*folder_run, '--epochs=1', '--overwrite=true'],
+                    [*folder_run, '--epochs=2', '--resume=auto'],
+                ],
+                240,
+                ['ema_clean_acc', 'resumed from', 'at epoch 1 step 0', 'final: clean', *compiled],
+                NEEDS + ('torchvision',),
+            ),
+        ],
+        [
+            (
+                'paper Swin-B table',
+                [[py, '-m', 'tools.check_gpu', 'paper', *dry_flag]],
+                270,
+                [
+                    'fd, float32 TF32 off',
+                    'largest micro-batch',
+                    'float32, TF32 off  gradnorm fd',
+                    *exact_rows,
+                ],
+                NEEDS + ('timm',),
+            )
+        ],
+        [
+            (
+                f'autoattack {"--ckpt" if ckpt else "demo epoch"}',
+                [autoattack],
+                90,
+                ['autoattack '],
+                NEEDS + ('pyautoattack',),
+            )
+        ],
     ]
     if dry:  # nothing is timed on the CPU: the paper's table runs beside steps 1-3
         groups = [groups[0] + groups[1], *groups[2:]]
@@ -132,22 +218,57 @@ def steps(logs, dry, fashion=FASHION, ckpt=None, extra=False):
 def conv_steps(py, data, dry):
     """Steps 6-9: the fast conv against native, measured (docs/speed.md, section 3)."""
     cnn, vit = ('resnet_demo', 'vit_demo') if dry else ('resnet50', 'vit_small')
-    sizes = ['--res=28', '--batch=8', '--warmup=1', '--repeats=2'] if dry else \
-        ['--res=224', '--batch=128', '--warmup=2', '--repeats=5']
+    sizes = (
+        ['--res=28', '--batch=8', '--warmup=1', '--repeats=2']
+        if dry
+        else ['--res=224', '--batch=128', '--warmup=2', '--repeats=5']
+    )
     # --data=: random 224 px images, ImageNet's shape; the dry run's models eat Fashion-MNIST
-    bench = [py, '-m', 'tools.bench', 'step', f'--data={data}' if dry else '--data=', *sizes[1:],
-             '--compile=none' if dry else '--compile=gradnorm', *([] if dry else sizes[:1])]
+    bench = [
+        py,
+        '-m',
+        'tools.bench',
+        'step',
+        f'--data={data}' if dry else '--data=',
+        *sizes[1:],
+        '--compile=none' if dry else '--compile=gradnorm',
+        *([] if dry else sizes[:1]),
+    ]
     compiled = '' if dry else ' compiled'
-    bn = [py, '-m', 'tools.bench', 'conv', 'batchnorm', '--eager', f'--model={cnn}', *sizes[:1],
-          '--batch=8' if dry else '--batch=64', *sizes[2:]]
+    bn = [
+        py,
+        '-m',
+        'tools.bench',
+        'conv',
+        'batchnorm',
+        '--eager',
+        f'--model={cnn}',
+        *sizes[:1],
+        '--batch=8' if dry else '--batch=64',
+        *sizes[2:],
+    ]
     profile = [py, '-m', 'tools.check_gpu', 'profile', *(['--dry-run'] if dry else [])]
     return [
-        # compiled native: "CUDA error: misaligned address" on resnet50 (torch 2.11, H100), which kills the process
-        [(f'bench {cnn}', [[*bench, f'--model={cnn}', '--skip=edgereg,gradnorm exact compiled native']], 240,
-          [f'exact{compiled} fast', 'double backprop: exact native'], NEEDS)],
+        # compiled native: "CUDA error: misaligned address" on resnet50 (torch 2.11, H100) kills the process
+        [
+            (
+                f'bench {cnn}',
+                [[*bench, f'--model={cnn}', '--skip=edgereg,gradnorm exact compiled native']],
+                240,
+                [f'exact{compiled} fast', 'double backprop: exact native'],
+                NEEDS,
+            )
+        ],
         # the ViT's only convolution is its patch embedding: one compile (fast) instead of two
-        [(f'bench {vit}', [[*bench, f'--model={vit}', '--skip=edgereg,gradnorm exact compiled native']], 120,
-          [f'exact{compiled} fast'], NEEDS)],
+        [
+            (
+                f'bench {vit}',
+                [[*bench, f'--model={vit}', '--skip=edgereg,gradnorm exact compiled native']],
+                120,
+                [f'exact{compiled} fast'],
+                NEEDS,
+            )
+        ],
         [(f'batchnorm {cnn}', [bn], 60, ['primitive BN'], NEEDS)],
         [(f'profile {cnn}', [profile], 60, ['top kernels, fast conv'], ())],
     ]
@@ -157,8 +278,15 @@ def start(name, cmds, limit, logs, env=None):
     """Runs cmds one after the other (stopping at the first failure) in their own process group, so
     that torchrun's workers die with it when the time limit kills it."""
     log, t0 = os.path.join(logs, name.split(' (')[0].replace(' ', '_') + '.log'), time.time()
-    p = subprocess.Popen(' && '.join(shlex.join(c) for c in cmds), shell=True, cwd=HERE, stdout=open(log, 'w'),
-                         stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    p = subprocess.Popen(
+        ' && '.join(shlex.join(c) for c in cmds),
+        shell=True,
+        cwd=HERE,
+        stdout=open(log, 'w'),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
     expired = threading.Event()
     timer = threading.Timer(limit * SLACK, lambda: expired.set() or os.killpg(p.pid, signal.SIGKILL))
     timer.start()
@@ -193,6 +321,7 @@ def profile(dry):
     its top kernels, the share of cuDNN's legacy precomputed_convolve_sgemm, peak memory."""
     import gradnorm
     import models
+
     device, model, n, res = ('cpu', 'resnet_demo', 8, 28) if dry else ('cuda', 'resnet50', 64, 224)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     x, y = torch.rand(n, 3, res, res, device=device), torch.randint(0, 10, (n,), device=device)
@@ -219,7 +348,7 @@ def profile(dry):
                 torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if kernel_time(e, device) > 0]
         total = sum(kernel_time(e, device) for e in events)
-        peak = f', peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB' if not dry else ''
+        peak = f', peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB' if not dry else ''
         print(f'\ntop kernels, {conv} conv: {total / 1e3:.1f} ms of {device} time in one step{peak}')
         for e in sorted(events, key=lambda e: -kernel_time(e, device))[:12]:
             t = kernel_time(e, device)
@@ -233,8 +362,13 @@ def profile(dry):
 
 SWINB = 'swin_base_patch4_window7_224'
 # the rows, and the recipe whose per-GPU batch each would train (config.RECIPES)
-PAPER_ROWS = {'standard': 'swinb_standard', 'gradnorm exact compiled': 'swinb_gradnorm',
-              'gradnorm fd': 'swinb_gradnorm', 'edgereg': 'swinb_edge', 'pgd3 at': 'swinb_pgd'}
+PAPER_ROWS = {
+    'standard': 'swinb_standard',
+    'gradnorm exact compiled': 'swinb_gradnorm',
+    'gradnorm fd': 'swinb_gradnorm',
+    'edgereg': 'swinb_edge',
+    'pgd3 at': 'swinb_pgd',
+}
 
 
 def toy_swin(conv='native'):
@@ -242,14 +376,24 @@ def toy_swin(conv='native'):
     from timm.models.swin_transformer import SwinTransformer
 
     import models
+
     torch.manual_seed(0)
-    net = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=24, depths=(1, 1),
-                          num_heads=(1, 2), num_classes=10, drop_path_rate=0.0)
+    net = SwinTransformer(
+        img_size=32,
+        patch_size=4,
+        window_size=4,
+        embed_dim=24,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        num_classes=10,
+        drop_path_rate=0.0,
+    )
     return models.use_conv(models.TimmModel(net, models.IMAGENET_MEAN, models.IMAGENET_STD), conv)
 
 
 def swinb(conv='native'):
     import models
+
     torch.manual_seed(0)
     return models.build_model(SWINB, 'gelu', conv=conv)
 
@@ -260,7 +404,8 @@ OOM_WORDS = ('out of memory', 'ALLOC_FAILED', "can't allocate memory")
 
 def out_of_memory(e):
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and any(w in str(e) for w in OOM_WORDS))
+        isinstance(e, RuntimeError) and any(w in str(e) for w in OOM_WORDS)
+    )
 
 
 def largest_batch(fits, start, cap, seconds, grow=2.0):
@@ -295,6 +440,7 @@ def fits(s, b, classes, device, autocast, cap_bytes):
     CPU (the dry run) the card is cap_bytes: the step's peak memory growth must stay below it (making
     allocations fail for real, under an address-space limit, crashed oneDNN's bf16 kernels)."""
     from tools.bench import timed_step
+
     x = torch.rand(b, *s['x'].shape[1:], device=device).contiguous(memory_format=s['fmt'])
     y = torch.randint(0, classes, (b,), device=device)
     try:
@@ -345,21 +491,27 @@ def fd_accuracy(p, device):
     paper's model at 2 images: float32 without TF32 (what fd runs), with TF32, under bf16 autocast."""
     from gradnorm import gradnorm
     from tools.bench import fd_error, reference_grad
+
     model = p['build']().to(device).train()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, p['res'], p['res'], generator=g).to(device)
     y = torch.randint(0, p['classes'], (2,), generator=g).to(device)
     tf32(device, False)
     ref = reference_grad(model, x, y, 4 / 255)
-    errs = {'exact, float32 TF32 off': fd_error(model, x, y, 4 / 255, ref=ref, fn=gradnorm),
-            'fd, float32 TF32 off': fd_error(model, x, y, 4 / 255, ref=ref)}
+    errs = {
+        'exact, float32 TF32 off': fd_error(model, x, y, 4 / 255, ref=ref, fn=gradnorm),
+        'fd, float32 TF32 off': fd_error(model, x, y, 4 / 255, ref=ref),
+    }
     if device.type == 'cuda':
         tf32(device, True)
         errs['fd, float32 TF32 on'] = fd_error(model, x, y, 4 / 255, ref=ref)
     bf16 = torch.autocast(device.type, torch.bfloat16)
     errs['fd, bf16 autocast'] = fd_error(model, x, y, 4 / 255, ref=ref, autocast=bf16)
-    print('parameter gradient vs float64 double backprop (2 images, eps 4/255): '
-          + ', '.join(f'{k} {100 * v:.2g}%' for k, v in errs.items()), flush=True)
+    print(
+        'parameter gradient vs float64 double backprop (2 images, eps 4/255): '
+        + ', '.join(f'{k} {100 * v:.2g}%' for k, v in errs.items()),
+        flush=True,
+    )
     del model, ref
 
 
@@ -370,10 +522,34 @@ def tf32(device, on):
 
 def paper_settings(dry):
     if dry:
-        return dict(device='cpu', build=toy_swin, name='toy Swin (2 stages, width 24)', res=32, classes=10,
-                    batch=2, warmup=1, repeats=2, cap=256, search_s=1, cap_bytes=16 * 2 ** 20, budget=20)
-    return dict(device='cuda', build=swinb, name=SWINB, res=224, classes=1000, batch=32, warmup=2, repeats=5,
-                cap=4096, search_s=20, cap_bytes=0, budget=230)
+        return dict(
+            device='cpu',
+            build=toy_swin,
+            name='toy Swin (2 stages, width 24)',
+            res=32,
+            classes=10,
+            batch=2,
+            warmup=1,
+            repeats=2,
+            cap=256,
+            search_s=1,
+            cap_bytes=16 * 2**20,
+            budget=20,
+        )
+    return dict(
+        device='cuda',
+        build=swinb,
+        name=SWINB,
+        res=224,
+        classes=1000,
+        batch=32,
+        warmup=2,
+        repeats=5,
+        cap=4096,
+        search_s=20,
+        cap_bytes=0,
+        budget=230,
+    )
 
 
 def paper(dry):
@@ -384,6 +560,7 @@ def paper(dry):
     from gradnorm import FD_H
     from tools.bench import hardware, methods, time_rows, warm_up
     from train import conv_kind
+
     p = paper_settings(dry)
     if dry:  # toy sizes: a second thread only spins against the other steps of the dry run
         torch.set_num_threads(1)
@@ -392,8 +569,9 @@ def paper(dry):
     torch._dynamo.config.trace_autograd_ops = True
     fd_accuracy(p, device)
     info = dict(in_ch=3, num_classes=p['classes'], img_size=p['res'])
-    args = argparse.Namespace(model=p['name'], act='gelu', memory_format='auto', warmup=p['warmup'],
-                              repeats=p['repeats'])
+    args = argparse.Namespace(
+        model=p['name'], act='gelu', memory_format='auto', warmup=p['warmup'], repeats=p['repeats']
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.rand(p['batch'], 3, p['res'], p['res'], generator=g).to(device)
     y = torch.randint(0, p['classes'], (p['batch'],), generator=g).to(device)
@@ -422,11 +600,16 @@ def accum_for(per_gpu, micro):
 
 def paper_table(tables, p, hw, seconds):
     from config import RECIPES
-    print(f'\n{p["name"]} gelu 3x{p["res"]}x{p["res"]}, {p["classes"]} classes | {hw} | '
-          f'torch {torch.__version__} | eps 4/255 | micro-batch {p["batch"]} timed: median of {p["repeats"]} '
-          f'interleaved steps after {p["warmup"]} warm-up | {seconds:.0f} s')
-    print(f'{"precision":<18} {"method":<24} {"warm-up s":>9} {"step ms":>8} {"img/s":>7} {"x pgd3":>7} '
-          f'{"MiB/img":>8} {"largest micro-batch":>20} {"--accum x micro (8 GPUs)":>24}')
+
+    print(
+        f'\n{p["name"]} gelu 3x{p["res"]}x{p["res"]}, {p["classes"]} classes | {hw} | '
+        f'torch {torch.__version__} | eps 4/255 | micro-batch {p["batch"]} timed: median of {p["repeats"]} '
+        f'interleaved steps after {p["warmup"]} warm-up | {seconds:.0f} s'
+    )
+    print(
+        f'{"precision":<18} {"method":<24} {"warm-up s":>9} {"step ms":>8} {"img/s":>7} {"x pgd3":>7} '
+        f'{"MiB/img":>8} {"largest micro-batch":>20} {"--accum x micro (8 GPUs)":>24}'
+    )
     for precision, state in tables.items():
         med = {n: statistics.median(s['times']) for n, s in state.items()}
         pgd = med.get('pgd3 at', math.nan)
@@ -434,23 +617,36 @@ def paper_table(tables, p, hw, seconds):
             per_gpu = RECIPES[PAPER_ROWS.get(name, 'swinb_gradnorm')]['batch_size'] // 8
             accum = accum_for(per_gpu, s['micro']) if s.get('micro') else None
             split = f'{accum} x {per_gpu // accum}' if accum else '-'
-            mib = statistics.median(s['peaks']) / p['batch'] / 2 ** 20
-            print(f'{precision:<18} {name:<24} {s["warm"]:9.1f} {1000 * med[name]:8.1f} '
-                  f'{p["batch"] / med[name]:7.1f} {med[name] / pgd:6.2f}x {mib:8.1f} {s.get("fit", "-"):>20} '
-                  f'{f"{split} ({per_gpu}/GPU)":>24}')
-    print('--accum: the smallest divisor of the recipe\'s per-GPU batch that is >= per-GPU batch / largest '
-          'micro-batch (train.py splits it evenly); training also holds an EMA copy and DDP\'s gradient '
-          'buckets: leave a margin', flush=True)
+            mib = statistics.median(s['peaks']) / p['batch'] / 2**20
+            print(
+                f'{precision:<18} {name:<24} {s["warm"]:9.1f} {1000 * med[name]:8.1f} '
+                f'{p["batch"] / med[name]:7.1f} {med[name] / pgd:6.2f}x {mib:8.1f} {s.get("fit", "-"):>20} '
+                f'{f"{split} ({per_gpu}/GPU)":>24}'
+            )
+    print(
+        '--accum: the smallest divisor of the recipe\'s per-GPU batch that is >= per-GPU batch / largest '
+        'micro-batch (train.py splits it evenly); training also holds an EMA copy and DDP\'s gradient '
+        'buckets: leave a margin',
+        flush=True,
+    )
 
 
 def run_all(dry, skip=(), fashion=FASHION, ckpt=None, extra=False):
     logs = os.path.join(HERE, 'runs', 'check_gpu-dry' if dry else 'check_gpu')
     os.makedirs(logs, exist_ok=True)
-    found = {m: importlib.util.find_spec(m) is not None for m in NEEDS + ('pytest', 'torchvision', 'timm', 'ffcv',
-                                                                           'pyautoattack')}
-    device = 'CPU (dry run: toy sizes)' if dry else f'{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})'
-    print(f'check-gpu: {device} | torch {torch.__version__} | Python {sys.version.split()[0]} | '
-          + ' '.join(f'{m}:{"yes" if ok else "no"}' for m, ok in found.items()) + f' | logs in {logs}', flush=True)
+    found = {
+        m: importlib.util.find_spec(m) is not None
+        for m in NEEDS + ('pytest', 'torchvision', 'timm', 'ffcv', 'pyautoattack')
+    }
+    device = (
+        'CPU (dry run: toy sizes)' if dry else f'{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})'
+    )
+    print(
+        f'check-gpu: {device} | torch {torch.__version__} | Python {sys.version.split()[0]} | '
+        + ' '.join(f'{m}:{"yes" if ok else "no"}' for m, ok in found.items())
+        + f' | logs in {logs}',
+        flush=True,
+    )
     t0, results = time.time(), []
     # toy sizes on the CPU: parallel steps with one thread each, not two spinning against each other
     env = dict(os.environ, OMP_NUM_THREADS='1') if dry else None
@@ -464,7 +660,8 @@ def run_all(dry, skip=(), fashion=FASHION, ckpt=None, extra=False):
         group = [s for s in group if not missing[s[0]]]
         if not group:
             continue
-        print(f'\n==== running: {", ".join(f"{n} (limit {l * SLACK:.0f} s)" for n, _, l, _, _ in group)}', flush=True)
+        limits = [f'{n} (limit {limit * SLACK:.0f} s)' for n, _, limit, _, _ in group]
+        print(f'\n==== running: {", ".join(limits)}', flush=True)
         running = [(name, want, start(name, cmds, limit, logs, env)) for name, cmds, limit, want, _ in group]
         results += [(name, *finish(name, want, *handle)) for name, want, handle in running]
     print(f'\n==== check-gpu summary ({(time.time() - t0) / 60:.1f} min, {device})')
@@ -484,9 +681,11 @@ def main(argv):
     if 'data' in opts and not os.path.isdir(opts['data']):
         bad.append(f'no folder {opts["data"]}')
     if bad:
-        print(f'check-gpu: error: {bad[0]} '
-              '(options: paper, profile, --dry-run, --all, --skip=STEP,..., --data=FASHION_MNIST_DIR, '
-              '--ckpt=DEMO_CKPT)')
+        print(
+            f'check-gpu: error: {bad[0]} '
+            '(options: paper, profile, --dry-run, --all, --skip=STEP,..., --data=FASHION_MNIST_DIR, '
+            '--ckpt=DEMO_CKPT)'
+        )
         return 2
     dry = '--dry-run' in argv
     if not dry and not torch.cuda.is_available():

@@ -11,6 +11,7 @@ the final epoch optionally Square on the images every PGD attack failed on; the 
 (as the penalty sees the model) and with running statistics (as the attack does); edge alignment
 and the Nyquist share of the |grad| maps, of the images and of their pixel edges.
 """
+
 import copy
 import glob
 import json
@@ -43,6 +44,7 @@ ATTACKS = ('ce-20', 'margin-20', 'dlr-20')
 
 
 # ---------------------------------------------------------------- measures
+
 
 def fd_vs_exact(model, x, y, eps=0.1):
     """Is the finite-difference GradNorm (the CPU default for GELU/SiLU) the gradient of the
@@ -83,11 +85,17 @@ def picture_stats(model, batches):
     of their pixel edges; nyq_rel and nyq_edges_rel are the latter two over the images'."""
     _, _, align, _, nyq = gradient_stats(model, batches)
     edges = torch.cat([nyquist_fraction(pixel_edges(x)) for x, _ in batches]).mean().item()
-    return {'edge_corr': align.double().mean().item(), 'nyq_grad': nyq['grad'], 'nyq_img': nyq['image'],
-            'nyq_rel': nyq['rel'], 'nyq_edges_rel': edges / max(nyq['image'], 1e-30)}
+    return {
+        'edge_corr': align.double().mean().item(),
+        'nyq_grad': nyq['grad'],
+        'nyq_img': nyq['image'],
+        'nyq_rel': nyq['rel'],
+        'nyq_edges_rel': edges / max(nyq['image'], 1e-30),
+    }
 
 
 # ---------------------------------------------------------------- one checkpoint, one run folder
+
 
 def load_for_science(path, n=1000):
     """-> model (eval, no parameter gradients), its checkpoint, the 10k test loader and the first n
@@ -102,7 +110,7 @@ def load_for_science(path, n=1000):
 
 def chunks(x, y, size, drop_last=False):
     stop = len(y) - len(y) % size if drop_last else len(y)
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, stop, size)]
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, stop, size)]
 
 
 def standing(model, x, y, eps):
@@ -174,8 +182,12 @@ def measure_run(run, n=1000, square=0, final=False, square_all=False):
         if r == recs.get(step):
             continue
         m = log.get(r['epoch'], {})
-        recs[step] = {**r, 'train_penalty': m.get('gradnorm'), 'train_ce': m.get('ce'),
-                      'log_pgd': m.get('pgd')}
+        recs[step] = {
+            **r,
+            'train_penalty': m.get('gradnorm'),
+            'train_ce': m.get('ce'),
+            'log_pgd': m.get('pgd'),
+        }
         with open(out + '.tmp', 'w') as f:
             f.writelines(json.dumps(recs[k]) + '\n' for k in sorted(recs))
         os.replace(out + '.tmp', out)
@@ -184,6 +196,7 @@ def measure_run(run, n=1000, square=0, final=False, square_all=False):
 
 
 # ---------------------------------------------------------------- tables over seeds
+
 
 def group_name(run):
     """runs/base_gelu_s2 -> base_gelu: runs that differ only in the seed form one group."""
@@ -200,8 +213,16 @@ def load_groups(runs, per_run=False):
         if not log:
             print(f'warning: {run}/metrics.jsonl missing, skipped', file=sys.stderr)
             continue
-        per_epoch = {e: {'epoch': e, 'clean': m['clean_acc'], 'log_pgd': m['pgd'],
-                         'train_penalty': m.get('gradnorm'), 'train_ce': m.get('ce')} for e, m in log.items()}
+        per_epoch = {
+            e: {
+                'epoch': e,
+                'clean': m['clean_acc'],
+                'log_pgd': m['pgd'],
+                'train_penalty': m.get('gradnorm'),
+                'train_ce': m.get('ce'),
+            }
+            for e, m in log.items()
+        }
         for r in map(json.loads, open(path)) if os.path.exists(path) else []:
             per_epoch[r['epoch']] = {**per_epoch.get(r['epoch'], {}), **r}
         for epoch, r in per_epoch.items():
@@ -220,21 +241,31 @@ def mean_sd(values):
 
 
 # column: (header, key, scale, digits)
-COLUMNS = [('clean %', 'clean', 100, 1), ('PGD worst %', 'worst', 100, 1),
-           ('PGD+Square worst %', 'square', 100, 1), ('ce-20 %', 'ce-20', 100, 1),
-           ('log PGD % (eval_n imgs)', 'log_pgd', 100, 1),
-           ('penalty (train BN)', 'train_penalty', 1, 3), ('eps·‖g‖₁ (eval BN)', 'fo_predicted', 1, 3),
-           ('PGD CE gain', 'fo_actual', 1, 3), ('first-order ratio', 'fo_ratio', 1, 2),
-           ('margin ratio', 'fo_margin_ratio', 1, 2), ('BN eval/train ‖g‖₁', 'bn_ratio', 1, 2),
-           ('edge corr', 'edge_corr', 1, 3), ('Nyquist abs(g) / img', 'nyq_rel', 1, 2)]
+COLUMNS = [
+    ('clean %', 'clean', 100, 1),
+    ('PGD worst %', 'worst', 100, 1),
+    ('PGD+Square worst %', 'square', 100, 1),
+    ('ce-20 %', 'ce-20', 100, 1),
+    ('log PGD % (eval_n imgs)', 'log_pgd', 100, 1),
+    ('penalty (train BN)', 'train_penalty', 1, 3),
+    ('eps·‖g‖₁ (eval BN)', 'fo_predicted', 1, 3),
+    ('PGD CE gain', 'fo_actual', 1, 3),
+    ('first-order ratio', 'fo_ratio', 1, 2),
+    ('margin ratio', 'fo_margin_ratio', 1, 2),
+    ('BN eval/train ‖g‖₁', 'bn_ratio', 1, 2),
+    ('edge corr', 'edge_corr', 1, 3),
+    ('Nyquist abs(g) / img', 'nyq_rel', 1, 2),
+]
 
 
 def table(groups, columns=COLUMNS):
     """Markdown: one row per group and epoch, each cell mean +- sd over seeds (n seeds in a column)."""
     records = [r for g in groups.values() for rs in g.values() for r in rs]
     cols = [c for c in columns if any(r.get(c[1]) is not None for r in records)]
-    lines = ['| run | epoch | seeds | ' + ' | '.join(c[0] for c in cols) + ' |',
-             '|' + '---|' * (len(cols) + 3)]
+    lines = [
+        '| run | epoch | seeds | ' + ' | '.join(c[0] for c in cols) + ' |',
+        '|' + '---|' * (len(cols) + 3),
+    ]
     for name, epochs in groups.items():
         for epoch in sorted(epochs):
             cells = []
@@ -255,27 +286,34 @@ def log_table(runs):
         for m in read_log(run).values():
             per_epoch = groups.setdefault(group_name(run), {})
             per_epoch.setdefault(m['epoch'], []).append((m['clean_acc'], m['pgd']))
-    lines = ['| run | epoch | seeds | clean % (10k) | PGD % (log) | per seed: clean / PGD |',
-             '|---|---|---|---|---|---|']
+    lines = [
+        '| run | epoch | seeds | clean % (10k) | PGD % (log) | per seed: clean / PGD |',
+        '|---|---|---|---|---|---|',
+    ]
     for name, epochs in groups.items():
         for e, v in sorted(epochs.items()):
             (c, cs, _), (p, ps, _) = mean_sd(a for a, _ in v), mean_sd(b for _, b in v)
             seeds = ', '.join(f'{100 * a:.1f} / {100 * b:.1f}' for a, b in v)
-            lines.append(f'| {name} | {e} | {len(v)} | {100 * c:.1f} ± {100 * cs:.1f} | '
-                         f'{100 * p:.1f} ± {100 * ps:.1f} | {seeds} |')
+            lines.append(
+                f'| {name} | {e} | {len(v)} | {100 * c:.1f} ± {100 * cs:.1f} | '
+                f'{100 * p:.1f} ± {100 * ps:.1f} | {seeds} |'
+            )
     return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------- per-epoch curves
 
-PANELS = [('clean accuracy % (10k test images)', 'clean', 100),
-          ('robust %: PGD worst (solid), +Square (dashed)', ('worst', 'square'), 100),
-          ("training log's PGD % (its eval_n images)", 'log_pgd', 100),
-          ('eps*mean|g|_1: train log (solid), eval BN (dashed)', ('train_penalty', 'fo_predicted'), 1),
-          ('CE gain: PGD (solid), eps*|g|_1 (dashed)', ('fo_actual', 'fo_predicted'), 1),
-          ('first-order ratio: CE (solid), margin (dashed)', ('fo_ratio', 'fo_margin_ratio'), 1),
-          ('|g|_1 eval-mode BN / train-mode BN', 'bn_ratio', 1), ('edge corr of |g|', 'edge_corr', 1),
-          ('Nyquist share of |g| / of the images', 'nyq_rel', 1)]
+PANELS = [
+    ('clean accuracy % (10k test images)', 'clean', 100),
+    ('robust %: PGD worst (solid), +Square (dashed)', ('worst', 'square'), 100),
+    ("training log's PGD % (its eval_n images)", 'log_pgd', 100),
+    ('eps*mean|g|_1: train log (solid), eval BN (dashed)', ('train_penalty', 'fo_predicted'), 1),
+    ('CE gain: PGD (solid), eps*|g|_1 (dashed)', ('fo_actual', 'fo_predicted'), 1),
+    ('first-order ratio: CE (solid), margin (dashed)', ('fo_ratio', 'fo_margin_ratio'), 1),
+    ('|g|_1 eval-mode BN / train-mode BN', 'bn_ratio', 1),
+    ('edge corr of |g|', 'edge_corr', 1),
+    ('Nyquist share of |g| / of the images', 'nyq_rel', 1),
+]
 
 
 def draw_series(ax, epochs, seeds, color, style):
@@ -301,14 +339,21 @@ def plot_curves(groups, path, panels=PANELS, cols=3):
         for c, g in enumerate(groups.values()):
             n_seeds = max(len(g.get(e, [])) for e in epochs)
             for j, key in enumerate(keys if isinstance(keys, tuple) else (keys,)):
-                seeds = [[scale * g[e][s][key] if e in g and s < len(g[e]) and g[e][s].get(key) is not None
-                          else None for e in epochs] for s in range(n_seeds)]
+                seeds = [
+                    [
+                        scale * g[e][s][key]
+                        if e in g and s < len(g[e]) and g[e][s].get(key) is not None
+                        else None
+                        for e in epochs
+                    ]
+                    for s in range(n_seeds)
+                ]
                 draw_series(ax, epochs, seeds, f'C{c}', '--' if j else '-')
         ax.set_title(title, fontsize=8)
         ax.set_xlabel('epoch', fontsize=8)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     lines = [Line2D([], [], color=f'C{c}', lw=2) for c in range(len(groups))]
     fig.legend(lines, list(groups), loc='lower center', ncol=min(len(groups), 6), fontsize=8)
@@ -319,6 +364,7 @@ def plot_curves(groups, path, panels=PANELS, cols=3):
 
 # ---------------------------------------------------------------- robust accuracy against eps
 
+
 def robust_vs_eps(ckpts, eps_list, n=1000, fo_n=500):
     """-> {ckpt: {'clean', eps: worst-case robust accuracy, 'fo_ratio': {eps: first-order ratio}}}
     over the first n test images (the ratio over the first fo_n)."""
@@ -328,10 +374,16 @@ def robust_vs_eps(ckpts, eps_list, n=1000, fo_n=500):
         with torch.no_grad():
             clean = (model(x).argmax(1) == y).double().mean().item()
         c = ck['config']
-        out[path] = {'clean': clean, 'objective': c['objective'], 'act': c['act'], 'train_eps': c['eps'],
-                     **{e: standing(model, x, y, e)['worst'].double().mean().item() for e in eps_list},
-                     'fo_ratio': {e: first_order_ratio(model, chunks(x[:fo_n], y[:fo_n], 500), e, 10)['ratio']
-                                  for e in eps_list}}
+        out[path] = {
+            'clean': clean,
+            'objective': c['objective'],
+            'act': c['act'],
+            'train_eps': c['eps'],
+            **{e: standing(model, x, y, e)['worst'].double().mean().item() for e in eps_list},
+            'fo_ratio': {
+                e: first_order_ratio(model, chunks(x[:fo_n], y[:fo_n], 500), e, 10)['ratio'] for e in eps_list
+            },
+        }
         print(json.dumps({'ckpt': path, **out[path]}), flush=True)  # json writes eps keys as strings
     return out
 
@@ -341,14 +393,21 @@ def eps_table(results, eps_list):
     groups = {}
     for path, r in results.items():
         groups.setdefault(group_name(os.path.dirname(path)), []).append(r)
-    lines = ['| run | seeds | clean % | ' + ' | '.join(f'eps {e:g}' for e in eps_list) + ' |',
-             '|' + '---|' * (len(eps_list) + 3)]
+    lines = [
+        '| run | seeds | clean % | ' + ' | '.join(f'eps {e:g}' for e in eps_list) + ' |',
+        '|' + '---|' * (len(eps_list) + 3),
+    ]
     for name, rs in groups.items():
         cells = [mean_sd(r[k] for r in rs) for k in ['clean', *eps_list]]
         row = ' | '.join(f'{100 * m:.1f} ± {100 * s:.1f}' for m, s, _ in cells)
         lines.append(f'| {name} | {len(rs)} | {row} |')
-    lines += ['', '| run: first-order ratio (PGD-10 CE gain / eps·mean‖g‖₁) | seeds | | '
-              + ' | '.join(f'eps {e:g}' for e in eps_list) + ' |', '|' + '---|' * (len(eps_list) + 3)]
+    lines += [
+        '',
+        '| run: first-order ratio (PGD-10 CE gain / eps·mean‖g‖₁) | seeds | | '
+        + ' | '.join(f'eps {e:g}' for e in eps_list)
+        + ' |',
+        '|' + '---|' * (len(eps_list) + 3),
+    ]
     for name, rs in groups.items():
         cells = [mean_sd(r['fo_ratio'][e] for r in rs) for e in eps_list]
         row = ' | '.join(f'{m:.2f} ± {s:.2f}' for m, s, _ in cells)
@@ -357,6 +416,7 @@ def eps_table(results, eps_list):
 
 
 # ---------------------------------------------------------------- gradient pictures
+
 
 def pictures(ckpts, out, n=1000, rows=8):
     """|grad| maps of each checkpoint on the same first `rows` test images (characterize.py's grid:
@@ -367,8 +427,14 @@ def pictures(ckpts, out, n=1000, rows=8):
         model, ck, _, (x, y) = load_for_science(path, n)
         images = images or (x[:rows], y[:rows])
         grads.append(input_gradients(model, *images))
-        stats.append({'ckpt': path, 'model': ck['config']['model'], 'act': ck['config']['act'],
-                      **picture_stats(model, chunks(x, y, 500))})
+        stats.append(
+            {
+                'ckpt': path,
+                'model': ck['config']['model'],
+                'act': ck['config']['act'],
+                **picture_stats(model, chunks(x, y, 500)),
+            }
+        )
         print(json.dumps(stats[-1]), flush=True)
     labels = [f'{s["model"].replace("resnet_", "")} r={s["edge_corr"]:.2f}' for s in stats]  # <= 18 chars
     gradient_grid(images[0], grads, labels, out)
@@ -385,14 +451,16 @@ def screen_stems(names, n=500, seeds=(0, 1, 2), act='gelu', data=Config.data):
         stats = []
         for seed in seeds:
             torch.manual_seed(seed)
-            m = build_model(name, act, in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN,
-                            std=FASHION_STD)
+            m = build_model(
+                name, act, in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD
+            )
             stats.append(picture_stats(m.eval(), [(x, y)]))
         out[name] = {k: mean_sd(s[k] for s in stats)[:2] for k in stats[0]}
     return out
 
 
 # ---------------------------------------------------------------- the command
+
 
 def parser():
     positive = checked(int, lambda v: v >= 1, 'at least 1')
@@ -401,8 +469,12 @@ def parser():
     m = sub.add_parser('measure', help='every checkpoint of each run folder -> RUN/science.jsonl')
     m.add_argument('runs', nargs='+', type=checked(str, os.path.isdir, 'a run folder'))
     m.add_argument('--n', type=positive, default=1000, help='first n test images for the attacks')
-    m.add_argument('--square', type=checked(int, lambda v: v >= 0, 'at least 0'), default=0,
-                   help='Square queries at the final epoch (0: none)')
+    m.add_argument(
+        '--square',
+        type=checked(int, lambda v: v >= 0, 'at least 0'),
+        default=0,
+        help='Square queries at the final epoch (0: none)',
+    )
     m.add_argument('--final', action='store_true', help='the final checkpoint only')
     m.add_argument('--square-all', action='store_true', help='Square at every epoch, not just the final one')
     t = sub.add_parser('table', help='per-epoch mean +- sd over seeds, markdown; --png draws the curves')
@@ -414,8 +486,12 @@ def parser():
     logs.add_argument('runs', nargs='+')
     e = sub.add_parser('eps', help='worst-case robust accuracy against eps, mean +- sd over seeds')
     e.add_argument('ckpts', nargs='+')
-    e.add_argument('--eps', nargs='+', type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
-                   default=[0.02, 0.05, 0.1, 0.15, 0.2])
+    e.add_argument(
+        '--eps',
+        nargs='+',
+        type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
+        default=[0.02, 0.05, 0.1, 0.15, 0.2],
+    )
     e.add_argument('--n', type=positive, default=1000)
     e.add_argument('--json', default=None, help='also write the results here')
     g = sub.add_parser('pictures', help='|grad| maps, edge correlation, Nyquist share')
@@ -460,14 +536,20 @@ def main(argv):
     elif a.cmd == 'stems':
         print('| model | Nyquist abs(g) / image | edge corr |\n|---|---|---|')
         for name, r in screen_stems(a.models).items():
-            print(f'| {name} | {r["nyq_rel"][0]:.1f} ± {r["nyq_rel"][1]:.1f} | '
-                  f'{r["edge_corr"][0]:.3f} ± {r["edge_corr"][1]:.3f} |')
+            print(
+                f'| {name} | {r["nyq_rel"][0]:.1f} ± {r["nyq_rel"][1]:.1f} | '
+                f'{r["edge_corr"][0]:.3f} ± {r["edge_corr"][1]:.3f} |'
+            )
     else:
-        print('| checkpoint | edge corr | Nyquist share of abs(g) | of the images | abs(g) / images | '
-              'pixel edges / images |\n|---|---|---|---|---|---|')
+        print(
+            '| checkpoint | edge corr | Nyquist share of abs(g) | of the images | abs(g) / images | '
+            'pixel edges / images |\n|---|---|---|---|---|---|'
+        )
         for s in pictures(a.ckpts, a.out, a.n, a.rows):
-            print(f'| {s["ckpt"]} | {s["edge_corr"]:.3f} | {s["nyq_grad"]:.4f} | {s["nyq_img"]:.4f} | '
-                  f'{s["nyq_rel"]:.2f} | {s["nyq_edges_rel"]:.2f} |')
+            print(
+                f'| {s["ckpt"]} | {s["edge_corr"]:.3f} | {s["nyq_grad"]:.4f} | {s["nyq_img"]:.4f} | '
+                f'{s["nyq_rel"]:.2f} | {s["nyq_edges_rel"]:.2f} |'
+            )
         print(f'wrote {a.out}')
 
 
