@@ -109,7 +109,7 @@ export NUMBA_THREADING_LAYER = omp
 # ImageFolder IMAGENET/{train,val}/<class>/<image> -> BETON/{train,val}.beton; then train with DATA=$(BETON)
 beton: setup
 	@test -n "$(IMAGENET)" || (echo 'usage: make beton IMAGENET=/path/to/imagenet [BETON=out_dir]'; exit 2)
-	$(PY) data.py write $(IMAGENET) $(BETON) --max-side=$(MAX_SIDE) --quality=$(QUALITY) --compress=$(COMPRESS) --val-side=$(VAL_SIDE)
+	$(PY) -m tools.beton $(IMAGENET) $(BETON) --max-side=$(MAX_SIDE) --quality=$(QUALITY) --compress=$(COMPRESS) --val-side=$(VAL_SIDE)
 
 bench-loader: setup
 	$(PY) -m tools.bench loader

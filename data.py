@@ -1,13 +1,11 @@
-"""Data: ImageFolder -> FFCV .beton files, and the loaders that feed train.py.
+"""Data: the loaders that feed train.py and evaluate.py (tools/beton.py writes ImageNet's .beton files).
 
-    python data.py write /path/to/imagenet /path/to/betons   # train.beton, val.beton (make beton)
 Every loader yields (x, y): x float in [0,1] on the device, channels_last (random erasing's noise,
 --reprob, goes outside); y int64 (soft labels with --mixup or --cutmix). Training augmentations are a
 function of (seed, epoch, sample) only (augment.py). `--data` is a Fashion-MNIST IDX
 folder (the demo, cached once as .beton), a folder with train.beton + val.beton, or an ImageFolder
 (train/<class>/*, val/<class>/*).
 """
-import argparse
 import functools
 import glob
 import gzip
@@ -15,7 +13,6 @@ import hashlib
 import os
 import socket
 import sys
-from multiprocessing import Pool
 
 # numba's default threading layer (TBB) was seen to abort at exit ("terminate called without an
 # active exception"), OpenMP's never; since the gloo abort with that message was fixed
@@ -28,7 +25,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from augment import FLIP, BatchAugment, crop_params, rand_u32, randaug_image, randaug_transform, uniform
-from config import ArgumentParser, Config, UserError, checked, cli, data_kind
+from config import Config, UserError, data_kind
 from models import IMAGENET_MEAN, IMAGENET_STD
 
 INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev libopencv-dev; '
@@ -48,7 +45,7 @@ def ffcv_error():
     global _ffcv_error
     if _ffcv_error is ...:
         try:
-            import ffcv.fields.decoders, ffcv.loader, ffcv.transforms, ffcv.writer  # noqa: F401, E401
+            import ffcv.fields.decoders  # noqa: F401, E401
             _ffcv_error = None
         except Exception as e:  # ImportError, or OSError for a missing system library
             _ffcv_error = f'{type(e).__name__}: {e}'
@@ -185,14 +182,6 @@ def load_rgb(path, draft=None):
         return im.convert('RGB')
 
 
-def _decode_error(path):
-    try:
-        load_rgb(path, draft=64)  # the whole entropy-coded stream is still read: truncation fails
-        return None
-    except Exception as e:
-        return f'{type(e).__name__}: {e}'
-
-
 def class_folders(folder):
     return sorted(e.name for e in os.scandir(folder) if e.is_dir())
 
@@ -218,25 +207,6 @@ def list_images(folder, classes=None):
     return classes, make_dataset(folder, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
 
 
-class _Photos:
-    """-> (RGB uint8 HWC, label). short_side: torchvision's Resize(short_side), the first step of the
-    ImageNet evaluation transform, done once here instead of at every epoch."""
-
-    def __init__(self, samples, max_side=None, short_side=None):
-        self.samples, self.max_side, self.short_side = samples, max_side, short_side
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        im = load_rgb(path, self.short_side or self.max_side)
-        if self.short_side:
-            from torchvision.transforms.functional import resize
-            im = resize(im, self.short_side)
-        return np.asarray(im), label
-
-
 def write_split(dataset, path, workers, write_mode='proportion', max_side=None, quality=90, compress=0.5):
     """FFCV DatasetWriter into a temporary file, renamed at the end: an interrupted run leaves no
     .beton that looks complete, and two writers of the same file (the first rank of each node, on a
@@ -249,44 +219,6 @@ def write_split(dataset, path, workers, write_mode='proportion', max_side=None, 
                                      compress_probability=compress), 'label': IntField()}
     DatasetWriter(tmp, fields, num_workers=workers).from_indexed_dataset(dataset, chunksize=64)
     os.replace(tmp, path)
-
-
-def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None, val_side=VAL_SIDE):
-    """ImageFolder src/{train,val}/<class>/<image> -> out/{train,val}.beton (+ {train,val}_files.txt,
-    the relative path of each sample in order). Images that fail to decode are skipped, each with
-    a warning, and counted. Train images keep their longer side <= max_side (random crops need the
-    whole picture); val images are stored at short side val_side, as Resize(256) leaves them for the
-    224 px center crop, which then needs no resampling at load time (0: stored like train).
-    -> {split: (written, skipped)}"""
-    need_ffcv()
-    workers = workers or len(os.sched_getaffinity(0))
-    os.makedirs(out, exist_ok=True)
-    mode = 'raw' if compress <= 0 else 'jpg' if compress >= 1 else 'proportion'
-    train, val = os.path.join(src, 'train'), os.path.join(src, 'val')
-    if os.path.isdir(train) and os.path.isdir(val):
-        known_classes(val, class_folders(train))  # before train.beton is written
-    classes, result = None, {}
-    for split in ('train', 'val'):
-        folder = os.path.join(src, split)
-        if not os.path.isdir(folder):
-            raise UserError(f'no {folder!r}: expected an ImageFolder tree {src}/{{train,val}}/<class>/<image>')
-        classes, samples = list_images(folder, classes)  # val takes train's class order
-        with Pool(workers) as pool:
-            errors = pool.map(_decode_error, [p for p, _ in samples], chunksize=64)
-        for (p, _), e in zip(samples, errors):
-            if e:
-                warn(f'skipping {p}: cannot decode it ({e})')
-        good = [s for s, e in zip(samples, errors) if e is None]
-        print(f'{split}: writing {len(good)} images, {len(samples) - len(good)} skipped as undecodable', flush=True)
-        with open(os.path.join(out, f'{split}_files.txt.tmp'), 'w') as f:
-            f.writelines(os.path.relpath(p, folder).replace(os.sep, '/') + '\n' for p, _ in good)
-        sized = _Photos(good, short_side=val_side) if split == 'val' and val_side else _Photos(good, max_side)
-        write_split(sized, os.path.join(out, f'{split}.beton'), workers, mode, sized.max_side, quality, compress)
-        os.replace(os.path.join(out, f'{split}_files.txt.tmp'), os.path.join(out, f'{split}_files.txt'))
-        size = os.path.getsize(os.path.join(out, f'{split}.beton'))
-        print(f'{out}/{split}.beton: {len(good)} images, {size / 2**20:.1f} MiB', flush=True)
-        result[split] = (len(good), len(samples) - len(good))
-    return result
 
 
 # ---------------------------------------------------------------- loaders
@@ -348,6 +280,7 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+
     from augment import Seeded, ffcv_ops
     SeededRandomResizedCrop, SeededFlip, RandAugment = ffcv_ops()
     if not crop:
@@ -603,31 +536,3 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
                  f'(it needs eval_n <= 5000 and the ImageNet val files): not comparable with the paper')
     aug = augmentations(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
     return make('train', True, **aug), make('val', False), make('val', False, subset), info
-
-
-def main(argv):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest='cmd', required=True)
-    w = sub.add_parser('write', help='ImageFolder -> train.beton, val.beton')
-    w.add_argument('src', type=checked(str, lambda v: all(os.path.isdir(os.path.join(v, s)) for s in ('train', 'val')),
-                                       'an ImageFolder tree with train/ and val/ folders'))
-    w.add_argument('out')
-    w.add_argument('--max-side', type=checked(int, lambda v: v >= 32, 'at least 32'), default=500,
-                   help='longer side is shrunk to this (ffcv-imagenet: 500)')
-    w.add_argument('--quality', type=checked(int, lambda v: 1 <= v <= 100, 'in [1, 100]'), default=90,
-                   help='JPEG quality of the compressed images')
-    w.add_argument('--compress', type=checked(float, lambda v: 0 <= v <= 1, 'in [0, 1]'), default=0.5,
-                   help='fraction stored as JPEG, the rest as raw pixels (0 = all raw, 1 = all JPEG)')
-    w.add_argument('--val-side', type=checked(int, lambda v: v == 0 or v >= 32, '0 or at least 32'), default=VAL_SIDE,
-                   help='val images are stored at this short side (224 / 0.875); 0 = like train')
-    w.add_argument('--workers', type=checked(int, lambda v: 1 <= v <= 256, 'in [1, 256]'), default=None)
-    args = p.parse_args(argv)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f'cannot create {args.out!r} ({e.strerror}): pass another output folder') from None
-    write_beton(args.src, args.out, args.max_side, args.quality, args.compress, args.workers, args.val_side)
-
-
-if __name__ == '__main__':
-    sys.exit(cli(main, sys.argv[1:]))

@@ -14,10 +14,9 @@ import time
 import pytest
 
 import config as C
-import data as D
 import evaluate
 import train as T
-from tools import characterize
+from tools import beton, characterize
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +102,7 @@ def guarded(monkeypatch):
         (T, 'build_model'),
         (evaluate, 'load_checkpoint'),
         (characterize, 'load_checkpoint'),
-        (D, 'write_beton'),
+        (beton, 'write_beton'),
     ):
         monkeypatch.setattr(module, name, guard)
 
@@ -223,16 +222,16 @@ def test_bad_characterize_argument(argv, some_file, guarded, capsys):
     'argv',
     [
         [],
-        ['write'],
-        ['write', '/nonexistent', 'out'],
-        ['read', 'a', 'b'],
-        ['write', 'SRC', 'OUT', '--max-side=0'],
-        ['write', 'SRC', 'OUT', '--quality=101'],
-        ['write', 'SRC', 'OUT', '--compress=2'],
-        ['write', 'SRC', 'OUT', '--compress=nan'],
-        ['write', 'SRC', 'OUT', '--val-side=10'],
-        ['write', 'SRC', 'OUT', '--workers=0'],
-        ['write', 'SRC', 'HERE/tests/test_cli.py/out'],
+        ['SRC'],
+        ['/nonexistent', 'out'],
+        ['a', 'b', 'c'],
+        ['SRC', 'OUT', '--max-side=0'],
+        ['SRC', 'OUT', '--quality=101'],
+        ['SRC', 'OUT', '--compress=2'],
+        ['SRC', 'OUT', '--compress=nan'],
+        ['SRC', 'OUT', '--val-side=10'],
+        ['SRC', 'OUT', '--workers=0'],
+        ['SRC', 'HERE/tests/test_cli.py/out'],
     ],
 )
 def test_bad_data_argument(argv, guarded, capsys, tmp_path):
@@ -240,7 +239,7 @@ def test_bad_data_argument(argv, guarded, capsys, tmp_path):
     (tmp_path / 'src' / 'val').mkdir()
     subs = {'SRC': str(tmp_path / 'src'), 'OUT': str(tmp_path / 'out'), 'HERE': HERE}
     argv = [subs.get(a, a.replace('HERE', HERE)) for a in argv]
-    one_line_error(capsys, D.main, argv)
+    one_line_error(capsys, beton.main, argv)
 
 
 @pytest.mark.parametrize(
@@ -249,12 +248,12 @@ def test_bad_data_argument(argv, guarded, capsys, tmp_path):
         ('train.py', ['--eps=-0.1']),
         ('evaluate.py', ['--ckpt=x', '--eps', '1/0']),
         ('characterize.py', ['/nonexistent.pt']),
-        ('data.py', ['write', '/x', '/y']),
+        ('beton.py', ['/x', '/y']),
         ('science.py', ['stems', 'resnet9000']),
     ],
 )
 def test_entry_points_exit_2_with_one_line(script, argv):
-    cmd = [script] if script in ('train.py', 'evaluate.py', 'data.py') else ['-m', 'tools.' + script[:-3]]
+    cmd = [script] if script in ('train.py', 'evaluate.py') else ['-m', 'tools.' + script[:-3]]
     r = subprocess.run([sys.executable, *cmd, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith('error: '), r.stderr

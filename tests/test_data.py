@@ -16,6 +16,7 @@ from PIL import Image
 import config as C
 import data as D
 import models as M
+from tools import beton
 
 needs_ffcv = pytest.mark.skipif(D.ffcv_error() is not None, reason=f'FFCV: {D.ffcv_error()}')
 CPU = torch.device('cpu')
@@ -76,7 +77,7 @@ def betons(tree, tmp_path_factory):
 
     err = io.StringIO()
     with redirect_stderr(err):  # all-JPEG (compress=1): the test bounds JPEG loss, the worst case
-        counts = D.write_beton(str(tree[0]), str(out), max_side=500, quality=90, compress=1.0, workers=2)
+        counts = beton.write_beton(str(tree[0]), str(out), max_side=500, quality=90, compress=1.0, workers=2)
     return out, counts, err.getvalue()
 
 
@@ -174,7 +175,7 @@ def id_folder(tmp_path_factory):
             os.makedirs(root / split / f'c{i % 2}', exist_ok=True)
             Image.new('RGB', (48, 40), (6 * i,) * 3).save(root / split / f'c{i % 2}' / f'{i:02d}.png')
     if not D.ffcv_error():
-        D.write_beton(str(root), str(root / 'beton'), compress=0, workers=2)
+        beton.write_beton(str(root), str(root / 'beton'), compress=0, workers=2)
     return root
 
 
@@ -259,7 +260,7 @@ def test_progressive_resizing_and_mixup(loader, tree, tmp_path_factory):
         if D.ffcv_error():
             pytest.skip(f'FFCV: {D.ffcv_error()}')
         data = tmp_path_factory.mktemp('beton_rs')
-        D.write_beton(str(tree[0]), str(data), max_side=256, workers=2)
+        beton.write_beton(str(tree[0]), str(data), max_side=256, workers=2)
     else:
         data = tree[0]
     cfg = C.parse_config(

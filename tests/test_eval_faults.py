@@ -24,7 +24,7 @@ import evaluate
 import models as M
 import train as T
 from data import FASHION_MEAN, FASHION_STD
-from tools import characterize
+from tools import beton, characterize
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device('cpu')
@@ -135,7 +135,7 @@ def test_imagefolder_and_beton_paths_yield_exactly_their_images(loader, folder, 
         if D.ffcv_error():
             pytest.skip(f'FFCV: {D.ffcv_error()}')
         data = tmp_path / 'beton'
-        D.write_beton(str(folder), str(data), workers=1)
+        beton.write_beton(str(folder), str(data), workers=1)
         with pytest.raises(ValueError, match='holds samples 0..5, not 0..8'):  # no caller reads past the end
             D.ffcv_loader(str(data / 'val.beton'), 4, CPU, train=False, res=32, indices=range(9))
     capsys.readouterr()
@@ -412,7 +412,7 @@ def test_val_class_that_train_lacks_is_refused(tmp_path, capsys):
         D.make_loaders(cfg, 0, 1, CPU)
     if not D.ffcv_error():
         with pytest.raises(C.UserError, match='zebra'):
-            D.write_beton(str(data), str(tmp_path / 'beton'), workers=1)
+            beton.write_beton(str(data), str(tmp_path / 'beton'), workers=1)
         assert not os.path.exists(tmp_path / 'beton' / 'train.beton')  # refused before any writing
 
 

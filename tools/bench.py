@@ -47,11 +47,11 @@ from data import (
     make_loaders,
     need_ffcv,
     torchvision_loader,
-    write_beton,
 )
 from edge_reg import edge_reg
 from gradnorm import FD_H, choose_impl, gradnorm, gradnorm_fd, standard
 from models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from tools.beton import write_beton
 from train import conv_kind, memory_format
 
 LIBC = ctypes.CDLL(None)
@@ -789,7 +789,7 @@ def main(argv):
         '--val-side',
         type=checked(int, lambda v: v == 0 or v >= 32, '0 or at least 32'),
         default=VAL_SIDE,
-        help='as for data.py write (0: val stored like train)',
+        help='as for tools/beton.py (0: val stored like train)',
     )
     b.add_argument(
         '--randaug',
