@@ -38,7 +38,7 @@ def mix32(h):
 
 
 def rand_u32(seed, epoch, index, stream):
-    """A 32-bit integer that is a fixed function of four integers in [0, 2^32); index may be an int64 tensor."""
+    """A 32-bit integer, a fixed function of four integers in [0, 2^32); index may be an int64 tensor."""
     h = mix32(seed ^ 0x243F6A88)
     h = mix32(h ^ epoch)
     h = mix32(h ^ index)
@@ -217,7 +217,8 @@ class _Crop(Seeded):
                 height, width = np.uint32(field['height']), np.uint32(field['width'])
                 if field['mode'] == jpg:
                     temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
+                               False, False)
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
@@ -252,7 +253,8 @@ class _Flip(Seeded):
 
     def declare_state_and_memory(self, previous_state):
         from ffcv.pipeline.allocation_query import AllocationQuery
-        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+        alloc = AllocationQuery(previous_state.shape, previous_state.dtype)
+        return replace(previous_state, jit_mode=True), alloc
 
 
 class _RandAug(Seeded):
@@ -273,4 +275,5 @@ class _RandAug(Seeded):
 
     def declare_state_and_memory(self, previous_state):
         from ffcv.pipeline.allocation_query import AllocationQuery
-        return replace(previous_state, jit_mode=False), AllocationQuery(previous_state.shape, previous_state.dtype)
+        alloc = AllocationQuery(previous_state.shape, previous_state.dtype)
+        return replace(previous_state, jit_mode=False), alloc

@@ -19,8 +19,17 @@ import sys
 import torch
 import torch.distributed as dist
 
-from models import (ACTS, IMAGENET_MEAN, IMAGENET_STD, build_model, is_model, load_timm_state_dict, patch_problem,
-                    pretrained_missing, timm_name)
+from models import (
+    ACTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    is_model,
+    load_timm_state_dict,
+    patch_problem,
+    pretrained_missing,
+    timm_name,
+)
 
 __version__ = '0.2.0'
 
@@ -105,19 +114,19 @@ class Config:
     loader: str = 'ffcv'          # ffcv | torchvision (fallback for ImageFolder data)
     res: int = 224                # ImageNet training/eval resolution
     workers: int = 8
-    init: str = ''                # '' (random) | pretrained: timm's weights | torchvision: the compact resnet50's | a checkpoint of ours
+    init: str = ''                # '' (random) | pretrained (timm's) | torchvision (resnet50) | a checkpoint
     fd_h: float = 1e-4            # finite-difference step of --gradnorm_impl=fd (pixel units)
     res_start: int = 0            # progressive resizing: train res ramps res_start -> res (0 = off)
     mixup: float = 0.0            # Mixup alpha; with --cutmix too, one of the two per batch (p=0.5); 0 = off
     cutmix: float = 0.0           # CutMix alpha; with --mixup too, one of the two per batch (p=0.5); 0 = off
     randaug: str = ''             # RandAugment, timm's spec, e.g. rand-m9-mstd0.5-inc1; '' = off
     reprob: float = 0.0           # random-erasing probability per image (timm's RandomErasing, pixel mode)
-    recipe: str = ''              # one of the paper's runs (RECIPES); unset: swinb_gradnorm on ImageNet-like data
-    accum: int = 1                # micro-batches per optimizer step (gradient accumulation); batch_size stays global
+    recipe: str = ''              # one of the paper's runs (RECIPES); unset: swinb_gradnorm on ImageNet data
+    accum: int = 1                # micro-batches per optimizer step (accumulation); batch_size stays global
     amp: bool = True              # bf16 autocast on CUDA; off: float32 without TF32 (the paper's runs)
-    bn_eval: bool = False         # train in eval mode (BatchNorm keeps its running stats), as the authors' script
+    bn_eval: bool = False         # train in eval mode (BatchNorm keeps running stats), as the authors' script
     gn_weights: str = '0.8,1.2'   # GradNorm: weights of CE and of the penalty
-    conv: str = 'auto'            # auto: fast for double backward, else native | fast (models.Conv2d) | native (nn.Conv2d)
+    conv: str = 'auto'            # fast (models.Conv2d) | native (nn.Conv2d) | auto: fast for double backward
 
 
 # ---------------------------------------------------------------- the paper's runs
@@ -126,8 +135,9 @@ class Config:
 # batch_size is global: per-GPU batch x accumulation steps x GPUs; lr is their base lr x batch / 512
 # (a --batch_size override rescales it). Their accumulation sums micro-batch gradients, ours
 # averages (the same update whatever the split), so their clip 1.0 with 2 steps is our 0.5.
-PAPER = dict(weight_decay=0.05, warmup_epochs=5.0, min_lr=1e-5, smoothing=0.1, eps=4 / 255, res=224, eval_n=5000,
-             mixup=0.8, cutmix=1.0, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, amp=False, act='gelu')
+PAPER = dict(weight_decay=0.05, warmup_epochs=5.0, min_lr=1e-5, smoothing=0.1, eps=4 / 255, res=224,
+             eval_n=5000, mixup=0.8, cutmix=1.0, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, amp=False,
+             act='gelu')
 SWINB = dict(PAPER, model='swin_base_patch4_window7_224', init='pretrained', epochs=100, ema=0.9998)
 # ResNet-50: stage 1 swaps the activation into timm's pretrained ResNet-50 and fine-tunes it for 4
 # epochs (their warm-up lasts 5, so it never ends); stage 2 starts from stage 1's weights. 4 GPUs.
@@ -136,20 +146,23 @@ STAGE1 = dict(RN50, objective='standard', init='pretrained', epochs=4, ema=0.0)
 STAGE2 = dict(RN50, objective='gradnorm', init='runs/{data}/timm-resnet50-standard-{act}/ckpt.pt', ema=0.9998)
 RECIPES = {
     # the released checkpoints: 77.78 / 51.58 (GradNorm), 76.80 / 35.02 (EdgeReg): clean / AutoAttack 4/255
-    'swinb_gradnorm': dict(SWINB, objective='gradnorm', batch_size=608, accum=2, lr=0.625e-3 * 608 / 512, clip=0.5,
-                           ramp_epochs=5.0, gn_weights='0.8,1.2', bn_eval=True),  # run_train.sh: 7 GPUs (532)
+    'swinb_gradnorm': dict(SWINB, objective='gradnorm', batch_size=608, accum=2, lr=0.625e-3 * 608 / 512,
+                           clip=0.5, ramp_epochs=5.0, gn_weights='0.8,1.2', bn_eval=True),  # 7 GPUs (532)
     'swinb_edge': dict(SWINB, objective='edge', batch_size=608, accum=2, lr=0.625e-3 * 608 / 512, clip=0.5,
                        edge_alpha='1,0.09,19'),  # the logit script trains in train mode
-    'swinb_pgd': dict(SWINB, objective='pgd', pgd_steps=3, batch_size=512, lr=1.25e-3, clip=math.inf, bn_eval=True),
+    'swinb_pgd': dict(SWINB, objective='pgd', pgd_steps=3, batch_size=512, lr=1.25e-3, clip=math.inf,
+                      bn_eval=True),
     'swinb_standard': dict(SWINB, objective='standard', batch_size=592, lr=0.625e-3 * 592 / 512, clip=1.0,
                            bn_eval=True),  # 74 per GPU; the GPU count is not in run_train.sh: 8 assumed
     'rn50_gelu_stage1': dict(STAGE1, act='gelu'),
-    'rn50_gelu_gradnorm': dict(STAGE2, act='gelu', epochs=83, ramp_epochs=5.0, gn_weights='0.8,1.2'),  # 60.34 / 30.00
+    # 60.34 / 30.00 (clean / AutoAttack 4/255)
+    'rn50_gelu_gradnorm': dict(STAGE2, act='gelu', epochs=83, ramp_epochs=5.0, gn_weights='0.8,1.2'),
     'rn50_relu_stage1': dict(STAGE1, act='relu'),
     'rn50_relu_gradnorm': dict(STAGE2, act='relu', epochs=50, lr=0.625e-3 * 256 / 512, ramp_epochs=10.0,
                                gn_weights='0.5,0.5'),
     'rn50_silu_stage1': dict(STAGE1, act='silu'),  # 128 per GPU on 2 GPUs
-    'rn50_silu_gradnorm': dict(STAGE2, act='silu', epochs=50, accum=2, clip=0.5, ramp_epochs=5.0, gn_weights='0.5,0.5'),
+    'rn50_silu_gradnorm': dict(STAGE2, act='silu', epochs=50, accum=2, clip=0.5, ramp_epochs=5.0,
+                               gn_weights='0.5,0.5'),
 }
 IMAGENET_DEFAULT = 'swinb_gradnorm'  # --recipe='' on ImageNet-like data: the paper's headline run
 
@@ -189,7 +202,8 @@ RULES = {
     'res': (lambda v: 16 <= v <= 4096, 'in [16, 4096] pixels'),
     'workers': (lambda v: 0 <= v <= 256, 'in [0, 256]'),
     'init': (lambda v: v in ('', 'pretrained', 'torchvision') or os.path.isfile(v),
-             "'' (random), pretrained, torchvision or a checkpoint file (for a recipe's stage 2: run its stage 1 first)"),
+             "'' (random), pretrained, torchvision or a checkpoint file (a recipe's stage 2: run its stage 1 "
+             "first)"),
     'fd_h': (lambda v: 0 < v <= 0.1, 'in (0, 0.1] (pixel units)'),
     'res_start': (lambda v: v >= 0, '0 (off) or a resolution <= --res'),
     'mixup': (lambda v: finite(v) and v >= 0, "Mixup's alpha, a finite number >= 0 (0: off)"),
@@ -201,7 +215,8 @@ RULES = {
     'accum': (lambda v: 1 <= v <= 4096, 'at least 1 (and batch_size a multiple of ranks x accum)'),
     'amp': (lambda v: True, 'true or false'),
     'bn_eval': (lambda v: True, 'true or false'),
-    'gn_weights': (lambda v: _floats(v, 2) and min(map(float, v.split(','))) >= 0, 'two numbers >= 0: CE,penalty'),
+    'gn_weights': (lambda v: _floats(v, 2) and min(map(float, v.split(','))) >= 0,
+                   'two numbers >= 0: CE,penalty'),
     'conv': (lambda v: v in ('auto', 'fast', 'native'), 'auto, fast or native'),
 }
 assert set(RULES) == {f.name for f in dataclasses.fields(Config)}, 'every Config field needs a rule'
@@ -246,7 +261,8 @@ def _convert(key, val, kind):
             return kind(val)
         except ValueError:
             pass
-    raise UserError(f'--{key}={val}: expected {"true or false" if kind is bool else "a" + "n" * (kind is int) + " " + kind.__name__}')
+    expected = {bool: 'true or false', int: 'an int', float: 'a float'}.get(kind, f'a {kind.__name__}')
+    raise UserError(f'--{key}={val}: expected {expected}')
 
 
 def validate(cfg):
@@ -256,12 +272,15 @@ def validate(cfg):
     if cfg.min_lr > cfg.lr:
         raise UserError(f'--min_lr={cfg.min_lr} is above --lr={cfg.lr}: lower it')
     if cfg.res_start > cfg.res:
-        raise UserError(f'--res_start={cfg.res_start} is above --res={cfg.res}: lower it, or 0 for no resizing')
+        raise UserError(f'--res_start={cfg.res_start} is above --res={cfg.res}: lower it, or 0 for no '
+                        'resizing')
     if cfg.init == 'torchvision' and cfg.model != 'resnet50':
-        raise UserError(f'--init={cfg.init} loads ImageNet ResNet-50 weights, not {cfg.model}: pass --model=resnet50 or --init=')
+        raise UserError(f'--init={cfg.init} loads ImageNet ResNet-50 weights, not {cfg.model}: pass '
+                        '--model=resnet50 or --init=')
     if cfg.init == 'pretrained' and not timm_name(cfg.model):
-        raise UserError(f'--init=pretrained loads timm\'s weights, but {cfg.model} is a compact model of models.py: pass '
-                        'a timm model (e.g. --model=timm/resnet50), --init=torchvision (resnet50) or --init=')
+        raise UserError(f'--init=pretrained loads timm\'s weights, but {cfg.model} is a compact model of '
+                        'models.py: pass a timm model (e.g. --model=timm/resnet50), --init=torchvision '
+                        '(resnet50) or --init=')
     size = 28 if data_kind(cfg.data) == 'fashion' else cfg.res  # Fashion-MNIST: 28 px, whatever --res
     if why := patch_problem(cfg.model, size):
         raise UserError(f'--model={cfg.model} at {size} px: {why}')
@@ -283,8 +302,9 @@ def apply_recipe(cfg, given):
         cfg.init = cfg.init.format(data=name, act=cfg.act)
         stage1 = [r for r, v in RECIPES.items() if r.endswith('_stage1') and v['act'] == cfg.act]
         if not os.path.isfile(cfg.init):
-            raise UserError(f'--recipe={cfg.recipe} starts from stage 1\'s weights, {cfg.init}, not there: run '
-                            f'--recipe={stage1[0] if stage1 else "..."} first with this --data, or pass --init=CHECKPOINT')
+            first = stage1[0] if stage1 else '...'
+            raise UserError(f'--recipe={cfg.recipe} starts from stage 1\'s weights, {cfg.init}, not there: '
+                            f'run --recipe={first} first with this --data, or pass --init=CHECKPOINT')
     return cfg
 
 
@@ -345,7 +365,8 @@ def save_checkpoint(path, state):
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise UserError(f'cannot write checkpoint {path!r} ({write_failure(e, path)}); earlier checkpoints are '
+        why = write_failure(e, path)
+        raise UserError(f'cannot write checkpoint {path!r} ({why}); earlier checkpoints are '
                         'intact: free some disk space or pass --out=DIR, then --resume=auto') from None
 
 
@@ -384,7 +405,8 @@ def load_checkpoint(path, keys=EVAL_KEYS):
         raise UserError(f'cannot load checkpoint {path!r}: {why}') from None
     if not isinstance(ck, dict):
         raise UserError(f'{path} holds a {type(ck).__name__}, not a checkpoint of train.py (a dict)')
-    bad = [f'its {k!r} is missing or not a {kind.__name__}' for k, kind in keys if not isinstance(ck.get(k), kind)]
+    bad = [f'its {k!r} is missing or not a {kind.__name__}'
+           for k, kind in keys if not isinstance(ck.get(k), kind)]
     if not bad and 'config' in dict(keys):
         fields = {f.name for f in dataclasses.fields(Config)}
         bad = [f'its config lacks {k!r}' for k in CONFIG_KEYS if k not in ck['config']]
@@ -406,8 +428,9 @@ def model_from_checkpoint(ck, key='model', path='the checkpoint'):
         model = build_model(cfg['model'], cfg['act'], **ck['data_info'])
         model.load_state_dict(ck[key])
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
-        raise UserError(f'the {key!r} weights of {path} do not fit the {cfg["model"]}/{cfg["act"]} model it names: '
-                        f'{" ".join(str(e).split())[:300]}') from None
+        why = ' '.join(str(e).split())[:300]
+        raise UserError(f'the {key!r} weights of {path} do not fit the {cfg["model"]}/{cfg["act"]} model it '
+                        f'names: {why}') from None
     return model
 
 
@@ -424,7 +447,8 @@ def load_official(path, model, act='gelu'):
         with torch.serialization.safe_globals([argparse.Namespace]):
             raw = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UserError(f'cannot load {path!r} as an official checkpoint ({str(e).splitlines()[0][:200]})') from None
+        why = str(e).splitlines()[0][:200]
+        raise UserError(f'cannot load {path!r} as an official checkpoint ({why})') from None
     if not isinstance(raw, dict) or 'state_dict_ema' not in raw:
         raise UserError(f'{path} holds no state_dict_ema: not a checkpoint of the authors\' training script')
     args = raw.get('args')
@@ -453,7 +477,8 @@ def end_distributed():
 def setup_distributed():
     """torchrun sets RANK: one process per GPU (NCCL) or per CPU slot (gloo). -> (rank, world, device)"""
     if 'RANK' in os.environ and not dist.is_initialized():
-        importlib.import_module('torch._dynamo')  # imported later, it keeps the default group alive (end_distributed)
+        # imported later, it keeps the default group alive (end_distributed)
+        importlib.import_module('torch._dynamo')
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if torch.cuda.is_available():

@@ -28,10 +28,12 @@ from augment import FLIP, BatchAugment, crop_params, rand_u32, randaug_image, ra
 from config import Config, UserError, data_kind
 from models import IMAGENET_MEAN, IMAGENET_STD
 
-INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev libopencv-dev; '
+INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev '
+                'libopencv-dev; '
                 'pip install ffcv==1.0.2), or pass --loader=torchvision')
 FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
-ROBUSTBENCH_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lists', 'robustbench_imagenet_val_5000.txt')
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROBUSTBENCH_LIST = os.path.join(HERE, 'lists', 'robustbench_imagenet_val_5000.txt')
 CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'gradnorm')
 VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evaluation crop
 VAL_SIDE = 256  # short side of the stored val images: 224 px center crops without resampling
@@ -85,8 +87,8 @@ def load_fashion_mnist(root):
     missing = [n for n in names if not os.path.exists(os.path.join(root, n))]
     if missing:
         raise UserError(f'no Fashion-MNIST in {root!r} (missing {missing[0]}): run `make data` '
-                        '(apt-get install dataset-fashion-mnist), or pass --data=DIR with train.beton + val.beton '
-                        'or an ImageFolder train/ + val/')
+                        '(apt-get install dataset-fashion-mnist), or pass --data=DIR with train.beton + '
+                        'val.beton or an ImageFolder train/ + val/')
     xtr, ytr, xte, yte = (read_idx(os.path.join(root, n)) for n in names)
     return (xtr[:, None], ytr.long()), (xte[:, None], yte.long())
 
@@ -111,10 +113,14 @@ class TensorLoader:
         return per_rank // self.batch if self.train else -(-per_rank // self.batch)
 
     def augment(self, images, j):
-        """uint8 (B, 1, H, W), their indices -> through RandAugment (as RGB, one channel kept, as FFCV's path)"""
+        """uint8 (B, 1, H, W), their indices -> through RandAugment (as RGB, one channel kept, as
+        FFCV's path)"""
         rgb = np.repeat(images[:, 0, :, :, None].numpy(), 3, axis=3)
-        return torch.stack([torch.from_numpy(randaug_image(self.randaug, im, self.seed, self.epoch, int(i))[:, :, :1])
-                            for im, i in zip(rgb, j)]).permute(0, 3, 1, 2)
+        out = []
+        for im, i in zip(rgb, j):
+            rgb_out = randaug_image(self.randaug, im, self.seed, self.epoch, int(i))
+            out.append(torch.from_numpy(rgb_out[:, :, :1]))
+        return torch.stack(out).permute(0, 3, 1, 2)
 
     def __iter__(self):
         n = len(self.labels)
@@ -152,7 +158,8 @@ def fashion_cache(root):
     """CACHE/fashion-mnist-<key>: the key names the source files, their sizes and times, so
     another copy (a test's subset, say) gets its own cache."""
     files = sorted(glob.glob(os.path.join(root, '*-ubyte.gz')))
-    key = hashlib.sha1(repr([(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode())
+    stamps = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]
+    key = hashlib.sha1(repr(stamps).encode())
     return os.path.join(CACHE, f'fashion-mnist-{key.hexdigest()[:12]}')
 
 
@@ -178,7 +185,8 @@ def load_rgb(path, draft=None):
             im.draft('RGB', (draft, draft))
         if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
             rgba = im.convert('RGBA')
-            return Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba).convert('RGB')
+            white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert('RGB')
         return im.convert('RGB')
 
 
@@ -204,7 +212,8 @@ def list_images(folder, classes=None):
     classes = classes or class_folders(folder)
     if not classes:
         raise UserError(f'{folder!r} has no class folders: expected {folder}/<class>/<image>')
-    return classes, make_dataset(folder, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+    labels = {c: i for i, c in enumerate(classes)}
+    return classes, make_dataset(folder, labels, IMG_EXTENSIONS, allow_empty=True)
 
 
 def write_split(dataset, path, workers, write_mode='proportion', max_side=None, quality=90, compress=0.5):
@@ -244,7 +253,8 @@ class Batches:
     def __iter__(self):
         for i, (x, y) in enumerate(self.loader):
             # the layout first, while the pixels are 1-byte; uint8 / 255 makes float32 in one pass
-            x = x[:, :self.channels].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x[:, :self.channels].to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)
             x = x.div(255) if x.dtype == torch.uint8 else x
             # FFCV reuses its output buffers: copy the labels
             y = y.to(self.device, non_blocking=True).view(-1).to(torch.int64, copy=True)
@@ -289,15 +299,18 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
         decoder = SeededRandomResizedCrop(seed, (res, res))
     else:
         decoder = CenterCropRGBImageDecoder((res, res), VAL_RATIO)
-    augs = ([SeededFlip(seed)] + ([RandAugment(seed, randaug)] if randaug is not None else [])) if train else []
+    augs = []
+    if train:
+        augs = [SeededFlip(seed)] + ([RandAugment(seed, randaug)] if randaug is not None else [])
     device = torch.device(device)
     # GPU: uint8 batches go to the device and become float there (a quarter of the bytes to copy).
     # CPU: no copy; (x - 0) / 255 in FFCV's threads, into buffers it reuses (a fresh 38 MB tensor per
     # batch costs more in page faults than the arithmetic). Compiled (numba) ops must all come before
     # the Python ones (RandAugment, ToTensor): FFCV 1.0.2 loops forever grouping a compiled op that
     # follows a Python one (graph.group_operations). So with RandAugment, Batches converts to float.
-    on_device = ([NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32), ToTensor()]
-                 if device.type == 'cpu' and randaug is None else [ToTensor(), ToDevice(device, non_blocking=True)])
+    on_device = [ToTensor(), ToDevice(device, non_blocking=True)]
+    if device.type == 'cpu' and randaug is None:
+        on_device = [NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32), ToTensor()]
     image = [decoder] + augs + on_device + [ToTorchImage(channels_last=True)]
     label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
@@ -309,7 +322,8 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
     if not train:  # not distributed=True: DistributedSampler pads with repeats, which would bias accuracy
         indices = np.asarray(range(size) if indices is None else indices)[rank::world]
     loader = Loader(path, batch_size, num_workers=workers, os_cache=os_cache, order=order, seed=seed,
-                    distributed=train and world > 1, indices=indices, drop_last=train if drop_last is None else drop_last,
+                    distributed=train and world > 1, indices=indices,
+                    drop_last=train if drop_last is None else drop_last,
                     pipelines={'image': image, 'label': label}, recompile=bool(res_start))
     seeded = [op for op in [decoder] + augs if isinstance(op, Seeded)]
 
@@ -332,7 +346,8 @@ def center_crop(im, res):
     short = round(res / VAL_RATIO)
     W, H = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's rounding
     left, top, sx, sy = (W - res) // 2, (H - res) // 2, w / W, h / H
-    return im.resize((res, res), Image.BILINEAR, box=(left * sx, top * sy, (left + res) * sx, (top + res) * sy))
+    box = (left * sx, top * sy, (left + res) * sx, (top + res) * sy)
+    return im.resize((res, res), Image.BILINEAR, box=box)
 
 
 class _Folder:
@@ -390,7 +405,10 @@ class _TrainTransform:
         im = resized_crop(im, top, left, h, w, [r, r], antialias=True)
         if uniform(self.seed, epoch, i, FLIP) < 0.5:
             im = hflip(im)
-        x = np.array(im) if self.randaug is None else randaug_image(self.randaug, np.asarray(im), self.seed, epoch, i)
+        if self.randaug is None:
+            x = np.array(im)
+        else:
+            x = randaug_image(self.randaug, np.asarray(im), self.seed, epoch, i)
         return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
 
 
@@ -399,7 +417,8 @@ def _center_crop_tensor(im, epoch, i, res):
 
 
 def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world=1, seed=0, workers=2,
-                       drop_last=None, indices=None, res_start=0, epochs=1, classes=None, randaug=None, augment=None):
+                       drop_last=None, indices=None, res_start=0, epochs=1, classes=None, randaug=None,
+                       augment=None):
     """The fallback: the same crop, flip and RandAugment rules, the same [0,1] output, a torch
     DataLoader instead of FFCV."""
     from torch.utils.data import DataLoader, Subset
@@ -411,8 +430,9 @@ def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world
         idx = range(len(dataset)) if indices is None else indices
         sampler, ds = None, Subset(dataset, list(idx)[rank::world])
     device = torch.device(device)
-    loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == 'cuda',
-                        drop_last=train if drop_last is None else drop_last, persistent_workers=workers > 0)
+    loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == 'cuda', drop_last=train if drop_last is None else drop_last,
+                        persistent_workers=workers > 0)
     return Batches(loader, device, sampler.set_epoch if train else (lambda epoch: None), augment=augment)
 
 
@@ -432,7 +452,8 @@ def augmentations(cfg, rank, num_classes, res, mean, std):
     """The training loader's keyword arguments: randaug (timm's RandAugment, per image) and augment
     (random erasing, Mixup/CutMix on the device batch), each None when off."""
     augment = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
-    return dict(randaug=randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None, augment=augment or None)
+    randaug = randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None
+    return dict(randaug=randaug, augment=augment or None)
 
 
 def data_shape(data):
@@ -506,15 +527,17 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
                             f'not {kind} data: pass --data=IMAGENET_DIR')
         classes, _ = list_images(os.path.join(cfg.data, 'train'))
         _, val_samples = list_images(os.path.join(cfg.data, 'val'), classes)
-        names = [os.path.relpath(p, os.path.join(cfg.data, 'val')).replace(os.sep, '/') for p, _ in val_samples]
+        val = os.path.join(cfg.data, 'val')
+        names = [os.path.relpath(p, val).replace(os.sep, '/') for p, _ in val_samples]
         make = lambda split, train, idx=None, **aug: torchvision_loader(
             os.path.join(cfg.data, split), batch, device, train, cfg.res, rank, world, cfg.seed, workers,
             indices=idx, res_start=res_start, epochs=cfg.epochs, classes=classes, **aug)
     else:
         need_ffcv()
         if kind != 'beton':
-            raise UserError(f'{cfg.data!r} holds no train.beton + val.beton: run `make beton IMAGENET={cfg.data}` '
-                            f'and pass --data=<its output folder>, or read the JPEGs with --loader=torchvision')
+            raise UserError(f'{cfg.data!r} holds no train.beton + val.beton: run `make beton '
+                            f'IMAGENET={cfg.data}` and pass --data=<its output folder>, or read the JPEGs '
+                            'with --loader=torchvision')
         classes = range(int(beton_labels(f'{cfg.data}/train.beton').max()) + 1)
         with open(os.path.join(cfg.data, 'val_files.txt')) as f:
             names = f.read().split('\n')[:-1]
@@ -526,7 +549,8 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
         make = lambda split, train, idx=None, **aug: ffcv_loader(
             f'{cfg.data}/{split}.beton', batch, device, train, cfg.res, rank=rank, world=world, seed=cfg.seed,
             workers=workers, indices=idx, res_start=res_start, epochs=cfg.epochs, **aug)
-    info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res)  # the models' default: ImageNet's mean, std
+    # the models' default normalization: ImageNet's mean, std
+    info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res)
     clamp_eval_n(cfg, len(names), rank, n_flag)
     subset = robustbench_indices(names, cfg.eval_n)
     if subset is None:

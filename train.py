@@ -25,15 +25,33 @@ import torch.nn as nn
 
 from attack import pgd_at
 from augment import STEP, rand_u32
-from config import (RESUME_KEYS, UserError, __version__, append_line, checkpoints, cli, describe_recipe,
-                    end_distributed, load_checkpoint, parse_config, save_checkpoint, setup_distributed)
+from config import (
+    RESUME_KEYS,
+    UserError,
+    __version__,
+    append_line,
+    checkpoints,
+    cli,
+    describe_recipe,
+    end_distributed,
+    load_checkpoint,
+    parse_config,
+    save_checkpoint,
+    setup_distributed,
+)
 from data import make_loaders
 from edge_reg import edge_reg
 from evaluate import robust_accuracy
-from gradnorm import (SMOOTH_ACTS, choose_impl, fd_backend_flags, gradnorm, gradnorm_fd, set_backend_flags,
-                      standard)
+from gradnorm import (
+    SMOOTH_ACTS,
+    choose_impl,
+    fd_backend_flags,
+    gradnorm,
+    gradnorm_fd,
+    set_backend_flags,
+    standard,
+)
 from models import build_model, no_weight_decay, normalization
-
 
 # ---------------------------------------------------------------- the objective, as training runs it
 
