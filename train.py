@@ -108,7 +108,8 @@ def objective(cfg, device, compiled=False, norm=None):
         'gradnorm': lambda m, x, y, t: fn(m, x, y, cfg.eps, scalar(min(t / max(cfg.ramp_epochs, 1e-9), 1.0)),
                                           smoothing=cfg.smoothing, weights=weights, **h),
         'pgd': lambda m, x, y, t: fn(m, x, y, cfg.eps, cfg.pgd_steps, cfg.smoothing),
-        'edge': lambda m, x, y, t: fn(m, x, y, scalar(min(a + b * t, c)), smoothing=cfg.smoothing, mean=mean, std=std),
+        'edge': lambda m, x, y, t: fn(m, x, y, scalar(min(a + b * t, c)), smoothing=cfg.smoothing,
+                                      mean=mean, std=std),
     }[cfg.objective]
 
 
@@ -175,8 +176,9 @@ def claim_out(cfg):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                raise UserError(f'{cfg.out} is in use by another run ({f.read().strip() or "starting"}): wait for '
-                                'it to end, or pass another --out') from None
+                owner = f.read().strip() or 'starting'
+                raise UserError(f'{cfg.out} is in use by another run ({owner}): wait for it to end, or pass '
+                                'another --out') from None
             if os.path.exists(f.name) and os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
                 break
             f.close()
@@ -187,8 +189,9 @@ def claim_out(cfg):
         raise UserError(f'cannot use output directory {cfg.out!r} ({e.strerror}): pass --out=DIR') from None
     if not cfg.resume and old_run(cfg) and not cfg.overwrite:
         release((f, made), cfg)
-        raise UserError(f'{cfg.out} holds another run ({os.path.basename(old_run(cfg)[-1])}): continue it with '
-                        '--resume=auto, start afresh there with --overwrite (deletes it), or pass another --out')
+        newest = os.path.basename(old_run(cfg)[-1])
+        raise UserError(f'{cfg.out} holds another run ({newest}): continue it with --resume=auto, start '
+                        'afresh there with --overwrite (deletes it), or pass another --out')
     return f, made
 
 
@@ -229,19 +232,25 @@ def find_resume(cfg, log):
 def initial_model(cfg, info, device, log):
     """The model before training: random, timm's pretrained weights, torchvision's (the compact
     resnet50), or the weights of a checkpoint of ours (a recipe's stage 2 starts from stage 1's)."""
-    model = build_model(cfg.model, cfg.act, pretrained=cfg.init == 'pretrained', conv=conv_kind(cfg, device), **info)
-    if cfg.init == 'torchvision':  # torchvision's ImageNet ResNet-50: same parameter names; the activation stays cfg.act
+    pretrained = cfg.init == 'pretrained'
+    model = build_model(cfg.model, cfg.act, pretrained=pretrained, conv=conv_kind(cfg, device), **info)
+    # torchvision's ImageNet ResNet-50: the same parameter names; the activation stays cfg.act
+    if cfg.init == 'torchvision':
         if info['num_classes'] != 1000:
-            raise UserError(f'--init={cfg.init} has 1000 classes, the data {info["num_classes"]}: pass --init=')
+            n = info['num_classes']
+            raise UserError(f'--init={cfg.init} has 1000 classes, the data {n}: pass --init=')
         import torchvision
         model.load_state_dict(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), strict=True)
     elif cfg.init not in ('', 'pretrained'):
         ck = load_checkpoint(cfg.init)
         old = ck['model']  # the trained weights, not the EMA (the authors' stage 2 too)
         if ck['config']['objective'] != cfg.objective:
-            log(f'--init={cfg.init}: the weights of a {ck["config"]["objective"]} run, trained on with {cfg.objective}')
-        if old.keys() != model.state_dict().keys() or any(v.shape != model.state_dict()[k].shape for k, v in old.items()):
-            raise UserError(f'--init={cfg.init} holds another model than --model={cfg.model} with this data\'s classes')
+            was = ck['config']['objective']
+            log(f'--init={cfg.init}: the weights of a {was} run, trained on with {cfg.objective}')
+        new = model.state_dict()
+        if old.keys() != new.keys() or any(v.shape != new[k].shape for k, v in old.items()):
+            raise UserError(f'--init={cfg.init} holds another model than --model={cfg.model} with this '
+                            'data\'s classes')
         model.load_state_dict(old)
     return model
 
@@ -251,19 +260,23 @@ def start(cfg, rank, world, device, log):
     torch.manual_seed(cfg.seed)
     *loaders, info = make_loaders(cfg, rank, world, device)
     if len(loaders[0]) == 0:
-        raise UserError(f'--batch_size={cfg.batch_size} is larger than the training set ({cfg.data}): lower it')
+        raise UserError(f'--batch_size={cfg.batch_size} is larger than the training set ({cfg.data}): '
+                        'lower it')
     model = initial_model(cfg, info, device, log)
     if device.type == 'cuda' and not cfg.amp:
-        torch.backends.cuda.matmul.allow_tf32 = False  # float32 as the paper (cuDNN convolutions: PyTorch's default)
+        # float32 as the paper (cuDNN's convolutions: PyTorch's default)
+        torch.backends.cuda.matmul.allow_tf32 = False
     if cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd':
-        set_backend_flags(fd_backend_flags(device.type))  # TF32's rounding would swamp the difference quotient
+        # TF32's rounding would swamp the difference quotient
+        set_backend_flags(fd_backend_flags(device.type))
     path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
     if ck:
         check_resume(cfg, ck, path, info)
         model.load_state_dict(ck['model'])
     model = model.to(device, memory_format=memory_format(cfg, device))
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
-    skip = no_weight_decay(model)  # norms, biases, and what the architecture names (timm's Swin: relative positions)
+    # norms, biases, and what the architecture names (timm's Swin: relative positions)
+    skip = no_weight_decay(model)
     decay = [p for n, p in model.named_parameters() if n not in skip]
     rest = [p for n, p in model.named_parameters() if n in skip]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
@@ -276,7 +289,8 @@ def start(cfg, rank, world, device, log):
     if world > 1:  # gloo: a group of DDP's own, which outlives destroy_process_group (config.end_distributed)
         group = dist.new_group() if device.type == 'cpu' else None
         net = nn.parallel.DistributedDataParallel(net, process_group=group)
-    run = Run(cfg, model, ema, opt, net, loaders, info, (ck or {}).get('run') or secrets.token_hex(4), rank, world, device)
+    run_id = (ck or {}).get('run') or secrets.token_hex(4)
+    run = Run(cfg, model, ema, opt, net, loaders, info, run_id, rank, world, device)
     if ema is not None:
         run.ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
     if ck:
@@ -291,14 +305,17 @@ def check_resume(cfg, ck, path, info):
     old = ck['config']
     if (old['model'], old['act']) != (cfg.model, cfg.act):
         raise UserError(f'{path} holds a {old["model"]}/{old["act"]} model, not the requested '
-                        f'{cfg.model}/{cfg.act}: pass --model={old["model"]} --act={old["act"]} or another --out')
+                        f'{cfg.model}/{cfg.act}: pass --model={old["model"]} --act={old["act"]} or another '
+                        '--out')
     if old['objective'] != cfg.objective:
         raise UserError(f'{path} is a {old["objective"]} run, not {cfg.objective}: resume it with '
-                        f'--objective={old["objective"]}, or start a new run from its weights with --init={path}')
+                        f'--objective={old["objective"]}, or start a new run from its weights with '
+                        f'--init={path}')
     differ = [k for k in ('in_ch', 'num_classes', 'img_size') if ck['data_info'].get(k) != info[k]]
     if differ:
         raise UserError(f'{path} was trained on data with {differ[0]}={ck["data_info"].get(differ[0])}, '
-                        f'--data={cfg.data} has {info[differ[0]]}: pass the data it was trained on, or another --out')
+                        f'--data={cfg.data} has {info[differ[0]]}: pass the data it was trained on, or '
+                        'another --out')
 
 
 def resume(run, ck, path, log):
@@ -321,7 +338,8 @@ def micro_steps(run, x, y, t):
     run.opt.zero_grad(set_to_none=True)
     loss, parts = 0.0, {}
     for i, (xi, yi) in enumerate(zip(x.chunk(n), y.chunk(n))):
-        xi = xi.detach().requires_grad_(cfg.objective in ('gradnorm', 'edge'))  # a leaf outside any compiled code
+        # a leaf outside any compiled code
+        xi = xi.detach().requires_grad_(cfg.objective in ('gradnorm', 'edge'))
         sync = run.net.no_sync() if run.world > 1 and i < n - 1 else nullcontext()
         with sync:
             with amp:
@@ -357,8 +375,8 @@ def train_step(run, x, y, t, stop):
         bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ['gradient']
         where = f'epoch {int(t)} step {(run.step - 1) % run.steps}'
         if run.bad_steps >= cfg.max_bad_steps:
-            raise UserError(f'non-finite {bad[0]} for {run.bad_steps} steps in a row at {where}: training stopped; '
-                            f'{newest_checkpoint(run)} (try a lower --lr)')
+            raise UserError(f'non-finite {bad[0]} for {run.bad_steps} steps in a row at {where}: training '
+                            f'stopped; {newest_checkpoint(run)} (try a lower --lr)')
         if run.rank == 0:
             print(f'\nwarning: non-finite {bad[0]} at {where}: step skipped ({run.bad_steps} in a row)')
         return None, bool(flags[0])
@@ -393,7 +411,8 @@ def train_epoch(run, epoch, stop):
         if run.rank == 0 and (i % 20 == 0 or i == steps - 1):
             bar = '#' * int(30 * (i + 1) / steps)
             terms = ' '.join(f'{k} {v.item() / max(done, 1):.3f}' for k, v in sums.items())
-            print(f'\repoch {epoch} [{bar:.<30}] {terms} {seen / (time.time() - t0):.0f} img/s', end='', flush=True)
+            speed = seen / (time.time() - t0)
+            print(f'\repoch {epoch} [{bar:.<30}] {terms} {speed:.0f} img/s', end='', flush=True)
     return {k: v.item() / max(done, 1) for k, v in sums.items()}, seen / (time.time() - t0)
 
 
@@ -421,7 +440,8 @@ def newest_checkpoint(run):
     saved = checkpoints(run.cfg.out, run.run_id)
     if not saved:
         return f'this run wrote no checkpoint to {run.cfg.out}'
-    return f'its newest checkpoint, {saved[-1]} (step {int(os.path.basename(saved[-1]).split("-")[1])}), is finite'
+    step = int(os.path.basename(saved[-1]).split('-')[1])
+    return f'its newest checkpoint, {saved[-1]} (step {step}), is finite'
 
 
 def save(run):
@@ -436,9 +456,9 @@ def save(run):
                         '(try a lower --lr)')
     path = os.path.join(cfg.out, f'ckpt-{run.step:08d}-{run.run_id}.pt')
     save_checkpoint(path, dict(
-        model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None, optimizer=run.opt.state_dict(),
-        step=run.step, epoch=run.step // run.steps, config=dataclasses.asdict(cfg),
-        data_info=run.info, run=run.run_id, version=__version__))
+        model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None,
+        optimizer=run.opt.state_dict(), step=run.step, epoch=run.step // run.steps,
+        config=dataclasses.asdict(cfg), data_info=run.info, run=run.run_id, version=__version__))
     latest = os.path.join(cfg.out, 'ckpt.pt')
     try:
         with suppress(FileNotFoundError):
@@ -471,7 +491,9 @@ def end_epoch(run, epoch, terms, img_per_s, log):
 def stop_signals():
     """SIGTERM/SIGUSR1 ask training to stop at the next step; the caller's handlers come back after."""
     stop = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {}
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        handlers[s] = signal.signal(s, lambda signum, frame: stop.append(signum))
     try:
         yield stop
     finally:
@@ -482,7 +504,8 @@ def stop_signals():
 # ---------------------------------------------------------------- the loop
 
 def pgd_name(cfg):
-    return f'PGD-{cfg.eval_steps} (worst of CE and margin) L-inf eps={cfg.eps:.4g} on {cfg.eval_n} held-out images'
+    return (f'PGD-{cfg.eval_steps} (worst of CE and margin) L-inf eps={cfg.eps:.4g} on {cfg.eval_n} '
+            'held-out images')
 
 
 def train(cfg):
@@ -492,8 +515,8 @@ def train(cfg):
     if cfg.recipe:
         log(describe_recipe(cfg))
     if cfg.batch_size % (world * cfg.accum):
-        raise UserError(f'--batch_size={cfg.batch_size} does not split into {world} ranks x --accum={cfg.accum} '
-                        f'micro-batches: make it a multiple of {world * cfg.accum}')
+        raise UserError(f'--batch_size={cfg.batch_size} does not split into {world} ranks x '
+                        f'--accum={cfg.accum} micro-batches: make it a multiple of {world * cfg.accum}')
     claim = claim_out(cfg) if rank == 0 else None
     try:
         return loop(cfg, rank, world, device, log)
@@ -506,28 +529,33 @@ def loop(cfg, rank, world, device, log):
     """For each epoch: a pass over the data with the objective, then evaluation and a checkpoint."""
     run, compiled = start(cfg, rank, world, device, log)
     if run.step >= cfg.epochs * run.steps:
-        log(f'{cfg.out}: the run finished all {cfg.epochs} epochs: nothing to train (to train longer: --epochs=N)')
+        log(f'{cfg.out}: the run finished all {cfg.epochs} epochs: nothing to train (to train longer: '
+            '--epochs=N)')
         return run.model
-    log(f'{cfg.objective} | {cfg.model} {cfg.act} | {sum(p.numel() for p in run.model.parameters()):,} params '
+    params = sum(p.numel() for p in run.model.parameters())
+    log(f'{cfg.objective} | {cfg.model} {cfg.act} | {params:,} params '
         f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{__version__}'
         + (f' | gradnorm_impl={gradnorm_choice(cfg, device)[1]}' if cfg.objective == 'gradnorm' else '')
         + f' | conv={conv_kind(cfg, device)}')
-    if rank == 0 and cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd' and cfg.act not in SMOOTH_ACTS:
+    fd = cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd'
+    if rank == 0 and fd and cfg.act not in SMOOTH_ACTS:
         print(f'warning: --gradnorm_impl={gradnorm_choice(cfg, device)[1]}', file=sys.stderr)
-    log(f'per epoch: clean accuracy on the validation set; pgd_upper = {pgd_name(cfg)}, an upper bound on robust '
-        'accuracy (AutoAttack, the number to report: attack.py --autoattack)')
+    log(f'per epoch: clean accuracy on the validation set; pgd_upper = {pgd_name(cfg)}, an upper bound on '
+        'robust accuracy (AutoAttack, the number to report: evaluate.py --autoattack)')
     metrics = {}
     with stop_signals() as stop:
         for epoch in range(run.step // run.steps, cfg.epochs):
             terms, img_per_s = train_epoch(run, epoch, stop)
-            if compiled and not metrics:  # once; a fullgraph objective is one graph, each extra one a recompile
+            # once; a fullgraph objective is one graph, each extra one a recompile
+            if compiled and not metrics:
                 graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-                log(f'\ntorch.compile: {graphs} graph(s) in the first epoch' + (
-                    f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'), end='')
+                more = f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'
+                log(f'\ntorch.compile: {graphs} graph(s) in the first epoch' + more, end='')
             metrics = end_epoch(run, epoch, terms, img_per_s, log)
     if metrics:
-        log(f'final: clean {100 * metrics["clean_acc"]:.1f}% | {pgd_name(cfg)} {100 * metrics["pgd_upper"]:.1f}% '
-            f'(an upper bound; AutoAttack: python attack.py --ckpt {cfg.out}/ckpt.pt --autoattack) | {cfg.out}/ckpt.pt')
+        clean, upper = 100 * metrics['clean_acc'], 100 * metrics['pgd_upper']
+        log(f'final: clean {clean:.1f}% | {pgd_name(cfg)} {upper:.1f}% (an upper bound; AutoAttack: '
+            f'python evaluate.py --ckpt {cfg.out}/ckpt.pt --autoattack) | {cfg.out}/ckpt.pt')
     end_distributed()
     return run.model
 
