@@ -1,5 +1,5 @@
 """A run: its configuration (one flat Config, named recipes, --key=value), its checkpoints and its
-processes (torchrun). Shared by train.py, attack.py, characterize.py and data.py; imports only
+processes (torchrun). Shared by train.py, evaluate.py, data.py and tools/; imports only
 models.py of this project.
 
 Every value is checked here, before any data is read or any model is built, and a bad one ends the

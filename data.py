@@ -234,7 +234,7 @@ def write_split(dataset, path, workers, write_mode='proportion', max_side=None, 
 
 class Batches:
     """(uint8 or [0,1] float NCHW, labels) batches -> x float in [0,1] on the device, channels_last
-    (what GPUs and first-order steps want; double-backward objectives convert, gradnorm.memory_format),
+    (what GPUs and first-order steps want; double-backward objectives convert, train.memory_format),
     y int64; then augment (random erasing, Mixup/CutMix: augment.BatchAugment) on the device batch.
     set_epoch fixes the order (and resolution). From FFCV on the CPU, x is its reused buffer: valid
     until the next batch is drawn."""
