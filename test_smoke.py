@@ -16,13 +16,10 @@ import config as C
 import gradnorm as G
 import models as M
 from attack import pgd, pgd_at
-from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist
+from data import load_fashion_mnist
 from edge_reg import edge_energy, edge_reg
 from models import IMAGENET_MEAN, IMAGENET_STD
-from tests.conftest import tiny_data  # noqa: F401 (a fixture)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-FASHION = '/usr/share/datasets/fashion-mnist'
+from tests.conftest import FASHION, HERE, demo_model, run, tiny_data  # noqa: F401 (tiny_data: a fixture)
 
 
 @pytest.fixture(scope='session')
@@ -31,17 +28,6 @@ def batch():
     return xtr[:64].float() / 255, ytr[:64]
 
 
-def demo_model(act='gelu', **kw):
-    torch.manual_seed(0)
-    return M.build_model(
-        'resnet_demo', act, in_ch=1, num_classes=10, mean=FASHION_MEAN, std=FASHION_STD, **kw
-    )
-
-
-def run(args, **kw):
-    return subprocess.run(
-        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600, **kw
-    )
 
 
 # ---------------------------------------------------------------- the math

@@ -1,11 +1,45 @@
-"""Fixtures shared by the test files."""
+"""Fixtures and helpers shared by the test files."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from data import load_fashion_mnist, write_idx
+import models
+from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist, write_idx
 
-FASHION = '/usr/share/datasets/fashion-mnist'
+FASHION = '/usr/share/datasets/fashion-mnist'  # the real data (make data)
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+
+def run(args, timeout=600, **kw):
+    """python ARGS in the repository, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+def demo_model(act='gelu', seed=0, **kw):
+    """The demo's resnet_demo for Fashion-MNIST, seeded."""
+    torch.manual_seed(seed)
+    fashion = dict(in_ch=1, num_classes=10, mean=FASHION_MEAN, std=FASHION_STD)
+    return models.build_model('resnet_demo', act, **fashion, **kw)
+
+
+def rel(a, b):
+    """Relative L2 error of a against b."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def param_grad(model, fn, x, y, *args, **kw):
+    """-> (loss, flat parameter gradient) of one step; x is made a leaf outside fn, as in train()."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # EdgeReg samples a class: the same one for every call
+    loss, _ = fn(model, x.clone().requires_grad_(), y, *args, **kw)
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 @pytest.fixture(scope='session')

@@ -17,9 +17,8 @@ import train
 from autoattack_eval import square_check
 from data import FASHION_MEAN, FASHION_STD, TensorLoader, load_fashion_mnist
 from edge_reg import edge_energy
+from tests.conftest import FASHION
 from tools import characterize
-
-DATA = '/usr/share/datasets/fashion-mnist'
 
 
 class Linear2(nn.Module):
@@ -131,10 +130,10 @@ def test_ddp_sums_counts(tmp_path, one_thread):
 @pytest.fixture(scope='module')
 def trained():
     """resnet_demo/GELU, GradNorm at eps 0.1, one epoch on 8,000 Fashion-MNIST images (62 steps)."""
-    if not os.path.exists(os.path.join(DATA, 't10k-labels-idx1-ubyte.gz')):
+    if not os.path.exists(os.path.join(FASHION, 't10k-labels-idx1-ubyte.gz')):
         pytest.skip('no Fashion-MNIST: run `make data`')
     torch.manual_seed(0)
-    (xtr, ytr), (xte, yte) = load_fashion_mnist(DATA)
+    (xtr, ytr), (xte, yte) = load_fashion_mnist(FASHION)
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
     model = models.build_model('resnet_demo', 'gelu', **info)
     cfg = config.Config(epochs=1, warmup_epochs=0.2, ramp_epochs=0.3, lr=4e-3)
@@ -259,7 +258,7 @@ def test_edge_alignment_of_teacher_is_one_and_of_noise_near_zero():
 
 
 def test_characterize_writes_pictures_and_numbers(tmp_path):
-    if not os.path.exists(os.path.join(DATA, 't10k-labels-idx1-ubyte.gz')):
+    if not os.path.exists(os.path.join(FASHION, 't10k-labels-idx1-ubyte.gz')):
         pytest.skip('no Fashion-MNIST: run `make data`')
     from PIL import Image
 
@@ -268,7 +267,7 @@ def test_characterize_writes_pictures_and_numbers(tmp_path):
     for i in range(2):
         os.makedirs(tmp_path / f'run{i}')
         paths.append(str(tmp_path / f'run{i}' / 'ckpt.pt'))
-        cfg = config.Config(data=DATA, model='resnet_demo')  # small_model's architecture
+        cfg = config.Config(data=FASHION, model='resnet_demo')  # small_model's architecture
         import dataclasses
 
         config.save_checkpoint(
@@ -290,7 +289,7 @@ def test_characterize_writes_pictures_and_numbers(tmp_path):
         and res[0]['nyquist']['rel'] > 0
     )
     _, (xte, yte) = load_fashion_mnist(
-        DATA
+        FASHION
     )  # the same number from the untouched model: nothing moved its BN stats
     direct = characterize.first_order_ratio(
         small_model(0), [(xte[:16].float() / 255, yte[:16])], res[0]['eps']

@@ -16,9 +16,8 @@ import pytest
 import config as C
 import evaluate
 import train as T
+from tests.conftest import HERE
 from tools import beton, characterize
-
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Reached(Exception):

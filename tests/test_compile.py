@@ -21,6 +21,7 @@ import gradnorm as G
 import models as M
 import train as T
 from edge_reg import edge_reg
+from tests.conftest import param_grad, rel
 
 BACKEND = 'aot_eager_decomp_partition'
 
@@ -38,18 +39,6 @@ def batch(n=8):
     g = torch.Generator().manual_seed(1)
     return torch.rand(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
 
-
-def param_grad(model, fn, x, y, *args, **kw):
-    """-> (loss, flat parameter gradient) of one step; x is made a leaf outside fn, as in train()."""
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(2)  # EdgeReg samples a class: the same one for every call
-    loss, _ = fn(model, x.clone().requires_grad_(), y, *args, **kw)
-    loss.backward()
-    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ import gradnorm as G
 import models as M
 import train as T
 from models import IMAGENET_MEAN, IMAGENET_STD
+from tests.conftest import param_grad, rel
 from tools import characterize
 
 # kernel, stride, padding
@@ -26,13 +27,13 @@ OPTIONS = list(itertools.product((1, 2), (False, True), (False, True)))  # group
 FEW_SHAPES = [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1), (3, 2, 0), (7, 2, 3), (7, 1, 3)]  # every value once
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: two threads on a busy 2-core machine spin ~10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny convolutions: two threads on a busy 2-core machine spin ~10x slower than one
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def gradnorm_grad(model, fn, x, y):
+    """The parameter gradient of one GradNorm step at eps 0.1, alpha 1."""
+    return param_grad(model, fn, x, y, 0.1, torch.tensor(1.0, dtype=x.dtype))[1]
 
 
 def inputs(k, groups, bias, channels_last, dtype=torch.float64, size=7):
@@ -94,11 +95,6 @@ def test_dilation_and_module_options_equal_nn_conv2d():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def param_grad(model, fn, x, y):
-    model.zero_grad(set_to_none=True)
-    loss, _ = fn(model, x.clone().requires_grad_(), y, 0.1, torch.tensor(1.0, dtype=x.dtype))
-    loss.backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 def twins(name, in_ch, dtype=torch.float64):
@@ -114,8 +110,6 @@ def twins(name, in_ch, dtype=torch.float64):
     return native, fast
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize('name,in_ch,size', [('resnet_demo', 1, 28), ('resnet18_small', 3, 8)])  # 8 px: cheap
@@ -126,8 +120,8 @@ def test_gradnorm_parameter_gradient_equals_native_double_backprop(name, in_ch, 
         torch.rand(4, in_ch, size, size, generator=g, dtype=torch.float64),
         torch.randint(0, 10, (4,), generator=g),
     )
-    want = param_grad(native, G.gradnorm, x, y)
-    assert rel(param_grad(fast, G.gradnorm, x, y), want) < 1e-12
+    want = gradnorm_grad(native, G.gradnorm, x, y)
+    assert rel(gradnorm_grad(fast, G.gradnorm, x, y), want) < 1e-12
     for a, b in zip(native.buffers(), fast.buffers()):  # same BatchNorm running statistics
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
@@ -186,13 +180,13 @@ def test_input_gradient_pass_skips_weight_gradients_and_weight_users_still_get_t
 def test_bf16_autocast_casts_as_f_conv2d_does():
     native, fast = twins('resnet_demo', 1, torch.float32)
     x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
-    ref = param_grad(native, G.gradnorm, x, y)
+    ref = gradnorm_grad(native, G.gradnorm, x, y)
     with torch.autocast('cpu', torch.bfloat16):
         conv = fast.conv1
         out = conv(x)
         assert out.dtype == F.conv2d(x, conv.weight, None, conv.stride, conv.padding).dtype == torch.bfloat16
         assert M.conv2d(x.double(), conv.weight.double()).dtype == torch.float64  # autocast leaves float64
-        errors = [rel(param_grad(m, G.gradnorm, x, y), ref) for m in (native, fast)]
+        errors = [rel(gradnorm_grad(m, G.gradnorm, x, y), ref) for m in (native, fast)]
     assert all(p.grad.dtype == torch.float32 for p in fast.parameters())
     assert errors[1] < 0.1 and errors[1] < 2 * errors[0] + 1e-2, errors
 
@@ -211,7 +205,7 @@ def test_timm_resnet_with_fast_conv_equals_native():
         > 0
     )
     x, y = torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1])
-    assert rel(param_grad(fast, G.gradnorm, x, y), param_grad(native, G.gradnorm, x, y)) < 1e-12
+    assert rel(gradnorm_grad(fast, G.gradnorm, x, y), gradnorm_grad(native, G.gradnorm, x, y)) < 1e-12
 
 
 def test_conv_auto_is_fast_for_double_backward_only():
@@ -296,9 +290,9 @@ def test_compiled_gradnorm_with_fast_conv_is_one_graph_and_matches_eager(backend
     counter = CompileCounterWithBackend(backend)
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         compiled = torch.compile(G.gradnorm, backend=counter, fullgraph=True)
-        want = param_grad(model, G.gradnorm, x, y)
+        want = gradnorm_grad(model, G.gradnorm, x, y)
         for _ in range(2):
-            assert rel(param_grad(model, compiled, x, y), want) < 1e-4
+            assert rel(gradnorm_grad(model, compiled, x, y), want) < 1e-4
     assert counter.frame_count == 1
     torch._dynamo.reset()
 
@@ -325,9 +319,9 @@ def test_bf16_autocast_gradnorm_as_accurate_as_native(device, monkeypatch):
         torch.rand(16, 3, 32, 32, generator=g).to(device),
         torch.randint(0, 10, (16,), generator=g).to(device),
     )
-    ref = param_grad(native, G.gradnorm, x, y)
-    assert rel(param_grad(fast, G.gradnorm, x, y), ref) < 1e-4  # float32, different kernels
+    ref = gradnorm_grad(native, G.gradnorm, x, y)
+    assert rel(gradnorm_grad(fast, G.gradnorm, x, y), ref) < 1e-4  # float32, different kernels
     with torch.autocast(device, torch.bfloat16):
         assert fast.conv1(x).dtype == torch.bfloat16
-        errors = [rel(param_grad(m, G.gradnorm, x, y), ref) for m in (native, fast)]
+        errors = [rel(gradnorm_grad(m, G.gradnorm, x, y), ref) for m in (native, fast)]
     assert 0 < errors[0] < 0.5 and errors[1] < 1.05 * errors[0] + 1e-3, errors

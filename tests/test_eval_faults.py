@@ -8,7 +8,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 from contextlib import contextmanager
 
 import numpy as np
@@ -24,9 +23,9 @@ import evaluate
 import models as M
 import train as T
 from data import FASHION_MEAN, FASHION_STD
+from tests.conftest import HERE, run
 from tools import beton, characterize
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device('cpu')
 FASHION_INFO = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
 
@@ -51,11 +50,6 @@ def one_error(code, err):
     assert code == 2 and len(lines) == 1 and 'Traceback' not in err, (code, err[-3000:])
     return lines[0]
 
-
-def run(args, **kw):
-    return subprocess.run(
-        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300, **kw
-    )
 
 
 def image_tree(root, counts, size=32):

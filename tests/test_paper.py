@@ -26,8 +26,8 @@ import gradnorm as G
 import models as M
 import train as T
 from edge_reg import edge_reg
+from tests.conftest import HERE
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWINB = 'swin_base_patch4_window7_224'
 # name -> activation modules of the architecture: Swin-B 2+2+18+2 blocks with one MLP activation
 # each; ResNet-50 the stem's and 3 per bottleneck (16); ViT-Ti 12 blocks

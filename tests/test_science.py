@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import config
 import tools.science as S
 from data import FASHION_MEAN, FASHION_STD
-from models import build_model
+from tests.conftest import demo_model
 
 
 class TinyBN(nn.Module):
@@ -61,16 +61,10 @@ def test_bn_gradient_norms_match_independent_computation():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats untouched
 
 
-def demo_model(seed=0):
-    torch.manual_seed(seed)
-    return build_model(
-        'resnet_demo', 'gelu', in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD
-    ).eval()
-
 
 def test_robust_worst_case_and_picture_stats_on_the_demo_model(monkeypatch):
     monkeypatch.setattr(S, 'ATTACKS', ('ce-5', 'margin-5', 'dlr-5'))  # the measure's own are -20: slow here
-    model, x = demo_model(), torch.rand(16, 1, 28, 28)
+    model, x = demo_model().eval(), torch.rand(16, 1, 28, 28)
     y = model(x).argmax(1)  # every image correct at first, so the attacks have something to break
     r = S.robust(model, [(x, y)], x, y, 0.05)
     assert r['clean'] == 1 and r['worst'] <= min(r[a] for a in S.ATTACKS) and r['n'] == 16
@@ -120,7 +114,7 @@ def test_measure_run_end_to_end(tiny_data, tmp_path, monkeypatch):
     config.save_checkpoint(
         str(run / 'ckpt-00000007-abc.pt'),
         dict(
-            model=demo_model().state_dict(),
+            model=demo_model().eval().state_dict(),
             ema=None,
             step=7,
             epoch=1,

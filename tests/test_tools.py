@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import HERE
 from tools.check_gpu import largest_batch, out_of_memory
-
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args, timeout=120):
