@@ -69,7 +69,7 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def pretrained_weights_cached(monkeypatch):
     """In-process, recipes that start from timm's weights parse as if they were downloaded (there is
-    no network here); tests/test_eval_faults.py runs the real check in subprocesses."""
+    no network here); tests/test_evaluate_faults.py runs the real check in subprocesses."""
     import config
 
     monkeypatch.setattr(config, 'pretrained_missing', lambda name: None)

@@ -12,7 +12,7 @@ torchvision and timm are). Without a GPU it says so in one line and exits 0.
         # --data=DIR: Fashion-MNIST's IDX files when not at /usr/share/datasets/fashion-mnist
 
 Steps 1-3 run at the same time (correctness only), the timed ones alone:
-1. the CUDA tests (tests/test_conv.py, test_compile.py, test_gradnorm_impl.py: the fast conv against
+1. the CUDA tests (tests/test_models.py, test_train_compile.py, test_gradnorm.py: the fast conv against
    native, compiled against eager, finite differences without TF32 against float64)
 2. one demo epoch under a 1-process torchrun (NCCL): compiled exact GradNorm with the fast conv and
    its per-epoch evaluation; then evaluate.py on its checkpoint, also under torchrun
@@ -155,7 +155,7 @@ def steps(logs, dry, fashion=FASHION, ckpt=None, extra=False):
         *(['--images=64', '--compile=off'] if dry else []),
     ]
     compiled = [] if dry else ['compile=True', 'torch.compile: 1 graph(s)']
-    tests = ['tests/test_conv.py', 'tests/test_compile.py', 'tests/test_gradnorm_impl.py']
+    tests = ['tests/test_models.py', 'tests/test_train_compile.py', 'tests/test_gradnorm.py']
     dry_flag = ['--dry-run'] if dry else []
     exact = 'gradnorm exact ' if dry else 'gradnorm exact compiled'  # a table row of each precision
     exact_rows = [f'float32, TF32 off  {exact}', f'bf16 autocast      {exact}']

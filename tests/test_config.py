@@ -51,7 +51,7 @@ BAD_CONFIG = {
     'eval_n': ['0'],
     'eval_steps': ['0'],
     'compile': ['maybe'],
-    'out': ['HERE/tests/test_cli.py/sub'],
+    'out': ['HERE/tests/test_config.py/sub'],
     'overwrite': ['maybe'],
     'resume': ['/nonexistent.pt'],
     'ckpt_every': ['-1'],
@@ -203,7 +203,7 @@ BAD_CHARACTERIZE = [
     ['--eps', '-1'],
     ['--steps', '0'],
     ['--data', '/nonexistent'],
-    ['--out', 'HERE/tests/test_cli.py/x'],
+    ['--out', 'HERE/tests/test_config.py/x'],
     ['--fo-n', '-1'],
     ['--fo-n', 'x'],
 ]
@@ -230,7 +230,7 @@ def test_bad_characterize_argument(argv, some_file, guarded, capsys):
         ['SRC', 'OUT', '--compress=nan'],
         ['SRC', 'OUT', '--val-side=10'],
         ['SRC', 'OUT', '--workers=0'],
-        ['SRC', 'HERE/tests/test_cli.py/out'],
+        ['SRC', 'HERE/tests/test_config.py/out'],
     ],
 )
 def test_bad_data_argument(argv, guarded, capsys, tmp_path):
