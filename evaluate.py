@@ -233,7 +233,11 @@ def parse_args(argv):
     p.add_argument('--square-queries', type=nonneg, default=1000,
                    help='Square queries of the masking check when AutoAttack is off (0: skip it)')
     p.add_argument('--no-checks', action='store_true', help='skip the gradient-masking checks')
-    args = p.parse_args(argv)
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args):
+    """The combinations parse_args cannot check one option at a time; fills in derived values."""
     args.attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
     args.path = args.ckpt.removeprefix('official:')
     args.json = args.json or os.path.join(os.path.dirname(args.path) or '.', f'eval_{args.norm}.json')
