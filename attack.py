@@ -1,8 +1,13 @@
-"""PGD on inputs in [0,1] (L-inf, L2; restarts; CE / margin / DLR losses; the worst case per sample) and
-PGD-k adversarial training. Imports only torch, so it can be copied as it is; evaluate.py builds on it."""
+"""Attacks on inputs in [0,1]: PGD (L-inf, L2; restarts; CE / margin / DLR losses; the worst case per
+sample), PGD-k adversarial training, and AutoAttack and Square from the authors' reference code
+(pyautoattack, imported when called). Imports only torch, so it can be copied as it is; evaluate.py,
+the evaluator, builds on it."""
+import logging
 import math
+from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------- losses (per sample, maximized)
@@ -147,3 +152,175 @@ def pgd_at(model, x, y, eps, steps=3, smoothing=0.1):
     x_adv = pgd(model, x, y, eps, steps, 2 * eps / steps)
     ce = F.cross_entropy(model(x_adv), y, label_smoothing=smoothing)
     return ce, {'ce_adv': ce}
+
+
+def loss_gain(model, x, y, eps, loss, steps=10, norm='linf'):
+    """'The loss must increase along the attack' (Carlini et al. 2019): PGD-steps from the clean
+    image, no random start (so a zero gradient leaves the image where it is), on the correctly
+    classified images. -> (how many images, how many end with a higher loss than they started)"""
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    x, y = x[ok], y[ok]
+    x_adv = pgd(model, x, y, eps, steps, random_start=False, norm=norm, loss=loss)
+    with torch.no_grad():
+        gain = LOSSES[loss](model(x_adv), y) - LOSSES[loss](model(x), y)
+    return len(y), (gain > 0).sum().item()
+
+
+# ---------------------------------------------------------------- AutoAttack and Square (pyautoattack)
+
+VERSION = 'standard'  # APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries)
+NORMS = {'linf': 'Linf', 'l2': 'L2'}
+# AutoAttack's own checks (pyautoattack/checks.py) and a phrase of the warning each one logs
+AA_CHECKS = {'randomness (outputs identical across forwards)': 'randomized defense',
+             'logits, not probabilities': 'probability distribution',
+             'no gradient computed inside the forward': 'dynamic defense',
+             'enough classes for the targeted attacks': 'classes',
+             'no zero input gradients (APGD-T)': 'zero gradient',
+             'Square adds nothing to the gradient attacks': 'Square Attack has decreased'}
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def aa_logs():
+    """pyautoattack reports through the 'auto-attack' logger: its warnings (its checks) are collected
+    here instead of printed; its progress messages are dropped (the caller prints its own)."""
+    logger, handler = logging.getLogger('auto-attack'), _Collect()
+    old = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old[0]
+        logger.setLevel(old[1])
+
+
+def summed(values, device):
+    """values (numbers) summed over the torchrun ranks, as floats."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to(device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def fooled_at(model, x, y, x_adv, eps, norm):
+    """Fooled only if the point is in the eps-ball and [0,1] and misclassified by the model as it is."""
+    with torch.no_grad():
+        wrong = model(x_adv).argmax(1) != y
+    return wrong & inside(x_adv, x, eps, norm)
+
+
+def autoattack(model, batches, eps, norm='linf', seed=0, state=None, components=None, progress=None):
+    """AutoAttack's standard version on inputs in [0,1] (components: a subset, same settings, for
+    tests). As in run_standard_evaluation, each component attacks only the images every earlier one
+    left standing; it is called once per component and batch, which gives per-image results after
+    each component and lets `state` (evaluate.State) record and replay every step.
+    Under torchrun each rank passes its shard.
+    -> {'n', 'after': {'clean' and each component: accuracy}, 'standing': {same keys: bool tensor
+    over this rank's images}, 'warnings': [AutoAttack's check warnings, all ranks]}"""
+    from pyautoattack import AutoAttack, checks
+    aa, standing, invalid, device = None, {}, 0, torch.device('cpu')
+    with aa_logs() as messages:
+        for b, (x, y) in enumerate(batches):
+            # AutoAttack .view()s its gradients: channels_last breaks that
+            x, device = x.contiguous(), x.device
+            if aa is None:
+                aa = AutoAttack(model, norm=NORMS[norm], eps=eps, version=VERSION, seed=seed, device=x.device)
+                names = list(components or aa.attacks_to_run)
+            with torch.no_grad():
+                alive = model(x).argmax(1) == y
+            standing.setdefault('clean', []).append(alive.cpu())
+            for c in names:
+                done = state.get(eps, b, c, alive) if state else None
+                if done is not None:
+                    alive = done.to(alive.device)
+                elif alive.any():
+                    idx = alive.nonzero().squeeze(1)
+                    aa.attacks_to_run = [c]
+                    x_adv, y_adv = aa.run_standard_evaluation(x[idx], y[idx], batch_size=len(idx))
+                    fooled = fooled_at(model, x[idx], y[idx], x_adv, eps, norm)
+                    alive, invalid = alive.clone(), invalid + int(((y_adv != y[idx]) & ~fooled).sum())
+                    alive[idx[fooled]] = False
+                if done is None and state:
+                    state.put(eps, b, c, alive)
+                standing.setdefault(c, []).append(alive.cpu())
+                if progress:
+                    progress(b, c, int(alive.sum()), len(y), done is not None)
+        standing = {k: torch.cat(v) for k, v in standing.items()}
+        stood = [v.sum().item() for v in standing.values()]
+        counts = summed([len(standing['clean'])] + stood + [invalid], device)
+        after = {k: c / counts[0] for k, c in zip(standing, counts[1:])}
+        checks.check_square_sr(after, logger=logging.getLogger('auto-attack'))
+        warnings = list(messages)
+    if counts[-1]:
+        warnings.append(f'{int(counts[-1])} points AutoAttack called adversarial are outside the eps-ball or '
+                        '[0,1] or classified correctly when checked: counted as robust')
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, warnings)
+        warnings = [w for ws in every for w in ws]
+    return {'n': int(counts[0]), 'after': after, 'standing': standing, 'warnings': warnings}
+
+
+def aa_checks(warnings):
+    """AutoAttack's own checks, each -> (ok, message), from the warnings it logged."""
+    out, left = [], list(warnings)
+    for name, phrase in AA_CHECKS.items():
+        hits = [w for w in left if phrase in w]
+        left = [w for w in left if phrase not in w]
+        more = f' (and {len(hits) - 1} more)' if len(hits) > 1 else ''
+        out.append((not hits, f'AutoAttack check, {name}' + (f': {hits[0]}{more}' if hits else '')))
+    out += [(False, f'AutoAttack: {w}') for w in dict.fromkeys(left)]
+    return out
+
+
+def square_broken(model, batches, standing, eps, norm='linf', queries=1000, seed=0):
+    """pyautoattack's gradient-free Square attack on the images `standing` marks (bool tensor over this
+    rank's images) -> bool tensor over them: those it fooled (verified)."""
+    from pyautoattack.square import SquareAttack
+    sq, parts, start = None, [], 0
+    for x, y in batches:
+        keep = standing[start:start + len(y)].to(x.device)
+        start += len(y)
+        hit = torch.zeros_like(keep)
+        if keep.any():
+            sq = sq or SquareAttack(model, norm=NORMS[norm], n_queries=queries, eps=eps, seed=seed,
+                                    device=x.device)
+            x_adv = sq.perturb(x[keep].contiguous(), y[keep])
+            hit[keep] = fooled_at(model, x[keep], y[keep], x_adv, eps, norm)
+        parts.append(hit.cpu())
+    return torch.cat(parts) if parts else torch.zeros_like(standing)
+
+
+def square_check(model, batches, gradient_standing, eps, norm='linf', queries=1000, seed=0, aa=None,
+                 slack_images=2, slack_share=0.01):
+    """A gradient-free attack must not break images every gradient attack failed on (Carlini et al.
+    2019): if it does, the gradients mislead the attacks (masking). gradient_standing: bool tensor
+    over this rank's images, robust to every PGD attack. With an AutoAttack result (aa), its own
+    Square run (on the survivors of APGD-CE, APGD-T and FAB-T) is used; otherwise square_broken
+    runs here. FLAG if it breaks more than max(slack_images, slack_share of them). -> (ok, message)"""
+    before = gradient_standing
+    if aa and 'square' in aa['standing']:
+        names = list(aa['standing'])
+        before = gradient_standing & aa['standing'][names[names.index('square') - 1]]
+        broken, queries = before & ~aa['standing']['square'], 5000
+    else:
+        broken = square_broken(model, batches, before, eps, norm, queries, seed)
+    device = batches[0][0].device if batches else torch.device('cpu')
+    attacked, fooled = summed([before.sum().item(), broken.sum().item()], device)
+    allowed = max(slack_images, slack_share * attacked)
+    return fooled <= allowed, (f'Square ({queries} queries, no gradients) broke {fooled:.0f} of the '
+                               f'{attacked:.0f} images every gradient attack failed on '
+                               f'(allowed {allowed:.0f}; more: masked gradients)')

@@ -9,6 +9,7 @@ The last evaluates a checkpoint the authors released (its EMA weights, as the pa
 An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. AutoAttack resumes after an interruption.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -17,9 +18,8 @@ from fractions import Fraction
 
 import torch
 
+import attack
 import config
-from attack import LOSSES, distance, inside, pgd
-from autoattack_eval import VERSION, State, aa_checks, autoattack, square_check, summed, write_json
 from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
 from data import data_shape, make_loaders
 from models import ACTS, is_model
@@ -35,11 +35,11 @@ def parse_attack(spec):
         loss, _, rest = spec.partition('-')
         steps, _, restarts = rest.partition('x')
         a = (loss, int(steps), int(restarts or 1))
-        assert loss in LOSSES and a[1] > 0 and a[2] > 0
+        assert loss in attack.LOSSES and a[1] > 0 and a[2] > 0
         return a
     except (ValueError, AssertionError):
         raise UserError(f'cannot read attack {spec!r}: write LOSS-STEPS[xRESTARTS] with LOSS in '
-                        f'{"/".join(LOSSES)}, e.g. ce-20 or dlr-50x2') from None
+                        f'{"/".join(attack.LOSSES)}, e.g. ce-20 or dlr-50x2') from None
 
 
 def forward_fn(model, compile=False, bf16=False):
@@ -60,25 +60,12 @@ def _attack(fwd, x, y, eps, spec, norm, schedule, step_size):
     loss, steps, restarts = spec
     if not len(x):
         return torch.zeros_like(y, dtype=torch.bool)
-    x_adv, fooled = pgd(fwd, x, y, eps, steps, step_size and step_size * eps, keep_best=True,
+    x_adv, fooled = attack.pgd(fwd, x, y, eps, steps, step_size and step_size * eps, keep_best=True,
                         norm=norm, loss=loss, restarts=restarts, schedule=schedule)
-    if not inside(x_adv, x, eps, norm).all():
-        d = distance(x_adv, x, norm).max().item()
+    if not attack.inside(x_adv, x, eps, norm).all():
+        d = attack.distance(x_adv, x, norm).max().item()
         raise RuntimeError(f'attack left the eps-ball or [0,1]: distance {d} (eps {eps})')
     return fooled
-
-
-def loss_gain(model, x, y, eps, loss, steps=10, norm='linf'):
-    """'The loss must increase along the attack' (Carlini et al. 2019): PGD-steps from the clean
-    image, no random start (so a zero gradient leaves the image where it is), on the correctly
-    classified images. -> (how many images, how many end with a higher loss than they started)"""
-    with torch.no_grad():
-        ok = model(x).argmax(1) == y
-    x, y = x[ok], y[ok]
-    x_adv = pgd(model, x, y, eps, steps, random_start=False, norm=norm, loss=loss)
-    with torch.no_grad():
-        gain = LOSSES[loss](model(x_adv), y) - LOSSES[loss](model(x), y)
-    return len(y), (gain > 0).sum().item()
 
 
 def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule='constant',
@@ -87,8 +74,8 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
     sample: robust only if every attack failed). chain=True: each attack attacks only what the
     earlier ones left standing (cheaper; each attack's number is then 'after it and those before').
     checks=True adds what the masking checks need: UNBOUNDED attacks at an eps that reaches every
-    image, and loss_gain per loss on the first gain_n images at the largest eps. Under torchrun each
-    rank passes its shard and the counts are summed.
+    image, and attack.loss_gain per loss on the first gain_n images at the largest eps. Under torchrun
+    each rank passes its shard and the counts are summed.
     -> {'n', 'clean', 'robust': {eps: {attack: acc, 'worst': acc}}, 'standing': {eps: bool tensor over
     this rank's images, robust to every attack}, 'unbounded': {'eps', attack: acc},
     'gain': {loss: (n, rose)}}"""
@@ -120,12 +107,12 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
             fooled = _attack(fwd, x, y, big, parse_attack(a), norm, 'constant', None)
             counts[('unbounded', a)] += (~fooled).sum().item()
         for loss in losses if b == 0 else ():
-            n, rose = loss_gain(fwd, x[:gain_n], y[:gain_n], max(eps_list), loss, norm=norm)
+            n, rose = attack.loss_gain(fwd, x[:gain_n], y[:gain_n], max(eps_list), loss, norm=norm)
             counts[('gain_n', loss)], counts[('gain', loss)] = n, rose
     model.train(was_training)
     for p, g in zip(model.parameters(), grads):
         p.requires_grad_(g)
-    c = dict(zip(keys, summed([counts[k] for k in keys], next(model.parameters()).device)))
+    c = dict(zip(keys, attack.summed([counts[k] for k in keys], next(model.parameters()).device)))
     acc = lambda k: c[k] / c['n']
     robust = {e: {a: acc((e, a)) for a in names} for e in eps_list}
     none = torch.zeros(0, dtype=torch.bool)
@@ -333,6 +320,102 @@ def check_outputs(args):
                         "(AutoAttack's resume state goes next to it)")
 
 
+# ---------------------------------------------------------------- AutoAttack's resume state
+
+class Damaged(Exception):
+    """A state file that this evaluation cannot have written: its counts are not to be trusted."""
+
+
+def write_json(path, obj, fix, name=None, **kw):
+    """obj as JSON at path, atomically: a temporary file renamed over it. If that fails (a full disk, a
+    read-only folder) the temporary file is removed and a UserError names the file (or name) and says fix."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, **kw)
+        os.replace(tmp, path)
+    except OSError as e:  # json and the file system raise it
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise UserError(f'cannot write {name or path} ({e.strerror or e}){fix}') from None
+
+
+def _malformed(saved):
+    """Why saved is not a state file's content, else None."""
+    if not isinstance(saved, dict) or 'key' not in saved or not isinstance(saved.get('done'), dict):
+        return 'not an AutoAttack state (a dict with key and done)'
+    for name, bits in saved['done'].items():
+        parts = name.split('/')
+        if len(parts) != 3 or not parts[1].isdigit() or not isinstance(bits, str) or set(bits) - set('01'):
+            return f'entry {name!r} is not EPS/BATCH/COMPONENT: a string of 0 and 1'
+    return None
+
+
+class State:
+    """An AutoAttack run on disk: per (eps, batch, component) the images still standing, rewritten
+    atomically after each step. A run with the same key continues from it; any other starts afresh,
+    and so does one whose file is damaged (with a warning): an entry is used only if it has the
+    batch's length and stands only images that stood before it, in the order the run writes them.
+    (pyautoattack 0.2.0's own state_path cannot be restored: it compares a set with the JSON list.)"""
+
+    def __init__(self, path, key):
+        self.path, self.key, self.done, self.wrote = path, key, {}, set()
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            why = _malformed(saved)
+        except FileNotFoundError:
+            saved, why = None, None
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            saved, why = None, f'unreadable ({type(e).__name__}: {e})'
+        if why:
+            self.discard(why)
+        elif saved is not None and saved['key'] == key:
+            self.done = saved['done']
+        self.resumed = len(self.done)
+
+    def discard(self, why):
+        print(f'warning: {self.path}: {why}: starting AutoAttack afresh', file=sys.stderr, flush=True)
+        self.done, self.wrote, self.resumed = {}, set(), 0
+
+    def get(self, eps, batch, component, before):
+        """The images standing after component, or None if not recorded; before: those standing
+        before it (bool tensor). Damaged if the entry cannot be this run's."""
+        name = f'{eps:.10g}/{batch}/{component}'
+        bits = self.done.get(name)
+        if bits is None:
+            return None
+        if f'{eps:.10g}' in self.wrote:  # written in order: none after a step that was missing
+            raise Damaged(f'entry {name} follows a step it lacks')
+        if len(bits) != len(before):
+            raise Damaged(f'entry {name} has {len(bits)} images, the batch {len(before)}')
+        done = torch.tensor([b == '1' for b in bits])
+        if (done & ~before.cpu()).any():
+            raise Damaged(f'entry {name} has images standing that fell before {component}')
+        return done
+
+    def put(self, eps, batch, component, standing):
+        self.done[f'{eps:.10g}/{batch}/{component}'] = ''.join('1' if s else '0' for s in standing.tolist())
+        self.wrote.add(f'{eps:.10g}')
+        fix = (': free some space or pass --json=FILE elsewhere (the state goes next to it), then run '
+               'again: it resumes')
+        write_json(self.path, {'key': self.key, 'done': self.done}, fix, f'the AutoAttack state {self.path}')
+
+    def remove(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def resumed_autoattack(model, batches, eps, norm, seed, state, **kw):
+    """attack.autoattack replaying and recording its steps in state; a damaged state: afresh, with a
+    warning."""
+    try:
+        return attack.autoattack(model, batches, eps, norm, seed, state, **kw)
+    except Damaged as e:
+        state.discard(str(e))
+        return attack.autoattack(model, batches, eps, norm, seed, state, **kw)
+
+
 def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
     """Per eps: AutoAttack (if asked) and the Square check on what every gradient attack left.
     -> ({eps: AutoAttack result}, {eps: (ok, message)}, the resume state: remove it once reported)"""
@@ -351,10 +434,10 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
             f'  autoattack eps {text} batch {b + 1}/{len(batches)} {c:8} {left:5} of {n} standing '
             f'({"resumed" if resumed else f"{time.time() - t0:.0f} s"})', flush=True)
         if args.autoattack:
-            aa[eps] = autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
+            aa[eps] = resumed_autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
         if not args.no_checks and (args.autoattack or args.square_queries):
-            square[eps] = square_check(fwd, batches, r['standing'][eps], eps, args.norm, args.square_queries,
-                                       args.seed, aa.get(eps))
+            square[eps] = attack.square_check(fwd, batches, r['standing'][eps], eps, args.norm,
+                                              args.square_queries, args.seed, aa.get(eps))
     return aa, square, state
 
 
@@ -372,8 +455,8 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
         print(f'     {t:>8} {100 * r["clean"]:7.1f} {cells}')
     if aa:
         comps = list(next(iter(aa.values()))['after'])
-        print(f'AutoAttack {VERSION} (pyautoattack), robust accuracy after each component, which attacks '
-              'what the earlier ones left:')
+        print(f'AutoAttack {attack.VERSION} (pyautoattack), robust accuracy after each component, which '
+              'attacks what the earlier ones left:')
         print(f'     {"eps":>8} ' + ' '.join(f'{k:>8}' for k in comps) + ' | PGD worst    gap')
         for e, t in zip(eps_list, args.eps):
             worst, final = r['robust'][e]['worst'], aa[e]['after'][comps[-1]]
@@ -386,7 +469,7 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
         'act': c['act'], 'norm': args.norm, 'attacks': args.attacks, 'schedule': args.schedule,
         'n': r['n'], 'seed': args.seed, 'seconds': seconds, 'clean': r['clean'],
         'robust': {t: r['robust'][e] for e, t in zip(eps_list, args.eps)},
-        'autoattack': {t: {'version': VERSION, 'after': aa[e]['after'],
+        'autoattack': {t: {'version': attack.VERSION, 'after': aa[e]['after'],
                            'robust': list(aa[e]['after'].values())[-1], 'pgd_worst': r['robust'][e]['worst']}
                        for e, t in zip(eps_list, args.eps) if e in aa},
         'unbounded': r['unbounded'], 'gain': r['gain'],
@@ -422,7 +505,7 @@ def main(argv):
             if e in square:
                 checks.append((square[e][0], f'eps {t}: {square[e][1]}'))
         if aa and not args.no_checks:
-            checks += aa_checks([w for a in aa.values() for w in a['warnings']])
+            checks += attack.aa_checks([w for a in aa.values() for w in a['warnings']])
         report(args, r, checks, aa, ck, eps_list, time.time() - t0, compiled)
     if state:
         state.remove()

@@ -14,7 +14,7 @@ import evaluate
 import gradnorm
 import models
 import train
-from autoattack_eval import square_check
+from attack import square_check
 from data import FASHION_MEAN, FASHION_STD, TensorLoader, load_fashion_mnist
 from edge_reg import edge_energy
 from tests.conftest import FASHION

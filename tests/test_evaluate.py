@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import autoattack_eval as AE
+import attack
 import config
 import data
 import evaluate
@@ -46,13 +46,13 @@ def test_autoattack_gives_exact_robust_accuracy_of_linear_model(one_thread):
     eps = dist[dist > 0].median().item()
     ok = (dist - eps).abs() > 1e-3 * eps  # none on the boundary itself
     x, y, dist = x[ok], y[ok], dist[ok]
-    r = AE.autoattack(model, [(x[:40], y[:40]), (x[40:], y[40:])], eps)
+    r = attack.autoattack(model, [(x[:40], y[:40]), (x[40:], y[40:])], eps)
     assert list(r['after']) == ['clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square'] and r['n'] == len(y)
     assert r['after']['square'] == pytest.approx((dist >= eps).float().mean().item())
     assert torch.equal(r['standing']['square'], dist >= eps)  # image by image, not just the count
     steps = list(r['after'].values())
     assert all(a >= b for a, b in zip(steps, steps[1:]))
-    assert all(ok for ok, _ in AE.aa_checks(r['warnings'])), r['warnings']
+    assert all(ok for ok, _ in attack.aa_checks(r['warnings'])), r['warnings']
 
 
 class Stop(Exception):
@@ -63,18 +63,19 @@ def test_interrupted_autoattack_resumes_where_it_stopped(tmp_path, one_thread):
     model, x, y, dist = linear10()
     batches, eps = [(x[:40], y[:40]), (x[40:], y[40:])], dist[dist > 0].median().item()
     comps, path, key = ['apgd-ce', 'apgd-t'], str(tmp_path / 'state.json'), {'ckpt': 'a'}
-    whole = AE.autoattack(model, batches, eps, components=comps)
+    whole = attack.autoattack(model, batches, eps, components=comps)
 
     def stop_after(b, c, *_):
         if (b, c) == (1, 'apgd-ce'):
             raise Stop
 
     with pytest.raises(Stop):
-        AE.autoattack(model, batches, eps, state=AE.State(path, key), components=comps, progress=stop_after)
+        state = evaluate.State(path, key)
+        attack.autoattack(model, batches, eps, state=state, components=comps, progress=stop_after)
     steps = []
-    state = AE.State(path, key)
+    state = evaluate.State(path, key)
     assert state.resumed == 3  # both components of batch 0, the first of batch 1
-    again = AE.autoattack(
+    again = attack.autoattack(
         model,
         batches,
         eps,
@@ -86,7 +87,7 @@ def test_interrupted_autoattack_resumes_where_it_stopped(tmp_path, one_thread):
     assert again['after'] == whole['after'] and all(
         torch.equal(again['standing'][k], whole['standing'][k]) for k in comps
     )
-    assert AE.State(path, {'ckpt': 'b'}).resumed == 0  # another evaluation's state is not used
+    assert evaluate.State(path, {'ckpt': 'b'}).resumed == 0  # another evaluation's state is not used
 
 
 def _ddp_worker(rank, world, init_file, x, y, model, eps, out):
@@ -94,8 +95,9 @@ def _ddp_worker(rank, world, init_file, x, y, model, eps, out):
 
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
-    r = AE.autoattack(model, [(x[rank::world], y[rank::world])], eps, components=['apgd-ce', 'apgd-t'])
-    ok = AE.square_check(model, [(x[rank::world], y[rank::world])], r['standing']['apgd-t'], eps, queries=100)
+    shard = [(x[rank::world], y[rank::world])]
+    r = attack.autoattack(model, shard, eps, components=['apgd-ce', 'apgd-t'])
+    ok = attack.square_check(model, shard, r['standing']['apgd-t'], eps, queries=100)
     if rank == 0:
         torch.save((r['n'], r['after'], ok), out)
     dist.destroy_process_group()
@@ -118,8 +120,8 @@ def test_autoattack_under_torchrun_sums_the_shards(tmp_path, one_thread):
 
 def test_autoattack_own_checks_are_surfaced(one_thread):
     model, x, y, _ = linear10(n=20)
-    r = AE.autoattack(nn.Sequential(model, nn.Softmax(1)), [(x, y)], 0.01, components=['apgd-ce'])
-    flags = [m for ok, m in AE.aa_checks(r['warnings']) if not ok]
+    r = attack.autoattack(nn.Sequential(model, nn.Softmax(1)), [(x, y)], 0.01, components=['apgd-ce'])
+    flags = [m for ok, m in attack.aa_checks(r['warnings']) if not ok]
     assert len(flags) == 1 and 'logits, not probabilities' in flags[0]
 
 
@@ -132,7 +134,7 @@ def test_imagenet_defaults_are_the_papers_protocol(tmp_path):
     imagenet = {'data_info': {'num_classes': 1000}, 'config': {'eps': 4 / 255}, 'ema': {'w': 0}}
     a = evaluate.resolve(evaluate.parse_args(['--ckpt', str(path)]), imagenet)
     assert evaluate.parse_eps(a.eps[0]) == 4 / 255 and a.eps == ['4/255'] and a.norm == 'linf'
-    assert a.n == 5000 and a.autoattack and AE.VERSION == 'standard' and a.weights == 'ema'
+    assert a.n == 5000 and a.autoattack and attack.VERSION == 'standard' and a.weights == 'ema'
     with open(data.ROBUSTBENCH_LIST) as f:
         assert (
             len(f.read().split()[: a.n]) == 5000
@@ -150,7 +152,7 @@ def test_imagenet_defaults_are_the_papers_protocol(tmp_path):
 
 def test_command_prints_autoattack_line_and_json(tiny_data, tmp_path, capsys, monkeypatch):
     # APGD-CE alone (the full standard version is tested above): the command's plumbing, in seconds
-    monkeypatch.setattr(evaluate, 'autoattack', functools.partial(AE.autoattack, components=['apgd-ce']))
+    monkeypatch.setattr(attack, 'autoattack', functools.partial(attack.autoattack, components=['apgd-ce']))
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
     torch.manual_seed(0)
     ckpt = str(tmp_path / 'ckpt.pt')
@@ -199,5 +201,6 @@ def test_autoattack_takes_channels_last_colour_batches(one_thread):
     x = torch.rand(16, 3, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         y = model(x).argmax(1)
-    r = AE.autoattack(model, [(x, y)], 0.05, components=['apgd-t'])  # its DLR loss checks for zero gradients
+    # its DLR loss checks for zero gradients
+    r = attack.autoattack(model, [(x, y)], 0.05, components=['apgd-t'])
     assert r['after']['clean'] == 1 and 0 <= r['after']['apgd-t'] < 1

@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 import gradnorm
-from autoattack_eval import square_broken
+from attack import square_broken
 from config import ArgumentParser, Config, checked, cli, load_checkpoint, model_from_checkpoint
 from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist, make_loaders
 from evaluate import evaluate, parse_eps
