@@ -1,9 +1,12 @@
 """Attacks on inputs in [0,1]: PGD (L-inf, L2; restarts; CE / margin / DLR losses; the worst case per
 sample), PGD-k adversarial training, and AutoAttack and Square from the authors' reference code
-(pyautoattack, imported when called). Imports only torch, so it can be copied as it is; evaluate.py,
-the evaluator, builds on it."""
+(pyautoattack, imported when called). Imports only torch and the standard library, so it can be copied
+as it is; evaluate.py, the evaluator, builds on it."""
+import json
 import logging
 import math
+import os
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -206,6 +209,87 @@ def aa_logs():
         logger.setLevel(old[1])
 
 
+class Damaged(Exception):
+    """A state file that this evaluation cannot have written: its counts are not to be trusted."""
+
+
+def write_json(path, obj, **kw):
+    """obj as JSON at path, atomically: a temporary file renamed over it. If that fails (a full disk, a
+    read-only folder) the temporary file is removed and the OSError raised."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, **kw)
+        os.replace(tmp, path)
+    except OSError:  # json and the file system raise it
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
+
+def _malformed(saved):
+    """Why saved is not a state file's content, else None."""
+    if not isinstance(saved, dict) or 'key' not in saved or not isinstance(saved.get('done'), dict):
+        return 'not an AutoAttack state (a dict with key and done)'
+    for name, bits in saved['done'].items():
+        parts = name.split('/')
+        if len(parts) != 3 or not parts[1].isdigit() or not isinstance(bits, str) or set(bits) - set('01'):
+            return f'entry {name!r} is not EPS/BATCH/COMPONENT: a string of 0 and 1'
+    return None
+
+
+class State:
+    """An AutoAttack run on disk: per (eps, batch, component) the images still standing, rewritten
+    atomically after each step. A run with the same key continues from it; any other starts afresh,
+    and so does one whose file is damaged (with a warning): an entry is used only if it has the
+    batch's length and stands only images that stood before it, in the order the run writes them.
+    (pyautoattack 0.2.0's own state_path cannot be restored: it compares a set with the JSON list.)"""
+
+    def __init__(self, path, key):
+        self.path, self.key, self.done, self.wrote = path, key, {}, set()
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            why = _malformed(saved)
+        except FileNotFoundError:
+            saved, why = None, None
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            saved, why = None, f'unreadable ({type(e).__name__}: {e})'
+        if why:
+            self.discard(why)
+        elif saved is not None and saved['key'] == key:
+            self.done = saved['done']
+        self.resumed = len(self.done)
+
+    def discard(self, why):
+        print(f'warning: {self.path}: {why}: starting AutoAttack afresh', file=sys.stderr, flush=True)
+        self.done, self.wrote, self.resumed = {}, set(), 0
+
+    def get(self, eps, batch, component, before):
+        """The images standing after component, or None if not recorded; before: those standing
+        before it (bool tensor). Damaged if the entry cannot be this run's."""
+        name = f'{eps:.10g}/{batch}/{component}'
+        bits = self.done.get(name)
+        if bits is None:
+            return None
+        if f'{eps:.10g}' in self.wrote:  # written in order: none after a step that was missing
+            raise Damaged(f'entry {name} follows a step it lacks')
+        if len(bits) != len(before):
+            raise Damaged(f'entry {name} has {len(bits)} images, the batch {len(before)}')
+        done = torch.tensor([b == '1' for b in bits])
+        if (done & ~before.cpu()).any():
+            raise Damaged(f'entry {name} has images standing that fell before {component}')
+        return done
+
+    def put(self, eps, batch, component, standing):
+        self.done[f'{eps:.10g}/{batch}/{component}'] = ''.join('1' if s else '0' for s in standing.tolist())
+        self.wrote.add(f'{eps:.10g}')
+        write_json(self.path, {'key': self.key, 'done': self.done})
+
+    def remove(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
 def summed(values, device):
     """values (numbers) summed over the torchrun ranks, as floats."""
     t = torch.tensor(values, dtype=torch.float64)
@@ -226,10 +310,18 @@ def autoattack(model, batches, eps, norm='linf', seed=0, state=None, components=
     """AutoAttack's standard version on inputs in [0,1] (components: a subset, same settings, for
     tests). As in run_standard_evaluation, each component attacks only the images every earlier one
     left standing; it is called once per component and batch, which gives per-image results after
-    each component and lets `state` (evaluate.State) record and replay every step.
+    each component and lets `state` record every step (a damaged state: afresh, with a warning).
     Under torchrun each rank passes its shard.
     -> {'n', 'after': {'clean' and each component: accuracy}, 'standing': {same keys: bool tensor
     over this rank's images}, 'warnings': [AutoAttack's check warnings, all ranks]}"""
+    try:
+        return _autoattack(model, batches, eps, norm, seed, state, components, progress)
+    except Damaged as e:
+        state.discard(str(e))
+        return _autoattack(model, batches, eps, norm, seed, state, components, progress)
+
+
+def _autoattack(model, batches, eps, norm, seed, state, components, progress):
     from pyautoattack import AutoAttack, checks
     aa, standing, invalid, device = None, {}, 0, torch.device('cpu')
     with aa_logs() as messages:

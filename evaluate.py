@@ -9,7 +9,6 @@ The last evaluates a checkpoint the authors released (its EMA weights, as the pa
 An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. AutoAttack resumes after an interruption.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -320,100 +319,14 @@ def check_outputs(args):
                         "(AutoAttack's resume state goes next to it)")
 
 
-# ---------------------------------------------------------------- AutoAttack's resume state
-
-class Damaged(Exception):
-    """A state file that this evaluation cannot have written: its counts are not to be trusted."""
-
-
-def write_json(path, obj, fix, name=None, **kw):
-    """obj as JSON at path, atomically: a temporary file renamed over it. If that fails (a full disk, a
-    read-only folder) the temporary file is removed and a UserError names the file (or name) and says fix."""
-    tmp = path + '.tmp'
+def autoattack_resumable(fwd, batches, eps, args, state, progress):
+    """attack.autoattack, its steps recorded in state; a state it cannot write ends in one line."""
     try:
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, **kw)
-        os.replace(tmp, path)
-    except OSError as e:  # json and the file system raise it
-        if os.path.isfile(tmp):
-            os.remove(tmp)
-        raise UserError(f'cannot write {name or path} ({e.strerror or e}){fix}') from None
-
-
-def _malformed(saved):
-    """Why saved is not a state file's content, else None."""
-    if not isinstance(saved, dict) or 'key' not in saved or not isinstance(saved.get('done'), dict):
-        return 'not an AutoAttack state (a dict with key and done)'
-    for name, bits in saved['done'].items():
-        parts = name.split('/')
-        if len(parts) != 3 or not parts[1].isdigit() or not isinstance(bits, str) or set(bits) - set('01'):
-            return f'entry {name!r} is not EPS/BATCH/COMPONENT: a string of 0 and 1'
-    return None
-
-
-class State:
-    """An AutoAttack run on disk: per (eps, batch, component) the images still standing, rewritten
-    atomically after each step. A run with the same key continues from it; any other starts afresh,
-    and so does one whose file is damaged (with a warning): an entry is used only if it has the
-    batch's length and stands only images that stood before it, in the order the run writes them.
-    (pyautoattack 0.2.0's own state_path cannot be restored: it compares a set with the JSON list.)"""
-
-    def __init__(self, path, key):
-        self.path, self.key, self.done, self.wrote = path, key, {}, set()
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            why = _malformed(saved)
-        except FileNotFoundError:
-            saved, why = None, None
-        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-            saved, why = None, f'unreadable ({type(e).__name__}: {e})'
-        if why:
-            self.discard(why)
-        elif saved is not None and saved['key'] == key:
-            self.done = saved['done']
-        self.resumed = len(self.done)
-
-    def discard(self, why):
-        print(f'warning: {self.path}: {why}: starting AutoAttack afresh', file=sys.stderr, flush=True)
-        self.done, self.wrote, self.resumed = {}, set(), 0
-
-    def get(self, eps, batch, component, before):
-        """The images standing after component, or None if not recorded; before: those standing
-        before it (bool tensor). Damaged if the entry cannot be this run's."""
-        name = f'{eps:.10g}/{batch}/{component}'
-        bits = self.done.get(name)
-        if bits is None:
-            return None
-        if f'{eps:.10g}' in self.wrote:  # written in order: none after a step that was missing
-            raise Damaged(f'entry {name} follows a step it lacks')
-        if len(bits) != len(before):
-            raise Damaged(f'entry {name} has {len(bits)} images, the batch {len(before)}')
-        done = torch.tensor([b == '1' for b in bits])
-        if (done & ~before.cpu()).any():
-            raise Damaged(f'entry {name} has images standing that fell before {component}')
-        return done
-
-    def put(self, eps, batch, component, standing):
-        self.done[f'{eps:.10g}/{batch}/{component}'] = ''.join('1' if s else '0' for s in standing.tolist())
-        self.wrote.add(f'{eps:.10g}')
-        fix = (': free some space or pass --json=FILE elsewhere (the state goes next to it), then run '
-               'again: it resumes')
-        write_json(self.path, {'key': self.key, 'done': self.done}, fix, f'the AutoAttack state {self.path}')
-
-    def remove(self):
-        if os.path.exists(self.path):
-            os.remove(self.path)
-
-
-def resumed_autoattack(model, batches, eps, norm, seed, state, **kw):
-    """attack.autoattack replaying and recording its steps in state; a damaged state: afresh, with a
-    warning."""
-    try:
-        return attack.autoattack(model, batches, eps, norm, seed, state, **kw)
-    except Damaged as e:
-        state.discard(str(e))
-        return attack.autoattack(model, batches, eps, norm, seed, state, **kw)
+        return attack.autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
+    except OSError as e:
+        raise UserError(f'cannot write the AutoAttack state {state.path} ({e.strerror or e}): free some '
+                        'space or pass --json=FILE elsewhere (the state goes next to it), then run again: '
+                        'it resumes') from None
 
 
 def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
@@ -425,7 +338,7 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
         key = dict(ckpt=os.path.abspath(args.path), size=os.path.getsize(args.path),
                    mtime=os.path.getmtime(args.path), weights=args.weights, norm=args.norm, n=args.n,
                    world=world, seed=args.seed, bf16=args.bf16, data=args.data, pyautoattack=aa_version)
-        state = State(args.state, key)
+        state = attack.State(args.state, key)
     if state and state.resumed and rank == 0:
         print(f'AutoAttack: resuming from {state.path} ({state.resumed} steps done)')
     aa, square, t0 = {}, {}, time.time()
@@ -434,7 +347,7 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
             f'  autoattack eps {text} batch {b + 1}/{len(batches)} {c:8} {left:5} of {n} standing '
             f'({"resumed" if resumed else f"{time.time() - t0:.0f} s"})', flush=True)
         if args.autoattack:
-            aa[eps] = resumed_autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
+            aa[eps] = autoattack_resumable(fwd, batches, eps, args, state, progress)
         if not args.no_checks and (args.autoattack or args.square_queries):
             square[eps] = attack.square_check(fwd, batches, r['standing'][eps], eps, args.norm,
                                               args.square_queries, args.seed, aa.get(eps))
@@ -474,8 +387,11 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
                        for e, t in zip(eps_list, args.eps) if e in aa},
         'unbounded': r['unbounded'], 'gain': r['gain'],
         'checks': [{'ok': ok, 'check': m} for ok, m in checks]}
-    write_json(args.json, result, '; the results are above: free some space or pass --json=FILE elsewhere',
-               indent=1)
+    try:
+        attack.write_json(args.json, result, indent=1)
+    except OSError as e:
+        raise UserError(f'cannot write {args.json} ({e.strerror or e}); the results are above: free some '
+                        'space or pass --json=FILE elsewhere') from None
     print(f'wrote {args.json}')
     for e, t in zip(eps_list, args.eps):
         if e in aa:

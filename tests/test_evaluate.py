@@ -70,10 +70,10 @@ def test_interrupted_autoattack_resumes_where_it_stopped(tmp_path, one_thread):
             raise Stop
 
     with pytest.raises(Stop):
-        state = evaluate.State(path, key)
+        state = attack.State(path, key)
         attack.autoattack(model, batches, eps, state=state, components=comps, progress=stop_after)
     steps = []
-    state = evaluate.State(path, key)
+    state = attack.State(path, key)
     assert state.resumed == 3  # both components of batch 0, the first of batch 1
     again = attack.autoattack(
         model,
@@ -87,7 +87,7 @@ def test_interrupted_autoattack_resumes_where_it_stopped(tmp_path, one_thread):
     assert again['after'] == whole['after'] and all(
         torch.equal(again['standing'][k], whole['standing'][k]) for k in comps
     )
-    assert evaluate.State(path, {'ckpt': 'b'}).resumed == 0  # another evaluation's state is not used
+    assert attack.State(path, {'ckpt': 'b'}).resumed == 0  # another evaluation's state is not used
 
 
 def _ddp_worker(rank, world, init_file, x, y, model, eps, out):

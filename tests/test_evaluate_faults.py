@@ -269,7 +269,7 @@ def aa_run(tmp_path_factory):
     model, batches = linear()
     path = str(tmp_path_factory.mktemp('aa') / 'state.json')
     fresh = attack.autoattack(model, batches, 0.03, components=COMPS)
-    attack.autoattack(model, batches, 0.03, state=evaluate.State(path, {'ckpt': 'a'}), components=COMPS)
+    attack.autoattack(model, batches, 0.03, state=attack.State(path, {'ckpt': 'a'}), components=COMPS)
     yield model, batches, fresh, json.load(open(path))
     torch.set_num_threads(threads)
 
@@ -288,8 +288,7 @@ def test_damaged_autoattack_state_starts_afresh_with_a_warning(kind, aa_run, tmp
     with open(path, 'w') as f:
         f.write(json.dumps(saved)[:40] if kind == 'truncated' else json.dumps(damage(kind, saved)))
     capsys.readouterr()
-    state = evaluate.State(path, {'ckpt': 'a'})
-    again = evaluate.resumed_autoattack(model, batches, 0.03, 'linf', 0, state, components=COMPS)
+    again = attack.autoattack(model, batches, 0.03, state=attack.State(path, {'ckpt': 'a'}), components=COMPS)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f'warning: {path}: ')
     assert err[0].endswith('starting AutoAttack afresh')
