@@ -341,7 +341,9 @@ def _autoattack(model, batches, eps, norm, seed, state, components, progress):
                 elif alive.any():
                     idx = alive.nonzero().squeeze(1)
                     aa.attacks_to_run = [c]
+                    trace = sys.gettrace()  # AutoAttack's dynamic-defense check ends in sys.settrace(None),
                     x_adv, y_adv = aa.run_standard_evaluation(x[idx], y[idx], batch_size=len(idx))
+                    sys.settrace(trace)  # which would switch a debugger or coverage off for good
                     fooled = fooled_at(model, x[idx], y[idx], x_adv, eps, norm)
                     alive, invalid = alive.clone(), invalid + int(((y_adv != y[idx]) & ~fooled).sum())
                     alive[idx[fooled]] = False

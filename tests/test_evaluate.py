@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -204,3 +205,16 @@ def test_autoattack_takes_channels_last_colour_batches(one_thread):
     # its DLR loss checks for zero gradients
     r = attack.autoattack(model, [(x, y)], 0.05, components=['apgd-t'])
     assert r['after']['clean'] == 1 and 0 <= r['after']['apgd-t'] < 1
+
+
+def test_autoattack_leaves_the_trace_function_as_it_was(one_thread):
+    """AutoAttack's dynamic-defense check ends in sys.settrace(None), which would switch a debugger or
+    coverage off for the rest of the process."""
+    model, x, y, _ = linear10()
+    tracer, old = (lambda frame, event, arg: None), sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        attack.autoattack(model, [(x[10:18], y[10:18])], 0.01, components=['apgd-ce'])  # all correct
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(old)
