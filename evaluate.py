@@ -123,13 +123,22 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
     return r
 
 
-def robust_accuracy(model, batches, eps_list, steps):
-    """The per-epoch number in training: clean accuracy and the worst case of CE and margin PGD-steps
-    (one restart each, step 2.5*eps/steps, the margin attack on what CE left standing). Fast, and an
-    upper bound: AutoAttack (evaluate.py --autoattack) is the number to report.
-    -> {'n', 'clean', 'robust': {eps: acc}}"""
-    r = evaluate(model, batches, eps_list, [f'ce-{steps}', f'margin-{steps}'], chain=True)
-    return {'n': r['n'], 'clean': r['clean'], 'robust': {e: r['robust'][e]['worst'] for e in eps_list}}
+def epoch_metrics(model, val, robust_val, eps, steps, seed):
+    """Training's numbers per epoch: clean accuracy on the validation set and, on its fixed subset, the
+    worst case of CE and margin PGD-steps (the margin attack on what CE left standing): fast, and an
+    upper bound on robust accuracy (pgd_upper; AutoAttack, evaluate.py --autoattack, is the number to
+    report). Its own RNG stream: the same attack every epoch, training's random numbers untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.eval()
+        with torch.no_grad():
+            right, n = 0, 0
+            for x, y in val:
+                right += (model(x).argmax(1) == y).sum().item()
+                n += len(y)
+        right, n = attack.summed([right, n], next(model.parameters()).device)
+        r = evaluate(model, robust_val, [eps], [f'ce-{steps}', f'margin-{steps}'], chain=True)
+    return {'clean_acc': right / n, 'pgd_upper': r['robust'][eps]['worst']}
 
 
 def sanity_checks(result, attacks, gap=0.1, slack_images=2, min_gain=0.95):

@@ -4,7 +4,7 @@
     python train.py --objective=gradnorm --act=gelu                # one process: the Fashion-MNIST demo
     torchrun --nproc_per_node=8 train.py --objective=gradnorm      # DDP, the same code path
 Every option is a Config field (config.py) given as --key=value. Read top to bottom: which objective
-runs and how -> the training step -> the epoch -> evaluation and checkpoints -> the loop.
+runs and how -> the training step -> the epoch -> checkpoints and metrics -> the loop.
 """
 import copy
 import dataclasses
@@ -41,7 +41,7 @@ from config import (
 )
 from data import make_loaders
 from edge_reg import edge_reg
-from evaluate import robust_accuracy
+from evaluate import epoch_metrics
 from gradnorm import (
     SMOOTH_ACTS,
     choose_impl,
@@ -416,24 +416,7 @@ def train_epoch(run, epoch, stop):
     return {k: v.item() / max(done, 1) for k, v in sums.items()}, seen / (time.time() - t0)
 
 
-# ---------------------------------------------------------------- evaluation, checkpoints
-
-def evaluate(model, val, robust_val, eps, steps, seed):
-    """Clean accuracy on the validation set; on its fixed subset the worst case of CE and margin
-    PGD-steps, an upper bound on robust accuracy (pgd_upper: AutoAttack finds more). Its own RNG
-    stream: the same attack every epoch, and training's random numbers are left as they were."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.eval()
-        with torch.no_grad():
-            counts = sum(torch.tensor([(model(x).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
-                         for x, y in val)
-        if dist.is_initialized():
-            counts = counts.to(next(model.parameters()).device)  # NCCL reduces GPU tensors only
-            dist.all_reduce(counts)
-        robust = robust_accuracy(model, robust_val, [eps], steps)
-    return {'clean_acc': (counts[0] / counts[1]).item(), 'pgd_upper': robust['robust'][eps]}
-
+# ---------------------------------------------------------------- checkpoints, the end of an epoch
 
 def newest_checkpoint(run):
     """For the divergence message: every checkpoint is of finite weights (save checks)."""
@@ -476,9 +459,9 @@ def end_epoch(run, epoch, terms, img_per_s, log):
     """Evaluate the model (and its EMA), append a line to OUT/metrics.jsonl, checkpoint."""
     cfg, (_, val, robust_val) = run.cfg, run.loaders
     metrics = dict(run=run.run_id, epoch=epoch, lr=lr_at(cfg, epoch + 1), img_per_s=img_per_s, **terms,
-                   **evaluate(run.model, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed))
+                   **epoch_metrics(run.model, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed))
     if run.ema is not None:
-        ema = evaluate(run.ema, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed)
+        ema = epoch_metrics(run.ema, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed)
         metrics.update({f'ema_{k}': v for k, v in ema.items()})
     log('\n' + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
     if run.rank == 0:
