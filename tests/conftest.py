@@ -12,6 +12,7 @@ from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist, write_idx
 
 FASHION = '/usr/share/datasets/fashion-mnist'  # the real data (make data)
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+SWINB = 'swin_base_patch4_window7_224'  # the paper's headline model (timm)
 
 
 def run(args, timeout=600, **kw):
@@ -73,3 +74,33 @@ def pretrained_weights_cached(monkeypatch):
     import config
 
     monkeypatch.setattr(config, 'pretrained_missing', lambda name: None)
+
+
+def fake_hub(cache, name, seed=0):
+    """Random weights for timm's default pretrained tag of name, in the Hugging Face cache layout,
+    where timm's loader finds them with HF_HUB_OFFLINE=1. -> the state_dict written"""
+    import safetensors.torch
+    import timm
+
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    with torch.device('meta'):
+        shapes = timm.create_model(name).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        k: (torch.ones(v.shape) if k.endswith('running_var') else 0.02 * torch.randn(v.shape, generator=g))
+        if v.is_floating_point()
+        else torch.zeros(v.shape, dtype=v.dtype)
+        for k, v in shapes.items()
+    }
+    folder = os.path.join(cache, f'models--{repo.replace("/", "--")}')
+    commit = 'c0ffee' * 6 + 'c0ff'
+    os.makedirs(os.path.join(folder, 'refs'), exist_ok=True)
+    os.makedirs(os.path.join(folder, 'snapshots', commit), exist_ok=True)
+    with open(os.path.join(folder, 'refs', 'main'), 'w') as f:
+        f.write(commit)
+    safetensors.torch.save_file(sd, os.path.join(folder, 'snapshots', commit, 'model.safetensors'))
+    return sd
+
+
+def offline_env(cache):
+    return dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1', HF_HUB_DISABLE_TELEMETRY='1')
