@@ -83,8 +83,8 @@ eval: setup data
 
 # two pytest workers (the CI machine has 2 cores); work stealing keeps the slow subprocess tests from
 # ending up on one worker
-# ruff first (seconds); the line coverage of the top-level modules, scripts run by the tests included
-# (pyproject.toml: [tool.coverage]), is printed at the end and fails the run below 85%
+# ruff first (seconds); the line coverage of the top-level modules (pyproject.toml: [tool.coverage]) is
+# printed at the end and fails the run below 85%
 TEST_JOBS ?= 2
 test: setup data
 	$(VENV)/bin/ruff check .
