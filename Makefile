@@ -77,8 +77,8 @@ train-edge: setup data
 
 eval: setup data
 	$(NEED_CKPT)
-	$(RUN) evaluate.py --ckpt=$(CKPT) $(if $(filter official:%,$(CKPT)),--model=$(MODEL) --data=$(DATA) \
-	  $(if $(ACT),--act=$(ACT))) $(if $(EPS),--eps $(EPS)) \
+	$(RUN) $(if $(filter official:%,$(CKPT)),-m tools.official --ckpt=$(patsubst official:%,%,$(CKPT)) --model=$(MODEL) \
+	  --data=$(DATA) $(if $(ACT),--act=$(ACT)),evaluate.py --ckpt=$(CKPT)) $(if $(EPS),--eps $(EPS)) \
 	  $(if $(filter 1,$(AA)),--autoattack,$(if $(filter 0,$(AA)),--no-autoattack)) $(ARGS)
 
 # two pytest workers (the CI machine has 2 cores); work stealing keeps the slow subprocess tests from

@@ -19,17 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from models import (
-    ACTS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_model,
-    is_model,
-    load_timm_state_dict,
-    patch_problem,
-    pretrained_missing,
-    timm_name,
-)
+from models import ACTS, build_model, is_model, patch_problem, pretrained_missing, timm_name
 
 __version__ = '0.2.0'
 
@@ -432,35 +422,6 @@ def model_from_checkpoint(ck, key='model', path='the checkpoint'):
         raise UserError(f'the {key!r} weights of {path} do not fit the {cfg["model"]}/{cfg["act"]} model it '
                         f'names: {why}') from None
     return model
-
-
-def load_official(path, model, act='gelu'):
-    """A checkpoint the authors released: timm's CheckpointSaver .pth.tar, the bare timm model's
-    weights under 'state_dict' and 'state_dict_ema' (the one they evaluate), their ImageNet mean/std
-    in 'args'. -> (a checkpoint dict of ours describing it, the model with the EMA weights)."""
-    if not timm_name(model):
-        raise UserError(f'--model={model}: the authors\' checkpoints hold timm models: pass '
-                        '--model=swin_base_patch4_window7_224 or --model=timm/resnet50')
-    if not os.path.isfile(path):
-        raise UserError(f'no checkpoint at {path!r}')
-    try:  # their args are an argparse.Namespace of plain values: allowed, nothing else is unpickled
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        why = str(e).splitlines()[0][:200]
-        raise UserError(f'cannot load {path!r} as an official checkpoint ({why})') from None
-    if not isinstance(raw, dict) or 'state_dict_ema' not in raw:
-        raise UserError(f'{path} holds no state_dict_ema: not a checkpoint of the authors\' training script')
-    args = raw.get('args')
-    info = dict(in_ch=3, num_classes=1000, img_size=224, mean=tuple(getattr(args, 'mean', IMAGENET_MEAN)),
-                std=tuple(getattr(args, 'std', IMAGENET_STD)))
-    net = build_model(model, act, **info)
-    try:
-        load_timm_state_dict(net, raw['state_dict_ema'])
-    except RuntimeError as e:
-        raise UserError(f'{path} does not fit --model={model}: {" ".join(str(e).split())[:300]}') from None
-    cfg = dataclasses.asdict(Config(objective='official', model=model, act=act, eps=4 / 255, res=224))
-    return dict(config=cfg, data_info=info, epoch=raw.get('epoch'), run='official', version=__version__), net
 
 
 # ---------------------------------------------------------------- processes

@@ -4,8 +4,7 @@ upper bound on robust accuracy; AutoAttack is what the paper, RobustBench and re
 
     python evaluate.py --ckpt runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --eps 0.1 --autoattack
     torchrun --nproc_per_node=8 evaluate.py --ckpt imagenet.pt  # 4/255, 5,000 images, AutoAttack
-    python evaluate.py --ckpt official:gradnorm_swinb.pth.tar --model swin_base_patch4_window7_224 --data DIR
-The last evaluates a checkpoint the authors released (its EMA weights, as the paper).
+The checkpoints the authors released: python -m tools.official (their EMA weights, as the paper).
 An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. AutoAttack resumes after an interruption.
 """
 import argparse
@@ -21,7 +20,6 @@ import attack
 import config
 from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
 from data import data_shape, make_loaders
-from models import ACTS, is_model
 
 UNBOUNDED = ('ce-10', 'margin-10')  # at an eps where any image can become any other
 
@@ -187,18 +185,12 @@ def parse_eps(text):
         raise UserError(f'cannot read eps {text!r}: write it like 0.1 or 4/255') from None
 
 
-def parse_args(argv):
+def parser(doc=__doc__):
     nonneg = checked(int, lambda v: v >= 0, 'an integer >= 0')
     positive = checked(int, lambda v: v >= 1, 'at least 1')
-    is_ckpt = lambda v: os.path.isfile(v.removeprefix('official:'))
     in_folder = lambda v: os.path.isdir(os.path.dirname(os.path.abspath(v)))
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', type=checked(str, is_ckpt, 'an existing checkpoint file'), required=True,
-                   help="a checkpoint of ours, or official:PATH (the authors' .pth.tar)")
-    p.add_argument('--model', type=checked(str, is_model, 'a model of models.py or timm'), default=None,
-                   help='with official:PATH, its timm model: swin_base_patch4_window7_224 or timm/resnet50')
-    p.add_argument('--act', choices=list(ACTS), default='gelu',
-                   help='with official:PATH, the activation (GELU: as released)')
+    p = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ckpt', type=checked(str, os.path.isfile, 'an existing checkpoint file'), required=True)
     p.add_argument('--eps', nargs='+', default=None, type=checked(str, lambda t: 0 < parse_eps(t) < math.inf,
                                                                   'positive'),
                    help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the '
@@ -228,39 +220,29 @@ def parse_args(argv):
     p.add_argument('--square-queries', type=nonneg, default=1000,
                    help='Square queries of the masking check when AutoAttack is off (0: skip it)')
     p.add_argument('--no-checks', action='store_true', help='skip the gradient-masking checks')
-    return check_args(p.parse_args(argv))
+    return p
+
+
+def parse_args(argv):
+    return check_args(parser().parse_args(argv))
 
 
 def check_args(args):
     """The combinations parse_args cannot check one option at a time; fills in derived values."""
     args.attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
-    args.path = args.ckpt.removeprefix('official:')
-    args.json = args.json or os.path.join(os.path.dirname(args.path) or '.', f'eval_{args.norm}.json')
-    official = args.ckpt.startswith('official:')
-    if official != bool(args.model):
-        fix = 'leave it out'
-        if official:
-            fix = 'pass --model=swin_base_patch4_window7_224 or --model=timm/resnet50'
-        raise UserError('--model names the timm model of an official:PATH checkpoint (ours name their own): '
-                        + fix)
-    if args.weights == 'model' and official:  # checked before loading a large file
-        raise UserError('an official checkpoint is evaluated with its EMA weights, as the paper: '
-                        'leave out --weights')
-    if args.model and not args.data:
-        raise UserError('official checkpoints do not name their data: pass --data=IMAGENET (an ImageFolder '
-                        'or .beton folder)')
+    args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or '.', f'eval_{args.norm}.json')
     if args.norm == 'linf' and args.eps and max(map(parse_eps, args.eps)) > 1:
         raise UserError(f'--eps {max(args.eps, key=parse_eps)}: an L-inf budget above 1 is larger than the '
                         'whole pixel range [0, 1]')
     return args
 
 
-def resolve(args, ck, official=False):
+def resolve(args, ck):
     """The defaults that depend on the checkpoint. ImageNet (1000 classes): the paper's and
     RobustBench's protocol, L-inf 4/255 on RobustBench's 5,000 val images (data.py picks them) with
     AutoAttack's standard version; elsewhere the training eps on the first 1,000 test images.
-    Weights: the EMA weights whenever the run kept them (the authors' checkpoints: always)."""
-    imagenet, has_ema = ck['data_info'].get('num_classes') == 1000, official or ck.get('ema') is not None
+    Weights: the EMA weights whenever the run kept them."""
+    imagenet, has_ema = ck['data_info'].get('num_classes') == 1000, ck.get('ema') is not None
     args.eps = args.eps or (['4/255'] if imagenet else [f'{ck["config"]["eps"]:g}'])
     args.n = args.n or (5000 if imagenet else 1000)
     args.autoattack = imagenet if args.autoattack is None else args.autoattack
@@ -283,26 +265,25 @@ def check_data(path, ck, info, data, subset=False):
                         'trained on (--data=DIR)')
 
 
-def load(args, rank, world, device):
+def ours(args):
+    """A checkpoint of train.py, its defaults filled in (resolve) -> (checkpoint, model)."""
+    ck = load_checkpoint(args.ckpt)
+    resolve(args, ck)
+    return ck, model_from_checkpoint(ck, args.weights, args.ckpt)
+
+
+def load(args, rank, world, device, checkpoint):
     """-> the checkpoint, its model on the device (eval mode, no parameter gradients), this rank's
     robust-val batches (copies: FFCV reuses its buffers), data info. args.n becomes the number of
     images there are, if it was more."""
     n_flag = '--n' if args.n else None  # before resolve fills in the default
-    if args.ckpt.startswith('official:'):  # the authors release and evaluate their EMA weights
-        ck, model = config.load_official(args.path, args.model, args.act)
-        resolve(args, ck, official=True)
-    else:
-        ck = load_checkpoint(args.ckpt)
-        resolve(args, ck)
-        model = model_from_checkpoint(ck, args.weights, args.ckpt)
+    ck, model = checkpoint(args)
     model = model.to(device).eval().requires_grad_(False)
     cfg = Config(**{**ck['config'], 'eval_n': args.n})
     cfg.data = args.data or cfg.data
-    if args.model:  # official: read ImageNet as it is stored
-        cfg.loader = 'ffcv' if config.data_kind(cfg.data) == 'beton' else 'torchvision'
     if not os.path.isdir(cfg.data):
         raise UserError(f'{args.ckpt} was trained on {cfg.data}, which is not here: pass --data=DIR')
-    check_data(args.ckpt, ck, data_shape(cfg.data), cfg.data, subset=bool(args.model))
+    check_data(args.ckpt, ck, data_shape(cfg.data), cfg.data, subset=ck.get('run') == 'official')
     threads = torch.get_num_threads()
     _, _, robust_val, info = make_loaders(cfg, rank, world, device, n_flag, from_checkpoint=True)
     args.n = cfg.eval_n
@@ -344,8 +325,8 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
     state = None
     if args.autoattack:
         from pyautoattack import __version__ as aa_version
-        key = dict(ckpt=os.path.abspath(args.path), size=os.path.getsize(args.path),
-                   mtime=os.path.getmtime(args.path), weights=args.weights, norm=args.norm, n=args.n,
+        key = dict(ckpt=os.path.abspath(args.ckpt), size=os.path.getsize(args.ckpt),
+                   mtime=os.path.getmtime(args.ckpt), weights=args.weights, norm=args.norm, n=args.n,
                    world=world, seed=args.seed, bf16=args.bf16, data=args.data, pyautoattack=aa_version)
         state = attack.State(args.state, key)
     if state and state.resumed and rank == 0:
@@ -407,12 +388,12 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
             print(f'autoattack {t} {100 * list(aa[e]["after"].values())[-1]:.1f}')
 
 
-def main(argv):
-    args = parse_args(argv)
+def run(args, checkpoint=ours):
+    """Attacks, checks and the report of the model checkpoint(args) gives: (checkpoint dict, model)."""
     rank, world, device = config.setup_distributed()
     args.state = f'{os.path.splitext(args.json)[0]}.autoattack-rank{rank}.json'
     check_outputs(args)
-    ck, model, batches, info = load(args, rank, world, device)
+    ck, model, batches, info = load(args, rank, world, device, checkpoint)
     if info['num_classes'] < 3 and any(parse_attack(a)[0] == 'dlr' for a in args.attacks):
         raise UserError('the DLR loss needs at least 3 classes: use the margin loss (margin-STEPS)')
     eps_list = [parse_eps(t) for t in args.eps]
@@ -435,6 +416,10 @@ def main(argv):
     if state:
         state.remove()
     config.end_distributed()
+
+
+def main(argv):
+    run(parse_args(argv))
 
 
 if __name__ == '__main__':

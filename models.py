@@ -324,17 +324,6 @@ def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
     return TimmModel(model, mean, std or (cfg.std if cfg else IMAGENET_STD)[:in_ch])
 
 
-def load_timm_state_dict(model, state_dict):
-    """A bare timm model's weights into a TimmModel, through timm's converter where the architecture
-    has one (the authors' Swin checkpoints use the original layout)."""
-    import sys
-    convert = getattr(sys.modules[type(model.model).__module__], 'checkpoint_filter_fn', None)
-    if convert is not None:
-        state_dict = convert(state_dict, model.model)
-    model.model.load_state_dict(state_dict, strict=True)
-    return model
-
-
 def _unreachable(url):
     """Why url's host cannot be reached (one TCP connection, 3 s at most), else None; behind a
     proxy the download is left to try."""

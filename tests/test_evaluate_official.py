@@ -1,4 +1,4 @@
-"""The authors' released checkpoint format through the evaluator (official:PATH), and `make train
+"""The authors' released checkpoint format through the evaluator (tools/official.py), and `make train
 RECIPE=swinb_gradnorm` then `make eval` end to end on the CPU."""
 import argparse
 import json
@@ -14,6 +14,7 @@ from PIL import Image
 import config as C
 import models as M
 from tests.conftest import HERE, SWINB, fake_hub, offline_env
+from tools import official
 
 
 def official_file(path, ema, other, **args):
@@ -65,7 +66,7 @@ def test_official_swin_checkpoint_loads_its_ema_weights(tmp_path):
         {k: v + 1 for k, v in old.items() if v.is_floating_point()},
         model=SWINB,
     )
-    ck, model = C.load_official(str(tmp_path / 'gradnorm_swinb.pth.tar'), SWINB)
+    ck, model = official.load_official(str(tmp_path / 'gradnorm_swinb.pth.tar'), SWINB)
     assert all(
         torch.equal(model.model.state_dict()[k], v) for k, v in sd.items()
     )  # the EMA weights, converted
@@ -137,19 +138,18 @@ def test_make_eval_of_an_official_resnet50(tmp_path):
 
 
 def test_official_checkpoint_errors(tmp_path, capsys):
-    import evaluate
-
     torch.save({'state_dict': {}}, tmp_path / 'x.pth.tar')
+    ckpt, data = f'--ckpt={tmp_path}/x.pth.tar', f'--data={tmp_path}'
     for argv, words in (
-        ([f'--ckpt=official:{tmp_path}/x.pth.tar', '--data', str(tmp_path)], ['--model']),
-        ([f'--ckpt=official:{tmp_path}/x.pth.tar', f'--model={SWINB}'], ['--data']),
-        ([f'--ckpt=official:{tmp_path}/x.pth.tar', '--model=resnet50', '--data', str(tmp_path)], ['timm']),
-        (
-            [f'--ckpt=official:{tmp_path}/x.pth.tar', f'--model={SWINB}', '--data', str(tmp_path)],
-            ['state_dict_ema'],
-        ),
+        ([ckpt, data], ['--model']),
+        ([ckpt, f'--model={SWINB}'], ['--data']),
+        ([ckpt, '--model=resnet50', data], ['timm']),
+        ([ckpt, '--model=resnet9000', data], ['resnet9000']),
+        ([ckpt, f'--model={SWINB}', '--act=tanh', data], ['tanh']),
+        ([ckpt, f'--model={SWINB}', '--weights=model', data], ['EMA']),
+        ([ckpt, f'--model={SWINB}', data], ['state_dict_ema']),
     ):
-        assert C.cli(evaluate.main, argv) == 2
+        assert C.cli(official.main, argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith('error: ') and len(err.splitlines()) == 1 and all(w in err for w in words), err
 
