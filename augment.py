@@ -117,6 +117,46 @@ def randaug_image(transform, image, seed, epoch, index):
         return np.array(transform(Image.fromarray(image)))
 
 
+def randaug_gray(transform, images, seed, epoch, index):
+    """uint8 (B, 1, H, W), their indices -> through RandAugment as RGB, one channel kept (as FFCV's
+    path does it)."""
+    rgb = np.repeat(images[:, 0, :, :, None].numpy(), 3, axis=3)
+    out = [randaug_image(transform, im, seed, epoch, int(i))[:, :, :1] for im, i in zip(rgb, index)]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------- the same rules on PIL images (torchvision)
+
+def res_at(epoch, res, res_start, epochs):
+    """Progressive resizing (as ffcv-imagenet): res_start -> res linearly over the first 85% of
+    the epochs, in steps of 32 px (few distinct shapes: few torch.compile recompilations)."""
+    if not res_start:
+        return res
+    r = res_start + (res - res_start) * min(epoch / max(0.85 * epochs, 1), 1.0)
+    return int(round(r / 32) * 32)
+
+
+class TrainTransform:
+    """PIL image -> uint8 CHW tensor: random-resized crop (bilinear, as T.RandomResizedCrop), flip and
+    RandAugment, each a function of (seed, epoch, index) by the rules FFCV's path uses."""
+
+    def __init__(self, res, res_start, epochs, seed, randaug):
+        self.res, self.res_start, self.epochs, self.seed, self.randaug = res, res_start, epochs, seed, randaug
+
+    def __call__(self, im, epoch, i):
+        from torchvision.transforms.functional import hflip, resized_crop
+        r = res_at(epoch, self.res, self.res_start, self.epochs)
+        top, left, h, w = crop_params(im.height, im.width, self.seed, epoch, i)
+        im = resized_crop(im, top, left, h, w, [r, r], antialias=True)
+        if uniform(self.seed, epoch, i, FLIP) < 0.5:
+            im = hflip(im)
+        if self.randaug is None:
+            x = np.array(im)
+        else:
+            x = randaug_image(self.randaug, np.asarray(im), self.seed, epoch, i)
+        return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
+
+
 # ---------------------------------------------------------------- on the device batch
 
 class BatchAugment:
@@ -157,6 +197,14 @@ class BatchAugment:
             if self.mix:
                 x, y = self.mix(x, y)
         return x, y
+
+def from_config(cfg, rank, num_classes, res, mean, std):
+    """The training loader's keyword arguments: randaug (timm's RandAugment, per image) and augment
+    (random erasing, Mixup/CutMix on the device batch), each None when off."""
+    augment = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
+    randaug = randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None
+    return dict(randaug=randaug, augment=augment or None)
+
 
 # ---------------------------------------------------------------- the same rules as FFCV operations
 # FFCV's own RandomHorizontalFlip and RandomResizedCropRGBImageDecoder draw from numba's per-thread

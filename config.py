@@ -1,9 +1,6 @@
 """A run: its configuration (one flat Config, named recipes, --key=value), its checkpoints and its
-processes (torchrun). Shared by train.py, evaluate.py, data.py and tools/; imports only
-models.py of this project.
-
-Every value is checked here, before any data is read or any model is built, and a bad one ends the
-program with one line, `error: ...`, and exit status 2 (UserError; see `cli`).
+processes (torchrun). Every value is checked here, before any data is read or any model is built; a
+bad one ends the program with one line, `error: ...`, and exit status 2 (UserError; see `cli`).
 """
 import argparse
 import contextlib

@@ -1,10 +1,7 @@
-"""Data: the loaders that feed train.py and evaluate.py (tools/beton.py writes ImageNet's .beton files).
-
-Every loader yields (x, y): x float in [0,1] on the device, channels_last (random erasing's noise,
---reprob, goes outside); y int64 (soft labels with --mixup or --cutmix). Training augmentations are a
-function of (seed, epoch, sample) only (augment.py). `--data` is a Fashion-MNIST IDX
-folder (the demo, cached once as .beton), a folder with train.beton + val.beton, or an ImageFolder
-(train/<class>/*, val/<class>/*).
+"""The loaders of train.py and evaluate.py. Each yields (x, y): x float in [0,1] on the device,
+channels_last; y int64 (soft labels with --mixup or --cutmix). `--data` is a Fashion-MNIST IDX folder
+(the demo, cached once as .beton), a folder with train.beton + val.beton (tools/beton.py writes them),
+or an ImageFolder (train/<class>/*, val/<class>/*).
 """
 import functools
 import glob
@@ -23,7 +20,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from augment import FLIP, BatchAugment, crop_params, rand_u32, randaug_image, randaug_transform, uniform
+from augment import FLIP, TrainTransform, from_config, rand_u32, randaug_gray, res_at
 from config import Config, UserError, data_kind
 from models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -38,19 +35,14 @@ VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evalu
 VAL_SIDE = 256  # short side of the stored val images: 224 px center crops without resampling
 
 
-_ffcv_error = ...
-
-
+@functools.cache
 def ffcv_error():
     """None if FFCV imports, else why not. Imported on first use: it takes seconds."""
-    global _ffcv_error
-    if _ffcv_error is ...:
-        try:
-            import ffcv.fields.decoders  # noqa: F401, E401
-            _ffcv_error = None
-        except Exception as e:  # ImportError, or OSError for a missing system library
-            _ffcv_error = f'{type(e).__name__}: {e}'
-    return _ffcv_error
+    try:
+        import ffcv.fields.decoders  # noqa: F401
+    except Exception as e:  # ImportError, or OSError for a missing system library
+        return f'{type(e).__name__}: {e}'
+    return None
 
 
 def need_ffcv():
@@ -93,10 +85,8 @@ def load_fashion_mnist(root):
 
 
 class TensorLoader:
-    """In-memory uint8 images -> float batches in [0,1] on the device. Each rank reads its own
-    shard of an order that changes every epoch and is reproducible from the seed; flips (and
-    RandAugment) from augment.py's (seed, epoch, index) rule. The Fashion-MNIST path when FFCV is
-    not installed (or with --loader=torchvision)."""
+    """In-memory uint8 images -> float batches in [0,1] on the device, each rank its shard of a
+    seeded order; Fashion-MNIST without FFCV (or with --loader=torchvision)."""
 
     def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world=1, randaug=None):
         self.images, self.labels, self.train, self.seed, self.randaug = images, labels, train, seed, randaug
@@ -111,16 +101,6 @@ class TensorLoader:
         per_rank = len(self.labels) // self.world if self.train else -(-len(self.labels) // self.world)
         return per_rank // self.batch if self.train else -(-per_rank // self.batch)
 
-    def augment(self, images, j):
-        """uint8 (B, 1, H, W), their indices -> through RandAugment (as RGB, one channel kept, as
-        FFCV's path)"""
-        rgb = np.repeat(images[:, 0, :, :, None].numpy(), 3, axis=3)
-        out = []
-        for im, i in zip(rgb, j):
-            rgb_out = randaug_image(self.randaug, im, self.seed, self.epoch, int(i))
-            out.append(torch.from_numpy(rgb_out[:, :, :1]))
-        return torch.stack(out).permute(0, 3, 1, 2)
-
     def __iter__(self):
         n = len(self.labels)
         if self.train:  # drop_last: a new batch shape would make torch.compile recompile
@@ -134,7 +114,7 @@ class TensorLoader:
             if self.train:  # flip, then RandAugment, as FFCV's path and timm order them
                 flip = rand_u32(self.seed, self.epoch, j, FLIP) < 2 ** 31  # = uniform(...) < 0.5, in integers
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-                x = self.augment(x, j) if self.randaug else x
+                x = randaug_gray(self.randaug, x, self.seed, self.epoch, j) if self.randaug else x
             x = x.to(self.device, non_blocking=True).float().div_(255)
             yield x.contiguous(memory_format=torch.channels_last), self.labels[j].to(self.device)
 
@@ -232,11 +212,9 @@ def write_split(dataset, path, workers, write_mode='proportion', max_side=None, 
 # ---------------------------------------------------------------- loaders
 
 class Batches:
-    """(uint8 or [0,1] float NCHW, labels) batches -> x float in [0,1] on the device, channels_last
-    (what GPUs and first-order steps want; double-backward objectives convert, train.memory_format),
-    y int64; then augment (random erasing, Mixup/CutMix: augment.BatchAugment) on the device batch.
-    set_epoch fixes the order (and resolution). From FFCV on the CPU, x is its reused buffer: valid
-    until the next batch is drawn."""
+    """(uint8 or [0,1] float NCHW, labels) batches -> x float in [0,1] on the device, channels_last,
+    y int64; then augment (augment.BatchAugment) on the device batch. From FFCV on the CPU, x is its
+    reused buffer: valid until the next batch is drawn."""
 
     def __init__(self, loader, device, set_epoch, channels=3, augment=None):
         self.loader, self.device, self._set_epoch, self.channels = loader, device, set_epoch, channels
@@ -260,15 +238,6 @@ class Batches:
             if self.augment:
                 x, y = self.augment(x, y, self.epoch, i)
             yield x, y
-
-
-def res_at(epoch, res, res_start, epochs):
-    """Progressive resizing (as ffcv-imagenet): res_start -> res linearly over the first 85% of
-    the epochs, in steps of 32 px (few distinct shapes: few torch.compile recompilations)."""
-    if not res_start:
-        return res
-    r = res_start + (res - res_start) * min(epoch / max(0.85 * epochs, 1), 1.0)
-    return int(round(r / 32) * 32)
 
 
 def beton_labels(path):
@@ -390,27 +359,6 @@ class _EpochSampler:
         return ((i, self.sampler.epoch) for i in self.sampler)
 
 
-class _TrainTransform:
-    """PIL image -> uint8 CHW tensor: random-resized crop (bilinear, as T.RandomResizedCrop), flip and
-    RandAugment, each a function of (seed, epoch, index) by the rules FFCV's path uses (augment.py)."""
-
-    def __init__(self, res, res_start, epochs, seed, randaug):
-        self.res, self.res_start, self.epochs, self.seed, self.randaug = res, res_start, epochs, seed, randaug
-
-    def __call__(self, im, epoch, i):
-        from torchvision.transforms.functional import hflip, resized_crop
-        r = res_at(epoch, self.res, self.res_start, self.epochs)
-        top, left, h, w = crop_params(im.height, im.width, self.seed, epoch, i)
-        im = resized_crop(im, top, left, h, w, [r, r], antialias=True)
-        if uniform(self.seed, epoch, i, FLIP) < 0.5:
-            im = hflip(im)
-        if self.randaug is None:
-            x = np.array(im)
-        else:
-            x = randaug_image(self.randaug, np.asarray(im), self.seed, epoch, i)
-        return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
-
-
 def _center_crop_tensor(im, epoch, i, res):
     return torch.from_numpy(np.array(center_crop(im, res))).permute(2, 0, 1)
 
@@ -422,7 +370,7 @@ def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world
     DataLoader instead of FFCV."""
     from torch.utils.data import DataLoader, Subset
     if train:  # DistributedSampler's order, as FFCV's under DDP
-        dataset = _Folder(folder, _TrainTransform(res, res_start, epochs, seed, randaug), classes)
+        dataset = _Folder(folder, TrainTransform(res, res_start, epochs, seed, randaug), classes)
         sampler, ds = _EpochSampler(dataset, world, rank, seed), dataset
     else:
         dataset = _Folder(folder, functools.partial(_center_crop_tensor, res=res), classes)
@@ -445,14 +393,6 @@ def robustbench_indices(names, n):
     if n > len(wanted) or any(w not in where for w in wanted):
         return None
     return [where[w] for w in wanted]
-
-
-def augmentations(cfg, rank, num_classes, res, mean, std):
-    """The training loader's keyword arguments: randaug (timm's RandAugment, per image) and augment
-    (random erasing, Mixup/CutMix on the device batch), each None when off."""
-    augment = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
-    randaug = randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None
-    return dict(randaug=randaug, augment=augment or None)
 
 
 def data_shape(data):
@@ -481,7 +421,7 @@ def fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint):
     if cfg.res != Config.res and rank == 0 and not from_checkpoint:
         warn(f'--res={cfg.res} is ignored: Fashion-MNIST\'s images are 28 px and are used as they are')
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
-    aug = augmentations(cfg, rank, 10, 28, FASHION_MEAN, FASHION_STD)
+    aug = from_config(cfg, rank, 10, 28, FASHION_MEAN, FASHION_STD)
     if cfg.loader == 'torchvision' or ffcv_error():
         if cfg.loader == 'ffcv' and rank == 0:
             warn(f'FFCV is not importable ({ffcv_error()}); Fashion-MNIST is read in memory instead')
@@ -557,5 +497,5 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
         if rank == 0:
             warn(f'robust accuracy on the first {len(subset)} val images, not RobustBench\'s list '
                  f'(it needs eval_n <= 5000 and the ImageNet val files): not comparable with the paper')
-    aug = augmentations(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
+    aug = from_config(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
     return make('train', True, **aug), make('val', False), make('val', False, subset), info

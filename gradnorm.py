@@ -73,7 +73,7 @@ def choose_impl(requested, device_type, amp, act):
     requested: 'auto', 'exact' or 'fd'; device_type: 'cpu', 'cuda', ...; amp: whether the step runs
     under bf16 autocast; act: the activation. auto picks fd where it was measured accurate (parameter
     gradient within 1% of float64 double backprop, docs/speed.md) and it is cheaper (two first-order
-    passes instead of a double backward): float32 on the CPU or CUDA (with fd_backend_flags) and a
+    passes instead of a double backward): float32 on the CPU or CUDA (with fd_float32) and a
     smooth activation. fd under bf16 raises ValueError; fd with ReLU is allowed, and why says that
     it is inaccurate (act not in SMOOTH_ACTS: print a warning).
     """
@@ -100,20 +100,8 @@ def choose_impl(requested, device_type, amp, act):
     return 'fd', f'fd: {where}: 2 passes instead of double backprop'
 
 
-def fd_backend_flags(device_type):
-    """The backend settings fd needs, {'torch.backends....attribute': value}: on CUDA TF32 off for
-    matmuls and cuDNN convolutions (TF32 keeps 10 mantissa bits, a rounding of ~5e-4 that the
-    difference quotient divides by h); none on other devices."""
-    if device_type != 'cuda':
-        return {}
-    return {'torch.backends.cuda.matmul.allow_tf32': False, 'torch.backends.cudnn.allow_tf32': False}
-
-
-def set_backend_flags(flags):
-    """Apply fd_backend_flags(...): each 'torch.backends.X.attr' set to its value."""
-    for name, value in flags.items():
-        owner, attr = name.removeprefix('torch.').rsplit('.', 1)
-        obj = torch
-        for part in owner.split('.'):
-            obj = getattr(obj, part)
-        setattr(obj, attr, value)
+def fd_float32(device_type):
+    """What fd needs on CUDA: TF32 off for matmuls and cuDNN convolutions (TF32 keeps 10 mantissa bits,
+    a rounding of ~5e-4 that the difference quotient divides by h); nothing elsewhere."""
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

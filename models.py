@@ -1,5 +1,4 @@
 """Compact ResNets and ViTs, and any timm model (`swin_base_patch4_window7_224`, `timm/resnet50`).
-
 Every model takes its activation by name (GradNorm needs a smooth one) and eats images in [0,1]:
 normalization is a buffer inside it, so input gradients and attacks live in pixel space."""
 from typing import List, Optional
@@ -225,8 +224,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, heads, act):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), Attention(dim, heads), nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), make_act(act), nn.Linear(4 * dim, dim))
 
     def forward(self, x):
@@ -239,9 +237,8 @@ class ViT(nn.Module):
                  num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, conv='native'):
         super().__init__()
         if img_size % patch:  # the convolution would drop them silently
-            raise ValueError(f'{patch} px patches do not tile {img_size} px images: their last '
-                             f'{img_size % patch} pixel rows and columns would never reach the model; '
-                             f'use a multiple of {patch}')
+            raise ValueError(f'{patch} px patches do not tile {img_size} px images: {img_size % patch} pixel '
+                             f'rows and columns would never reach the model; use a multiple of {patch}')
         self.normalize = Normalize(mean, std)
         self.patch_embed = CONVS[conv](in_ch, dim, patch, patch)
         self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch) ** 2, dim) * 0.02)
@@ -325,8 +322,7 @@ def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
 
 
 def _unreachable(url):
-    """Why url's host cannot be reached (one TCP connection, 3 s at most), else None; behind a
-    proxy the download is left to try."""
+    """Why url's host cannot be reached (one TCP connection, 3 s at most), else None; None behind a proxy."""
     import socket
     import urllib.parse
     import urllib.request
@@ -374,8 +370,7 @@ def pretrained_missing(name):
 
 
 def patch_problem(name, img_size):
-    """Why a ViT of this file cannot see all of an img_size image, else None (built on the meta
-    device: nothing is allocated)."""
+    """Why a ViT of this file cannot see all of an img_size image, else None (built on the meta device)."""
     if name not in MODELS or not name.startswith('vit'):
         return None
     try:
@@ -408,8 +403,7 @@ def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=
 
 
 def use_conv(model, conv):
-    """Every plain nn.Conv2d of model the given kind, in place (timm's Conv2dSame, StdConv2d, ...
-    change the forward and stay as they are)."""
+    """Every plain nn.Conv2d of model the given kind, in place (timm's Conv2dSame, StdConv2d, ... stay)."""
     for m in model.modules():
         if type(m) in (nn.Conv2d, Conv2d):
             m.__class__ = CONVS[conv]  # same attributes and parameters: only the forward differs
@@ -446,11 +440,8 @@ def no_weight_decay(model):
     import fnmatch
     inner = getattr(model, 'model', None)
     listed = [f'model.{n}' for n in inner.no_weight_decay()] if hasattr(inner, 'no_weight_decay') else []
-    skip = set()
-    for name, p in model.named_parameters():
-        if p.ndim <= 1 or any(fnmatch.fnmatch(name, pattern) for pattern in listed):
-            skip.add(name)
-    return skip
+    return {name for name, p in model.named_parameters()
+            if p.ndim <= 1 or any(fnmatch.fnmatch(name, pattern) for pattern in listed)}
 
 
 def normalization(model):

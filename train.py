@@ -17,74 +17,41 @@ import signal
 import socket
 import sys
 import time
+import types
 from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import config
 from attack import pgd_at
 from augment import STEP, rand_u32
-from config import (
-    RESUME_KEYS,
-    UserError,
-    __version__,
-    append_line,
-    checkpoints,
-    cli,
-    describe_recipe,
-    end_distributed,
-    load_checkpoint,
-    parse_config,
-    save_checkpoint,
-    setup_distributed,
-)
+from config import UserError, cli
 from data import make_loaders
 from edge_reg import edge_reg
 from evaluate import epoch_metrics
-from gradnorm import (
-    SMOOTH_ACTS,
-    choose_impl,
-    fd_backend_flags,
-    gradnorm,
-    gradnorm_fd,
-    set_backend_flags,
-    standard,
-)
+from gradnorm import SMOOTH_ACTS, choose_impl, fd_float32, gradnorm, gradnorm_fd, standard
 from models import build_model, no_weight_decay, normalization
 
 # ---------------------------------------------------------------- the objective, as training runs it
 
-def gradnorm_choice(cfg, device):
-    """-> (impl, why): gradnorm.choose_impl for this run (amp: bf16 autocast, which runs on CUDA only)."""
-    try:
-        return choose_impl(cfg.gradnorm_impl, device.type, device.type == 'cuda' and cfg.amp, cfg.act)
-    except ValueError as e:
-        raise UserError(f'--gradnorm_impl={cfg.gradnorm_impl}: {e}') from None
-
-
-def gradnorm_impl(cfg, device):
-    return gradnorm_choice(cfg, device)[0]
-
-
-def second_order(cfg, device):
-    """Whether the objective differentiates a gradient again: exact GradNorm, EdgeReg."""
-    return cfg.objective == 'edge' or (cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'exact')
-
-
-def memory_format(cfg, device):
-    """channels_last for first-order objectives; contiguous for double backward, where channels_last
-    is slower and crashed torch 2.11's compiled ResNet backward on CUDA (docs/speed.md, section 1)."""
-    return torch.contiguous_format if second_order(cfg, device) else torch.channels_last
-
-
-def conv_kind(cfg, device):
-    """auto: models.Conv2d ('fast') for double backward, whose weight term it computes on the
-    standard kernels instead of a slow convolution (docs/speed.md, section 2);
-    nn.Conv2d ('native') for first-order objectives, where it has nothing to remove."""
-    if cfg.conv != 'auto':
-        return cfg.conv
-    return 'fast' if second_order(cfg, device) else 'native'
+def plan(cfg, device):
+    """How this run computes its objective. impl: GradNorm's, 'fd' or 'exact' (gradnorm.choose_impl;
+    amp is bf16 autocast, CUDA only), and why, for the log. Double backward (exact GradNorm, EdgeReg)
+    gets models.Conv2d, whose weight term runs on the standard kernels (docs/speed.md, section 2), and
+    contiguous tensors: channels_last is slower there and crashed torch 2.11's compiled ResNet backward
+    on CUDA (section 1). First-order objectives get nn.Conv2d and channels_last."""
+    impl, why, amp = None, '', device.type == 'cuda' and cfg.amp
+    if cfg.objective == 'gradnorm':
+        try:
+            impl, why = choose_impl(cfg.gradnorm_impl, device.type, amp, cfg.act)
+        except ValueError as e:
+            raise UserError(f'--gradnorm_impl={cfg.gradnorm_impl}: {e}') from None
+    second = cfg.objective == 'edge' or impl == 'exact'
+    conv = cfg.conv if cfg.conv != 'auto' else 'fast' if second else 'native'
+    fmt = torch.contiguous_format if second else torch.channels_last
+    return types.SimpleNamespace(impl=impl, why=why, conv=conv, fmt=fmt)
 
 
 def objective(cfg, device, compiled=False, norm=None):
@@ -96,7 +63,7 @@ def objective(cfg, device, compiled=False, norm=None):
     weights = tuple(map(float, cfg.gn_weights.split(',')))
     mean, std = norm or (None, None)
     scalar = lambda v: torch.tensor(float(v), device=device)
-    fd = cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd'
+    fd = plan(cfg, device).impl == 'fd'
     fn = {'standard': standard, 'gradnorm': gradnorm_fd if fd else gradnorm, 'pgd': pgd_at,
           'edge': edge_reg}[cfg.objective]
     # fullgraph, so a double backward cannot silently fall back to eager; PGD's attack loop makes
@@ -147,6 +114,7 @@ class Run:
     rank: int
     world: int
     device: torch.device
+    plan: types.SimpleNamespace  # plan(cfg, device)
     step: int = 0       # optimizer steps taken (or skipped) since the start of training
     bad_steps: int = 0  # non-finite steps in a row
     # (EMA tensor, model tensor) pairs, built once: state_dict() values share storage with the
@@ -196,7 +164,7 @@ def claim_out(cfg):
 
 
 def old_run(cfg):
-    return checkpoints(cfg.out) + [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')
+    return config.checkpoints(cfg.out) + [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')
                                    if os.path.exists(os.path.join(cfg.out, f))]
 
 
@@ -219,21 +187,21 @@ def release(claim, cfg):
 def find_resume(cfg, log):
     """--resume=PATH, or --resume=auto: the newest checkpoint in --out that loads."""
     if cfg.resume != 'auto':
-        return cfg.resume, load_checkpoint(cfg.resume, RESUME_KEYS)
-    for path in reversed(checkpoints(cfg.out)):
+        return cfg.resume, config.load_checkpoint(cfg.resume, config.RESUME_KEYS)
+    for path in reversed(config.checkpoints(cfg.out)):
         try:
-            return path, load_checkpoint(path, RESUME_KEYS)
+            return path, config.load_checkpoint(path, config.RESUME_KEYS)
         except UserError as e:
             log(f'warning: skipping {e}')
     log(f'--resume=auto: no checkpoint in {cfg.out} that loads: a new run starts there')
     return None, None
 
 
-def initial_model(cfg, info, device, log):
+def initial_model(cfg, info, conv, log):
     """The model before training: random, timm's pretrained weights, torchvision's (the compact
     resnet50), or the weights of a checkpoint of ours (a recipe's stage 2 starts from stage 1's)."""
     pretrained = cfg.init == 'pretrained'
-    model = build_model(cfg.model, cfg.act, pretrained=pretrained, conv=conv_kind(cfg, device), **info)
+    model = build_model(cfg.model, cfg.act, pretrained=pretrained, conv=conv, **info)
     # torchvision's ImageNet ResNet-50: the same parameter names; the activation stays cfg.act
     if cfg.init == 'torchvision':
         if info['num_classes'] != 1000:
@@ -242,7 +210,7 @@ def initial_model(cfg, info, device, log):
         import torchvision
         model.load_state_dict(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), strict=True)
     elif cfg.init not in ('', 'pretrained'):
-        ck = load_checkpoint(cfg.init)
+        ck = config.load_checkpoint(cfg.init)
         old = ck['model']  # the trained weights, not the EMA (the authors' stage 2 too)
         if ck['config']['objective'] != cfg.objective:
             was = ck['config']['objective']
@@ -257,23 +225,23 @@ def initial_model(cfg, info, device, log):
 
 def start(cfg, rank, world, device, log):
     """Loaders, model (pretrained or resumed), EMA, optimizer and DDP: everything training needs."""
+    how = plan(cfg, device)
     torch.manual_seed(cfg.seed)
     *loaders, info = make_loaders(cfg, rank, world, device)
     if len(loaders[0]) == 0:
         raise UserError(f'--batch_size={cfg.batch_size} is larger than the training set ({cfg.data}): '
                         'lower it')
-    model = initial_model(cfg, info, device, log)
+    model = initial_model(cfg, info, how.conv, log)
     if device.type == 'cuda' and not cfg.amp:
         # float32 as the paper (cuDNN's convolutions: PyTorch's default)
         torch.backends.cuda.matmul.allow_tf32 = False
-    if cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd':
-        # TF32's rounding would swamp the difference quotient
-        set_backend_flags(fd_backend_flags(device.type))
+    if how.impl == 'fd':
+        fd_float32(device.type)
     path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
     if ck:
         check_resume(cfg, ck, path, info)
         model.load_state_dict(ck['model'])
-    model = model.to(device, memory_format=memory_format(cfg, device))
+    model = model.to(device, memory_format=how.fmt)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
     # norms, biases, and what the architecture names (timm's Swin: relative positions)
     skip = no_weight_decay(model)
@@ -290,7 +258,7 @@ def start(cfg, rank, world, device, log):
         group = dist.new_group() if device.type == 'cpu' else None
         net = nn.parallel.DistributedDataParallel(net, process_group=group)
     run_id = (ck or {}).get('run') or secrets.token_hex(4)
-    run = Run(cfg, model, ema, opt, net, loaders, info, run_id, rank, world, device)
+    run = Run(cfg, model, ema, opt, net, loaders, info, run_id, rank, world, device, how)
     if ema is not None:
         run.ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
     if ck:
@@ -333,7 +301,7 @@ def micro_steps(run, x, y, t):
     so the gradient is the global batch's mean whatever the split. DDP syncs on the last one.
     -> (mean loss, mean terms)"""
     cfg, n = run.cfg, run.cfg.accum
-    x = x.contiguous(memory_format=memory_format(cfg, run.device))  # the loaders deliver channels_last
+    x = x.contiguous(memory_format=run.plan.fmt)  # the loaders deliver channels_last
     amp = torch.autocast('cuda', torch.bfloat16) if run.device.type == 'cuda' and cfg.amp else nullcontext()
     run.opt.zero_grad(set_to_none=True)
     loss, parts = 0.0, {}
@@ -420,7 +388,7 @@ def train_epoch(run, epoch, stop):
 
 def newest_checkpoint(run):
     """For the divergence message: every checkpoint is of finite weights (save checks)."""
-    saved = checkpoints(run.cfg.out, run.run_id)
+    saved = config.checkpoints(run.cfg.out, run.run_id)
     if not saved:
         return f'this run wrote no checkpoint to {run.cfg.out}'
     step = int(os.path.basename(saved[-1]).split('-')[1])
@@ -438,17 +406,17 @@ def save(run):
         raise UserError(f'the weights are not finite at step {run.step}: not saved; {newest_checkpoint(run)} '
                         '(try a lower --lr)')
     path = os.path.join(cfg.out, f'ckpt-{run.step:08d}-{run.run_id}.pt')
-    save_checkpoint(path, dict(
+    config.save_checkpoint(path, dict(
         model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None,
         optimizer=run.opt.state_dict(), step=run.step, epoch=run.step // run.steps,
-        config=dataclasses.asdict(cfg), data_info=run.info, run=run.run_id, version=__version__))
+        config=dataclasses.asdict(cfg), data_info=run.info, run=run.run_id, version=config.__version__))
     latest = os.path.join(cfg.out, 'ckpt.pt')
     try:
         with suppress(FileNotFoundError):
             os.remove(latest + '.tmp')  # left by a crash between the two lines below
         os.link(path, latest + '.tmp')
         os.replace(latest + '.tmp', latest)
-        for old in checkpoints(cfg.out, run.run_id)[:-cfg.keep]:
+        for old in config.checkpoints(cfg.out, run.run_id)[:-cfg.keep]:
             os.remove(old)
     except OSError as e:
         raise UserError(f'cannot point {latest} at {path} ({e.strerror}): {path} is complete; '
@@ -465,7 +433,7 @@ def end_epoch(run, epoch, terms, img_per_s, log):
         metrics.update({f'ema_{k}': v for k, v in ema.items()})
     log('\n' + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
     if run.rank == 0:
-        append_line(os.path.join(cfg.out, 'metrics.jsonl'), json.dumps(metrics))
+        config.append_line(os.path.join(cfg.out, 'metrics.jsonl'), json.dumps(metrics))
     save(run)
     return metrics
 
@@ -493,10 +461,10 @@ def pgd_name(cfg):
 
 def train(cfg):
     """Claims --out for this run (rank 0), then trains: loop."""
-    rank, world, device = setup_distributed()
+    rank, world, device = config.setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     if cfg.recipe:
-        log(describe_recipe(cfg))
+        log(config.describe_recipe(cfg))
     if cfg.batch_size % (world * cfg.accum):
         raise UserError(f'--batch_size={cfg.batch_size} does not split into {world} ranks x '
                         f'--accum={cfg.accum} micro-batches: make it a multiple of {world * cfg.accum}')
@@ -516,13 +484,11 @@ def loop(cfg, rank, world, device, log):
             '--epochs=N)')
         return run.model
     params = sum(p.numel() for p in run.model.parameters())
-    log(f'{cfg.objective} | {cfg.model} {cfg.act} | {params:,} params '
-        f'| {world} x {device.type} | compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{__version__}'
-        + (f' | gradnorm_impl={gradnorm_choice(cfg, device)[1]}' if cfg.objective == 'gradnorm' else '')
-        + f' | conv={conv_kind(cfg, device)}')
-    fd = cfg.objective == 'gradnorm' and gradnorm_impl(cfg, device) == 'fd'
-    if rank == 0 and fd and cfg.act not in SMOOTH_ACTS:
-        print(f'warning: --gradnorm_impl={gradnorm_choice(cfg, device)[1]}', file=sys.stderr)
+    log(f'{cfg.objective} | {cfg.model} {cfg.act} | {params:,} params | {world} x {device.type} '
+        f'| compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{config.__version__}'
+        + (f' | gradnorm_impl={run.plan.why}' if run.plan.why else '') + f' | conv={run.plan.conv}')
+    if rank == 0 and run.plan.impl == 'fd' and cfg.act not in SMOOTH_ACTS:
+        print(f'warning: --gradnorm_impl={run.plan.why}', file=sys.stderr)
     log(f'per epoch: clean accuracy on the validation set; pgd_upper = {pgd_name(cfg)}, an upper bound on '
         'robust accuracy (AutoAttack, the number to report: evaluate.py --autoattack)')
     metrics = {}
@@ -539,18 +505,18 @@ def loop(cfg, rank, world, device, log):
         clean, upper = 100 * metrics['clean_acc'], 100 * metrics['pgd_upper']
         log(f'final: clean {clean:.1f}% | {pgd_name(cfg)} {upper:.1f}% (an upper bound; AutoAttack: '
             f'python evaluate.py --ckpt {cfg.out}/ckpt.pt --autoattack) | {cfg.out}/ckpt.pt')
-    end_distributed()
+    config.end_distributed()
     return run.model
 
 
 def main(argv):
     try:
-        train(parse_config(argv))
+        train(config.parse_config(argv))
     except Preempted as e:
         print(f'\npreempted: {e}', file=sys.stderr)
         return 75  # EX_TEMPFAIL: try again, e.g. requeue with --resume=auto
     finally:
-        end_distributed()  # a preempted run's too: its exit status must stay 75
+        config.end_distributed()  # a preempted run's too: its exit status must stay 75
 
 
 if __name__ == '__main__':

@@ -46,13 +46,12 @@ def test_explicit_requests(device):
 
 
 def test_fd_turns_tf32_off_for_matmuls_and_cudnn_on_cuda_only():
-    assert G.fd_backend_flags('cpu') == {}
-    flags = G.fd_backend_flags('cuda')
-    assert flags == {'torch.backends.cuda.matmul.allow_tf32': False, 'torch.backends.cudnn.allow_tf32': False}
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        G.set_backend_flags(flags)
+        G.fd_float32('cpu')
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        G.fd_float32('cuda')
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
@@ -86,7 +85,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_fd_in_float32_without_tf32_is_within_1_percent():
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        G.set_backend_flags(G.fd_backend_flags('cuda'))
+        G.fd_float32('cuda')
         torch.manual_seed(0)
         model = M.build_model('resnet_demo_pool', 'gelu', in_ch=1, num_classes=10, img_size=28).cuda().train()
         x, y = torch.rand(32, 1, 28, 28, device='cuda'), torch.randint(0, 10, (32,), device='cuda')

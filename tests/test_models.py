@@ -210,7 +210,7 @@ def test_timm_resnet_with_fast_conv_equals_native():
 
 def test_conv_auto_is_fast_for_double_backward_only():
     cpu = torch.device('cpu')
-    kind = lambda **kw: T.conv_kind(C.Config(**kw), cpu)
+    kind = lambda **kw: T.plan(C.Config(**kw), cpu).conv
     assert (
         kind(gradnorm_impl='exact') == kind(objective='edge') == kind(conv='fast', objective='pgd') == 'fast'
     )

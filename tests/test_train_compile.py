@@ -99,14 +99,14 @@ def test_fd_gradnorm_chosen_by_config():
     got = param_grad(model, T.objective(cfg, torch.device('cpu')), x, y, 5.0)[1]  # t past the ramp: alpha 1
     want = param_grad(model, G.gradnorm_fd, x, y, 0.1, torch.tensor(1.0), h=1e-3)[1]
     assert rel(got, want) < 1e-6
-    assert T.gradnorm_impl(C.Config(gradnorm_impl='auto', act='relu'), torch.device('cpu')) == 'exact'
+    assert T.plan(C.Config(gradnorm_impl='auto', act='relu'), torch.device('cpu')).impl == 'exact'
 
 
 def _ddp_rank(rank, init_file, x, y, out, compiled):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     torch.set_num_threads(1)  # as the parent's reference: FD divides any change of rounding order by h
     cfg = C.Config(objective='gradnorm', gradnorm_impl='exact' if compiled else 'fd', ramp_epochs=1.0)
-    model = tiny('resnet', conv=T.conv_kind(cfg, torch.device('cpu')))  # exact: the fast conv, as training
+    model = tiny('resnet', conv=T.plan(cfg, torch.device('cpu')).conv)  # exact: the fast conv, as training
     with torch._dynamo.config.patch(trace_autograd_ops=True, optimize_ddp=False):
         if compiled:  # as train() does it, with the test backend
             torch.compile = functools.partial(torch.compile, backend=BACKEND)
@@ -153,8 +153,8 @@ def test_cuda_inductor_step_matches_eager_in_float32_and_bf16(arch, objective, m
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     cfg, cuda = C.Config(objective=objective), torch.device('cuda')
-    fmt = T.memory_format(cfg, cuda)
-    model = tiny(arch, conv=T.conv_kind(cfg, cuda)).cuda().to(memory_format=fmt)  # the fast conv, as training
+    fmt = T.plan(cfg, cuda).fmt
+    model = tiny(arch, conv=T.plan(cfg, cuda).conv).cuda().to(memory_format=fmt)  # the fast conv, as training
     x, y = (t.cuda() for t in batch(32))
     x = x.contiguous(memory_format=fmt)
     fn = {'gradnorm': functools.partial(G.gradnorm, eps=0.1), 'edge': edge_reg}[objective]
@@ -171,6 +171,6 @@ def test_cuda_inductor_step_matches_eager_in_float32_and_bf16(arch, objective, m
 @cuda
 def test_cuda_training_picks_exact_and_refuses_fd():
     dev = torch.device('cuda')
-    assert T.gradnorm_impl(C.Config(objective='gradnorm'), dev) == 'exact'
+    assert T.plan(C.Config(objective='gradnorm'), dev).impl == 'exact'
     with pytest.raises(C.UserError):
-        T.gradnorm_impl(C.Config(objective='gradnorm', gradnorm_impl='fd'), dev)
+        T.plan(C.Config(objective='gradnorm', gradnorm_impl='fd'), dev)

@@ -52,7 +52,7 @@ from edge_reg import edge_reg
 from gradnorm import FD_H, choose_impl, gradnorm, gradnorm_fd, standard
 from models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from tools.beton import write_beton
-from train import conv_kind, memory_format
+from train import plan
 
 LIBC = ctypes.CDLL(None)
 
@@ -178,7 +178,7 @@ def step_args(p):
         default='both',
         choices=['both', 'auto', 'fast', 'native'],
         help='both: exact GradNorm with each convolution, nn.Conv2d (native) and models.Conv2d '
-        '(fast), the others as training picks (train.conv_kind); auto: every method as '
+        '(fast), the others as training picks (train.plan); auto: every method as '
         'training picks',
     )
 
@@ -221,7 +221,7 @@ def step_rows(args, device, amp, mode):
         convs = (
             ('native', 'fast')
             if args.conv == 'both' and name.startswith('gradnorm exact')
-            else (conv_kind(cfg, device) if args.conv in ('both', 'auto') else args.conv,)
+            else (plan(cfg, device).conv if args.conv in ('both', 'auto') else args.conv,)
         )
         for conv in convs:
             rows[f'{name} {conv}' if len(convs) > 1 else name] = (fn, compiled, cfg, conv)
@@ -239,7 +239,7 @@ def warm_up(rows, args, info, x, y, device, autocast, build=None):
     state = {}
     for name, (fn, compiled, cfg, conv) in rows.items():
         fmt = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}.get(
-            args.memory_format, memory_format(cfg, device)
+            args.memory_format, plan(cfg, device).fmt
         )
         model = build(conv)
         model.load_state_dict(weights)
@@ -332,7 +332,7 @@ def bench_step(args):
     mode = {'auto': 'all' if device.type == 'cuda' else 'none'}.get(args.compile, args.compile)
     if mode != 'none':
         torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
-    if device.type == 'cuda':  # float32 as the paper runs it, and as fd needs it (gradnorm.fd_backend_flags)
+    if device.type == 'cuda':  # float32 as the paper runs it, and as fd needs it (gradnorm.fd_float32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp
     autocast = torch.autocast('cuda', torch.bfloat16) if amp else nullcontext()
     x, y, info = bench_input(args, device)

@@ -559,7 +559,7 @@ def paper(dry):
 
     from gradnorm import FD_H
     from tools.bench import hardware, methods, time_rows, warm_up
-    from train import conv_kind
+    from train import plan
 
     p = paper_settings(dry)
     if dry:  # toy sizes: a second thread only spins against the other steps of the dry run
@@ -582,7 +582,7 @@ def paper(dry):
         # dynamic: one compile serves every micro-batch of the search; no Inductor on the dry run's CPU
         rows = methods(False, not dry, 4 / 255, FD_H, device, amp, 'gelu', dynamic=True)
         keep = {*PAPER_ROWS, 'gradnorm exact'} - {'gradnorm exact compiled' if dry else 'gradnorm exact'}
-        rows = {n: (fn, c, cfg, conv_kind(cfg, device)) for n, (fn, c, cfg) in rows.items() if n in keep}
+        rows = {n: (fn, c, cfg, plan(cfg, device).conv) for n, (fn, c, cfg) in rows.items() if n in keep}
         precision = 'bf16 autocast' if amp else 'float32, TF32 off'
         print(f'\n{precision}: {", ".join(rows)}', flush=True)
         state = warm_up(rows, args, info, x, y, device, autocast, build=p['build'])

@@ -71,7 +71,8 @@ def main(argv):
     def checkpoint(args):
         ck, model = load_official(args.ckpt, args.model, args.act)
         # ImageNet as it is stored; the 1000-class model may see a folder of some of its classes
-        ck['config'].update(data=args.data, loader='ffcv' if data_kind(args.data) == 'beton' else 'torchvision')
+        loader = 'ffcv' if data_kind(args.data) == 'beton' else 'torchvision'
+        ck['config'].update(data=args.data, loader=loader)
         evaluate.resolve(args, ck)
         return ck, model
     return evaluate.run(args, checkpoint)
