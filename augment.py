@@ -1,12 +1,13 @@
-"""Augmentations whose random numbers are a fixed function of (seed, epoch, sample): the same batches
-for any number of loader threads or worker processes, in every run, and after a resume.
+"""The image transforms of both loaders (and ImageNet's evaluation crop), their random numbers a fixed
+function of (seed, epoch, sample): the same batches for any number of loader threads or worker
+processes, in every run, and after a resume.
 
 No random state is shared or carried along: each random number is a hash of its coordinates
-(`uniform`). Flip and random-resized crop are hashed from (seed, epoch, image index), on both loaders
-(the FFCV operations at the end of this file compile the same functions with numba); timm's RandAugment runs
-per image with Python's and NumPy's generators seeded from that hash; random erasing and Mixup/CutMix
-run on the device batch with torch's generator seeded from (seed, epoch, rank, batch number).
-Imports only torch and numpy (timm, and FFCV with numba, on first use).
+(`uniform`). Flip and random-resized crop are hashed from (seed, epoch, image index), on PIL images
+(TrainTransform) and as FFCV operations (the end of this file: the same functions compiled with
+numba); timm's RandAugment runs per image with Python's and NumPy's generators seeded from that hash;
+random erasing and Mixup/CutMix run on the device batch with torch's generator seeded from (seed,
+epoch, rank, batch number). Imports only torch and numpy (PIL, timm, and FFCV with numba, on first use).
 """
 import functools
 import math
@@ -24,6 +25,7 @@ M32 = 0xFFFFFFFF
 # STEP + rank seeds a training step's own random numbers, BATCH + rank a batch's (train.py, BatchAugment)
 FLIP, RANDAUG, CROP, STEP, BATCH = 0, 1, 2, 1 << 15, 1 << 16
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # ImageNet's random-resized crop
+VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evaluation crop
 
 
 def mix32(h):
@@ -198,12 +200,31 @@ class BatchAugment:
                 x, y = self.mix(x, y)
         return x, y
 
+def center_crop(im, res):
+    """The ImageNet evaluation crop, as FFCV gives it from a val .beton stored at VAL_SIDE:
+    torchvision's Resize(res / VAL_RATIO), then the central res square (offset rounded down, as FFCV
+    does; CenterCrop rounds to even). PIL resamples only that square (box=): the same pixels without
+    resizing the whole image."""
+    from PIL import Image
+    w, h = im.size
+    short = round(res / VAL_RATIO)
+    W, H = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's rounding
+    left, top, sx, sy = (W - res) // 2, (H - res) // 2, w / W, h / H
+    box = (left * sx, top * sy, (left + res) * sx, (top + res) * sy)
+    return im.resize((res, res), Image.BILINEAR, box=box)
+
+
+def val_transform(im, epoch, i, res):
+    """PIL image -> uint8 CHW tensor, center_crop's pixels (epoch, i: TrainTransform's signature)."""
+    return torch.from_numpy(np.array(center_crop(im, res))).permute(2, 0, 1)
+
+
 def from_config(cfg, rank, num_classes, res, mean, std):
-    """The training loader's keyword arguments: randaug (timm's RandAugment, per image) and augment
+    """The training loader's keyword arguments: randaug (timm's RandAugment, per image) and on_batch
     (random erasing, Mixup/CutMix on the device batch), each None when off."""
-    augment = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
+    on_batch = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
     randaug = randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None
-    return dict(randaug=randaug, augment=augment or None)
+    return dict(randaug=randaug, on_batch=on_batch or None)
 
 
 # ---------------------------------------------------------------- the same rules as FFCV operations

@@ -101,7 +101,7 @@ class Config:
     loader: str = 'ffcv'          # ffcv | torchvision (fallback for ImageFolder data)
     res: int = 224                # ImageNet training/eval resolution
     workers: int = 8
-    init: str = ''                # '' (random) | pretrained (timm's) | torchvision (resnet50) | a checkpoint
+    init: str = ''                # '' (random) | pretrained (timm's weights) | a checkpoint of ours
     fd_h: float = 1e-4            # finite-difference step of --gradnorm_impl=fd (pixel units)
     res_start: int = 0            # progressive resizing: train res ramps res_start -> res (0 = off)
     mixup: float = 0.0            # Mixup alpha; with --cutmix too, one of the two per batch (p=0.5); 0 = off
@@ -188,9 +188,8 @@ RULES = {
     'loader': (lambda v: v in ('ffcv', 'torchvision'), 'ffcv or torchvision'),
     'res': (lambda v: 16 <= v <= 4096, 'in [16, 4096] pixels'),
     'workers': (lambda v: 0 <= v <= 256, 'in [0, 256]'),
-    'init': (lambda v: v in ('', 'pretrained', 'torchvision') or os.path.isfile(v),
-             "'' (random), pretrained, torchvision or a checkpoint file (a recipe's stage 2: run its stage 1 "
-             "first)"),
+    'init': (lambda v: v in ('', 'pretrained') or os.path.isfile(v),
+             "'' (random), pretrained or a checkpoint file (a recipe's stage 2: run its stage 1 first)"),
     'fd_h': (lambda v: 0 < v <= 0.1, 'in (0, 0.1] (pixel units)'),
     'res_start': (lambda v: v >= 0, '0 (off) or a resolution <= --res'),
     'mixup': (lambda v: finite(v) and v >= 0, "Mixup's alpha, a finite number >= 0 (0: off)"),
@@ -261,13 +260,9 @@ def validate(cfg):
     if cfg.res_start > cfg.res:
         raise UserError(f'--res_start={cfg.res_start} is above --res={cfg.res}: lower it, or 0 for no '
                         'resizing')
-    if cfg.init == 'torchvision' and cfg.model != 'resnet50':
-        raise UserError(f'--init={cfg.init} loads ImageNet ResNet-50 weights, not {cfg.model}: pass '
-                        '--model=resnet50 or --init=')
     if cfg.init == 'pretrained' and not timm_name(cfg.model):
         raise UserError(f'--init=pretrained loads timm\'s weights, but {cfg.model} is a compact model of '
-                        'models.py: pass a timm model (e.g. --model=timm/resnet50), --init=torchvision '
-                        '(resnet50) or --init=')
+                        'models.py: pass a timm model (e.g. --model=timm/resnet50) or --init=')
     size = 28 if data_kind(cfg.data) == 'fashion' else cfg.res  # Fashion-MNIST: 28 px, whatever --res
     if why := patch_problem(cfg.model, size):
         raise UserError(f'--model={cfg.model} at {size} px: {why}')

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from augment import FLIP, TrainTransform, from_config, rand_u32, randaug_gray, res_at
+import augment
 from config import Config, UserError, data_kind
 from models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -31,7 +31,6 @@ FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROBUSTBENCH_LIST = os.path.join(HERE, 'lists', 'robustbench_imagenet_val_5000.txt')
 CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'gradnorm')
-VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evaluation crop
 VAL_SIDE = 256  # short side of the stored val images: 224 px center crops without resampling
 
 
@@ -112,9 +111,10 @@ class TensorLoader:
             j = idx[i * self.batch:(i + 1) * self.batch]
             x = self.images[j]
             if self.train:  # flip, then RandAugment, as FFCV's path and timm order them
-                flip = rand_u32(self.seed, self.epoch, j, FLIP) < 2 ** 31  # = uniform(...) < 0.5, in integers
+                # uniform(...) < 0.5, in integers
+                flip = augment.rand_u32(self.seed, self.epoch, j, augment.FLIP) < 2 ** 31
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-                x = randaug_gray(self.randaug, x, self.seed, self.epoch, j) if self.randaug else x
+                x = augment.randaug_gray(self.randaug, x, self.seed, self.epoch, j) if self.randaug else x
             x = x.to(self.device, non_blocking=True).float().div_(255)
             yield x.contiguous(memory_format=torch.channels_last), self.labels[j].to(self.device)
 
@@ -213,12 +213,12 @@ def write_split(dataset, path, workers, write_mode='proportion', max_side=None, 
 
 class Batches:
     """(uint8 or [0,1] float NCHW, labels) batches -> x float in [0,1] on the device, channels_last,
-    y int64; then augment (augment.BatchAugment) on the device batch. From FFCV on the CPU, x is its
+    y int64; then on_batch (augment.BatchAugment) on the device batch. From FFCV on the CPU, x is its
     reused buffer: valid until the next batch is drawn."""
 
-    def __init__(self, loader, device, set_epoch, channels=3, augment=None):
+    def __init__(self, loader, device, set_epoch, channels=3, on_batch=None):
         self.loader, self.device, self._set_epoch, self.channels = loader, device, set_epoch, channels
-        self.augment, self.epoch = augment or None, 0
+        self.on_batch, self.epoch = on_batch or None, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -235,8 +235,8 @@ class Batches:
             x = x.div(255) if x.dtype == torch.uint8 else x
             # FFCV reuses its output buffers: copy the labels
             y = y.to(self.device, non_blocking=True).view(-1).to(torch.int64, copy=True)
-            if self.augment:
-                x, y = self.augment(x, y, self.epoch, i)
+            if self.on_batch:
+                x, y = self.on_batch(x, y, self.epoch, i)
             yield x, y
 
 
@@ -249,24 +249,23 @@ def beton_labels(path):
 
 def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, world=1, seed=0, workers=2,
                 os_cache=True, drop_last=None, indices=None, res_start=0, epochs=1, channels=3, randaug=None,
-                augment=None):
+                on_batch=None):
     """train: random-resized crop + flip (+ randaug, a PIL transform), each a function of (seed, epoch,
     image index) (augment.ffcv_ops), shuffled (DDP: each rank its shard, distributed=True); val: center
-    crop (VAL_RATIO), in order, each rank every world-th of indices (default: all). crop=False decodes
-    fixed-size images as stored. augment: on the device batch (Batches)."""
+    crop (augment.VAL_RATIO), in order, each rank every world-th of indices (default: all). crop=False decodes
+    fixed-size images as stored. on_batch: on the device batch (Batches)."""
     need_ffcv()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
-    from augment import Seeded, ffcv_ops
-    SeededRandomResizedCrop, SeededFlip, RandAugment = ffcv_ops()
+    SeededRandomResizedCrop, SeededFlip, RandAugment = augment.ffcv_ops()
     if not crop:
         decoder = SimpleRGBImageDecoder()
     elif train:
         decoder = SeededRandomResizedCrop(seed, (res, res))
     else:
-        decoder = CenterCropRGBImageDecoder((res, res), VAL_RATIO)
+        decoder = CenterCropRGBImageDecoder((res, res), augment.VAL_RATIO)
     augs = []
     if train:
         augs = [SeededFlip(seed)] + ([RandAugment(seed, randaug)] if randaug is not None else [])
@@ -293,29 +292,16 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
                     distributed=train and world > 1, indices=indices,
                     drop_last=train if drop_last is None else drop_last,
                     pipelines={'image': image, 'label': label}, recompile=bool(res_start))
-    seeded = [op for op in [decoder] + augs if isinstance(op, Seeded)]
+    seeded = [op for op in [decoder] + augs if isinstance(op, augment.Seeded)]
 
     def set_epoch(epoch):
         loader.next_epoch = epoch  # FFCV's order is a function of seed + epoch
         for op in seeded:
             op.epoch = epoch
         if crop and train:
-            r = res_at(epoch, res, res_start, epochs)
+            r = augment.res_at(epoch, res, res_start, epochs)
             decoder.output_size = (r, r)
-    return Batches(loader, device, set_epoch, channels, augment)
-
-
-def center_crop(im, res):
-    """The ImageNet evaluation crop, as FFCV gives it from a val .beton stored at VAL_SIDE:
-    torchvision's Resize(res / VAL_RATIO), then the central res square (offset rounded down, as FFCV
-    does; CenterCrop rounds to even). PIL resamples only that square (box=): the same pixels without
-    resizing the whole image."""
-    w, h = im.size
-    short = round(res / VAL_RATIO)
-    W, H = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's rounding
-    left, top, sx, sy = (W - res) // 2, (H - res) // 2, w / W, h / H
-    box = (left * sx, top * sy, (left + res) * sx, (top + res) * sy)
-    return im.resize((res, res), Image.BILINEAR, box=box)
+    return Batches(loader, device, set_epoch, channels, on_batch)
 
 
 class _Folder:
@@ -359,28 +345,24 @@ class _EpochSampler:
         return ((i, self.sampler.epoch) for i in self.sampler)
 
 
-def _center_crop_tensor(im, epoch, i, res):
-    return torch.from_numpy(np.array(center_crop(im, res))).permute(2, 0, 1)
-
-
 def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world=1, seed=0, workers=2,
                        drop_last=None, indices=None, res_start=0, epochs=1, classes=None, randaug=None,
-                       augment=None):
+                       on_batch=None):
     """The fallback: the same crop, flip and RandAugment rules, the same [0,1] output, a torch
     DataLoader instead of FFCV."""
     from torch.utils.data import DataLoader, Subset
     if train:  # DistributedSampler's order, as FFCV's under DDP
-        dataset = _Folder(folder, TrainTransform(res, res_start, epochs, seed, randaug), classes)
+        dataset = _Folder(folder, augment.TrainTransform(res, res_start, epochs, seed, randaug), classes)
         sampler, ds = _EpochSampler(dataset, world, rank, seed), dataset
     else:
-        dataset = _Folder(folder, functools.partial(_center_crop_tensor, res=res), classes)
+        dataset = _Folder(folder, functools.partial(augment.val_transform, res=res), classes)
         idx = range(len(dataset)) if indices is None else indices
         sampler, ds = None, Subset(dataset, list(idx)[rank::world])
     device = torch.device(device)
     loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == 'cuda', drop_last=train if drop_last is None else drop_last,
                         persistent_workers=workers > 0)
-    return Batches(loader, device, sampler.set_epoch if train else (lambda epoch: None), augment=augment)
+    return Batches(loader, device, sampler.set_epoch if train else (lambda epoch: None), on_batch=on_batch)
 
 
 def robustbench_indices(names, n):
@@ -421,15 +403,15 @@ def fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint):
     if cfg.res != Config.res and rank == 0 and not from_checkpoint:
         warn(f'--res={cfg.res} is ignored: Fashion-MNIST\'s images are 28 px and are used as they are')
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
-    aug = from_config(cfg, rank, 10, 28, FASHION_MEAN, FASHION_STD)
+    aug = augment.from_config(cfg, rank, 10, 28, FASHION_MEAN, FASHION_STD)
     if cfg.loader == 'torchvision' or ffcv_error():
         if cfg.loader == 'ffcv' and rank == 0:
             warn(f'FFCV is not importable ({ffcv_error()}); Fashion-MNIST is read in memory instead')
         (xtr, ytr), (xte, yte) = load_fashion_mnist(cfg.data)
         clamp_eval_n(cfg, len(yte), rank, n_flag)
         train = TensorLoader(xtr, ytr, cfg.batch_size, device, True, cfg.seed, rank, world, aug['randaug'])
-        if aug['augment']:
-            train = Batches(train, device, train.set_epoch, 1, aug['augment'])
+        if aug['on_batch']:
+            train = Batches(train, device, train.set_epoch, 1, aug['on_batch'])
         val = TensorLoader(xte, yte, 500, device, False, rank=rank, world=world)
         n = cfg.eval_n
         return train, val, TensorLoader(xte[:n], yte[:n], 500, device, False, rank=rank, world=world), info
@@ -497,5 +479,5 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
         if rank == 0:
             warn(f'robust accuracy on the first {len(subset)} val images, not RobustBench\'s list '
                  f'(it needs eval_n <= 5000 and the ImageNet val files): not comparable with the paper')
-    aug = from_config(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
+    aug = augment.from_config(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
     return make('train', True, **aug), make('val', False), make('val', False, subset), info

@@ -123,7 +123,6 @@ class Conv2d(nn.Conv2d):
         return conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
 
-# 'fast' for double backward (exact GradNorm, EdgeReg); first-order steps gain nothing from it
 CONVS = {'fast': Conv2d, 'native': nn.Conv2d}
 
 
@@ -237,8 +236,9 @@ class ViT(nn.Module):
                  num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, conv='native'):
         super().__init__()
         if img_size % patch:  # the convolution would drop them silently
-            raise ValueError(f'{patch} px patches do not tile {img_size} px images: {img_size % patch} pixel '
-                             f'rows and columns would never reach the model; use a multiple of {patch}')
+            raise ValueError(f'{patch} px patches do not tile {img_size} px images: their last '
+                             f'{img_size % patch} pixel rows and columns would never reach the model; '
+                             f'use a multiple of {patch}')
         self.normalize = Normalize(mean, std)
         self.patch_embed = CONVS[conv](in_ch, dim, patch, patch)
         self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch) ** 2, dim) * 0.02)

@@ -198,18 +198,11 @@ def find_resume(cfg, log):
 
 
 def initial_model(cfg, info, conv, log):
-    """The model before training: random, timm's pretrained weights, torchvision's (the compact
-    resnet50), or the weights of a checkpoint of ours (a recipe's stage 2 starts from stage 1's)."""
+    """The model before training: random, timm's pretrained weights, or the weights of a checkpoint of
+    ours (a recipe's stage 2 starts from stage 1's)."""
     pretrained = cfg.init == 'pretrained'
     model = build_model(cfg.model, cfg.act, pretrained=pretrained, conv=conv, **info)
-    # torchvision's ImageNet ResNet-50: the same parameter names; the activation stays cfg.act
-    if cfg.init == 'torchvision':
-        if info['num_classes'] != 1000:
-            n = info['num_classes']
-            raise UserError(f'--init={cfg.init} has 1000 classes, the data {n}: pass --init=')
-        import torchvision
-        model.load_state_dict(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), strict=True)
-    elif cfg.init not in ('', 'pretrained'):
+    if cfg.init not in ('', 'pretrained'):
         ck = config.load_checkpoint(cfg.init)
         old = ck['model']  # the trained weights, not the EMA (the authors' stage 2 too)
         if ck['config']['objective'] != cfg.objective:

@@ -61,7 +61,7 @@ BAD_CONFIG = {
     'loader': ['dali'],
     'res': ['0', '8', '100000'],
     'workers': ['-1', '1000'],
-    'init': ['imagenet', '/nonexistent.pt'],
+    'init': ['imagenet', 'torchvision', '/nonexistent.pt'],
     'fd_h': ['0', '-1', '1'],
     'res_start': ['-1', '500'],
     'mixup': ['-1', 'nan'],
@@ -122,7 +122,6 @@ def test_bad_config_value_is_one_line_error_before_any_work(key, bad, guarded, c
     [
         ['--bogus=1'],
         ['epochs=2'],
-        ['--init=torchvision'],  # init: only for resnet50
         ['--init=pretrained'],  # timm's weights: only for timm's models
         ['--recipe=rn50_gelu_gradnorm'],  # stage 2 without stage 1's checkpoint
         ['--res=64', '--res_start=96'],

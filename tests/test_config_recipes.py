@@ -203,6 +203,7 @@ def test_accumulation_gives_the_same_gradient():
         run = types.SimpleNamespace(
             cfg=cfg,
             device=torch.device('cpu'),
+            plan=T.plan(cfg, torch.device('cpu')),
             world=1,
             net=T.Step(model, T.objective(cfg, torch.device('cpu'))),
             opt=torch.optim.SGD(model.parameters(), 0.1),

@@ -551,7 +551,7 @@ def test_torchvision_crops_flips_randaug_erasing_reproducible(tree, randaug):
 
     folder = str(tree[0] / 'train')
     make = lambda w, ra, aug: D.torchvision_loader(
-        folder, 4, CPU, True, 64, workers=w, seed=3, randaug=ra, augment=aug
+        folder, 4, CPU, True, 64, workers=w, seed=3, randaug=ra, on_batch=aug
     )
     batch_aug = A.BatchAugment(3, 0, 3, M.IMAGENET_MEAN, M.IMAGENET_STD, reprob=0.5, mixup=0.8, cutmix=1.0)
     zero, two = epochs_of(make(0, randaug, batch_aug)), epochs_of(make(2, randaug, batch_aug))

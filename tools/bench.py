@@ -488,7 +488,7 @@ def bench_loader(n=512, res=224, batch=64, workers=2, rounds=5, val_side=VAL_SID
         write_beton(tmp, os.path.join(tmp, 'beton'), workers=workers, val_side=val_side)
         aug = dict(
             randaug=randaug_transform(randaug, res, IMAGENET_MEAN) if randaug else None,
-            augment=BatchAugment(0, 0, 4, IMAGENET_MEAN, IMAGENET_STD, reprob) or None,
+            on_batch=BatchAugment(0, 0, 4, IMAGENET_MEAN, IMAGENET_STD, reprob) or None,
         )
         train_what = (
             'random-resized crop + flip'
