@@ -6,13 +6,18 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
+import data
 import models
 from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist, write_idx
+from tools import beton
 
 FASHION = '/usr/share/datasets/fashion-mnist'  # the real data (make data)
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SWINB = 'swin_base_patch4_window7_224'  # the paper's headline model (timm)
+CPU = torch.device('cpu')
+needs_ffcv = pytest.mark.skipif(data.ffcv_error() is not None, reason=f'FFCV: {data.ffcv_error()}')
 
 
 def run(args, timeout=600, **kw):
@@ -104,3 +109,73 @@ def fake_hub(cache, name, seed=0):
 
 def offline_env(cache):
     return dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1', HF_HUB_DISABLE_TELEMETRY='1')
+
+
+# ---------------------------------------------------------------- an ImageFolder of real photos
+
+def skimage_photo(name):
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)())
+
+
+@pytest.fixture(scope='module')
+def tree(tmp_path_factory):
+    """3 classes of real photos in several sizes (one above max_side, one below 224 px), RGB, gray,
+    CMYK, RGBA PNG named .JPEG, and one truncated JPEG. -> (root, {split: [(path, label, ok)]})"""
+    root = tmp_path_factory.mktemp('folder')
+    rgb = ['astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry', 'hubble_deep_field']
+    gray = ['camera', 'coins', 'moon']
+    files = {}
+    for split in ('train', 'val'):
+        files[split] = []
+        for c, cls in enumerate(['apple', 'bird', 'car']):
+            os.makedirs(root / split / cls)
+            for i in range(3):
+                k = c * 3 + i + (split == 'val')
+                name = (rgb + gray)[k % 9]
+                im = skimage_photo(name)
+                w, h = [(640, 480), (333, 500), (200, 150), im.size][k % 4]
+                im = im.resize((w, h), Image.BICUBIC)
+                path = root / split / cls / f'{name}_{i}.JPEG'
+                if (c, i) == (1, 1):
+                    im.convert('CMYK').save(path, 'JPEG', quality=95)
+                elif (c, i) == (2, 1):  # a PNG with alpha under a .JPEG name, as ImageNet has one
+                    im.convert('RGBA').save(path, 'PNG')
+                else:
+                    im.save(path, 'JPEG', quality=95)
+                files[split].append((str(path), c, True))
+        bad = root / split / 'bird' / 'broken.JPEG'
+        full = (root / split / 'apple').iterdir().__next__().read_bytes()
+        bad.write_bytes(full[: len(full) // 2])
+        files[split] = sorted(
+            files[split] + [(str(bad), 1, False)], key=lambda f: (f[1], f[0])
+        )  # ImageFolder's order
+    return root, files
+
+
+@pytest.fixture(scope='module')
+def betons(tree, tmp_path_factory):
+    if data.ffcv_error():
+        pytest.skip(f'FFCV: {data.ffcv_error()}')
+    out = tmp_path_factory.mktemp('beton')
+    import io
+    from contextlib import redirect_stderr
+
+    err = io.StringIO()
+    with redirect_stderr(err):  # all-JPEG (compress=1): the test bounds JPEG loss, the worst case
+        counts = beton.write_beton(str(tree[0]), str(out), max_side=500, quality=90, compress=1.0, workers=2)
+    return out, counts, err.getvalue()
+
+
+def collect(loader):
+    """Every batch, copied: FFCV reuses its buffers, a batch is valid until the next is drawn."""
+    xs, ys = zip(*((x.clone(), y) for x, y in loader))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def check_batch(x, y, res, classes=3):
+    assert x.shape[1:] == (3, res, res) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0 <= x.min() and x.max() <= 1 and x.std() > 0.05  # real pixels, not zeros
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert ((0 <= y) & (y < classes)).all()

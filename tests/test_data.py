@@ -1,6 +1,5 @@
-"""The data path (issue 3): ImageFolder of real photos -> .beton -> batches, FFCV and torchvision.
-.venv/bin/python -m pytest -q test_data.py
-"""
+"""The data path: ImageFolder of real photos -> .beton -> batches, FFCV and torchvision (data.py,
+tools/beton.py)."""
 
 import os
 import subprocess
@@ -16,69 +15,12 @@ from PIL import Image
 import config as C
 import data as D
 import models as M
+from tests.conftest import CPU, check_batch, collect, needs_ffcv
 from tools import beton
-
-needs_ffcv = pytest.mark.skipif(D.ffcv_error() is not None, reason=f'FFCV: {D.ffcv_error()}')
-CPU = torch.device('cpu')
-
-
-def skimage_photo(name):
-    import skimage.data
-
-    return Image.fromarray(getattr(skimage.data, name)())
-
-
-@pytest.fixture(scope='module')
-def tree(tmp_path_factory):
-    """3 classes of real photos in several sizes (one above max_side, one below 224 px), RGB, gray,
-    CMYK, RGBA PNG named .JPEG, and one truncated JPEG. -> (root, {split: [(path, label, ok)]})"""
-    root = tmp_path_factory.mktemp('folder')
-    rgb = ['astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry', 'hubble_deep_field']
-    gray = ['camera', 'coins', 'moon']
-    files = {}
-    for split in ('train', 'val'):
-        files[split] = []
-        for c, cls in enumerate(['apple', 'bird', 'car']):
-            os.makedirs(root / split / cls)
-            for i in range(3):
-                k = c * 3 + i + (split == 'val')
-                name = (rgb + gray)[k % 9]
-                im = skimage_photo(name)
-                w, h = [(640, 480), (333, 500), (200, 150), im.size][k % 4]
-                im = im.resize((w, h), Image.BICUBIC)
-                path = root / split / cls / f'{name}_{i}.JPEG'
-                if (c, i) == (1, 1):
-                    im.convert('CMYK').save(path, 'JPEG', quality=95)
-                elif (c, i) == (2, 1):  # a PNG with alpha under a .JPEG name, as ImageNet has one
-                    im.convert('RGBA').save(path, 'PNG')
-                else:
-                    im.save(path, 'JPEG', quality=95)
-                files[split].append((str(path), c, True))
-        bad = root / split / 'bird' / 'broken.JPEG'
-        full = (root / split / 'apple').iterdir().__next__().read_bytes()
-        bad.write_bytes(full[: len(full) // 2])
-        files[split] = sorted(
-            files[split] + [(str(bad), 1, False)], key=lambda f: (f[1], f[0])
-        )  # ImageFolder's order
-    return root, files
 
 
 def broken(files):
     return next(p for p, _, ok in files if not ok)
-
-
-@pytest.fixture(scope='module')
-def betons(tree, tmp_path_factory):
-    if D.ffcv_error():
-        pytest.skip(f'FFCV: {D.ffcv_error()}')
-    out = tmp_path_factory.mktemp('beton')
-    import io
-    from contextlib import redirect_stderr
-
-    err = io.StringIO()
-    with redirect_stderr(err):  # all-JPEG (compress=1): the test bounds JPEG loss, the worst case
-        counts = beton.write_beton(str(tree[0]), str(out), max_side=500, quality=90, compress=1.0, workers=2)
-    return out, counts, err.getvalue()
 
 
 def reference(path, res=224):
@@ -96,19 +38,6 @@ def reference(path, res=224):
 
 def psnr(a, b):
     return (10 * torch.log10(1 / ((a - b) ** 2).mean())).item()
-
-
-def collect(loader):
-    """Every batch, copied: FFCV reuses its buffers, a batch is valid until the next is drawn."""
-    xs, ys = zip(*((x.clone(), y) for x, y in loader))
-    return torch.cat(xs), torch.cat(ys)
-
-
-def check_batch(x, y, res, classes=3):
-    assert x.shape[1:] == (3, res, res) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert 0 <= x.min() and x.max() <= 1 and x.std() > 0.05  # real pixels, not zeros
-    assert x.is_contiguous(memory_format=torch.channels_last)
-    assert ((0 <= y) & (y < classes)).all()
 
 
 @needs_ffcv
@@ -396,180 +325,3 @@ def test_without_ffcv_demo_still_loads_and_imagenet_says_what_to_install(tree):
     assert 'TensorLoader 10' in r.stdout
     assert 'UserError FFCV is not importable' in r.stdout and 'libturbojpeg0-dev' in r.stdout
     assert '--loader=torchvision' in r.stdout
-
-
-# -------------------------------------------- augmentations: a function of (seed, epoch, sample)
-
-
-def epochs_of(loader, epochs=(0, 1)):
-    out = []
-    for e in epochs:
-        loader.set_epoch(e)
-        out.append(collect(loader))
-    return out
-
-
-def same(a, b):
-    return all(torch.equal(u, v) for u, v in zip(a, b))
-
-
-@needs_ffcv
-def test_crop_rule_is_torchvisions_and_the_same_in_numba():
-    """augment.crop_params draws the crop from torchvision's distribution (RandomResizedCrop.get_params,
-    its own random numbers); numba (FFCV's path) and Python (the fallback's) compute the same boxes."""
-    import numba
-    import torchvision.transforms as T
-
-    import augment as A
-
-    A.ffcv_ops()  # makes augment's functions callable from numba
-
-    @numba.njit
-    def boxes(hs, ws, out):
-        for k in range(len(hs)):
-            out[k] = A.crop_params(hs[k], ws[k], 5, 2, np.int64(k), A.SCALE, A.RATIO)
-
-    rng = np.random.default_rng(0)
-    hs, ws = rng.integers(1, 900, 3000), rng.integers(1, 900, 3000)
-    jit = np.zeros((3000, 4), np.int64)
-    boxes(hs, ws, jit)
-    assert np.array_equal(
-        jit, [A.crop_params(int(h), int(w), 5, 2, k) for k, (h, w) in enumerate(zip(hs, ws))]
-    )
-    ours = np.array([A.crop_params(375, 500, 0, 0, k) for k in range(4000)], float)
-    torch.manual_seed(0)
-    theirs = np.array(
-        [
-            T.RandomResizedCrop.get_params(Image.new('RGB', (500, 375)), [0.08, 1], [3 / 4, 4 / 3])
-            for _ in range(4000)
-        ],
-        float,
-    )
-    se = np.sqrt(ours.var(0) / 4000 + theirs.var(0) / 4000)
-    assert (abs(ours.mean(0) - theirs.mean(0)) < 4 * se).all(), (ours.mean(0), theirs.mean(0))
-    assert (ours[:, 0] + ours[:, 2] <= 375).all() and (ours[:, 1] + ours[:, 3] <= 500).all()
-    assert np.unique(ours, axis=0).shape[0] > 3900  # every index its own box
-
-
-def test_batch_augment_erases_mixes_and_is_a_function_of_its_key():
-    import augment as A
-
-    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    aug = A.BatchAugment(7, 0, 10, mean, std, reprob=1.0)
-    x, y = torch.full((64, 3, 32, 32), 0.5), torch.arange(64) % 10
-    state = torch.get_rng_state()
-    a, _ = aug(x.clone(), y, 3, 5)
-    assert torch.equal(torch.get_rng_state(), state)  # training's generator is left as it was
-    assert torch.equal(aug(x.clone(), y, 3, 5)[0], a)  # same (seed, epoch, batch): same erasing
-    for other in (
-        aug(x.clone(), y, 4, 5)[0],
-        aug(x.clone(), y, 3, 6)[0],
-        A.BatchAugment(7, 1, 10, mean, std, reprob=1.0)(x.clone(), y, 3, 5)[0],
-    ):  # epoch, batch, rank
-        assert not torch.equal(other, a)
-    erased = a != 0.5
-    assert erased.flatten(1).any(1).float().mean() > 0.9  # p=1 (a box fits in 10 tries nearly always)
-    fraction = erased[:, 0].flatten(1).float().mean(1)
-    assert fraction.max() <= 1 / 3 + 1e-6 and fraction[fraction > 0].min() >= 0.015  # area 2%-33%
-    z = (a - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    noise = z.permute(1, 0, 2, 3)[erased.permute(1, 0, 2, 3)]
-    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02  # N(0,1) in normalized units, as timm's
-    mixed = A.BatchAugment(7, 0, 10, mean, std, mixup=0.8, cutmix=1.0)
-    x = torch.rand(64, 3, 32, 32)
-    xm, ym = mixed(x.clone(), y, 0, 0)
-    assert torch.equal(mixed(x.clone(), y, 0, 0)[0], xm) and ym.shape == (64, 10)
-    assert torch.allclose(ym.sum(1), torch.ones(64)) and ((ym > 0).sum(1) <= 2).all()
-    assert not A.BatchAugment(7, 0, 10, mean, std)  # nothing on: Batches skips it
-
-
-@needs_ffcv
-def test_fashion_beton_flips_are_a_function_of_seed_epoch_index(tiny_data, tmp_path):
-    """The demo's path: raw Fashion-MNIST in a .beton, SeededFlip. 1 or 2 threads, the same batches;
-    each image is the stored one, mirrored exactly when augment.uniform(seed, epoch, index, FLIP) < 0.5."""
-    import augment as A
-
-    (x, y), _ = D.load_fashion_mnist(tiny_data)
-    D.write_split(D._GrayAsRGB(x, y), str(tmp_path / 'train.beton'), workers=1, write_mode='raw')
-    runs = [
-        epochs_of(
-            D.ffcv_loader(
-                str(tmp_path / 'train.beton'), 64, CPU, True, crop=False, workers=w, seed=1, channels=1
-            )
-        )
-        for w in (1, 2)
-    ]
-    assert same(runs[0][0], runs[1][0]) and same(runs[0][1], runs[1][1])
-    assert not torch.equal(runs[0][0][1], runs[0][1][1])  # a new order every epoch
-    stored = {x[i].numpy().tobytes(): (i, False) for i in range(len(x))}
-    mirrored = {x[i].flip(2).numpy().tobytes(): (i, True) for i in range(len(x))}
-    for epoch, (xs, _) in enumerate(runs[0]):
-        flips = []
-        for img in (xs * 255).round().byte():
-            key = img.numpy().tobytes()
-            assert key in stored or key in mirrored
-            if (key in stored) != (key in mirrored):  # not a symmetric image
-                i, flipped = stored.get(key) or mirrored[key]
-                assert flipped == (A.uniform(1, epoch, i, A.FLIP) < 0.5), (epoch, i)
-                flips.append(flipped)
-        assert 0.4 < np.mean(flips) < 0.6 and len(flips) > 400
-
-
-@pytest.fixture(scope='module')
-def randaug():
-    import augment as A
-
-    return A.randaug_transform('rand-m9-mstd0.5-inc1', 64, M.IMAGENET_MEAN)
-
-
-@needs_ffcv
-def test_ffcv_crops_flips_randaug_erasing_reproducible_for_any_thread_count(betons, randaug):
-    """Photos: random-resized crop + flip (+ RandAugment) from (seed, epoch, index): two loaders, 1
-    and 2 threads, the same batches for two epochs; epochs differ; RandAugment changes most images,
-    and so does random erasing on the batch, the same way every time."""
-    import augment as A
-
-    path = str(betons[0] / 'train.beton')
-    make = lambda w, ra: D.ffcv_loader(path, 4, CPU, True, 64, workers=w, seed=3, randaug=ra)
-    plain_loader = make(2, None)
-    one, two, plain = epochs_of(make(1, randaug)), epochs_of(make(2, randaug)), epochs_of(plain_loader)
-    for e in (0, 1):
-        assert same(one[e], two[e]), e
-        assert torch.equal(one[e][1], plain[e][1])  # the same images in the same order
-    assert not torch.equal(one[0][0], one[1][0])
-    changed = (one[0][0] != plain[0][0]).flatten(1).any(1)
-    assert changed.float().mean() >= 0.5, changed  # 2 ops at p=0.5 each: 3 in 4 images on average
-    check_batch(one[0][0], one[0][1], 64)
-    plain_loader.augment = A.BatchAugment(3, 0, 3, M.IMAGENET_MEAN, M.IMAGENET_STD, reprob=1.0)
-    erased, again = epochs_of(plain_loader, (0,)), epochs_of(plain_loader, (0,))
-    assert same(erased[0], again[0]) and (erased[0][0] != plain[0][0]).flatten(1).any(1).all()
-
-
-def test_torchvision_crops_flips_randaug_erasing_reproducible(tree, randaug):
-    """The fallback: the same rules in worker processes (0 or 2 of them, persistent), and erasing
-    and Mixup/CutMix on the batch: the same batches for two epochs; epochs differ; both change them."""
-    import augment as A
-
-    folder = str(tree[0] / 'train')
-    make = lambda w, ra, aug: D.torchvision_loader(
-        folder, 4, CPU, True, 64, workers=w, seed=3, randaug=ra, on_batch=aug
-    )
-    batch_aug = A.BatchAugment(3, 0, 3, M.IMAGENET_MEAN, M.IMAGENET_STD, reprob=0.5, mixup=0.8, cutmix=1.0)
-    zero, two = epochs_of(make(0, randaug, batch_aug)), epochs_of(make(2, randaug, batch_aug))
-    plain, no_erase = epochs_of(make(0, None, None)), epochs_of(make(2, randaug, None))
-    for e in (0, 1):
-        assert same(zero[e], two[e]), e
-    assert not torch.equal(zero[0][0], zero[1][0])
-    assert (no_erase[0][0] != plain[0][0]).flatten(1).any(1).float().mean() >= 0.5  # RandAugment
-    assert not torch.equal(zero[0][0], no_erase[0][0])  # erasing and mixing on top
-
-
-def test_in_memory_demo_randaug_reproducible(tiny_data):
-    """The demo without FFCV (TensorLoader): RandAugment per image from (seed, epoch, index)."""
-    import augment as A
-
-    (x, y), _ = D.load_fashion_mnist(tiny_data)
-    ra = A.randaug_transform('rand-m9-mstd0.5-inc1', 28, D.FASHION_MEAN)
-    make = lambda ra: D.TensorLoader(x[:128], y[:128], 64, CPU, True, seed=2, randaug=ra)
-    a, b, plain = epochs_of(make(ra)), epochs_of(make(ra)), epochs_of(make(None))
-    assert same(a[0], b[0]) and same(a[1], b[1]) and not torch.equal(a[0][0], a[1][0])
-    assert (a[0][0] != plain[0][0]).flatten(1).any(1).float().mean() >= 0.5
