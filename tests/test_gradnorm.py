@@ -1,6 +1,6 @@
 """Which GradNorm implementation runs where (gradnorm.choose_impl), and the measurement behind it:
 the finite-difference parameter gradient in float32 (gradnorm_fd's default h) against double
-backprop in float64 (tools.bench.fd_error), on the paper's Swin-B and ResNet-50 (timm, random
+backprop in float64 (tools.bench_grad.fd_error), on the paper's Swin-B and ResNet-50 (timm, random
 weights, 32 px; ResNet-50 in eval mode, as the paper's runs) and the demo ResNet."""
 
 import itertools
@@ -10,7 +10,7 @@ import torch
 
 import gradnorm as G
 import models as M
-from tools.bench import calibrate_bn, fd_error
+from tools.bench_grad import calibrate_bn, fd_error
 
 SMOOTH = ('gelu', 'silu')
 

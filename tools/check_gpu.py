@@ -490,7 +490,7 @@ def fd_accuracy(p, device):
     """The finite difference's parameter-gradient error against float64 double backprop, on the
     paper's model at 2 images: float32 without TF32 (what fd runs), with TF32, under bf16 autocast."""
     from gradnorm import gradnorm
-    from tools.bench import fd_error, reference_grad
+    from tools.bench_grad import fd_error, reference_grad
 
     model = p['build']().to(device).train()
     g = torch.Generator().manual_seed(0)
