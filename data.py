@@ -439,9 +439,6 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
     kind, workers = data_kind(cfg.data), min(cfg.workers, len(os.sched_getaffinity(0)))
     if kind == 'fashion':
         return fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint)
-    batch = cfg.batch_size // world
-    res_start = cfg.res_start
-
     if cfg.loader == 'torchvision':
         if kind != 'folder':
             raise UserError(f'--loader=torchvision reads an ImageFolder ({cfg.data}/train/<class>/...), '
@@ -450,9 +447,8 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
         _, val_samples = list_images(os.path.join(cfg.data, 'val'), classes)
         val = os.path.join(cfg.data, 'val')
         names = [os.path.relpath(p, val).replace(os.sep, '/') for p, _ in val_samples]
-        make = lambda split, train, idx=None, **aug: torchvision_loader(
-            os.path.join(cfg.data, split), batch, device, train, cfg.res, rank, world, cfg.seed, workers,
-            indices=idx, res_start=res_start, epochs=cfg.epochs, classes=classes, **aug)
+        load = functools.partial(torchvision_loader, classes=classes)
+        train_path, val_path = os.path.join(cfg.data, 'train'), val
     else:
         need_ffcv()
         if kind != 'beton':
@@ -467,9 +463,7 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
         if len(names) != stored:  # one written without the other
             raise UserError(f'{cfg.data}/val_files.txt names {len(names)} images, val.beton holds {stored}: '
                             f'write both again (make beton)')
-        make = lambda split, train, idx=None, **aug: ffcv_loader(
-            f'{cfg.data}/{split}.beton', batch, device, train, cfg.res, rank=rank, world=world, seed=cfg.seed,
-            workers=workers, indices=idx, res_start=res_start, epochs=cfg.epochs, **aug)
+        load, train_path, val_path = ffcv_loader, f'{cfg.data}/train.beton', f'{cfg.data}/val.beton'
     # the models' default normalization: ImageNet's mean, std
     info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res)
     clamp_eval_n(cfg, len(names), rank, n_flag)
@@ -480,4 +474,7 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
             warn(f'robust accuracy on the first {len(subset)} val images, not RobustBench\'s list '
                  f'(it needs eval_n <= 5000 and the ImageNet val files): not comparable with the paper')
     aug = augment.from_config(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
-    return make('train', True, **aug), make('val', False), make('val', False, subset), info
+    kw = dict(batch_size=cfg.batch_size // world, device=device, res=cfg.res, rank=rank, world=world,
+              seed=cfg.seed, workers=workers, res_start=cfg.res_start, epochs=cfg.epochs)
+    return (load(train_path, train=True, **aug, **kw), load(val_path, train=False, **kw),
+            load(val_path, train=False, indices=subset, **kw), info)
