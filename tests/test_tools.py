@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import HERE
-from tools.check_gpu import largest_batch, out_of_memory
+from tools.check_gpu_paper import largest_batch, out_of_memory
 
 
 def run(*args, timeout=120):
