@@ -49,7 +49,7 @@ def plan(cfg, device):
         except ValueError as e:
             raise UserError(f'--gradnorm_impl={cfg.gradnorm_impl}: {e}') from None
     second = cfg.objective == 'edge' or impl == 'exact'
-    conv = cfg.conv if cfg.conv != 'auto' else 'fast' if second else 'native'
+    conv = ('fast' if second else 'native') if cfg.conv == 'auto' else cfg.conv
     fmt = torch.contiguous_format if second else torch.channels_last
     return types.SimpleNamespace(impl=impl, why=why, conv=conv, fmt=fmt)
 
@@ -164,8 +164,8 @@ def claim_out(cfg):
 
 
 def old_run(cfg):
-    return config.checkpoints(cfg.out) + [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')
-                                   if os.path.exists(os.path.join(cfg.out, f))]
+    files = [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')]
+    return config.checkpoints(cfg.out) + [f for f in files if os.path.exists(f)]
 
 
 def clear_old_run(cfg):
