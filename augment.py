@@ -201,7 +201,7 @@ class BatchAugment:
         return x, y
 
 def center_crop(im, res):
-    """The ImageNet evaluation crop, as FFCV gives it from a val .beton stored at VAL_SIDE:
+    """The ImageNet evaluation crop, as FFCV gives it from a val .beton stored at data.VAL_SIDE:
     torchvision's Resize(res / VAL_RATIO), then the central res square (offset rounded down, as FFCV
     does; CenterCrop rounds to even). PIL resamples only that square (box=): the same pixels without
     resizing the whole image."""
