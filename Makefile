@@ -11,7 +11,7 @@ EPOCHS ?=
 BATCH  ?=
 OUT    ?=
 ARGS   ?=
-# one of the paper's runs (config.py: RECIPES), e.g. swinb_gradnorm, rn50_gelu_stage1; --key=value overrides
+# one of the paper's runs (recipes/paper.py), e.g. swinb_gradnorm, rn50_gelu_stage1; --key=value overrides
 RECIPE ?=
 # train.py's default output folder (data, model, objective, activation: one run per folder), asked of config.py
 # because a recipe names the model; CKPT=official:PATH with MODEL=... evaluates a checkpoint the authors released

@@ -5,18 +5,21 @@ bad one ends the program with one line, `error: ...`, and exit status 2 (UserErr
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import importlib
 import math
 import os
 import re
+import runpy
 import shutil
+import socket
 import sys
 
 import torch
 import torch.distributed as dist
 
-from models import ACTS, build_model, is_model, patch_problem, pretrained_missing, timm_name
+from models import ACTS, is_model, patch_problem, pretrained_missing, timm_name
 
 __version__ = '0.2.0'
 
@@ -118,43 +121,12 @@ class Config:
 
 # ---------------------------------------------------------------- the paper's runs
 
-# Read from the authors' configs (configs_train/, configs_logit/) and run_train.sh (GPUs per run).
-# batch_size is global: per-GPU batch x accumulation steps x GPUs; lr is their base lr x batch / 512
-# (a --batch_size override rescales it). Their accumulation sums micro-batch gradients, ours
-# averages (the same update whatever the split), so their clip 1.0 with 2 steps is our 0.5.
-PAPER = dict(weight_decay=0.05, warmup_epochs=5.0, min_lr=1e-5, smoothing=0.1, eps=4 / 255, res=224,
-             eval_n=5000, mixup=0.8, cutmix=1.0, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, amp=False,
-             act='gelu')
-SWINB = dict(PAPER, model='swin_base_patch4_window7_224', init='pretrained', epochs=100, ema=0.9998)
-# ResNet-50: stage 1 swaps the activation into timm's pretrained ResNet-50 and fine-tunes it for 4
-# epochs (their warm-up lasts 5, so it never ends); stage 2 starts from stage 1's weights. 4 GPUs.
-RN50 = dict(PAPER, model='timm/resnet50', batch_size=256, lr=1.25e-3 * 256 / 512, clip=1.0, bn_eval=True)
-STAGE1 = dict(RN50, objective='standard', init='pretrained', epochs=4, ema=0.0)
-STAGE2 = dict(RN50, objective='gradnorm', init='runs/{data}/timm-resnet50-standard-{act}/ckpt.pt', ema=0.9998)
-RECIPES = {
-    # the released checkpoints: 77.78 / 51.58 (GradNorm), 76.80 / 35.02 (EdgeReg): clean / AutoAttack 4/255
-    'swinb_gradnorm': dict(SWINB, objective='gradnorm', batch_size=608, accum=2, lr=0.625e-3 * 608 / 512,
-                           clip=0.5, ramp_epochs=5.0, gn_weights='0.8,1.2', bn_eval=True),  # 7 GPUs (532)
-    'swinb_edge': dict(SWINB, objective='edge', batch_size=608, accum=2, lr=0.625e-3 * 608 / 512, clip=0.5,
-                       edge_alpha='1,0.09,19'),  # the logit script trains in train mode
-    'swinb_pgd': dict(SWINB, objective='pgd', pgd_steps=3, batch_size=512, lr=1.25e-3, clip=math.inf,
-                      bn_eval=True),
-    'swinb_standard': dict(SWINB, objective='standard', batch_size=592, lr=0.625e-3 * 592 / 512, clip=1.0,
-                           bn_eval=True),  # 74 per GPU; the GPU count is not in run_train.sh: 8 assumed
-    'rn50_gelu_stage1': dict(STAGE1, act='gelu'),
-    # 60.34 / 30.00 (clean / AutoAttack 4/255)
-    'rn50_gelu_gradnorm': dict(STAGE2, act='gelu', epochs=83, ramp_epochs=5.0, gn_weights='0.8,1.2'),
-    'rn50_relu_stage1': dict(STAGE1, act='relu'),
-    'rn50_relu_gradnorm': dict(STAGE2, act='relu', epochs=50, lr=0.625e-3 * 256 / 512, ramp_epochs=10.0,
-                               gn_weights='0.5,0.5'),
-    'rn50_silu_stage1': dict(STAGE1, act='silu'),  # 128 per GPU on 2 GPUs
-    'rn50_silu_gradnorm': dict(STAGE2, act='silu', epochs=50, accum=2, clip=0.5, ramp_epochs=5.0,
-                               gn_weights='0.5,0.5'),
-}
+# named recipes, each a small dict of the fields above, in a file of their own like nanoGPT's presets
+RECIPES = runpy.run_path(os.path.join(os.path.dirname(__file__) or '.', 'recipes', 'paper.py'))['RECIPES']
 IMAGENET_DEFAULT = 'swinb_gradnorm'  # --recipe='' on ImageNet-like data: the paper's headline run
 
 finite = lambda v: math.isfinite(v)
-# field -> (test, what a good value is); every field of Config has a line
+# field -> (test, what a good value is); every field of Config but the four any value of its type fits
 RULES = {
     'objective': (lambda v: v in ('standard', 'gradnorm', 'pgd', 'edge'), 'standard, gradnorm, pgd or edge'),
     'gradnorm_impl': (lambda v: v in ('auto', 'exact', 'fd'), 'auto, exact or fd'),
@@ -178,8 +150,6 @@ RULES = {
     'eval_n': (lambda v: v >= 1, 'at least 1'),
     'eval_steps': (lambda v: v >= 1, 'at least 1'),
     'compile': (lambda v: v in ('auto', 'on', 'off'), 'auto, on or off'),
-    'out': (lambda v: True, 'a folder'),
-    'overwrite': (lambda v: True, 'true or false'),
     'resume': (lambda v: v in ('', 'auto') or os.path.isfile(v), "'auto' or an existing checkpoint file"),
     'ckpt_every': (lambda v: v >= 0, 'a number of steps >= 0 (0: at epoch ends only)'),
     'keep': (lambda v: v >= 1, 'at least 1'),
@@ -199,13 +169,11 @@ RULES = {
     'reprob': (lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
     'recipe': (lambda v: v == '' or v in RECIPES, "'' or one of " + ', '.join(RECIPES)),
     'accum': (lambda v: 1 <= v <= 4096, 'at least 1 (and batch_size a multiple of ranks x accum)'),
-    'amp': (lambda v: True, 'true or false'),
-    'bn_eval': (lambda v: True, 'true or false'),
     'gn_weights': (lambda v: _floats(v, 2) and min(map(float, v.split(','))) >= 0,
                    'two numbers >= 0: CE,penalty'),
     'conv': (lambda v: v in ('auto', 'fast', 'native'), 'auto, fast or native'),
 }
-assert set(RULES) == {f.name for f in dataclasses.fields(Config)}, 'every Config field needs a rule'
+assert set(RULES) | {'out', 'overwrite', 'amp', 'bn_eval'} == {f.name for f in dataclasses.fields(Config)}
 
 
 def _floats(text, n):
@@ -235,18 +203,16 @@ def _randaug_spec(text):
     return True
 
 
+TRUE, FALSE = ('', '1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+
+
 def _convert(key, val, kind):
     """'--key=val' -> a value of the field's type, or UserError naming what it should be."""
-    if kind is bool:
-        if val.lower() in ('', '1', 'true', 'yes', 'on'):
-            return True
-        if val.lower() in ('0', 'false', 'no', 'off'):
-            return False
-    else:
-        try:
+    if kind is bool and val.lower() in TRUE + FALSE:
+        return val.lower() in TRUE
+    if kind is not bool:
+        with contextlib.suppress(ValueError):
             return kind(val)
-        except ValueError:
-            pass
     expected = {bool: 'true or false', int: 'an int', float: 'a float'}.get(kind, f'a {kind.__name__}')
     raise UserError(f'--{key}={val}: expected {expected}')
 
@@ -326,8 +292,7 @@ def parse_config(argv):
 # ---------------------------------------------------------------- checkpoints
 
 def write_failure(e, path):
-    """Why a write failed, in a few words: torch.save's zip writer raises RuntimeError, not OSError,
-    when the disk fills."""
+    """Why a write failed, in a few words: torch.save raises RuntimeError, not OSError, on a full disk."""
     if isinstance(e, OSError):
         return e.strerror or str(e)
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
@@ -403,17 +368,59 @@ def checkpoints(out, run=None):
     return sorted(glob.glob(os.path.join(out, f'ckpt-*-{run or "*"}.pt')))
 
 
-def model_from_checkpoint(ck, key='model', path='the checkpoint'):
-    """nn.Conv2d whatever --conv trained it (the same state_dict): evaluation differentiates once."""
-    cfg = ck['config']
+# ---------------------------------------------------------------- the run folder: one run at a time
+
+def claim_out(cfg):
+    """One live run per folder: OUT/run.lock, locked while this process lives (kill -9 leaves no stale
+    lock). A fresh run refuses an --out that holds another run, unless --resume or --overwrite (whose
+    deletion waits until every other check has passed: clear_old_run). -> (lock file, made OUT)"""
+    made = not os.path.isdir(cfg.out)
     try:
-        model = build_model(cfg['model'], cfg['act'], **ck['data_info'])
-        model.load_state_dict(ck[key])
-    except (RuntimeError, TypeError, ValueError, KeyError) as e:
-        why = ' '.join(str(e).split())[:300]
-        raise UserError(f'the {key!r} weights of {path} do not fit the {cfg["model"]}/{cfg["act"]} model it '
-                        f'names: {why}') from None
-    return model
+        os.makedirs(cfg.out, exist_ok=True)
+        while True:  # the file may be removed (release) between open and flock: lock the one on disk
+            f = open(os.path.join(cfg.out, 'run.lock'), 'a+')
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or 'starting'
+                raise UserError(f'{cfg.out} is in use by another run ({owner}): wait for it to end, or pass '
+                                'another --out') from None
+            if os.path.exists(f.name) and os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
+                break
+            f.close()
+        f.truncate(0)
+        f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+        f.flush()
+    except OSError as e:
+        raise UserError(f'cannot use output directory {cfg.out!r} ({e.strerror}): pass --out=DIR') from None
+    if not cfg.resume and old_run(cfg) and not cfg.overwrite:
+        release((f, made), cfg)
+        newest = os.path.basename(old_run(cfg)[-1])
+        raise UserError(f'{cfg.out} holds another run ({newest}): continue it with --resume=auto, start '
+                        'afresh there with --overwrite (deletes it), or pass another --out')
+    return f, made
+
+
+def old_run(cfg):
+    files = [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')]
+    return checkpoints(cfg.out) + [f for f in files if os.path.exists(f)]
+
+
+def clear_old_run(cfg):
+    """--overwrite: the old run goes only now, when the new one holds the lock and has passed every check."""
+    for path in old_run(cfg) if cfg.overwrite and not cfg.resume else ():
+        os.remove(path)
+
+
+def release(claim, cfg):
+    """Unlocks OUT; a folder this run made and left empty (it failed at start) is removed."""
+    f, made = claim
+    if made and os.listdir(cfg.out) == ['run.lock']:
+        os.remove(f.name)
+        with contextlib.suppress(OSError):
+            os.rmdir(cfg.out)
+    f.close()
 
 
 # ---------------------------------------------------------------- processes

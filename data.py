@@ -25,8 +25,7 @@ from config import Config, UserError, data_kind
 from models import IMAGENET_MEAN, IMAGENET_STD
 
 INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev '
-                'libopencv-dev; '
-                'pip install ffcv==1.0.2), or pass --loader=torchvision')
+                'libopencv-dev; pip install ffcv==1.0.2), or pass --loader=torchvision')
 FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROBUSTBENCH_LIST = os.path.join(HERE, 'lists', 'robustbench_imagenet_val_5000.txt')
@@ -62,13 +61,6 @@ def read_idx(path):
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
     return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
-
-
-def write_idx(path, t):
-    """t (uint8) as one gzipped IDX file, read_idx's inverse."""
-    header = bytes([0, 0, 8, t.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in t.shape)
-    with gzip.open(path, 'wb') as f:
-        f.write(header + t.to(torch.uint8).contiguous().numpy().tobytes())
 
 
 def load_fashion_mnist(root):
@@ -119,18 +111,10 @@ class TensorLoader:
             yield x.contiguous(memory_format=torch.channels_last), self.labels[j].to(self.device)
 
 
-class _GrayAsRGB:
-    """FFCV's image field is RGB: each 28x28 gray image is stored raw (lossless) as 3 equal
-    channels, and the loader keeps one, so the model sees exactly the IDX pixels."""
-
-    def __init__(self, images, labels):
-        self.images, self.labels = images.numpy(), labels.numpy()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return np.repeat(self.images[i, 0, :, :, None], 3, axis=2), int(self.labels[i])
+def gray_as_rgb(images, labels):
+    """FFCV's image field is RGB: each gray image is stored raw (lossless) as 3 equal channels, and the
+    loader keeps one, so the model sees exactly the IDX pixels. -> [(HxWx3 uint8, label)], for write_split"""
+    return list(zip(np.repeat(images.numpy()[:, 0, :, :, None], 3, axis=3), labels.tolist()))
 
 
 def fashion_cache(root):
@@ -149,16 +133,15 @@ def fashion_betons(root, workers):
         (xtr, ytr), (xte, yte) = load_fashion_mnist(root)
         os.makedirs(out, exist_ok=True)
         for split, (x, y) in (('train', (xtr, ytr)), ('val', (xte, yte))):
-            write_split(_GrayAsRGB(x, y), os.path.join(out, f'{split}.beton'), workers, write_mode='raw')
+            write_split(gray_as_rgb(x, y), os.path.join(out, f'{split}.beton'), workers, write_mode='raw')
     return out
 
 
 # ---------------------------------------------------------------- writing .beton files
 
 def load_rgb(path, draft=None):
-    """Any file PIL can decode (by content, so a PNG named .JPEG too) -> RGB. Gray and CMYK are
-    converted, alpha is composited over white. draft: let the JPEG decoder shrink by 2/4/8 while
-    both sides stay >= draft, which is exact DCT scaling and much faster on big photos."""
+    """Any file PIL can decode (by content: a PNG named .JPEG too) -> RGB; alpha is composited over white.
+    draft: the JPEG decoder may shrink by 2/4/8 (exact DCT scaling, fast) while both sides stay >= draft."""
     with Image.open(path) as im:
         if draft:
             im.draft('RGB', (draft, draft))
@@ -173,21 +156,14 @@ def class_folders(folder):
     return sorted(e.name for e in os.scandir(folder) if e.is_dir())
 
 
-def known_classes(folder, classes):
-    """UserError if folder has a class folder outside classes (val/ a class train/ lacks): its
-    images would be dropped without a word, or carry labels the model never saw."""
-    extra = sorted(set(class_folders(folder)) - set(classes))
-    if extra:
-        raise UserError(f'{os.path.join(folder, extra[0])} is a class folder the {len(classes)} training '
-                        f'classes lack ({len(extra)} such): add it to train/ or move it out of {folder}')
-
-
 def list_images(folder, classes=None):
     """ImageFolder order: sorted classes -> labels 0..C-1, sorted files; with classes (val takes
     train's), folder must have no other class. -> classes, [(path, label)]"""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-    if classes:
-        known_classes(folder, classes)
+    # a class train/ lacks: its images would be dropped without a word, or carry labels never trained
+    if classes and (extra := sorted(set(class_folders(folder)) - set(classes))):
+        raise UserError(f'{os.path.join(folder, extra[0])} is a class folder the {len(classes)} training '
+                        f'classes lack ({len(extra)} such): add it to train/ or move it out of {folder}')
     classes = classes or class_folders(folder)
     if not classes:
         raise UserError(f'{folder!r} has no class folders: expected {folder}/<class>/<image>')
@@ -196,9 +172,8 @@ def list_images(folder, classes=None):
 
 
 def write_split(dataset, path, workers, write_mode='proportion', max_side=None, quality=90, compress=0.5):
-    """FFCV DatasetWriter into a temporary file, renamed at the end: an interrupted run leaves no
-    .beton that looks complete, and two writers of the same file (the first rank of each node, on a
-    shared file system) never write into each other's."""
+    """FFCV's DatasetWriter into a temporary file, renamed at the end: no interrupted .beton looks complete,
+    and two writers of one file (the first rank of each node, on a shared disk) never mix."""
     need_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -212,9 +187,8 @@ def write_split(dataset, path, workers, write_mode='proportion', max_side=None, 
 # ---------------------------------------------------------------- loaders
 
 class Batches:
-    """(uint8 or [0,1] float NCHW, labels) batches -> x float in [0,1] on the device, channels_last,
-    y int64; then on_batch (augment.BatchAugment) on the device batch. From FFCV on the CPU, x is its
-    reused buffer: valid until the next batch is drawn."""
+    """(uint8 or [0,1] float NCHW, labels) -> x float in [0,1] on the device, channels_last, y int64, then
+    on_batch (augment.BatchAugment). From FFCV on the CPU, x is its buffer: valid until the next batch."""
 
     def __init__(self, loader, device, set_epoch, channels=3, on_batch=None):
         self.loader, self.device, self._set_epoch, self.channels = loader, device, set_epoch, channels
@@ -250,10 +224,9 @@ def beton_labels(path):
 def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, world=1, seed=0, workers=2,
                 os_cache=True, drop_last=None, indices=None, res_start=0, epochs=1, channels=3, randaug=None,
                 on_batch=None):
-    """train: random-resized crop + flip (+ randaug, a PIL transform), each a function of (seed, epoch,
-    image index) (augment.ffcv_ops), shuffled (DDP: each rank its shard, distributed=True); val: center
-    crop (augment.VAL_RATIO), in order, each rank every world-th of indices (default: all). crop=False decodes
-    fixed-size images as stored. on_batch: on the device batch (Batches)."""
+    """train: shuffled (DDP: each rank its shard), random-resized crop + flip (+ randaug), each a function
+    of (seed, epoch, image index) (augment.ffcv_ops); val: center crop, in order, each rank every world-th
+    of indices (default: all). crop=False: fixed-size images as stored."""
     need_ffcv()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -270,11 +243,9 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
     if train:
         augs = [SeededFlip(seed)] + ([RandAugment(seed, randaug)] if randaug is not None else [])
     device = torch.device(device)
-    # GPU: uint8 batches go to the device and become float there (a quarter of the bytes to copy).
-    # CPU: no copy; (x - 0) / 255 in FFCV's threads, into buffers it reuses (a fresh 38 MB tensor per
-    # batch costs more in page faults than the arithmetic). Compiled (numba) ops must all come before
-    # the Python ones (RandAugment, ToTensor): FFCV 1.0.2 loops forever grouping a compiled op that
-    # follows a Python one (graph.group_operations). So with RandAugment, Batches converts to float.
+    # GPU: uint8 to the device, float there (a quarter of the bytes). CPU: / 255 in FFCV's threads, into
+    # buffers it reuses; not with RandAugment (Python), which FFCV 1.0.2 cannot put before a compiled op
+    # (docs/data.md, Loader speed)
     on_device = [ToTensor(), ToDevice(device, non_blocking=True)]
     if device.type == 'cpu' and randaug is None:
         on_device = [NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32), ToTensor()]
@@ -366,9 +337,8 @@ def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world
 
 
 def robustbench_indices(names, n):
-    """Positions in names (val files as 'wnid/file.JPEG') of the first n images of RobustBench's
-    5,000-image ImageNet list, so robust accuracy is comparable with the paper and the leaderboard;
-    None if the list does not apply (n > 5000, or some of its files are missing)."""
+    """Positions in names ('wnid/file.JPEG') of the first n of RobustBench's 5,000 ImageNet val images, as
+    the paper and the leaderboard use; None if the list does not apply (n > 5000, or files missing)."""
     with open(ROBUSTBENCH_LIST) as f:
         wanted = f.read().split()[:n]
     where = {name: i for i, name in enumerate(names)}
@@ -429,11 +399,9 @@ def fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint):
 
 
 def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=False):
-    """-> train loader, val loader, robust-val loader (first cfg.eval_n val images; RobustBench's
-    list on ImageNet), and what the model needs to know about the data (build_model's kwargs).
-    cfg.eval_n beyond the validation split is lowered to its size, with a warning naming n_flag
-    (the option that set it; None: a default, lowered silently, as train's --eval_n=1000).
-    from_checkpoint: cfg is a trained run's (its options were announced then)."""
+    """-> train, val and robust-val loaders (the first cfg.eval_n val images; RobustBench's list on ImageNet)
+    and build_model's kwargs for the data. cfg.eval_n is capped at the val split's size (clamp_eval_n: n_flag
+    set it). from_checkpoint: cfg is a trained run's (its options were announced then)."""
     if cfg.loader not in ('ffcv', 'torchvision'):
         raise UserError(f'unknown --loader={cfg.loader}: use ffcv or torchvision')
     kind, workers = data_kind(cfg.data), min(cfg.workers, len(os.sched_getaffinity(0)))
@@ -443,12 +411,11 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
         if kind != 'folder':
             raise UserError(f'--loader=torchvision reads an ImageFolder ({cfg.data}/train/<class>/...), '
                             f'not {kind} data: pass --data=IMAGENET_DIR')
-        classes, _ = list_images(os.path.join(cfg.data, 'train'))
-        _, val_samples = list_images(os.path.join(cfg.data, 'val'), classes)
-        val = os.path.join(cfg.data, 'val')
-        names = [os.path.relpath(p, val).replace(os.sep, '/') for p, _ in val_samples]
+        train_path, val_path = os.path.join(cfg.data, 'train'), os.path.join(cfg.data, 'val')
+        classes, _ = list_images(train_path)
+        _, val_samples = list_images(val_path, classes)
+        names = [os.path.relpath(p, val_path).replace(os.sep, '/') for p, _ in val_samples]
         load = functools.partial(torchvision_loader, classes=classes)
-        train_path, val_path = os.path.join(cfg.data, 'train'), val
     else:
         need_ffcv()
         if kind != 'beton':

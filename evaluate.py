@@ -18,8 +18,9 @@ import torch
 
 import attack
 import config
-from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
+from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint
 from data import data_shape, make_loaders
+from models import build_model
 
 UNBOUNDED = ('ce-10', 'margin-10')  # at an eps where any image can become any other
 
@@ -137,6 +138,12 @@ def epoch_metrics(model, val, robust_val, eps, steps, seed):
         right, n = attack.summed([right, n], next(model.parameters()).device)
         r = evaluate(model, robust_val, [eps], [f'ce-{steps}', f'margin-{steps}'], chain=True)
     return {'clean_acc': right / n, 'pgd_upper': r['robust'][eps]['worst']}
+
+
+def pgd_name(cfg):
+    """What epoch_metrics' pgd_upper measures, in words, for training's log."""
+    return (f'PGD-{cfg.eval_steps} (worst of CE and margin) L-inf eps={cfg.eps:.4g} on {cfg.eval_n} '
+            'held-out images')
 
 
 def sanity_checks(result, attacks, gap=0.1, slack_images=2, min_gain=0.95):
@@ -263,6 +270,19 @@ def check_data(path, ck, info, data, subset=False):
         trained, here = (f'{d["num_classes"]} classes of {d["in_ch"]}-channel images' for d in (want, have))
         raise UserError(f'{path} was trained on {trained}, {data} has {here}: pass the data it was '
                         'trained on (--data=DIR)')
+
+
+def model_from_checkpoint(ck, key='model', path='the checkpoint'):
+    """nn.Conv2d whatever --conv trained it (the same state_dict): evaluation differentiates once."""
+    cfg = ck['config']
+    try:
+        model = build_model(cfg['model'], cfg['act'], **ck['data_info'])
+        model.load_state_dict(ck[key])
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        why = ' '.join(str(e).split())[:300]
+        raise UserError(f'the {key!r} weights of {path} do not fit the {cfg["model"]}/{cfg["act"]} model it '
+                        f'names: {why}') from None
+    return model
 
 
 def ours(args):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchvision
 
 import config as C
+import evaluate as E
 import gradnorm as G
 import models as M
 from attack import pgd, pgd_at
@@ -257,9 +258,9 @@ def test_checkpoint_roundtrip_and_resume_continue_exactly(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ck = C.load_checkpoint(str(full / 'ckpt.pt'))
     assert ck['step'] == 16 and ck['version'] == C.__version__
-    model = C.model_from_checkpoint(ck).eval()
+    model = E.model_from_checkpoint(ck).eval()
     C.save_checkpoint(str(tmp_path / 'copy.pt'), ck)
-    again = C.model_from_checkpoint(C.load_checkpoint(str(tmp_path / 'copy.pt'))).eval()
+    again = E.model_from_checkpoint(C.load_checkpoint(str(tmp_path / 'copy.pt'))).eval()
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))

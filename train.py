@@ -8,13 +8,11 @@ runs and how -> the training step -> the epoch -> checkpoints and metrics -> the
 """
 import copy
 import dataclasses
-import fcntl
 import json
 import math
 import os
 import secrets
 import signal
-import socket
 import sys
 import time
 import types
@@ -30,18 +28,16 @@ from augment import STEP, rand_u32
 from config import UserError, cli
 from data import make_loaders
 from edge_reg import edge_reg
-from evaluate import epoch_metrics
+from evaluate import epoch_metrics, pgd_name
 from gradnorm import SMOOTH_ACTS, choose_impl, fd_float32, gradnorm, gradnorm_fd, standard
 from models import build_model, no_weight_decay, normalization
 
 # ---------------------------------------------------------------- the objective, as training runs it
 
 def plan(cfg, device):
-    """How this run computes its objective. impl: GradNorm's, 'fd' or 'exact' (gradnorm.choose_impl;
-    amp is bf16 autocast, CUDA only), and why, for the log. Double backward (exact GradNorm, EdgeReg)
-    gets models.Conv2d, whose weight term runs on the standard kernels (docs/speed.md, section 2), and
-    contiguous tensors: channels_last is slower there and crashed torch 2.11's compiled ResNet backward
-    on CUDA (section 1). First-order objectives get nn.Conv2d and channels_last."""
+    """How this run computes its objective: GradNorm's impl, 'fd' or 'exact' (gradnorm.choose_impl), and
+    why, for the log. Double backward (exact GradNorm, EdgeReg) gets models.Conv2d and contiguous tensors,
+    first-order objectives nn.Conv2d and channels_last: the faster of each (docs/speed.md, sections 1-2)."""
     impl, why, amp = None, '', device.type == 'cuda' and cfg.amp
     if cfg.objective == 'gradnorm':
         try:
@@ -59,25 +55,26 @@ def objective(cfg, device, compiled=False, norm=None):
     alphas grow within an epoch, as the authors'. norm: the model's (mean, std), where EdgeReg
     compares. Only the objective itself is compiled, and alphas go in as tensors, so nothing
     recompiles when they change."""
-    a, b, c = map(float, cfg.edge_alpha.split(','))
-    weights = tuple(map(float, cfg.gn_weights.split(',')))
-    mean, std = norm or (None, None)
-    scalar = lambda v: torch.tensor(float(v), device=device)
     fd = plan(cfg, device).impl == 'fd'
     fn = {'standard': standard, 'gradnorm': gradnorm_fd if fd else gradnorm, 'pgd': pgd_at,
           'edge': edge_reg}[cfg.objective]
     # fullgraph, so a double backward cannot silently fall back to eager; PGD's attack loop makes
     # intermediates require grad, which Dynamo can only handle with a graph break
     fn = torch.compile(fn, fullgraph=cfg.objective != 'pgd') if compiled else fn
+    scalar = lambda v: torch.tensor(float(v), device=device)
+    if cfg.objective == 'standard':
+        return lambda m, x, y, t: fn(m, x, y, cfg.smoothing)
+    if cfg.objective == 'pgd':
+        return lambda m, x, y, t: fn(m, x, y, cfg.eps, cfg.pgd_steps, cfg.smoothing)
+    if cfg.objective == 'edge':
+        a, b, c = map(float, cfg.edge_alpha.split(','))
+        mean, std = norm or (None, None)
+        alpha = lambda t: scalar(min(a + b * t, c))
+        return lambda m, x, y, t: fn(m, x, y, alpha(t), smoothing=cfg.smoothing, mean=mean, std=std)
+    weights = tuple(map(float, cfg.gn_weights.split(',')))
     h = {'h': cfg.fd_h} if fd else {}
-    return {
-        'standard': lambda m, x, y, t: fn(m, x, y, cfg.smoothing),
-        'gradnorm': lambda m, x, y, t: fn(m, x, y, cfg.eps, scalar(min(t / max(cfg.ramp_epochs, 1e-9), 1.0)),
-                                          smoothing=cfg.smoothing, weights=weights, **h),
-        'pgd': lambda m, x, y, t: fn(m, x, y, cfg.eps, cfg.pgd_steps, cfg.smoothing),
-        'edge': lambda m, x, y, t: fn(m, x, y, scalar(min(a + b * t, c)), smoothing=cfg.smoothing,
-                                      mean=mean, std=std),
-    }[cfg.objective]
+    ramp = lambda t: scalar(min(t / max(cfg.ramp_epochs, 1e-9), 1.0))
+    return lambda m, x, y, t: fn(m, x, y, cfg.eps, ramp(t), smoothing=cfg.smoothing, weights=weights, **h)
 
 
 class Step(nn.Module):
@@ -128,60 +125,6 @@ class Run:
 
 class Preempted(Exception):
     """SIGTERM/SIGUSR1 (SLURM, Kubernetes): a checkpoint was written; rerun with --resume=auto."""
-
-
-def claim_out(cfg):
-    """One live run per folder: an exclusive lock on OUT/run.lock for this process's lifetime (the
-    kernel drops it when the process dies, so kill -9 leaves no stale lock). A fresh run refuses an
-    --out that holds another run's checkpoints or metrics, unless --resume or --overwrite (which
-    deletes them later, once every other check has passed: clear_old_run). -> (lock file, made OUT)"""
-    made = not os.path.isdir(cfg.out)
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-        while True:  # the file may be removed (release) between open and flock: lock the one on disk
-            f = open(os.path.join(cfg.out, 'run.lock'), 'a+')
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                owner = f.read().strip() or 'starting'
-                raise UserError(f'{cfg.out} is in use by another run ({owner}): wait for it to end, or pass '
-                                'another --out') from None
-            if os.path.exists(f.name) and os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
-                break
-            f.close()
-        f.truncate(0)
-        f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-        f.flush()
-    except OSError as e:
-        raise UserError(f'cannot use output directory {cfg.out!r} ({e.strerror}): pass --out=DIR') from None
-    if not cfg.resume and old_run(cfg) and not cfg.overwrite:
-        release((f, made), cfg)
-        newest = os.path.basename(old_run(cfg)[-1])
-        raise UserError(f'{cfg.out} holds another run ({newest}): continue it with --resume=auto, start '
-                        'afresh there with --overwrite (deletes it), or pass another --out')
-    return f, made
-
-
-def old_run(cfg):
-    files = [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')]
-    return config.checkpoints(cfg.out) + [f for f in files if os.path.exists(f)]
-
-
-def clear_old_run(cfg):
-    """--overwrite: the old run goes only now, when the new one holds the lock and has passed every check."""
-    for path in old_run(cfg) if cfg.overwrite and not cfg.resume else ():
-        os.remove(path)
-
-
-def release(claim, cfg):
-    """Unlocks OUT; a folder this run made and left empty (it failed at start) is removed."""
-    f, made = claim
-    if made and os.listdir(cfg.out) == ['run.lock']:
-        os.remove(f.name)
-        with suppress(OSError):
-            os.rmdir(cfg.out)
-    f.close()
 
 
 def find_resume(cfg, log):
@@ -255,9 +198,13 @@ def start(cfg, rank, world, device, log):
     if ema is not None:
         run.ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
     if ck:
-        resume(run, ck, path, log)
+        run.opt.load_state_dict(ck['optimizer'])
+        if ema is not None and ck['ema'] is not None:
+            ema.load_state_dict(ck['ema'])
+        run.step = ck['step']
+        log(f'resumed from {path} at epoch {run.step // run.steps} step {run.step % run.steps}')
     if rank == 0:
-        clear_old_run(cfg)
+        config.clear_old_run(cfg)
     return run, compiled
 
 
@@ -277,14 +224,6 @@ def check_resume(cfg, ck, path, info):
         raise UserError(f'{path} was trained on data with {differ[0]}={ck["data_info"].get(differ[0])}, '
                         f'--data={cfg.data} has {info[differ[0]]}: pass the data it was trained on, or '
                         'another --out')
-
-
-def resume(run, ck, path, log):
-    run.opt.load_state_dict(ck['optimizer'])
-    if run.ema is not None and ck['ema'] is not None:
-        run.ema.load_state_dict(ck['ema'])
-    run.step = ck['step']
-    log(f'resumed from {path} at epoch {run.step // run.steps} step {run.step % run.steps}')
 
 
 # ---------------------------------------------------------------- one step, one epoch
@@ -435,9 +374,8 @@ def end_epoch(run, epoch, terms, img_per_s, log):
 def stop_signals():
     """SIGTERM/SIGUSR1 ask training to stop at the next step; the caller's handlers come back after."""
     stop = []
-    handlers = {}
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        handlers[s] = signal.signal(s, lambda signum, frame: stop.append(signum))
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield stop
     finally:
@@ -446,11 +384,6 @@ def stop_signals():
 
 
 # ---------------------------------------------------------------- the loop
-
-def pgd_name(cfg):
-    return (f'PGD-{cfg.eval_steps} (worst of CE and margin) L-inf eps={cfg.eps:.4g} on {cfg.eval_n} '
-            'held-out images')
-
 
 def train(cfg):
     """Claims --out for this run (rank 0), then trains: loop."""
@@ -461,12 +394,12 @@ def train(cfg):
     if cfg.batch_size % (world * cfg.accum):
         raise UserError(f'--batch_size={cfg.batch_size} does not split into {world} ranks x '
                         f'--accum={cfg.accum} micro-batches: make it a multiple of {world * cfg.accum}')
-    claim = claim_out(cfg) if rank == 0 else None
+    claim = config.claim_out(cfg) if rank == 0 else None
     try:
         return loop(cfg, rank, world, device, log)
     finally:
         if claim:
-            release(claim, cfg)
+            config.release(claim, cfg)
 
 
 def loop(cfg, rank, world, device, log):

@@ -10,8 +10,9 @@ from PIL import Image
 
 import data
 import models
-from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist, write_idx
+from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist
 from tools import beton
+from tools.check_gpu import write_idx
 
 FASHION = '/usr/share/datasets/fashion-mnist'  # the real data (make data)
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository

@@ -99,7 +99,7 @@ def test_fashion_beton_flips_are_a_function_of_seed_epoch_index(tiny_data, tmp_p
     import augment as A
 
     (x, y), _ = D.load_fashion_mnist(tiny_data)
-    D.write_split(D._GrayAsRGB(x, y), str(tmp_path / 'train.beton'), workers=1, write_mode='raw')
+    D.write_split(D.gray_as_rgb(x, y), str(tmp_path / 'train.beton'), workers=1, write_mode='raw')
     runs = [
         epochs_of(
             D.ffcv_loader(

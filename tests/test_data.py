@@ -141,7 +141,7 @@ def test_two_ranks_each_sample_once_per_epoch(id_folder, tmp_path):
 
 def _write_same_file(barrier, path, images, labels):
     barrier.wait()
-    D.write_split(D._GrayAsRGB(images, labels), path, workers=1, write_mode='raw')
+    D.write_split(D.gray_as_rgb(images, labels), path, workers=1, write_mode='raw')
 
 
 @needs_ffcv

@@ -21,7 +21,6 @@ import config as C
 import data as D
 import evaluate
 import models as M
-import train as T
 from data import FASHION_MEAN, FASHION_STD
 from tests.conftest import HERE, run
 from tools import beton, characterize
@@ -104,7 +103,7 @@ def test_train_eval_n_is_lowered_to_the_validation_set_and_said(tiny_data, capsy
     said = 'warning: --eval_n=2048 is more than the 256 validation images: using all 256\n'
     assert capsys.readouterr().err == said
     assert cfg.eval_n == 256 and sum(len(y) for _, y in robust_val) == 256
-    assert T.pgd_name(cfg).endswith('on 256 held-out images')
+    assert evaluate.pgd_name(cfg).endswith('on 256 held-out images')
     cfg = C.parse_config([f'--data={tiny_data}', '--eval_n=2048', '--loader=torchvision'])
     _, _, robust_val, _ = D.make_loaders(cfg, 1, 2, CPU)  # torchrun's second rank: the same n, no second line
     assert capsys.readouterr().err == '' and cfg.eval_n == 256 and sum(len(y) for _, y in robust_val) == 128

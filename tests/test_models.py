@@ -234,7 +234,7 @@ def test_trained_with_fast_conv_then_evaluated_and_characterized(tiny_data, tmp_
     )
     assert 'conv=fast' in capsys.readouterr().out
     ck = C.load_checkpoint(str(out / 'ckpt.pt'))
-    model = C.model_from_checkpoint(ck).eval()  # nn.Conv2d: evaluation differentiates once
+    model = evaluate.model_from_checkpoint(ck).eval()  # nn.Conv2d: evaluation differentiates once
     fast = M.build_model(ck['config']['model'], 'gelu', conv='fast', **ck['data_info']).eval()
     fast.load_state_dict(ck['model'], strict=True)
     x = torch.rand(4, 1, 28, 28)

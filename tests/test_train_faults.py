@@ -73,11 +73,11 @@ def test_a_run_into_a_locked_folder_stops_before_writing(base, tmp_path, capsys)
     out = tmp_path / 'run'
     shutil.copytree(base, out)
     cfg = C.parse_config(['--epochs=1', f'--out={out}', '--resume=auto'])
-    claim = T.claim_out(cfg)
+    claim = C.claim_out(cfg)
     before = snapshot(out)
     assert 'in use by another run' in fails([f'--out={out}', '--resume=auto', '--epochs=2'], capsys)
     assert snapshot(out) == before
-    T.release(claim, cfg)
+    C.release(claim, cfg)
     assert (out / 'run.lock').exists()  # not this run's folder to remove: it holds a run
 
 

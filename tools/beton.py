@@ -11,7 +11,7 @@ from multiprocessing import Pool
 import numpy as np
 
 from config import ArgumentParser, UserError, checked, cli
-from data import VAL_SIDE, class_folders, known_classes, list_images, load_rgb, need_ffcv, warn, write_split
+from data import VAL_SIDE, class_folders, list_images, load_rgb, need_ffcv, warn, write_split
 
 
 def _decode_error(path):
@@ -55,7 +55,7 @@ def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None, 
     mode = 'raw' if compress <= 0 else 'jpg' if compress >= 1 else 'proportion'
     train, val = os.path.join(src, 'train'), os.path.join(src, 'val')
     if os.path.isdir(train) and os.path.isdir(val):
-        known_classes(val, class_folders(train))  # before train.beton is written
+        list_images(val, class_folders(train))  # a class train/ lacks: refused before train.beton is written
     classes, result = None, {}
     for split in ('train', 'val'):
         folder = os.path.join(src, split)

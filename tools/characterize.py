@@ -23,10 +23,10 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
 from attack import LOSSES, pgd
-from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint, model_from_checkpoint
+from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint
 from data import data_shape, make_loaders
 from edge_reg import edge_energy
-from evaluate import check_data, evaluate, parse_eps
+from evaluate import check_data, evaluate, model_from_checkpoint, parse_eps
 
 QUANTILES = {'q10': 0.1, 'q25': 0.25, 'median': 0.5, 'q75': 0.75, 'q90': 0.9}
 

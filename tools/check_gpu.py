@@ -29,6 +29,7 @@ With --all: 6-7. bench.py step, resnet50 and vit_small at 224, bf16; 8. bench.py
 Logs go to runs/check_gpu/. Exit status: 0 when every step passed.
 """
 
+import gzip
 import importlib.util
 import os
 import shlex
@@ -46,13 +47,18 @@ SLACK = float(os.environ.get('CHECK_GPU_SLACK', 1))  # multiplies every step's t
 NEEDS = ('numpy', 'PIL')  # every step imports data.py (train.py, bench.py, evaluate.py)
 
 
+def write_idx(path, t):
+    """t (uint8) as one gzipped IDX file, data.read_idx's inverse."""
+    header = bytes([0, 0, 8, t.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in t.shape)
+    with gzip.open(path, 'wb') as f:
+        f.write(header + t.to(torch.uint8).contiguous().numpy().tobytes())
+
+
 def fashion_or_synthetic(out, n, fashion=FASHION):
     """The real Fashion-MNIST if it is there, else n random images in its format (the check is about
     the CUDA path, not accuracy)."""
     if n is None and os.path.exists(os.path.join(fashion, 't10k-labels-idx1-ubyte.gz')):
         return fashion, 'Fashion-MNIST'
-    from data import write_idx  # numpy: imported once the script said what this machine has
-
     n = n or 10000
     os.makedirs(out, exist_ok=True)
     g = torch.Generator().manual_seed(0)
