@@ -1,10 +1,10 @@
-"""Attacks on inputs in [0,1]: PGD (L-inf, L2; restarts; CE / margin / DLR losses; the worst case per
-sample), PGD-k adversarial training, and AutoAttack and Square from the authors' reference code
-(pyautoattack, imported when called). Imports only torch and the standard library, so it can be copied
-as it is; evaluate.py, the evaluator, builds on it."""
+"""Attacks on images in [0,1] in the L-inf ball (the paper's threat model): PGD with CE, margin or DLR
+losses (restarts, the worst case per sample), PGD-k adversarial training, and AutoAttack and Square from
+the authors' reference code (pyautoattack, imported when called). Imports only torch and the standard
+library, so it can be copied as it is; evaluate.py, the evaluator, builds on it."""
+import hashlib
 import json
 import logging
-import math
 import os
 import sys
 from contextlib import contextmanager
@@ -39,59 +39,20 @@ def dlr_loss(logits, y):
 LOSSES = {'ce': ce_loss, 'margin': margin_loss, 'dlr': dlr_loss}
 
 
-def _per_sample(v, like):
-    return v.view(-1, *[1] * (like.ndim - 1))
-
-
-def project(delta, eps, norm):
-    """Nearest point of the eps-ball (L-inf: clip; L2: rescale)."""
-    if norm == 'linf':
-        return delta.clamp(-eps, eps)
-    n = delta.flatten(1).norm(dim=1)
-    return delta * _per_sample((eps / n.clamp_min(1e-12)).clamp(max=1), delta)
-
-
-def distance(a, b, norm):
-    d = (a - b).flatten(1)
-    return d.abs().amax(1) if norm == 'linf' else d.norm(dim=1)
-
-
-def inside(x_adv, x, eps, norm):
+def inside(x_adv, x, eps):
     """Per sample: in the eps-ball around x (up to float rounding) and in [0,1]: never trust, verify."""
-    flat = x_adv.flatten(1)
-    return (distance(x_adv, x, norm) <= eps * (1 + 1e-5) + 1e-6) & (flat.amin(1) >= 0) & (flat.amax(1) <= 1)
+    flat, dist = x_adv.flatten(1), (x_adv - x).flatten(1).abs().amax(1)
+    return (dist <= eps * (1 + 1e-5) + 1e-6) & (flat.amin(1) >= 0) & (flat.amax(1) <= 1)
 
 
-def random_delta(x, eps, norm):
-    """Uniform in the L-inf ball; uniform in the L2 ball (Gaussian direction, radius eps*U^(1/d))."""
-    if norm == 'linf':
-        return torch.empty_like(x).uniform_(-eps, eps)
-    d = torch.randn_like(x)
-    r = eps * torch.rand(len(x), device=x.device).pow(1 / x[0].numel())
-    return d * _per_sample(r / d.flatten(1).norm(dim=1), d)
+def step(x, x_adv, grad, size, eps):
+    """Steepest L-inf ascent (the gradient's sign), back into the ball and [0,1]. Clamping to [0,1]
+    only shrinks each |delta_i| (x is in [0,1]), so it never leaves the ball."""
+    return (x + (x_adv + size * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
 
 
-def step(x, x_adv, grad, size, eps, norm):
-    """Steepest ascent for the norm (sign / normalized gradient), back into the ball and [0,1].
-    Clamping to [0,1] only shrinks each |delta_i| (x is in [0,1]), so it never leaves the ball."""
-    if norm == 'linf':
-        d = grad.sign()
-    else:
-        d = grad / _per_sample(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
-    return (x + project(x_adv + size * d - x, eps, norm)).clamp(0, 1)
-
-
-def step_size_at(size, i, steps, schedule):
-    """constant, or cosine from size down to 0 (big moves first, fine search last)."""
-    if schedule == 'constant':
-        return size
-    if schedule == 'cosine':
-        return size * 0.5 * (1 + math.cos(math.pi * i / steps))
-    raise ValueError(f'unknown step-size schedule {schedule!r}: use constant or cosine')
-
-
-def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=False,
-        norm='linf', loss='ce', restarts=1, schedule='constant', max_loss=False):
+def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=False, loss='ce',
+        restarts=1, max_loss=False):
     """PGD on inputs in [0,1]; every point returned is in the eps-ball around x and in [0,1].
 
     keep_best=False (adversarial training): one run, the last iterate, one forward and one backward
@@ -100,21 +61,19 @@ def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=Fa
     clean input or any iterate of any restart was misclassified; x_adv is that point, else the
     highest-loss point seen. Restarts and later steps attack only the samples still standing, which
     changes nothing but the cost. step_size defaults to 2.5*eps/steps."""
-    if norm not in ('linf', 'l2'):
-        raise ValueError(f'unknown norm {norm!r}: use linf or l2')
     if loss not in LOSSES:
         raise ValueError(f'unknown attack loss {loss!r}; choose one of {", ".join(LOSSES)}')
     loss_fn, size, x = LOSSES[loss], step_size or 2.5 * eps / steps, x.detach()
+    start = lambda x: (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) if random_start else x.clone()
     if not keep_best:
-        x_adv = (x + random_delta(x, eps, norm)).clamp(0, 1) if random_start else x.clone()
-        top = torch.full((len(x),), float('-inf'), device=x.device)
-        for i in range(steps):
+        x_adv, top = start(x), torch.full((len(x),), float('-inf'), device=x.device)
+        for _ in range(steps):
             x_adv.requires_grad_(True)
             value = loss_fn(model(x_adv), y)
             if max_loss:
                 top = torch.maximum(top, value.detach())
             (g,) = torch.autograd.grad(value.sum(), x_adv)
-            x_adv = step(x, x_adv.detach(), g, step_size_at(size, i, steps, schedule), eps, norm)
+            x_adv = step(x, x_adv.detach(), g, size, eps)
         if not max_loss:
             return x_adv.detach()
         with torch.no_grad():
@@ -126,7 +85,7 @@ def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=Fa
     for _ in range(restarts):
         act = (~fooled).nonzero().squeeze(1)  # indices of the samples still standing
         xa, ya = x[act], y[act]
-        x_adv = (xa + random_delta(xa, eps, norm)).clamp(0, 1) if random_start else xa.clone()
+        x_adv = start(xa)
         for i in range(steps + 1):
             with torch.enable_grad() if i < steps else torch.no_grad():
                 x_adv.requires_grad_(i < steps)
@@ -141,8 +100,7 @@ def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=Fa
                 break
             (g,) = torch.autograd.grad(value.sum(), x_adv)
             keep = ~wrong
-            size_i = step_size_at(size, i, steps, schedule)
-            x_adv = step(xa[keep], x_adv.detach()[keep], g[keep], size_i, eps, norm)
+            x_adv = step(xa[keep], x_adv.detach()[keep], g[keep], size, eps)
             act, xa, ya = act[keep], xa[keep], ya[keep]
         if fooled.all():
             break
@@ -157,14 +115,14 @@ def pgd_at(model, x, y, eps, steps=3, smoothing=0.1):
     return ce, {'ce_adv': ce}
 
 
-def loss_gain(model, x, y, eps, loss, steps=10, norm='linf'):
+def loss_gain(model, x, y, eps, loss, steps=10):
     """'The loss must increase along the attack' (Carlini et al. 2019): PGD-steps from the clean
     image, no random start (so a zero gradient leaves the image where it is), on the correctly
     classified images. -> (how many images, how many end with a higher loss than they started)"""
     with torch.no_grad():
         ok = model(x).argmax(1) == y
     x, y = x[ok], y[ok]
-    x_adv = pgd(model, x, y, eps, steps, random_start=False, norm=norm, loss=loss)
+    x_adv = pgd(model, x, y, eps, steps, random_start=False, loss=loss)
     with torch.no_grad():
         gain = LOSSES[loss](model(x_adv), y) - LOSSES[loss](model(x), y)
     return len(y), (gain > 0).sum().item()
@@ -173,7 +131,6 @@ def loss_gain(model, x, y, eps, loss, steps=10, norm='linf'):
 # ---------------------------------------------------------------- AutoAttack and Square (pyautoattack)
 
 VERSION = 'standard'  # APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries)
-NORMS = {'linf': 'Linf', 'l2': 'L2'}
 # AutoAttack's own checks (pyautoattack/checks.py) and a phrase of the warning each one logs
 AA_CHECKS = {'randomness (outputs identical across forwards)': 'randomized defense',
              'logits, not probabilities': 'probability distribution',
@@ -183,34 +140,22 @@ AA_CHECKS = {'randomness (outputs identical across forwards)': 'randomized defen
              'Square adds nothing to the gradient attacks': 'Square Attack has decreased'}
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @contextmanager
 def aa_logs():
-    """pyautoattack reports through the 'auto-attack' logger: its warnings (its checks) are collected
-    here instead of printed; its progress messages are dropped (the caller prints its own)."""
-    logger, handler = logging.getLogger('auto-attack'), _Collect()
+    """pyautoattack's warnings (its checks) on the 'auto-attack' logger, collected instead of printed;
+    its progress messages are dropped (the caller prints its own)."""
+    logger, handler, messages = logging.getLogger('auto-attack'), logging.Handler(logging.WARNING), []
+    handler.emit = lambda record: messages.append(record.getMessage())
     old = logger.propagate, logger.level
     logger.addHandler(handler)
     logger.propagate = False
     logger.setLevel(logging.WARNING)
     try:
-        yield handler.messages
+        yield messages
     finally:
         logger.removeHandler(handler)
         logger.propagate = old[0]
         logger.setLevel(old[1])
-
-
-class Damaged(Exception):
-    """A state file that this evaluation cannot have written: its counts are not to be trusted."""
 
 
 def write_json(path, obj, **kw):
@@ -226,64 +171,43 @@ def write_json(path, obj, **kw):
             os.remove(tmp)
         raise
 
-def _malformed(saved):
-    """Why saved is not a state file's content, else None."""
-    if not isinstance(saved, dict) or 'key' not in saved or not isinstance(saved.get('done'), dict):
-        return 'not an AutoAttack state (a dict with key and done)'
-    for name, bits in saved['done'].items():
-        parts = name.split('/')
-        if len(parts) != 3 or not parts[1].isdigit() or not isinstance(bits, str) or set(bits) - set('01'):
-            return f'entry {name!r} is not EPS/BATCH/COMPONENT: a string of 0 and 1'
-    return None
+
+def _digest(saved):
+    content = json.dumps([saved.get('key'), saved.get('done')], sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 class State:
     """An AutoAttack run on disk: per (eps, batch, component) the images still standing, rewritten
-    atomically after each step. A run with the same key continues from it; any other starts afresh,
-    and so does one whose file is damaged (with a warning): an entry is used only if it has the
-    batch's length and stands only images that stood before it, in the order the run writes them.
+    atomically after each step with a digest of its content. A run with the same key continues from
+    it; any other starts afresh, and so does one whose file does not match its digest (with a warning).
     (pyautoattack 0.2.0's own state_path cannot be restored: it compares a set with the JSON list.)"""
 
     def __init__(self, path, key):
-        self.path, self.key, self.done, self.wrote = path, key, {}, set()
+        self.path, self.key, self.done = path, key, {}
         try:
             with open(path) as f:
                 saved = json.load(f)
-            why = _malformed(saved)
+            if not isinstance(saved, dict) or saved.get('sha256') != _digest(saved):
+                raise ValueError('its content does not match its digest')
+            if saved['key'] == key:
+                self.done = saved['done']
         except FileNotFoundError:
-            saved, why = None, None
-        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-            saved, why = None, f'unreadable ({type(e).__name__}: {e})'
-        if why:
-            self.discard(why)
-        elif saved is not None and saved['key'] == key:
-            self.done = saved['done']
+            pass
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSON's errors are ValueErrors
+            print(f'warning: {path}: damaged ({type(e).__name__}: {e}): starting AutoAttack afresh',
+                  file=sys.stderr, flush=True)
         self.resumed = len(self.done)
 
-    def discard(self, why):
-        print(f'warning: {self.path}: {why}: starting AutoAttack afresh', file=sys.stderr, flush=True)
-        self.done, self.wrote, self.resumed = {}, set(), 0
-
-    def get(self, eps, batch, component, before):
-        """The images standing after component, or None if not recorded; before: those standing
-        before it (bool tensor). Damaged if the entry cannot be this run's."""
-        name = f'{eps:.10g}/{batch}/{component}'
-        bits = self.done.get(name)
-        if bits is None:
-            return None
-        if f'{eps:.10g}' in self.wrote:  # written in order: none after a step that was missing
-            raise Damaged(f'entry {name} follows a step it lacks')
-        if len(bits) != len(before):
-            raise Damaged(f'entry {name} has {len(bits)} images, the batch {len(before)}')
-        done = torch.tensor([b == '1' for b in bits])
-        if (done & ~before.cpu()).any():
-            raise Damaged(f'entry {name} has images standing that fell before {component}')
-        return done
+    def get(self, eps, batch, component):
+        """The images standing after component (bool tensor), or None if not recorded."""
+        bits = self.done.get(f'{eps:.10g}/{batch}/{component}')
+        return None if bits is None else torch.tensor([b == '1' for b in bits])
 
     def put(self, eps, batch, component, standing):
         self.done[f'{eps:.10g}/{batch}/{component}'] = ''.join('1' if s else '0' for s in standing.tolist())
-        self.wrote.add(f'{eps:.10g}')
-        write_json(self.path, {'key': self.key, 'done': self.done})
+        saved = {'key': self.key, 'done': self.done}
+        write_json(self.path, {**saved, 'sha256': _digest(saved)})
 
     def remove(self):
         if os.path.exists(self.path):
@@ -299,29 +223,20 @@ def summed(values, device):
     return t.tolist()
 
 
-def fooled_at(model, x, y, x_adv, eps, norm):
+def fooled_at(model, x, y, x_adv, eps):
     """Fooled only if the point is in the eps-ball and [0,1] and misclassified by the model as it is."""
     with torch.no_grad():
         wrong = model(x_adv).argmax(1) != y
-    return wrong & inside(x_adv, x, eps, norm)
+    return wrong & inside(x_adv, x, eps)
 
 
-def autoattack(model, batches, eps, norm='linf', seed=0, state=None, components=None, progress=None):
+def autoattack(model, batches, eps, seed=0, state=None, components=None, progress=None):
     """AutoAttack's standard version on inputs in [0,1] (components: a subset, same settings, for
     tests). As in run_standard_evaluation, each component attacks only the images every earlier one
-    left standing; it is called once per component and batch, which gives per-image results after
-    each component and lets `state` record every step (a damaged state: afresh, with a warning).
-    Under torchrun each rank passes its shard.
+    left standing; called once per component and batch, it gives per-image results after each
+    component and `state` records every step. Under torchrun each rank passes its shard.
     -> {'n', 'after': {'clean' and each component: accuracy}, 'standing': {same keys: bool tensor
     over this rank's images}, 'warnings': [AutoAttack's check warnings, all ranks]}"""
-    try:
-        return _autoattack(model, batches, eps, norm, seed, state, components, progress)
-    except Damaged as e:
-        state.discard(str(e))
-        return _autoattack(model, batches, eps, norm, seed, state, components, progress)
-
-
-def _autoattack(model, batches, eps, norm, seed, state, components, progress):
     from pyautoattack import AutoAttack, checks
     aa, standing, invalid, device = None, {}, 0, torch.device('cpu')
     with aa_logs() as messages:
@@ -329,13 +244,13 @@ def _autoattack(model, batches, eps, norm, seed, state, components, progress):
             # AutoAttack .view()s its gradients: channels_last breaks that
             x, device = x.contiguous(), x.device
             if aa is None:
-                aa = AutoAttack(model, norm=NORMS[norm], eps=eps, version=VERSION, seed=seed, device=x.device)
+                aa = AutoAttack(model, norm='Linf', eps=eps, version=VERSION, seed=seed, device=x.device)
                 names = list(components or aa.attacks_to_run)
             with torch.no_grad():
                 alive = model(x).argmax(1) == y
             standing.setdefault('clean', []).append(alive.cpu())
             for c in names:
-                done = state.get(eps, b, c, alive) if state else None
+                done = state.get(eps, b, c) if state else None
                 if done is not None:
                     alive = done.to(alive.device)
                 elif alive.any():
@@ -344,7 +259,7 @@ def _autoattack(model, batches, eps, norm, seed, state, components, progress):
                     trace = sys.gettrace()  # AutoAttack's dynamic-defense check ends in sys.settrace(None),
                     x_adv, y_adv = aa.run_standard_evaluation(x[idx], y[idx], batch_size=len(idx))
                     sys.settrace(trace)  # which would switch a debugger or coverage off for good
-                    fooled = fooled_at(model, x[idx], y[idx], x_adv, eps, norm)
+                    fooled = fooled_at(model, x[idx], y[idx], x_adv, eps)
                     alive, invalid = alive.clone(), invalid + int(((y_adv != y[idx]) & ~fooled).sum())
                     alive[idx[fooled]] = False
                 if done is None and state:
@@ -380,7 +295,7 @@ def aa_checks(warnings):
     return out
 
 
-def square_broken(model, batches, standing, eps, norm='linf', queries=1000, seed=0):
+def square_broken(model, batches, standing, eps, queries=1000, seed=0):
     """pyautoattack's gradient-free Square attack on the images `standing` marks (bool tensor over this
     rank's images) -> bool tensor over them: those it fooled (verified)."""
     from pyautoattack.square import SquareAttack
@@ -390,16 +305,16 @@ def square_broken(model, batches, standing, eps, norm='linf', queries=1000, seed
         start += len(y)
         hit = torch.zeros_like(keep)
         if keep.any():
-            sq = sq or SquareAttack(model, norm=NORMS[norm], n_queries=queries, eps=eps, seed=seed,
+            sq = sq or SquareAttack(model, norm='Linf', n_queries=queries, eps=eps, seed=seed,
                                     device=x.device)
             x_adv = sq.perturb(x[keep].contiguous(), y[keep])
-            hit[keep] = fooled_at(model, x[keep], y[keep], x_adv, eps, norm)
+            hit[keep] = fooled_at(model, x[keep], y[keep], x_adv, eps)
         parts.append(hit.cpu())
     return torch.cat(parts) if parts else torch.zeros_like(standing)
 
 
-def square_check(model, batches, gradient_standing, eps, norm='linf', queries=1000, seed=0, aa=None,
-                 slack_images=2, slack_share=0.01):
+def square_check(model, batches, gradient_standing, eps, queries=1000, seed=0, aa=None, slack_images=2,
+                 slack_share=0.01):
     """A gradient-free attack must not break images every gradient attack failed on (Carlini et al.
     2019): if it does, the gradients mislead the attacks (masking). gradient_standing: bool tensor
     over this rank's images, robust to every PGD attack. With an AutoAttack result (aa), its own
@@ -411,7 +326,7 @@ def square_check(model, batches, gradient_standing, eps, norm='linf', queries=10
         before = gradient_standing & aa['standing'][names[names.index('square') - 1]]
         broken, queries = before & ~aa['standing']['square'], 5000
     else:
-        broken = square_broken(model, batches, before, eps, norm, queries, seed)
+        broken = square_broken(model, batches, before, eps, queries, seed)
     device = batches[0][0].device if batches else torch.device('cpu')
     attacked, fooled = summed([before.sum().item(), broken.sum().item()], device)
     allowed = max(slack_images, slack_share * attacked)

@@ -53,27 +53,27 @@ def forward_fn(model, compile=False, bf16=False):
     return autocast_fwd
 
 
-def _attack(fwd, x, y, eps, spec, norm, schedule, step_size):
+def _attack(fwd, x, y, eps, spec, step_size):
     """One attack of the evaluator; -> fooled (bool per sample), after checking every point."""
     loss, steps, restarts = spec
     if not len(x):
         return torch.zeros_like(y, dtype=torch.bool)
     x_adv, fooled = attack.pgd(fwd, x, y, eps, steps, step_size and step_size * eps, keep_best=True,
-                        norm=norm, loss=loss, restarts=restarts, schedule=schedule)
-    if not attack.inside(x_adv, x, eps, norm).all():
-        d = attack.distance(x_adv, x, norm).max().item()
+                               loss=loss, restarts=restarts)
+    if not attack.inside(x_adv, x, eps).all():
+        d = (x_adv - x).abs().max().item()
         raise RuntimeError(f'attack left the eps-ball or [0,1]: distance {d} (eps {eps})')
     return fooled
 
 
-def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule='constant',
-             step_size=None, checks=False, chain=False, compile=False, bf16=False, gain_n=256):
+def evaluate(model, batches, eps_list, attacks=('ce-20',), step_size=None, checks=False, chain=False,
+             compile=False, bf16=False, gain_n=256):
     """Clean accuracy and, per eps, robust accuracy per attack and the worst case over attacks (per
     sample: robust only if every attack failed). chain=True: each attack attacks only what the
     earlier ones left standing (cheaper; each attack's number is then 'after it and those before').
-    checks=True adds what the masking checks need: UNBOUNDED attacks at an eps that reaches every
-    image, and attack.loss_gain per loss on the first gain_n images at the largest eps. Under torchrun
-    each rank passes its shard and the counts are summed.
+    checks=True adds what the masking checks need: UNBOUNDED attacks at eps 1 (the whole pixel cube),
+    and attack.loss_gain per loss on the first gain_n images at the largest eps. Under torchrun each
+    rank passes its shard and the counts are summed.
     -> {'n', 'clean', 'robust': {eps: {attack: acc, 'worst': acc}}, 'standing': {eps: bool tensor over
     this rank's images, robust to every attack}, 'unbounded': {'eps', attack: acc},
     'gain': {loss: (n, rose)}}"""
@@ -85,7 +85,7 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
     unbounded = UNBOUNDED if checks else ()
     keys = ['n', 'clean'] + [(e, a) for e in eps_list for a in names] + [('unbounded', a) for a in unbounded]
     keys += [(g, loss) for loss in losses for g in ('gain_n', 'gain')]
-    counts, standing, big = dict.fromkeys(keys, 0.0), {e: [] for e in eps_list}, None
+    counts, standing = dict.fromkeys(keys, 0.0), {e: [] for e in eps_list}
     for b, (x, y) in enumerate(batches):
         with torch.no_grad():
             counts['n'] += len(y)
@@ -95,17 +95,16 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
             for a, spec in zip(attacks, specs):
                 idx = alive.nonzero().squeeze(1) if chain else torch.arange(len(y), device=y.device)
                 robust = torch.zeros_like(alive)
-                robust[idx] = ~_attack(fwd, x[idx], y[idx], eps, spec, norm, schedule, step_size)
+                robust[idx] = ~_attack(fwd, x[idx], y[idx], eps, spec, step_size)
                 counts[(eps, a)] += robust.sum().item()
                 alive &= robust
             counts[(eps, 'worst')] += alive.sum().item()
             standing[eps].append(alive.cpu())
-        big = 1.0 if norm == 'linf' else math.sqrt(x[0].numel())  # the whole cube: its side, its diagonal
         for a in unbounded:
-            fooled = _attack(fwd, x, y, big, parse_attack(a), norm, 'constant', None)
+            fooled = _attack(fwd, x, y, 1.0, parse_attack(a), None)
             counts[('unbounded', a)] += (~fooled).sum().item()
         for loss in losses if b == 0 else ():
-            n, rose = attack.loss_gain(fwd, x[:gain_n], y[:gain_n], max(eps_list), loss, norm=norm)
+            n, rose = attack.loss_gain(fwd, x[:gain_n], y[:gain_n], max(eps_list), loss)
             counts[('gain_n', loss)], counts[('gain', loss)] = n, rose
     model.train(was_training)
     for p, g in zip(model.parameters(), grads):
@@ -117,7 +116,7 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), norm='linf', schedule
     r = {'n': int(c['n']), 'clean': acc('clean'), 'robust': robust, 'unbounded': None, 'gain': None,
          'standing': {e: torch.cat(v) if v else none for e, v in standing.items()}}
     if checks:
-        r['unbounded'] = {'eps': big, **{a: acc(('unbounded', a)) for a in unbounded}}
+        r['unbounded'] = {'eps': 1.0, **{a: acc(('unbounded', a)) for a in unbounded}}
         r['gain'] = {loss: (int(c[('gain_n', loss)]), int(c[('gain', loss)])) for loss in losses}
     return r
 
@@ -202,12 +201,10 @@ def parser(doc=__doc__):
                                                                   'positive'),
                    help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the '
                         'training eps)')
-    p.add_argument('--norm', default='linf', choices=['linf', 'l2'])
     p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'],
                    type=checked(str, parse_attack, 'LOSS-STEPS[xRESTARTS], e.g. ce-20 or dlr-50x2'),
                    help='LOSS-STEPS[xRESTARTS]')
     p.add_argument('--steps', type=positive, default=None, help='shorthand for --attacks ce-STEPS')
-    p.add_argument('--schedule', default='constant', choices=['constant', 'cosine'])
     p.add_argument('--step-size', type=checked(float, lambda v: 0 < v <= 10, 'in (0, 10]'), default=None,
                    help='as a fraction of eps (default 2.5/steps)')
     p.add_argument('--autoattack', action=argparse.BooleanOptionalAction, default=None,
@@ -237,8 +234,8 @@ def parse_args(argv):
 def check_args(args):
     """The combinations parse_args cannot check one option at a time; fills in derived values."""
     args.attacks = [f'ce-{args.steps}'] if args.steps else args.attacks
-    args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or '.', f'eval_{args.norm}.json')
-    if args.norm == 'linf' and args.eps and max(map(parse_eps, args.eps)) > 1:
+    args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or '.', 'eval_linf.json')
+    if args.eps and max(map(parse_eps, args.eps)) > 1:
         raise UserError(f'--eps {max(args.eps, key=parse_eps)}: an L-inf budget above 1 is larger than the '
                         'whole pixel range [0, 1]')
     return args
@@ -329,16 +326,6 @@ def check_outputs(args):
                         "(AutoAttack's resume state goes next to it)")
 
 
-def autoattack_resumable(fwd, batches, eps, args, state, progress):
-    """attack.autoattack, its steps recorded in state; a state it cannot write ends in one line."""
-    try:
-        return attack.autoattack(fwd, batches, eps, args.norm, args.seed, state, progress=progress)
-    except OSError as e:
-        raise UserError(f'cannot write the AutoAttack state {state.path} ({e.strerror or e}): free some '
-                        'space or pass --json=FILE elsewhere (the state goes next to it), then run again: '
-                        'it resumes') from None
-
-
 def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
     """Per eps: AutoAttack (if asked) and the Square check on what every gradient attack left.
     -> ({eps: AutoAttack result}, {eps: (ok, message)}, the resume state: remove it once reported)"""
@@ -346,7 +333,7 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
     if args.autoattack:
         from pyautoattack import __version__ as aa_version
         key = dict(ckpt=os.path.abspath(args.ckpt), size=os.path.getsize(args.ckpt),
-                   mtime=os.path.getmtime(args.ckpt), weights=args.weights, norm=args.norm, n=args.n,
+                   mtime=os.path.getmtime(args.ckpt), weights=args.weights, n=args.n,
                    world=world, seed=args.seed, bf16=args.bf16, data=args.data, pyautoattack=aa_version)
         state = attack.State(args.state, key)
     if state and state.resumed and rank == 0:
@@ -356,11 +343,16 @@ def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
         progress = lambda b, c, left, n, resumed, text=text: rank == 0 and print(
             f'  autoattack eps {text} batch {b + 1}/{len(batches)} {c:8} {left:5} of {n} standing '
             f'({"resumed" if resumed else f"{time.time() - t0:.0f} s"})', flush=True)
-        if args.autoattack:
-            aa[eps] = autoattack_resumable(fwd, batches, eps, args, state, progress)
+        try:
+            if args.autoattack:
+                aa[eps] = attack.autoattack(fwd, batches, eps, args.seed, state, progress=progress)
+        except OSError as e:
+            raise UserError(f'cannot write the AutoAttack state {state.path} ({e.strerror or e}): free '
+                            'some space or pass --json=FILE elsewhere (the state goes next to it), then run '
+                            'again: it resumes') from None
         if not args.no_checks and (args.autoattack or args.square_queries):
-            square[eps] = attack.square_check(fwd, batches, r['standing'][eps], eps, args.norm,
-                                              args.square_queries, args.seed, aa.get(eps))
+            square[eps] = attack.square_check(fwd, batches, r['standing'][eps], eps, args.square_queries,
+                                              args.seed, aa.get(eps))
     return aa, square, state
 
 
@@ -370,7 +362,7 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
     weights = 'EMA weights' if args.weights == 'ema' else f'model weights{also}'
     flags = (' | bf16' if args.bf16 else '') + (' | compiled' if compiled else '')
     print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {weights} | eval mode | {r["n"]} images '
-          f'| {args.norm} | seed {args.seed} | {seconds:.0f} s{flags}')
+          f'| linf | seed {args.seed} | {seconds:.0f} s{flags}')
     names = args.attacks + ['worst']
     print(f'PGD: {"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
     for e, t in zip(eps_list, args.eps):
@@ -389,7 +381,7 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
         print(f'  {"ok  " if ok else "FLAG"} {msg}')
     result = {
         'ckpt': args.ckpt, 'weights': args.weights, 'objective': c['objective'], 'model': c['model'],
-        'act': c['act'], 'norm': args.norm, 'attacks': args.attacks, 'schedule': args.schedule,
+        'act': c['act'], 'norm': 'linf', 'attacks': args.attacks,
         'n': r['n'], 'seed': args.seed, 'seconds': seconds, 'clean': r['clean'],
         'robust': {t: r['robust'][e] for e, t in zip(eps_list, args.eps)},
         'autoattack': {t: {'version': attack.VERSION, 'after': aa[e]['after'],
@@ -421,8 +413,8 @@ def run(args, checkpoint=ours):
     compiled = args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda')
     bf16 = args.bf16 and device.type == 'cuda'
     t0 = time.time()
-    r = evaluate(model, batches, eps_list, args.attacks, args.norm, args.schedule, args.step_size,
-                 not args.no_checks, compile=compiled, bf16=bf16)
+    r = evaluate(model, batches, eps_list, args.attacks, args.step_size, not args.no_checks, compile=compiled,
+                 bf16=bf16)
     fwd = forward_fn(model, compiled, bf16)
     aa, square, state = run_autoattack(args, fwd, batches, eps_list, r, rank, world)
     if rank == 0:

@@ -63,7 +63,6 @@ BAD_CONFIG = {
     'workers': ['-1', '1000'],
     'init': ['imagenet', 'torchvision', '/nonexistent.pt'],
     'fd_h': ['0', '-1', '1'],
-    'res_start': ['-1', '500'],
     'mixup': ['-1', 'nan'],
     'cutmix': ['-0.5', 'inf', 'nan'],
     'randaug': ['rand-x9', 'rand-m9-mstdfoo', 'rand-m9-mmax20', 'autoaug', 'm9', 'x'],
@@ -124,7 +123,6 @@ def test_bad_config_value_is_one_line_error_before_any_work(key, bad, guarded, c
         ['epochs=2'],
         ['--init=pretrained'],  # timm's weights: only for timm's models
         ['--recipe=rn50_gelu_gradnorm'],  # stage 2 without stage 1's checkpoint
-        ['--res=64', '--res_start=96'],
         ['--lr=1e-3', '--min_lr=1e-2'],
     ],
 )
@@ -158,12 +156,10 @@ BAD_ATTACK = [
     ['--eps', '2'],
     ['--eps', 'abc'],
     ['--eps', 'nan'],
-    ['--norm', 'l3'],
     ['--attacks', 'ce20'],
     ['--attacks', 'foo-10'],
     ['--attacks', 'ce-0'],
     ['--steps', '0'],
-    ['--schedule', 'linear'],
     ['--step-size', '0'],
     ['--step-size', 'nan'],
     ['--n', '0'],

@@ -309,6 +309,7 @@ def test_damaged_autoattack_state_starts_afresh_with_a_warning(kind, aa_run, tmp
             dict(config={**vars(C.Config(loader='torchvision')), 'model': 'resnet18_small'}),
             ['do not fit', 'resnet18_small'],
         ),
+        (dict(config={**vars(C.Config(loader='torchvision')), 'res_start': 16}), ["unknown key 'res_start'"]),
     ],
 )
 def test_checkpoint_without_a_key_or_misfit_weights_is_one_line(changes, words, tiny_data, tmp_path, capsys):
@@ -319,6 +320,15 @@ def test_checkpoint_without_a_key_or_misfit_weights_is_one_line(changes, words, 
     ):
         line = one_error(C.cli(main, argv), capsys.readouterr().err)
         assert ckpt in line and all(w in line for w in words), line
+
+
+def test_checkpoint_of_an_earlier_version_loads_if_it_left_retired_options_alone(tiny_data, tmp_path):
+    """A run of the version with progressive resizing (--res_start, 0 = off) evaluates and resumes."""
+    config = {**vars(C.Config(data=tiny_data, loader='torchvision', model='resnet_demo')), 'res_start': 0}
+    ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data, config=config)
+    assert 'res_start' not in C.load_checkpoint(ckpt)['config']
+    evaluate.main(['--ckpt', ckpt, '--n', '8', '--attacks', 'ce-1', '--no-checks'])
+    assert json.load(open(tmp_path / 'eval_linf.json'))['n'] == 8
 
 
 def test_data_with_other_classes_than_the_checkpoint_is_one_line(folder, tiny_data, tmp_path, capsys):

@@ -133,7 +133,7 @@ def robust(model, val, x, y, eps, square=0):
     out = dict(eps=eps, n=len(y), clean=evaluate(model, val, [])['clean'])
     out.update({k: v.double().mean().item() for k, v in masks.items()})
     if square:  # Square (gradient-free) on what every PGD attack failed on: PGD's failures are real
-        broken = square_broken(model, [(x, y)], masks['worst'], eps, 'linf', square)
+        broken = square_broken(model, [(x, y)], masks['worst'], eps, square)
         out.update(square_queries=square, square=(masks['worst'] & ~broken).sum().item() / len(y))
     return out
 
