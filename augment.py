@@ -129,27 +129,17 @@ def randaug_gray(transform, images, seed, epoch, index):
 
 # ---------------------------------------------------------------- the same rules on PIL images (torchvision)
 
-def res_at(epoch, res, res_start, epochs):
-    """Progressive resizing (as ffcv-imagenet): res_start -> res linearly over the first 85% of
-    the epochs, in steps of 32 px (few distinct shapes: few torch.compile recompilations)."""
-    if not res_start:
-        return res
-    r = res_start + (res - res_start) * min(epoch / max(0.85 * epochs, 1), 1.0)
-    return int(round(r / 32) * 32)
-
-
 class TrainTransform:
     """PIL image -> uint8 CHW tensor: random-resized crop (bilinear, as T.RandomResizedCrop), flip and
     RandAugment, each a function of (seed, epoch, index) by the rules FFCV's path uses."""
 
-    def __init__(self, res, res_start, epochs, seed, randaug):
-        self.res, self.res_start, self.epochs, self.seed, self.randaug = res, res_start, epochs, seed, randaug
+    def __init__(self, res, seed, randaug):
+        self.res, self.seed, self.randaug = res, seed, randaug
 
     def __call__(self, im, epoch, i):
         from torchvision.transforms.functional import hflip, resized_crop
-        r = res_at(epoch, self.res, self.res_start, self.epochs)
         top, left, h, w = crop_params(im.height, im.width, self.seed, epoch, i)
-        im = resized_crop(im, top, left, h, w, [r, r], antialias=True)
+        im = resized_crop(im, top, left, h, w, [self.res, self.res], antialias=True)
         if uniform(self.seed, epoch, i, FLIP) < 0.5:
             im = hflip(im)
         if self.randaug is None:

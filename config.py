@@ -106,7 +106,6 @@ class Config:
     workers: int = 8
     init: str = ''                # '' (random) | pretrained (timm's weights) | a checkpoint of ours
     fd_h: float = 1e-4            # finite-difference step of --gradnorm_impl=fd (pixel units)
-    res_start: int = 0            # progressive resizing: train res ramps res_start -> res (0 = off)
     mixup: float = 0.0            # Mixup alpha; with --cutmix too, one of the two per batch (p=0.5); 0 = off
     cutmix: float = 0.0           # CutMix alpha; with --mixup too, one of the two per batch (p=0.5); 0 = off
     randaug: str = ''             # RandAugment, timm's spec, e.g. rand-m9-mstd0.5-inc1; '' = off
@@ -161,7 +160,6 @@ RULES = {
     'init': (lambda v: v in ('', 'pretrained') or os.path.isfile(v),
              "'' (random), pretrained or a checkpoint file (a recipe's stage 2: run its stage 1 first)"),
     'fd_h': (lambda v: 0 < v <= 0.1, 'in (0, 0.1] (pixel units)'),
-    'res_start': (lambda v: v >= 0, '0 (off) or a resolution <= --res'),
     'mixup': (lambda v: finite(v) and v >= 0, "Mixup's alpha, a finite number >= 0 (0: off)"),
     'cutmix': (lambda v: finite(v) and v >= 0, "CutMix's alpha, a finite number >= 0 (0: off)"),
     'randaug': (lambda v: _randaug_spec(v), "'' (off) or timm's RandAugment spec: rand-m9-mstd0.5-inc1, "
@@ -223,9 +221,6 @@ def validate(cfg):
             raise UserError(f'--{key}={getattr(cfg, key)}: must be {what}')
     if cfg.min_lr > cfg.lr:
         raise UserError(f'--min_lr={cfg.min_lr} is above --lr={cfg.lr}: lower it')
-    if cfg.res_start > cfg.res:
-        raise UserError(f'--res_start={cfg.res_start} is above --res={cfg.res}: lower it, or 0 for no '
-                        'resizing')
     if cfg.init == 'pretrained' and not timm_name(cfg.model):
         raise UserError(f'--init=pretrained loads timm\'s weights, but {cfg.model} is a compact model of '
                         'models.py: pass a timm model (e.g. --model=timm/resnet50) or --init=')
@@ -337,6 +332,7 @@ def append_line(path, line):
 EVAL_KEYS = (('config', dict), ('model', dict), ('data_info', dict))
 RESUME_KEYS = EVAL_KEYS + (('optimizer', dict), ('step', int), ('run', str))
 CONFIG_KEYS = ('model', 'act', 'objective', 'eps', 'data')
+RETIRED = {'res_start': 0}  # options of earlier versions: their runs load if they left them at this value
 
 
 def load_checkpoint(path, keys=EVAL_KEYS):
@@ -355,6 +351,9 @@ def load_checkpoint(path, keys=EVAL_KEYS):
     bad = [f'its {k!r} is missing or not a {kind.__name__}'
            for k, kind in keys if not isinstance(ck.get(k), kind)]
     if not bad and 'config' in dict(keys):
+        for k, value in RETIRED.items():
+            if ck['config'].get(k, value) == value:
+                ck['config'].pop(k, None)
         fields = {f.name for f in dataclasses.fields(Config)}
         bad = [f'its config lacks {k!r}' for k in CONFIG_KEYS if k not in ck['config']]
         bad += [f'its config has an unknown key {k!r}' for k in sorted(set(ck['config']) - fields)]

@@ -222,8 +222,7 @@ def beton_labels(path):
 
 
 def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, world=1, seed=0, workers=2,
-                os_cache=True, drop_last=None, indices=None, res_start=0, epochs=1, channels=3, randaug=None,
-                on_batch=None):
+                os_cache=True, drop_last=None, indices=None, channels=3, randaug=None, on_batch=None):
     """train: shuffled (DDP: each rank its shard), random-resized crop + flip (+ randaug), each a function
     of (seed, epoch, image index) (augment.ffcv_ops); val: center crop, in order, each rank every world-th
     of indices (default: all). crop=False: fixed-size images as stored."""
@@ -262,16 +261,13 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
     loader = Loader(path, batch_size, num_workers=workers, os_cache=os_cache, order=order, seed=seed,
                     distributed=train and world > 1, indices=indices,
                     drop_last=train if drop_last is None else drop_last,
-                    pipelines={'image': image, 'label': label}, recompile=bool(res_start))
+                    pipelines={'image': image, 'label': label})
     seeded = [op for op in [decoder] + augs if isinstance(op, augment.Seeded)]
 
     def set_epoch(epoch):
         loader.next_epoch = epoch  # FFCV's order is a function of seed + epoch
         for op in seeded:
             op.epoch = epoch
-        if crop and train:
-            r = augment.res_at(epoch, res, res_start, epochs)
-            decoder.output_size = (r, r)
     return Batches(loader, device, set_epoch, channels, on_batch)
 
 
@@ -317,13 +313,12 @@ class _EpochSampler:
 
 
 def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world=1, seed=0, workers=2,
-                       drop_last=None, indices=None, res_start=0, epochs=1, classes=None, randaug=None,
-                       on_batch=None):
+                       drop_last=None, indices=None, classes=None, randaug=None, on_batch=None):
     """The fallback: the same crop, flip and RandAugment rules, the same [0,1] output, a torch
     DataLoader instead of FFCV."""
     from torch.utils.data import DataLoader, Subset
     if train:  # DistributedSampler's order, as FFCV's under DDP
-        dataset = _Folder(folder, augment.TrainTransform(res, res_start, epochs, seed, randaug), classes)
+        dataset = _Folder(folder, augment.TrainTransform(res, seed, randaug), classes)
         sampler, ds = _EpochSampler(dataset, world, rank, seed), dataset
     else:
         dataset = _Folder(folder, functools.partial(augment.val_transform, res=res), classes)
@@ -442,6 +437,6 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
                  f'(it needs eval_n <= 5000 and the ImageNet val files): not comparable with the paper')
     aug = augment.from_config(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
     kw = dict(batch_size=cfg.batch_size // world, device=device, res=cfg.res, rank=rank, world=world,
-              seed=cfg.seed, workers=workers, res_start=cfg.res_start, epochs=cfg.epochs)
+              seed=cfg.seed, workers=workers)
     return (load(train_path, train=True, **aug, **kw), load(val_path, train=False, **kw),
             load(val_path, train=False, indices=subset, **kw), info)

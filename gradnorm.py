@@ -42,11 +42,8 @@ def gradnorm_fd(model, x, y, eps, alpha, h=FD_H, smoothing=0.1, weights=(0.8, 1.
     Pass 1 gets grad_x (for s and the penalty) and G0 = grad_theta CE(x) from one backward. Pass 2's
     CE(x + h*s) goes into a surrogate whose backward (the training loop's, so DDP syncs as usual) is
     w0*G0 + k*(G1 - G0), k = w1*alpha*eps/h, and whose value is the true loss (w0, w1 = weights).
-    Error of the parameter gradient against float64 double backprop, random weights (docs/speed.md):
-    O(h), 13-55*h relative (Swin-B, ResNet-50, demo ResNet), so h=1e-4 gives 0.1-0.6%; float32
-    rounding sets a floor of 0.1-0.3% (h=3e-5 is no better). Needs float32 and a smooth activation
-    (choose_impl). No second derivative, so fused attention kernels work; BatchNorm's running
-    stats see both passes.
+    Needs float32 and a smooth activation (choose_impl; its error: docs/speed.md). BatchNorm's
+    running stats see both passes.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not x.requires_grad:
@@ -69,14 +66,9 @@ SMOOTH_ACTS = ('gelu', 'silu')
 
 def choose_impl(requested, device_type, amp, act):
     """-> (impl, why): 'fd' or 'exact' for GradNorm, and a short phrase saying why, for the log.
-
-    requested: 'auto', 'exact' or 'fd'; device_type: 'cpu', 'cuda', ...; amp: whether the step runs
-    under bf16 autocast; act: the activation. auto picks fd where it was measured accurate (parameter
-    gradient within 1% of float64 double backprop, docs/speed.md) and it is cheaper (two first-order
-    passes instead of a double backward): float32 on the CPU or CUDA (with fd_float32) and a
-    smooth activation. fd under bf16 raises ValueError; fd with ReLU is allowed, and why says that
-    it is inaccurate (act not in SMOOTH_ACTS: print a warning).
-    """
+    auto picks fd where it was measured within 1% of float64 double backprop (docs/speed.md) and is
+    cheaper: float32 (CPU, or CUDA with fd_float32) and a smooth activation. fd under bf16 raises
+    ValueError; fd with ReLU runs, and why says it is inaccurate."""
     if requested not in ('auto', 'exact', 'fd'):
         raise ValueError(f'unknown GradNorm implementation {requested!r}: auto, exact or fd')
     smooth = act in SMOOTH_ACTS
