@@ -1,13 +1,9 @@
-"""The image transforms of both loaders (and ImageNet's evaluation crop), their random numbers a fixed
-function of (seed, epoch, sample): the same batches for any number of loader threads or worker
-processes, in every run, and after a resume.
-
-No random state is shared or carried along: each random number is a hash of its coordinates
-(`uniform`). Flip and random-resized crop are hashed from (seed, epoch, image index), on PIL images
-(TrainTransform) and as FFCV operations (the end of this file: the same functions compiled with
-numba); timm's RandAugment runs per image with Python's and NumPy's generators seeded from that hash;
-random erasing and Mixup/CutMix run on the device batch with torch's generator seeded from (seed,
-epoch, rank, batch number). Imports only torch and numpy (PIL, timm, and FFCV with numba, on first use).
+"""The image transforms of both loaders and ImageNet's evaluation crop. Every random number is a hash
+of its coordinates (`uniform(seed, epoch, index, stream)`), never drawn from shared state: the same
+batches for any number of loader threads or workers, in every run and after a resume. Flip and crop
+run on PIL images (TrainTransform) and as FFCV operations (the end of this file, compiled by numba);
+timm's RandAugment runs per image under Python's and NumPy's generators seeded by that hash; erasing
+and Mixup/CutMix run on the device batch (BatchAugment). PIL, timm and FFCV are imported on first use.
 """
 import functools
 import math
