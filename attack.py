@@ -64,7 +64,10 @@ def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=Fa
     if loss not in LOSSES:
         raise ValueError(f'unknown attack loss {loss!r}; choose one of {", ".join(LOSSES)}')
     loss_fn, size, x = LOSSES[loss], step_size or 2.5 * eps / steps, x.detach()
-    start = lambda x: (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) if random_start else x.clone()
+
+    def start(x0):  # a uniform random point of the ball (clipped to [0,1]), or x0 itself
+        return (x0 + torch.empty_like(x0).uniform_(-eps, eps)).clamp(0, 1) if random_start else x0.clone()
+
     if not keep_best:
         x_adv, top = start(x), torch.full((len(x),), float('-inf'), device=x.device)
         for _ in range(steps):
