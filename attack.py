@@ -1,7 +1,6 @@
-"""Attacks on images in [0,1] in the L-inf ball (the paper's threat model): PGD with CE, margin or DLR
-losses (restarts, the worst case per sample), PGD-k adversarial training, and AutoAttack and Square from
-the authors' reference code (pyautoattack, imported when called). Imports only torch and the standard
-library, so it can be copied as it is; evaluate.py, the evaluator, builds on it."""
+"""L-inf attacks on images in [0,1]: PGD (CE, margin or DLR loss, restarts), PGD-k adversarial training,
+and AutoAttack and Square from the authors' reference code (pyautoattack, imported when called).
+Imports only torch and the standard library; evaluate.py builds on it."""
 import hashlib
 import json
 import logging
@@ -20,16 +19,14 @@ def ce_loss(logits, y):
 
 
 def margin_loss(logits, y):
-    """Carlini-Wagner logit margin: best wrong logit minus the true one; > 0 exactly when fooled.
-    Unlike CE it does not saturate when the softmax is confident."""
+    """Carlini-Wagner's margin, best wrong logit minus the true one (> 0 when fooled): it never saturates."""
     z = logits.float()
     other = z.scatter(1, y[:, None], float('-inf')).amax(1)
     return other - z.gather(1, y[:, None]).squeeze(1)
 
 
 def dlr_loss(logits, y):
-    """Croce & Hein's DLR: the margin over z_(1) - z_(3) of the sorted logits, so rescaling the
-    logits (a cheap way to mask CE gradients) changes nothing."""
+    """Croce & Hein's DLR: the margin over z_(1) - z_(3) of the sorted logits, blind to logit scaling."""
     if logits.shape[1] < 3:
         raise ValueError('the DLR loss needs at least 3 classes: use the margin loss (margin-STEPS)')
     s = logits.float().sort(1, descending=True).values
@@ -46,21 +43,18 @@ def inside(x_adv, x, eps):
 
 
 def step(x, x_adv, grad, size, eps):
-    """Steepest L-inf ascent (the gradient's sign), back into the ball and [0,1]. Clamping to [0,1]
-    only shrinks each |delta_i| (x is in [0,1]), so it never leaves the ball."""
+    """Steepest L-inf ascent (the gradient's sign), back into the ball, then [0,1] (which only shrinks it)."""
     return (x + (x_adv + size * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
 
 
 def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=False, loss='ce',
         restarts=1, max_loss=False):
-    """PGD on inputs in [0,1]; every point returned is in the eps-ball around x and in [0,1].
+    """PGD in the eps-ball around x and [0,1]; step_size defaults to 2.5*eps/steps.
 
-    keep_best=False (adversarial training): one run, the last iterate, one forward and one backward
-    per step; max_loss=True adds the per-sample highest loss over all iterates (how far the loss
-    climbs). keep_best=True (evaluation): returns (x_adv, fooled). A sample counts as fooled if the
-    clean input or any iterate of any restart was misclassified; x_adv is that point, else the
-    highest-loss point seen. Restarts and later steps attack only the samples still standing, which
-    changes nothing but the cost. step_size defaults to 2.5*eps/steps."""
+    keep_best=False (training): the last iterate of one run; max_loss=True adds each sample's highest
+    loss over the iterates. keep_best=True (evaluation): -> (x_adv, fooled), fooled if the clean input
+    or any iterate of any restart was misclassified, x_adv that point or else the highest-loss one.
+    Restarts and later steps attack only the samples still standing: the same result, cheaper."""
     if loss not in LOSSES:
         raise ValueError(f'unknown attack loss {loss!r}; choose one of {", ".join(LOSSES)}')
     loss_fn, size, x = LOSSES[loss], step_size or 2.5 * eps / steps, x.detach()
@@ -111,17 +105,15 @@ def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=Fa
 
 
 def pgd_at(model, x, y, eps, steps=3, smoothing=0.1):
-    """The adversarial-training baseline as an objective (model, x, y, ...) -> (loss, terms): CE on
-    PGD-k examples (random start, step 2*eps/k), the last iterate."""
+    """The adversarial-training baseline: CE on PGD-k examples (random start, step 2*eps/k)."""
     x_adv = pgd(model, x, y, eps, steps, 2 * eps / steps)
     ce = F.cross_entropy(model(x_adv), y, label_smoothing=smoothing)
     return ce, {'ce_adv': ce}
 
 
 def loss_gain(model, x, y, eps, loss, steps=10):
-    """'The loss must increase along the attack' (Carlini et al. 2019): PGD-steps from the clean
-    image, no random start (so a zero gradient leaves the image where it is), on the correctly
-    classified images. -> (how many images, how many end with a higher loss than they started)"""
+    """'The loss must rise along the attack' (Carlini et al. 2019): PGD from the clean image (no random
+    start) on the correctly classified ones. -> (how many images, how many end with a higher loss)"""
     with torch.no_grad():
         ok = model(x).argmax(1) == y
     x, y = x[ok], y[ok]
@@ -134,19 +126,11 @@ def loss_gain(model, x, y, eps, loss, steps=10):
 # ---------------------------------------------------------------- AutoAttack and Square (pyautoattack)
 
 VERSION = 'standard'  # APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries)
-# AutoAttack's own checks (pyautoattack/checks.py) and a phrase of the warning each one logs
-AA_CHECKS = {'randomness (outputs identical across forwards)': 'randomized defense',
-             'logits, not probabilities': 'probability distribution',
-             'no gradient computed inside the forward': 'dynamic defense',
-             'enough classes for the targeted attacks': 'classes',
-             'no zero input gradients (APGD-T)': 'zero gradient',
-             'Square adds nothing to the gradient attacks': 'Square Attack has decreased'}
 
 
 @contextmanager
 def aa_logs():
-    """pyautoattack's warnings (its checks) on the 'auto-attack' logger, collected instead of printed;
-    its progress messages are dropped (the caller prints its own)."""
+    """pyautoattack's warnings (its checks), collected instead of printed; its progress is dropped."""
     logger, handler, messages = logging.getLogger('auto-attack'), logging.Handler(logging.WARNING), []
     handler.emit = lambda record: messages.append(record.getMessage())
     old = logger.propagate, logger.level
@@ -162,8 +146,7 @@ def aa_logs():
 
 
 def write_json(path, obj, **kw):
-    """obj as JSON at path, atomically: a temporary file renamed over it. If that fails (a full disk, a
-    read-only folder) the temporary file is removed and the OSError raised."""
+    """obj as JSON at path, atomically (a temporary file renamed over it, removed if that fails)."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'w') as f:
@@ -181,10 +164,9 @@ def _digest(saved):
 
 
 class State:
-    """An AutoAttack run on disk: per (eps, batch, component) the images still standing, rewritten
-    atomically after each step with a digest of its content. A run with the same key continues from
-    it; any other starts afresh, and so does one whose file does not match its digest (with a warning).
-    (pyautoattack 0.2.0's own state_path cannot be restored: it compares a set with the JSON list.)"""
+    """AutoAttack's progress on disk: the images standing per (eps, batch, component), rewritten after each
+    step with a digest. A run with the same key resumes; a damaged file warns and starts afresh.
+    (pyautoattack 0.2.0's own state_path cannot be restored: it compares a set with a JSON list.)"""
 
     def __init__(self, path, key):
         self.path, self.key, self.done = path, key, {}
@@ -234,12 +216,10 @@ def fooled_at(model, x, y, x_adv, eps):
 
 
 def autoattack(model, batches, eps, seed=0, state=None, components=None, progress=None):
-    """AutoAttack's standard version on inputs in [0,1] (components: a subset, same settings, for
-    tests). As in run_standard_evaluation, each component attacks only the images every earlier one
-    left standing; called once per component and batch, it gives per-image results after each
-    component and `state` records every step. Under torchrun each rank passes its shard.
-    -> {'n', 'after': {'clean' and each component: accuracy}, 'standing': {same keys: bool tensor
-    over this rank's images}, 'warnings': [AutoAttack's check warnings, all ranks]}"""
+    """AutoAttack's standard version (components: a subset, for tests), each component on what the
+    earlier ones left standing, run per component and batch so `state` records each step; under
+    torchrun each rank passes its shard. -> {'n', 'after': {'clean' and each component: accuracy},
+    'standing': {same keys: bool tensor over this rank's images}, 'warnings': [all ranks']}"""
     from pyautoattack import AutoAttack, checks
     aa, standing, invalid, device = None, {}, 0, torch.device('cpu')
     with aa_logs() as messages:
@@ -287,20 +267,15 @@ def autoattack(model, batches, eps, seed=0, state=None, components=None, progres
 
 
 def aa_checks(warnings):
-    """AutoAttack's own checks, each -> (ok, message), from the warnings it logged."""
-    out, left = [], list(warnings)
-    for name, phrase in AA_CHECKS.items():
-        hits = [w for w in left if phrase in w]
-        left = [w for w in left if phrase not in w]
-        more = f' (and {len(hits) - 1} more)' if len(hits) > 1 else ''
-        out.append((not hits, f'AutoAttack check, {name}' + (f': {hits[0]}{more}' if hits else '')))
-    out += [(False, f'AutoAttack: {w}') for w in dict.fromkeys(left)]
-    return out
+    """AutoAttack's own checks (pyautoattack/checks.py: randomness, logits not probabilities, gradients
+    inside the forward, zero gradients, Square's gain), from the warnings it logged -> [(ok, message)]."""
+    if not warnings:
+        return [(True, "AutoAttack's own checks: no warning")]
+    return [(False, f'AutoAttack: {w}') for w in dict.fromkeys(warnings)]
 
 
 def square_broken(model, batches, standing, eps, queries=1000, seed=0):
-    """pyautoattack's gradient-free Square attack on the images `standing` marks (bool tensor over this
-    rank's images) -> bool tensor over them: those it fooled (verified)."""
+    """pyautoattack's Square on the images `standing` marks -> bool tensor: those it fooled (verified)."""
     from pyautoattack.square import SquareAttack
     sq, parts, start = None, [], 0
     for x, y in batches:
@@ -318,11 +293,9 @@ def square_broken(model, batches, standing, eps, queries=1000, seed=0):
 
 def square_check(model, batches, gradient_standing, eps, queries=1000, seed=0, aa=None, slack_images=2,
                  slack_share=0.01):
-    """A gradient-free attack must not break images every gradient attack failed on (Carlini et al.
-    2019): if it does, the gradients mislead the attacks (masking). gradient_standing: bool tensor
-    over this rank's images, robust to every PGD attack. With an AutoAttack result (aa), its own
-    Square run (on the survivors of APGD-CE, APGD-T and FAB-T) is used; otherwise square_broken
-    runs here. FLAG if it breaks more than max(slack_images, slack_share of them). -> (ok, message)"""
+    """A gradient-free attack must not break images every gradient attack failed on (Carlini et al. 2019).
+    gradient_standing: this rank's images robust to every PGD attack. With an AutoAttack result (aa) its
+    own Square run is used, else square_broken runs. -> (ok, message)"""
     before = gradient_standing
     if aa and 'square' in aa['standing']:
         names = list(aa['standing'])

@@ -1,9 +1,8 @@
-"""The image transforms of both loaders and ImageNet's evaluation crop. Every random number is a hash
-of its coordinates (`uniform(seed, epoch, index, stream)`), never drawn from shared state: the same
-batches for any number of loader threads or workers, in every run and after a resume. Flip and crop
-run on PIL images (TrainTransform) and as FFCV operations (the end of this file, compiled by numba);
-timm's RandAugment runs per image under Python's and NumPy's generators seeded by that hash; erasing
-and Mixup/CutMix run on the device batch (BatchAugment). PIL, timm and FFCV are imported on first use.
+"""Training augmentations. Every random number is a hash of its coordinates (`uniform(seed, epoch, index,
+stream)`), never drawn from shared state: the same batches for any number of loader threads, in every
+run and after a resume. Crop and flip run as FFCV operations (the end of this file, compiled by numba),
+timm's RandAugment per image under generators seeded by that hash, erasing and Mixup/CutMix on the
+device batch (BatchAugment). PIL, timm and FFCV are imported on first use.
 """
 import functools
 import math
@@ -25,9 +24,8 @@ VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evalu
 
 
 def mix32(h):
-    """murmur3's finalizer, a bijection of 32-bit integers that spreads every input bit over the
-    output. Masked integer arithmetic: Python ints, int64 tensors and numba's int64 give the same bits
-    (products that overflow 64 bits wrap, and their low 32 bits are exact)."""
+    """murmur3's finalizer, a bijection of 32-bit integers; masked, so Python ints, int64 tensors and
+    numba's int64 give the same bits."""
     h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & M32
     h = h ^ (h >> 13)
@@ -74,13 +72,8 @@ def crop_params(height, width, seed, epoch, index, scale=SCALE, ratio=RATIO):
 # ---------------------------------------------------------------- RandAugment (timm's, per image)
 
 def randaug_transform(spec, res, mean):
-    """timm's RandAugment as timm's create_transform builds it: translations up to 45% of the crop,
-    fill with the mean colour, bicubic resampling. spec: e.g. 'rand-m9-mstd0.5-inc1'.
-
-    One change: a magnitude drawn above 10 is clipped to just below 10, not to 10. At 10 timm's
-    PosterizeIncreasing keeps 0 bits, which Pillow >= 11 refuses (an exception in ~2% of those ops
-    with mstd0.5) and older Pillow turned into a black image; below 10 it keeps 1 bit. The other
-    ops change by 1e-7 of their range."""
+    """timm's RandAugment as its create_transform builds it (spec e.g. 'rand-m9-mstd0.5-inc1'), with the
+    magnitude capped just below 10: at 10 PosterizeIncreasing keeps 0 bits, which Pillow >= 11 refuses."""
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
     mean = tuple(mean) * (3 // len(mean))  # gray data is augmented as RGB
@@ -94,9 +87,8 @@ _py_rng = threading.Lock()
 
 @contextmanager
 def python_rng(seed):
-    """Python's and NumPy's global generators (timm's RandAugment draws from both) seeded, and put
-    back after. One thread at a time: the generators are per process, and an FFCV loader thread whose
-    epoch was abandoned may still be filling its last batches next to the current one."""
+    """Python's and NumPy's global generators (timm's RandAugment draws from both) seeded, then put back;
+    one thread at a time, as the generators are per process."""
     with _py_rng:
         state, np_state = random.getstate(), np.random.get_state()
         random.seed(seed)
@@ -116,46 +108,18 @@ def randaug_image(transform, image, seed, epoch, index):
 
 
 def randaug_gray(transform, images, seed, epoch, index):
-    """uint8 (B, 1, H, W), their indices -> through RandAugment as RGB, one channel kept (as FFCV's
-    path does it)."""
+    """uint8 (B, 1, H, W), their indices -> through RandAugment as RGB, one channel kept (as FFCV's path)."""
     rgb = np.repeat(images[:, 0, :, :, None].numpy(), 3, axis=3)
     out = [randaug_image(transform, im, seed, epoch, int(i))[:, :, :1] for im, i in zip(rgb, index)]
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
-# ---------------------------------------------------------------- the same rules on PIL images (torchvision)
-
-class TrainTransform:
-    """PIL image -> uint8 CHW tensor: random-resized crop (bilinear, as T.RandomResizedCrop), flip and
-    RandAugment, each a function of (seed, epoch, index) by the rules FFCV's path uses."""
-
-    def __init__(self, res, seed, randaug):
-        self.res, self.seed, self.randaug = res, seed, randaug
-
-    def __call__(self, im, epoch, i):
-        from torchvision.transforms.functional import hflip, resized_crop
-        top, left, h, w = crop_params(im.height, im.width, self.seed, epoch, i)
-        im = resized_crop(im, top, left, h, w, [self.res, self.res], antialias=True)
-        if uniform(self.seed, epoch, i, FLIP) < 0.5:
-            im = hflip(im)
-        if self.randaug is None:
-            x = np.array(im)
-        else:
-            x = randaug_image(self.randaug, np.asarray(im), self.seed, epoch, i)
-        return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
-
-
 # ---------------------------------------------------------------- on the device batch
 
 class BatchAugment:
-    """Random erasing per image, then Mixup or CutMix per batch, on the float batch in [0,1]; torch's
-    CPU generator seeded by (seed, epoch, rank, batch number) inside fork_rng, so training's own
-    random numbers are left as they were.
-
-    Erasing is torchvision's RandomErasing (value='random': the same distribution of boxes and N(0,1)
-    noise as timm's mode='pixel'), with the noise in normalized units as timm has it (it erases after
-    Normalize): mean + std * N(0,1) in pixel units. Mixup/CutMix are torchvision's v2.MixUp/v2.CutMix,
-    one of the two per batch with probability 1/2 when both alphas are set (timm's switch_prob)."""
+    """Random erasing per image, then Mixup or CutMix per batch, under a generator seeded by (seed, epoch,
+    rank, batch). Erasing is torchvision's RandomErasing with timm's noise (N(0,1) in normalized units);
+    with both alphas set, Mixup or CutMix with probability 1/2 each (timm's switch_prob)."""
 
     def __init__(self, seed, rank, num_classes, mean, std, reprob=0.0, mixup=0.0, cutmix=0.0):
         from torchvision.transforms import v2
@@ -186,28 +150,8 @@ class BatchAugment:
                 x, y = self.mix(x, y)
         return x, y
 
-def center_crop(im, res):
-    """The ImageNet evaluation crop, as FFCV gives it from a val .beton stored at data.VAL_SIDE:
-    torchvision's Resize(res / VAL_RATIO), then the central res square (offset rounded down, as FFCV
-    does; CenterCrop rounds to even). PIL resamples only that square (box=): the same pixels without
-    resizing the whole image."""
-    from PIL import Image
-    w, h = im.size
-    short = round(res / VAL_RATIO)
-    W, H = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's rounding
-    left, top, sx, sy = (W - res) // 2, (H - res) // 2, w / W, h / H
-    box = (left * sx, top * sy, (left + res) * sx, (top + res) * sy)
-    return im.resize((res, res), Image.BILINEAR, box=box)
-
-
-def val_transform(im, epoch, i, res):
-    """PIL image -> uint8 CHW tensor, center_crop's pixels (epoch, i: TrainTransform's signature)."""
-    return torch.from_numpy(np.array(center_crop(im, res))).permute(2, 0, 1)
-
-
 def from_config(cfg, rank, num_classes, res, mean, std):
-    """The training loader's keyword arguments: randaug (timm's RandAugment, per image) and on_batch
-    (random erasing, Mixup/CutMix on the device batch), each None when off."""
+    """The training loader's randaug (per image) and on_batch (erasing, Mixup/CutMix), None when off."""
     on_batch = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
     randaug = randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None
     return dict(randaug=randaug, on_batch=on_batch or None)
@@ -220,9 +164,8 @@ def from_config(cfg, rank, num_classes, res, mean, std):
 
 @functools.cache
 def ffcv_ops():
-    """-> the classes SeededRandomResizedCrop(seed, output_size), SeededFlip(seed) and
-    RandAugment(seed, transform): the mixins below on FFCV's bases, built on first use (importing
-    FFCV takes seconds), with this file's random functions made callable from numba."""
+    """-> SeededRandomResizedCrop(seed, output_size), SeededFlip(seed), RandAugment(seed, transform): the
+    mixins below on FFCV's bases, built on first use, this file's random functions callable from numba."""
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.pipeline.operation import Operation
     from numba.core.errors import NumbaWarning
@@ -236,8 +179,7 @@ def ffcv_ops():
 
 
 class Seeded:
-    """seed fixed at construction, epoch set by the loader's set_epoch before each epoch; the other
-    arguments go to the FFCV class it is mixed into (ffcv_ops)."""
+    """seed fixed, epoch set by the loader before each epoch; other arguments go to the FFCV base."""
 
     def __init__(self, seed, *args):
         self.seed, self.epoch = seed, 0
@@ -248,9 +190,8 @@ class Seeded:
 
 
 class _Crop(Seeded):
-    """FFCV's random-resized-crop decoder (decode, crop, cv2 INTER_AREA resize into the output),
-    the crop from crop_params. The decode loop is FFCV's, restated: its crop function is called
-    with the image size only, and here it needs the image index and the epoch."""
+    """FFCV's random-resized-crop decoder with the crop from crop_params; its decode loop restated, as
+    FFCV passes its crop function the image size only."""
 
     def generate_code(self):
         import numba
@@ -313,8 +254,7 @@ class _Flip(Seeded):
 
 
 class _RandAug(Seeded):
-    """A PIL transform (timm's RandAugment) on each decoded HWC image, seeded by its index: plain
-    Python in FFCV's loader thread, one image after another."""
+    """A PIL transform (timm's RandAugment) on each decoded image, seeded by its index, in plain Python."""
 
     def __init__(self, seed, transform):
         super().__init__(seed)

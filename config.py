@@ -1,7 +1,6 @@
-"""A run: its configuration (one flat Config, named recipes, --key=value), its checkpoints and its
-processes (torchrun). Every value is checked here, before any data is read or any model is built; a
-bad one ends the program with one line, `error: ...`, and exit status 2 (UserError; see `cli`).
-"""
+"""A run: its configuration (one flat Config, named recipes, --key=value), checkpoints, run folder and
+processes (torchrun). Every value is checked before any data is read; a bad one ends the program with
+one line, `error: ...`, exit status 2."""
 import argparse
 import contextlib
 import dataclasses
@@ -19,7 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from models import ACTS, is_model, patch_problem, pretrained_missing, timm_name
+from models import ACTS, is_model, timm_name
 
 __version__ = '0.2.0'
 
@@ -183,9 +182,7 @@ def _floats(text, n):
 
 
 def _randaug_spec(text):
-    """'' or a spec timm's rand_augment_transform accepts. Its numeric sections only (timm skips a
-    section without digits silently, so a typo would go unnoticed), and no mmax (augment.randaug_transform
-    caps the magnitude)."""
+    """'' or a spec timm accepts, of numeric sections only: timm skips a section without digits silently."""
     if text == '':
         return True
     if not re.fullmatch(r'rand(-(m|n|inc)\d+|-(p|mstd)\d+(\.\d+)?)*', text):
@@ -224,17 +221,12 @@ def validate(cfg):
     if cfg.init == 'pretrained' and not timm_name(cfg.model):
         raise UserError(f'--init=pretrained loads timm\'s weights, but {cfg.model} is a compact model of '
                         'models.py: pass a timm model (e.g. --model=timm/resnet50) or --init=')
-    size = 28 if data_kind(cfg.data) == 'fashion' else cfg.res  # Fashion-MNIST: 28 px, whatever --res
-    if why := patch_problem(cfg.model, size):
-        raise UserError(f'--model={cfg.model} at {size} px: {why}')
-    if cfg.init == 'pretrained' and (why := pretrained_missing(cfg.model)):
-        raise UserError(f'--init=pretrained: {why}')
     return cfg
 
 
 def apply_recipe(cfg, given):
-    """The recipe's values under the keys not given; lr follows a --batch_size override linearly
-    (the authors' rule), and stage 2's init names stage 1's default output folder."""
+    """The recipe's values under the keys not given; lr scales with a --batch_size override (the authors'
+    rule); stage 2's init is stage 1's default output folder."""
     recipe = {k: v for k, v in RECIPES[cfg.recipe].items() if k not in given}
     if 'lr' in recipe and 'batch_size' in given:
         recipe['lr'] *= given['batch_size'] / RECIPES[cfg.recipe]['batch_size']
@@ -262,8 +254,8 @@ def describe_recipe(cfg):
 
 
 def parse_config(argv):
-    """--key=value ... -> a checked Config. --recipe=NAME fills the keys not given; on ImageNet-like
-    data (.beton files or an ImageFolder) without one, the paper's headline run does."""
+    """--key=value ... -> a checked Config; a recipe fills the keys not given (ImageNet-like data: the
+    paper's headline run unless --recipe= says otherwise)."""
     cfg, fields, given = Config(), {f.name: f for f in dataclasses.fields(Config)}, {}
     for arg in argv:
         if not arg.startswith('--'):
@@ -295,8 +287,7 @@ def write_failure(e, path):
 
 
 def save_checkpoint(path, state):
-    """Atomic (temp file, fsync, rename): a crash or a full disk mid-write leaves the earlier
-    checkpoints as they were, never a truncated file under a valid name, and no temp file."""
+    """Atomic (temp file, fsync, rename): a crash or a full disk leaves no truncated checkpoint."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
@@ -313,8 +304,7 @@ def save_checkpoint(path, state):
 
 
 def append_line(path, line):
-    """Appends line + newline, or nothing: a failed write (a full disk) is cut off again, so the
-    file never ends in half a line."""
+    """Appends line + newline, or nothing: a failed write (a full disk) is cut off again."""
     size = os.path.getsize(path) if os.path.exists(path) else 0
     try:
         with open(path, 'a') as f:
@@ -336,8 +326,7 @@ RETIRED = {'res_start': 0}  # options of earlier versions: their runs load if th
 
 
 def load_checkpoint(path, keys=EVAL_KEYS):
-    """A checkpoint of ours, checked to hold keys (with their types): refused in one line, never a
-    KeyError later."""
+    """A checkpoint of ours holding keys of their types: refused in one line, never a KeyError later."""
     if not os.path.isfile(path):
         raise UserError(f'no checkpoint at {path!r}')
     try:
@@ -370,9 +359,8 @@ def checkpoints(out, run=None):
 # ---------------------------------------------------------------- the run folder: one run at a time
 
 def claim_out(cfg):
-    """One live run per folder: OUT/run.lock, locked while this process lives (kill -9 leaves no stale
-    lock). A fresh run refuses an --out that holds another run, unless --resume or --overwrite (whose
-    deletion waits until every other check has passed: clear_old_run). -> (lock file, made OUT)"""
+    """One live run per folder: OUT/run.lock, flocked while this process lives (kill -9 leaves no stale lock).
+    A folder that holds another run needs --resume or --overwrite (clear_old_run). -> (lock file, made OUT)"""
     made = not os.path.isdir(cfg.out)
     try:
         os.makedirs(cfg.out, exist_ok=True)
@@ -425,10 +413,8 @@ def release(claim, cfg):
 # ---------------------------------------------------------------- processes
 
 def end_distributed():
-    """Ends torchrun's process group while Python is fully alive: a gloo worker that frees a
-    collective's tensor during interpreter exit aborts the process (docs/speed.md, section 5). DDP gets
-    a group of its own (train.start) and torch._dynamo is imported first (setup_distributed), since
-    either would keep the default group alive."""
+    """Ends torchrun's process group while Python is fully alive: gloo aborts a process that frees a
+    collective's tensor at exit (docs/speed.md, section 5)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

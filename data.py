@@ -222,7 +222,7 @@ def beton_labels(path):
 
 
 def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, world=1, seed=0, workers=2,
-                os_cache=True, drop_last=None, indices=None, channels=3, randaug=None, on_batch=None):
+                indices=None, channels=3, randaug=None, on_batch=None):
     """train: shuffled (DDP: each rank its shard), random-resized crop + flip (+ randaug), each a function
     of (seed, epoch, image index) (augment.ffcv_ops); val: center crop, in order, each rank every world-th
     of indices (default: all). crop=False: fixed-size images as stored."""
@@ -258,9 +258,8 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
         raise ValueError(f'{path} holds samples 0..{size - 1}, not {min(indices)}..{max(indices)}')
     if not train:  # not distributed=True: DistributedSampler pads with repeats, which would bias accuracy
         indices = np.asarray(range(size) if indices is None else indices)[rank::world]
-    loader = Loader(path, batch_size, num_workers=workers, os_cache=os_cache, order=order, seed=seed,
-                    distributed=train and world > 1, indices=indices,
-                    drop_last=train if drop_last is None else drop_last,
+    loader = Loader(path, batch_size, num_workers=workers, os_cache=True, order=order, seed=seed,
+                    distributed=train and world > 1, indices=indices, drop_last=train,
                     pipelines={'image': image, 'label': label})
     seeded = [op for op in [decoder] + augs if isinstance(op, augment.Seeded)]
 
@@ -271,64 +270,52 @@ def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, wor
     return Batches(loader, device, set_epoch, channels, on_batch)
 
 
-class _Folder:
-    """torchvision's ImageFolder, with load_rgb's conversions; an undecodable file is reported and
-    the next image is used in its place (the FFCV writer drops such files instead). Items are
-    indices, or (index, epoch) from _EpochSampler: transform(image, epoch, index)."""
+class _Folder(torch.utils.data.Dataset):
+    """(path, label) pairs -> (transform(load_rgb(path)), label); an undecodable file is reported and the
+    next image takes its place (the FFCV writer drops such files instead)."""
 
-    def __init__(self, folder, transform, classes=None):
-        self.classes, self.samples = list_images(folder, classes)
-        self.root, self.transform = folder, transform
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, item):
-        i, epoch = item if isinstance(item, tuple) else (item, 0)
+    def __getitem__(self, i):
         for k in range(len(self.samples)):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
-                return self.transform(load_rgb(path), epoch, i), label
+                return self.transform(load_rgb(path)), label
             except Exception as e:
                 warn(f'cannot decode {path} ({type(e).__name__}: {e}); using the next image in its place')
-        raise UserError(f'no image in {self.root!r} can be decoded')
+        raise UserError('no image of the folder can be decoded')
 
 
-class _EpochSampler:
-    """DistributedSampler's shard and order, each index paired with the epoch: the workers' copies of
-    the dataset learn the epoch from what they are asked for, so persistent workers work too."""
-
-    def __init__(self, dataset, world, rank, seed):
-        from torch.utils.data import DistributedSampler
-        self.sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
-
-    def set_epoch(self, epoch):
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self):
-        return len(self.sampler)
-
-    def __iter__(self):
-        return ((i, self.sampler.epoch) for i in self.sampler)
+def center(im, res):
+    """The central res square, its offset rounded down as FFCV's (T.CenterCrop rounds it to even)."""
+    left, top = (im.width - res) // 2, (im.height - res) // 2
+    return im.crop((left, top, left + res, top + res))
 
 
 def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world=1, seed=0, workers=2,
-                       drop_last=None, indices=None, classes=None, randaug=None, on_batch=None):
-    """The fallback: the same crop, flip and RandAugment rules, the same [0,1] output, a torch
-    DataLoader instead of FFCV."""
-    from torch.utils.data import DataLoader, Subset
-    if train:  # DistributedSampler's order, as FFCV's under DDP
-        dataset = _Folder(folder, augment.TrainTransform(res, seed, randaug), classes)
-        sampler, ds = _EpochSampler(dataset, world, rank, seed), dataset
+                       indices=None, classes=None, randaug=None, on_batch=None):
+    """The fallback where FFCV does not build: torchvision's transforms (train: random-resized crop, flip,
+    RandAugment; val: ImageNet's center crop) in a DataLoader, DistributedSampler's order under DDP."""
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+    from torchvision import transforms as T
+    samples = list_images(folder, classes)[1]
+    if train:
+        tf = [T.RandomResizedCrop(res), T.RandomHorizontalFlip()] + ([randaug] if randaug else [])
+        dataset = _Folder(samples, T.Compose(tf + [T.PILToTensor()]))
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
     else:
-        dataset = _Folder(folder, functools.partial(augment.val_transform, res=res), classes)
-        idx = range(len(dataset)) if indices is None else indices
-        sampler, ds = None, Subset(dataset, list(idx)[rank::world])
-    device = torch.device(device)
-    loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == 'cuda', drop_last=train if drop_last is None else drop_last,
-                        persistent_workers=workers > 0)
-    return Batches(loader, device, sampler.set_epoch if train else (lambda epoch: None), on_batch=on_batch)
+        tf = T.Compose([T.Resize(round(res / augment.VAL_RATIO)), functools.partial(center, res=res),
+                        T.PILToTensor()])
+        idx = range(len(samples)) if indices is None else indices
+        dataset, sampler = Subset(_Folder(samples, tf), list(idx)[rank::world]), None
+    loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+                        pin_memory=torch.device(device).type == 'cuda', persistent_workers=workers > 0)
+    return Batches(loader, torch.device(device), sampler.set_epoch if train else (lambda epoch: None),
+                   on_batch=on_batch)
 
 
 def robustbench_indices(names, n):

@@ -1,11 +1,9 @@
-"""The evaluator: PGD attacks (attack.py) and AutoAttack (Croce & Hein 2020, the authors' pyautoattack),
-the worst case per sample over attacks, and checks that flag gradient masking. PGD is fast and an
-upper bound on robust accuracy; AutoAttack is what the paper, RobustBench and readers compare.
+"""The evaluator: PGD attacks and AutoAttack (attack.py), the worst case per sample, and checks that flag
+gradient masking. PGD is fast and an upper bound; AutoAttack is the number the paper reports.
 
     python evaluate.py --ckpt runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --eps 0.1 --autoattack
     torchrun --nproc_per_node=8 evaluate.py --ckpt imagenet.pt  # 4/255, 5,000 images, AutoAttack
-The checkpoints the authors released: python -m tools.official (their EMA weights, as the paper).
-An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. AutoAttack resumes after an interruption.
+An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. The authors' checkpoints: tools/official.py.
 """
 import argparse
 import math
@@ -40,19 +38,6 @@ def parse_attack(spec):
                         f'{"/".join(attack.LOSSES)}, e.g. ce-20 or dlr-50x2') from None
 
 
-def forward_fn(model, compile=False, bf16=False):
-    """The model's forward, optionally compiled (AOTAutograd compiles its backward too) and in
-    bf16 autocast; losses are computed in float32 either way."""
-    fwd = torch.compile(model, dynamic=True) if compile else model
-    if not bf16:
-        return fwd
-
-    def autocast_fwd(x):
-        with torch.autocast(x.device.type, torch.bfloat16):
-            return fwd(x)
-    return autocast_fwd
-
-
 def _attack(fwd, x, y, eps, spec, step_size):
     """One attack of the evaluator; -> fooled (bool per sample), after checking every point."""
     loss, steps, restarts = spec
@@ -67,20 +52,16 @@ def _attack(fwd, x, y, eps, spec, step_size):
 
 
 def evaluate(model, batches, eps_list, attacks=('ce-20',), step_size=None, checks=False, chain=False,
-             compile=False, bf16=False, gain_n=256):
-    """Clean accuracy and, per eps, robust accuracy per attack and the worst case over attacks (per
-    sample: robust only if every attack failed). chain=True: each attack attacks only what the
-    earlier ones left standing (cheaper; each attack's number is then 'after it and those before').
-    checks=True adds what the masking checks need: UNBOUNDED attacks at eps 1 (the whole pixel cube),
-    and attack.loss_gain per loss on the first gain_n images at the largest eps. Under torchrun each
-    rank passes its shard and the counts are summed.
-    -> {'n', 'clean', 'robust': {eps: {attack: acc, 'worst': acc}}, 'standing': {eps: bool tensor over
-    this rank's images, robust to every attack}, 'unbounded': {'eps', attack: acc},
-    'gain': {loss: (n, rose)}}"""
+             compile=False, gain_n=256):
+    """Clean accuracy and, per eps, robust accuracy per attack and the worst case (robust only if every
+    attack failed). chain: each attack only on what the earlier ones left (cheaper). checks: UNBOUNDED
+    attacks at eps 1 and attack.loss_gain on gain_n images, for sanity_checks. Under torchrun each rank
+    passes its shard. -> {'n', 'clean', 'robust': {eps: {attack: acc, 'worst': acc}}, 'standing': {eps:
+    bool tensor, robust to every attack}, 'unbounded': {'eps', attack: acc}, 'gain': {loss: (n, rose)}}"""
     specs, names = [parse_attack(a) for a in attacks], list(attacks) + ['worst']
     was_training, grads = model.training, [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)  # no dropout or batch statistics; input gradients only
-    fwd = forward_fn(model, compile, bf16)
+    fwd = torch.compile(model, dynamic=True) if compile else model  # AOTAutograd compiles its backward too
     losses = list(dict.fromkeys(s[0] for s in specs)) if checks else []
     unbounded = UNBOUNDED if checks else ()
     keys = ['n', 'clean'] + [(e, a) for e in eps_list for a in names] + [('unbounded', a) for a in unbounded]
@@ -122,10 +103,8 @@ def evaluate(model, batches, eps_list, attacks=('ce-20',), step_size=None, check
 
 
 def epoch_metrics(model, val, robust_val, eps, steps, seed):
-    """Training's numbers per epoch: clean accuracy on the validation set and, on its fixed subset, the
-    worst case of CE and margin PGD-steps (the margin attack on what CE left standing): fast, and an
-    upper bound on robust accuracy (pgd_upper; AutoAttack, evaluate.py --autoattack, is the number to
-    report). Its own RNG stream: the same attack every epoch, training's random numbers untouched."""
+    """Clean accuracy on the validation set and pgd_upper, the worst of CE and margin PGD on its fixed
+    subset; under its own seed, so every epoch runs the same attack and training's RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.eval()
@@ -146,9 +125,8 @@ def pgd_name(cfg):
 
 
 def sanity_checks(result, attacks, gap=0.1, slack_images=2, min_gain=0.95):
-    """Symptoms of gradient masking (Carlini et al. 2019), each -> (ok, message). Attacks at different
-    eps or with different steps are independent random runs, so a weaker one can win by an image or
-    two through luck: comparisons tolerate slack_images; more than that means do not trust."""
+    """Symptoms of gradient masking (Carlini et al. 2019) -> [(ok, message)]. Independent random runs
+    can differ by an image or two through luck: comparisons tolerate slack_images."""
     eps_list, out, slack = sorted(result['robust']), [], slack_images / result['n'] + 1e-12
     acc = lambda e, a: result['robust'][e][a]
     for name in list(attacks) + ['worst']:
@@ -220,7 +198,6 @@ def parser(doc=__doc__):
                    type=checked(str, in_folder, 'in an existing folder'))
     p.add_argument('--seed', type=nonneg, default=0)
     p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help='auto = on CUDA only')
-    p.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA)')
     p.add_argument('--square-queries', type=nonneg, default=1000,
                    help='Square queries of the masking check when AutoAttack is off (0: skip it)')
     p.add_argument('--no-checks', action='store_true', help='skip the gradient-masking checks')
@@ -242,10 +219,8 @@ def check_args(args):
 
 
 def resolve(args, ck):
-    """The defaults that depend on the checkpoint. ImageNet (1000 classes): the paper's and
-    RobustBench's protocol, L-inf 4/255 on RobustBench's 5,000 val images (data.py picks them) with
-    AutoAttack's standard version; elsewhere the training eps on the first 1,000 test images.
-    Weights: the EMA weights whenever the run kept them."""
+    """Defaults from the checkpoint. ImageNet: the paper's and RobustBench's protocol (4/255, their 5,000
+    val images, AutoAttack); elsewhere the training eps on 1,000 test images. EMA weights if kept."""
     imagenet, has_ema = ck['data_info'].get('num_classes') == 1000, ck.get('ema') is not None
     args.eps = args.eps or (['4/255'] if imagenet else [f'{ck["config"]["eps"]:g}'])
     args.n = args.n or (5000 if imagenet else 1000)
@@ -258,8 +233,7 @@ def resolve(args, ck):
 
 
 def check_data(path, ck, info, data, subset=False):
-    """UserError unless the data are what the checkpoint's model was built for (classes, channels).
-    subset: fewer classes may do (the authors' ImageNet-1k models on a folder of some of its classes)."""
+    """UserError unless the data fit the checkpoint's model (classes, channels); subset: fewer classes do."""
     want = {k: ck['data_info'].get(k) for k in ('num_classes', 'in_ch')}
     have = {k: info[k] for k in want}
     n_here, n_trained = have['num_classes'], want['num_classes']
@@ -290,9 +264,8 @@ def ours(args):
 
 
 def load(args, rank, world, device, checkpoint):
-    """-> the checkpoint, its model on the device (eval mode, no parameter gradients), this rank's
-    robust-val batches (copies: FFCV reuses its buffers), data info. args.n becomes the number of
-    images there are, if it was more."""
+    """-> checkpoint, model (eval mode, on the device), this rank's robust-val batches (copies: FFCV reuses
+    its buffers), data info; args.n at most the number of images there are."""
     n_flag = '--n' if args.n else None  # before resolve fills in the default
     ck, model = checkpoint(args)
     model = model.to(device).eval().requires_grad_(False)
@@ -310,8 +283,7 @@ def load(args, rank, world, device, checkpoint):
 
 
 def check_outputs(args):
-    """Before any work: the results and AutoAttack's state can be written where they go (not into
-    a missing or read-only folder, nor where a folder stands)."""
+    """Before any work: the results and AutoAttack's state can be written where they go."""
     for path in (args.json, args.state):
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
@@ -327,14 +299,13 @@ def check_outputs(args):
 
 
 def run_autoattack(args, fwd, batches, eps_list, r, rank, world):
-    """Per eps: AutoAttack (if asked) and the Square check on what every gradient attack left.
-    -> ({eps: AutoAttack result}, {eps: (ok, message)}, the resume state: remove it once reported)"""
+    """Per eps: AutoAttack (if asked) and the Square check. -> ({eps: result}, {eps: (ok, message)}, state)"""
     state = None
     if args.autoattack:
         from pyautoattack import __version__ as aa_version
         key = dict(ckpt=os.path.abspath(args.ckpt), size=os.path.getsize(args.ckpt),
                    mtime=os.path.getmtime(args.ckpt), weights=args.weights, n=args.n,
-                   world=world, seed=args.seed, bf16=args.bf16, data=args.data, pyautoattack=aa_version)
+                   world=world, seed=args.seed, data=args.data, pyautoattack=aa_version)
         state = attack.State(args.state, key)
     if state and state.resumed and rank == 0:
         print(f'AutoAttack: resuming from {state.path} ({state.resumed} steps done)')
@@ -360,7 +331,7 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
     c = ck['config']
     also = ' (the run kept EMA weights too)' if ck.get('ema') is not None else ''
     weights = 'EMA weights' if args.weights == 'ema' else f'model weights{also}'
-    flags = (' | bf16' if args.bf16 else '') + (' | compiled' if compiled else '')
+    flags = ' | compiled' if compiled else ''
     print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {weights} | eval mode | {r["n"]} images '
           f'| linf | seed {args.seed} | {seconds:.0f} s{flags}')
     names = args.attacks + ['worst']
@@ -411,11 +382,9 @@ def run(args, checkpoint=ours):
     eps_list = [parse_eps(t) for t in args.eps]
     torch.manual_seed(args.seed + rank)
     compiled = args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda')
-    bf16 = args.bf16 and device.type == 'cuda'
     t0 = time.time()
-    r = evaluate(model, batches, eps_list, args.attacks, args.step_size, not args.no_checks, compile=compiled,
-                 bf16=bf16)
-    fwd = forward_fn(model, compiled, bf16)
+    r = evaluate(model, batches, eps_list, args.attacks, args.step_size, not args.no_checks, compile=compiled)
+    fwd = torch.compile(model, dynamic=True) if compiled else model
     aa, square, state = run_autoattack(args, fwd, batches, eps_list, r, rank, world)
     if rank == 0:
         checks = [] if args.no_checks else sanity_checks(r, args.attacks)

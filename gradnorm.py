@@ -65,31 +65,24 @@ SMOOTH_ACTS = ('gelu', 'silu')
 
 
 def choose_impl(requested, device_type, amp, act):
-    """-> (impl, why): 'fd' or 'exact' for GradNorm, and a short phrase saying why, for the log.
-    auto picks fd where it was measured within 1% of float64 double backprop (docs/speed.md) and is
-    cheaper: float32 (CPU, or CUDA with fd_float32) and a smooth activation. fd under bf16 raises
-    ValueError; fd with ReLU runs, and why says it is inaccurate."""
+    """-> (impl, why): 'fd' or 'exact', and why, for the log. auto picks fd where it is cheaper and was
+    measured within 1% of float64 double backprop (docs/speed.md): float32 and a smooth activation."""
     if requested not in ('auto', 'exact', 'fd'):
         raise ValueError(f'unknown GradNorm implementation {requested!r}: auto, exact or fd')
-    smooth = act in SMOOTH_ACTS
-    where = f'float32 on {device_type} with {act}' + (', TF32 off' if device_type == 'cuda' else '')
-    if requested == 'exact':
-        return 'exact', 'exact: double backprop, as requested'
+    if requested == 'fd' and amp:
+        raise ValueError('fd needs float32, but bf16 autocast rounds to ~4e-3, more than the difference '
+                         'quotient measures: turn amp off or use exact')
+    rough = f"{act}'s gradient is piecewise constant, the difference quotient is 200-1700% off"
+    if requested != 'auto':
+        if requested == 'fd' and act not in SMOOTH_ACTS:
+            return 'fd', f'fd: inaccurate, as requested: {rough}; use exact'
+        return requested, f'{requested}: as requested'
     if amp:
-        if requested == 'fd':
-            raise ValueError('fd needs float32, but bf16 autocast rounds to ~4e-3, more than the difference '
-                             'quotient measures: turn amp off or use exact')
         return 'exact', 'exact: bf16 autocast swamps the difference quotient'
-    if not smooth:
-        why = f"{act}'s gradient is piecewise constant, the difference quotient is 200-1700% off"
-        if requested == 'fd':
-            return 'fd', f'fd: inaccurate, as requested: {why}; use exact'
-        return 'exact', f'exact: {why}'
-    if requested == 'fd':
-        return 'fd', f'fd: {where}, as requested'
-    if device_type not in ('cpu', 'cuda'):
-        return 'exact', f'exact: fd is unmeasured on {device_type}'
-    return 'fd', f'fd: {where}: 2 passes instead of double backprop'
+    if act not in SMOOTH_ACTS:
+        return 'exact', f'exact: {rough}'
+    tf32 = ', TF32 off' if device_type == 'cuda' else ''
+    return 'fd', f'fd: float32 on {device_type} with {act}{tf32}: 2 passes instead of double backprop'
 
 
 def fd_float32(device_type):

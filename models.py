@@ -1,6 +1,5 @@
-"""Compact ResNets and ViTs, and any timm model (`swin_base_patch4_window7_224`, `timm/resnet50`).
-Every model takes its activation by name (GradNorm needs a smooth one) and eats images in [0,1]:
-normalization is a buffer inside it, so input gradients and attacks live in pixel space."""
+"""Compact ResNets and ViTs, and any timm model (`swin_base_patch4_window7_224`, `timm/resnet50`), each
+with its activation by name and eating images in [0,1]: normalization is inside, attacks in pixel space."""
 from typing import List, Optional
 
 import torch
@@ -38,8 +37,7 @@ class Normalize(nn.Module):
 # kernels. Custom ops, because autograd.Functions gave wrong double backwards under torch.compile.
 
 def _needed(ctx, i):
-    """Whether this backward wants input i's gradient (needs_input_grad says only that it could:
-    autograd.grad(ce, x) would compute every weight gradient too)."""
+    """Whether this backward wants input i's gradient (needs_input_grad says only that it could)."""
     node = ctx.next_functions[i][0]
     if node is None:
         return False
@@ -105,8 +103,8 @@ _conv2d_weight.register_autograd(_conv2d_weight_backward, setup_context=_save)
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    """F.conv2d with the double backward above. Custom ops pass autocast through uncast, so the
-    inputs are cast here as F.conv2d's autocast rule would (floating point, not float64)."""
+    """F.conv2d with the double backward above; inputs cast here as F.conv2d's autocast rule would
+    (custom ops pass autocast through uncast)."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w, b = (t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -171,8 +169,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision's parameter names and shapes, so its pretrained weights load strictly, whichever
-    conv: 'native' (nn.Conv2d) or 'fast' (Conv2d above)."""
+    """torchvision's parameter names and shapes: its weights load strictly, whichever conv."""
 
     def __init__(self, block, layers, widths=(64, 128, 256, 512), act='relu', in_ch=3,
                  num_classes=1000, small_stem=False, stem_stride=1, stem_pool=1,
@@ -298,8 +295,8 @@ class TimmModel(nn.Module):
 
 
 def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
-    """timm.create_model without dropout or stochastic depth (as the paper's runs), at img_size where
-    the architecture fixes it (ViT, Swin: timm resizes pretrained position tables), act swapped in."""
+    """timm.create_model without dropout or stochastic depth (as the paper's runs), at img_size where the
+    architecture fixes it, act swapped in."""
     import timm
     base = timm_name(name)
     cfg = timm.models.get_pretrained_cfg(base)
@@ -312,6 +309,12 @@ def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
             raise
         del kw['drop_path_rate']
         model = timm.create_model(base, pretrained=pretrained, **kw)
+    except OSError as e:  # neither in timm's cache nor downloadable (Hugging Face's LocalEntryNotFoundError)
+        from huggingface_hub.constants import HF_HUB_CACHE
+        fetch = f"python -c \"import timm; timm.create_model('{base}', pretrained=True)\""
+        raise ValueError(f"timm's weights for {base} are not in {HF_HUB_CACHE} and cannot be downloaded "
+                         f"({str(e).splitlines()[0][:100]}): run {fetch} on a machine with network and copy "
+                         f"{HF_HUB_CACHE} here, or point HF_HUB_CACHE at a copy") from None
     set_activation(model, act)
     from timm.layers.activations import HardSigmoid
     # squeeze-excite gates (MobileNetV3, GhostNet, ...): the same function, twice differentiable
@@ -321,72 +324,12 @@ def build_timm(name, act, in_ch, num_classes, img_size, mean, std, pretrained):
     return TimmModel(model, mean, std or (cfg.std if cfg else IMAGENET_STD)[:in_ch])
 
 
-def _unreachable(url):
-    """Why url's host cannot be reached (one TCP connection, 3 s at most), else None; None behind a proxy."""
-    import socket
-    import urllib.parse
-    import urllib.request
-    if {'http', 'https'} & set(urllib.request.getproxies()):
-        return None
-    u = urllib.parse.urlsplit(url)
-    port = u.port or (443 if u.scheme == 'https' else 80)
-    try:
-        socket.create_connection((u.hostname, port), timeout=3).close()
-    except OSError as e:
-        return f'{u.hostname} cannot be reached ({e.strerror or e})'
-    return None
-
-
-def pretrained_missing(name):
-    """None if timm.create_model(name, pretrained=True) will find its weights (in timm's cache or
-    online), else why not and the fix: offline, timm retries for a minute and ends in a traceback."""
-    import timm
-    from huggingface_hub import constants, try_to_load_from_cache
-    from timm.models._builder import _resolve_pretrained_source  # timm's own choice of source
-    from timm.models._hub import _get_safe_alternatives, check_cached_file, get_cache_dir, hf_split
-    base = timm_name(name)
-    cfg = timm.models.get_pretrained_cfg(base)
-    source, loc = _resolve_pretrained_source(cfg.to_dict()) if cfg else ('', None)
-    if source == 'hf-hub':  # hf_hub_download's lookup, safetensors first (timm's load_state_dict_from_hf)
-        hub_id, file = loc if isinstance(loc, tuple) else (loc, 'pytorch_model.bin')
-        repo, revision = hf_split(hub_id)
-        files = [file] if file.endswith('.safetensors') else [*_get_safe_alternatives(file), file]
-        if any(isinstance(try_to_load_from_cache(repo, f, revision=revision), str) for f in files):
-            return None
-        offline = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else None
-        cache, why = constants.HF_HUB_CACHE, offline or _unreachable(constants.ENDPOINT)
-        base = f'{base} ({repo})'
-    elif source == 'url':
-        if check_cached_file(loc):
-            return None
-        cache, why = get_cache_dir(), _unreachable(loc)
-    else:
-        return None if source else f'timm has no pretrained weights for {base}'
-    if why is None:
-        return None
-    fetch = f"python -c \"import timm; timm.create_model('{timm_name(name)}', pretrained=True)\""
-    return (f"timm's weights for {base} are not in {cache} and {why}: download them on a machine with "
-            f"network ({fetch}) and copy {cache} here, or point HF_HUB_CACHE at a copy")
-
-
-def patch_problem(name, img_size):
-    """Why a ViT of this file cannot see all of an img_size image, else None (built on the meta device)."""
-    if name not in MODELS or not name.startswith('vit'):
-        return None
-    try:
-        with torch.device('meta'):
-            MODELS[name](img_size=img_size)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 # ---------------------------------------------------------------- any model
 
 def build_model(name, act='gelu', in_ch=3, num_classes=1000, img_size=224, mean=None, std=None,
                 pretrained=False, conv='native'):
-    """pretrained: timm's weights (timm models only). conv: 'native' (nn.Conv2d) or 'fast' (Conv2d,
-    for double backward); the same parameters either way."""
+    """pretrained: timm's weights (timm models only). conv: 'native' (nn.Conv2d) or 'fast' (Conv2d, for
+    double backward), the same parameters."""
     if not is_model(name):
         raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)} or a timm model')
     if conv not in CONVS:
@@ -435,8 +378,7 @@ def set_activation(model, act):
 
 
 def no_weight_decay(model):
-    """Parameters AdamW should not decay, as timm's optimizer factory (the authors') leaves them: 1-D
-    ones (norms, biases) and those a timm architecture lists (Swin's relative position tables)."""
+    """Parameters AdamW leaves undecayed, as timm's optimizer factory: 1-D ones and those timm lists."""
     import fnmatch
     inner = getattr(model, 'model', None)
     listed = [f'model.{n}' for n in inner.no_weight_decay()] if hasattr(inner, 'no_weight_decay') else []

@@ -3,8 +3,8 @@
 
     python train.py --objective=gradnorm --act=gelu                # one process: the Fashion-MNIST demo
     torchrun --nproc_per_node=8 train.py --objective=gradnorm      # DDP, the same code path
-Every option is a Config field (config.py) given as --key=value. Read top to bottom: which objective
-runs and how -> the training step -> the epoch -> checkpoints and metrics -> the loop.
+Options are config.py's Config fields, --key=value. Read top to bottom: the objective, the step, the
+epoch, checkpoints, the loop.
 """
 import copy
 import dataclasses
@@ -35,9 +35,8 @@ from models import build_model, no_weight_decay, normalization
 # ---------------------------------------------------------------- the objective, as training runs it
 
 def plan(cfg, device):
-    """How this run computes its objective: GradNorm's impl, 'fd' or 'exact' (gradnorm.choose_impl), and
-    why, for the log. Double backward (exact GradNorm, EdgeReg) gets models.Conv2d and contiguous tensors,
-    first-order objectives nn.Conv2d and channels_last: the faster of each (docs/speed.md, sections 1-2)."""
+    """GradNorm's impl (gradnorm.choose_impl) and why; double backward (exact GradNorm, EdgeReg) gets
+    models.Conv2d and contiguous tensors, first-order ones nn.Conv2d and channels_last (docs/speed.md)."""
     impl, why, amp = None, '', device.type == 'cuda' and cfg.amp
     if cfg.objective == 'gradnorm':
         try:
@@ -51,10 +50,8 @@ def plan(cfg, device):
 
 
 def objective(cfg, device, compiled=False, norm=None):
-    """-> fn(model, x, y, t) for the configured objective; t = epochs elapsed (float), so both
-    alphas grow within an epoch, as the authors'. norm: the model's (mean, std), where EdgeReg
-    compares. Only the objective itself is compiled, and alphas go in as tensors, so nothing
-    recompiles when they change."""
+    """-> fn(model, x, y, t), t = epochs elapsed (alphas grow within an epoch, as the authors'). norm: the
+    model's (mean, std), for EdgeReg. Alphas go in as tensors: the compiled objective never recompiles."""
     fd = plan(cfg, device).impl == 'fd'
     fn = {'standard': standard, 'gradnorm': gradnorm_fd if fd else gradnorm, 'pgd': pgd_at,
           'edge': edge_reg}[cfg.objective]
@@ -78,8 +75,7 @@ def objective(cfg, device, compiled=False, norm=None):
 
 
 class Step(nn.Module):
-    """The model and its objective as one module, for DDP to wrap: DDP's forward must run eagerly
-    (Dynamo cannot trace it) and the objective, input gradient included, compiled. -> (loss, parts)"""
+    """Model and objective as one module for DDP: DDP's forward runs eagerly, the objective compiled."""
     def __init__(self, model, loss_fn):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
@@ -114,9 +110,7 @@ class Run:
     plan: types.SimpleNamespace  # plan(cfg, device)
     step: int = 0       # optimizer steps taken (or skipped) since the start of training
     bad_steps: int = 0  # non-finite steps in a row
-    # (EMA tensor, model tensor) pairs, built once: state_dict() values share storage with the
-    # parameters and buffers, which the optimizer and BatchNorm update in place
-    ema_pairs: list = dataclasses.field(default_factory=list)
+    ema_pairs: list = dataclasses.field(default_factory=list)  # (EMA, model) state_dict tensors, in place
 
     @property
     def steps(self):  # per epoch
@@ -141,10 +135,11 @@ def find_resume(cfg, log):
 
 
 def initial_model(cfg, info, conv, log):
-    """The model before training: random, timm's pretrained weights, or the weights of a checkpoint of
-    ours (a recipe's stage 2 starts from stage 1's)."""
-    pretrained = cfg.init == 'pretrained'
-    model = build_model(cfg.model, cfg.act, pretrained=pretrained, conv=conv, **info)
+    """Random, timm's pretrained weights, or a checkpoint's (a recipe's stage 2 starts from stage 1's)."""
+    try:
+        model = build_model(cfg.model, cfg.act, pretrained=cfg.init == 'pretrained', conv=conv, **info)
+    except ValueError as e:  # a ViT's patches that do not tile the images; timm's weights not found
+        raise UserError(f'--model={cfg.model}: {e}') from None
     if cfg.init not in ('', 'pretrained'):
         ck = config.load_checkpoint(cfg.init)
         old = ck['model']  # the trained weights, not the EMA (the authors' stage 2 too)
@@ -229,9 +224,8 @@ def check_resume(cfg, ck, path, info):
 # ---------------------------------------------------------------- one step, one epoch
 
 def micro_steps(run, x, y, t):
-    """Forward and backward of each of the --accum micro-batches; each loss is divided by accum,
-    so the gradient is the global batch's mean whatever the split. DDP syncs on the last one.
-    -> (mean loss, mean terms)"""
+    """Forward and backward of each --accum micro-batch, loss / accum: the global batch's mean gradient
+    whatever the split; DDP syncs on the last. -> (mean loss, mean terms)"""
     cfg, n = run.cfg, run.cfg.accum
     x = x.contiguous(memory_format=run.plan.fmt)  # the loaders deliver channels_last
     amp = torch.autocast('cuda', torch.bfloat16) if run.device.type == 'cuda' and cfg.amp else nullcontext()
@@ -251,8 +245,8 @@ def micro_steps(run, x, y, t):
 
 
 def train_step(run, x, y, t, stop):
-    """Objective, backward, clipping, AdamW, EMA. A non-finite step is skipped (all ranks agree,
-    one all-reduce). -> (terms or None if skipped, whether any rank was asked to stop)"""
+    """Objective, backward, clipping, AdamW, EMA; a non-finite step is skipped on every rank.
+    -> (terms or None if skipped, whether any rank was asked to stop)"""
     cfg = run.cfg
     for group in run.opt.param_groups:
         group['lr'] = lr_at(cfg, t)
@@ -328,8 +322,8 @@ def newest_checkpoint(run):
 
 
 def save(run):
-    """Rank 0 writes OUT/ckpt-<step>-<run id>.pt atomically, points OUT/ckpt.pt at it (a hard link)
-    and deletes this run's older checkpoints beyond --keep. Only finite weights are saved."""
+    """Rank 0 writes OUT/ckpt-<step>-<run id>.pt (finite weights only), hard-links OUT/ckpt.pt to it and
+    keeps this run's newest --keep."""
     if run.rank != 0:
         return
     cfg = run.cfg

@@ -73,15 +73,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(autouse=True)
-def pretrained_weights_cached(monkeypatch):
-    """In-process, recipes that start from timm's weights parse as if they were downloaded (there is
-    no network here); tests/test_evaluate_faults.py runs the real check in subprocesses."""
-    import config
-
-    monkeypatch.setattr(config, 'pretrained_missing', lambda name: None)
-
-
 def fake_hub(cache, name, seed=0):
     """Random weights for timm's default pretrained tag of name, in the Hugging Face cache layout,
     where timm's loader finds them with HF_HUB_OFFLINE=1. -> the state_dict written"""

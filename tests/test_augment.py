@@ -154,23 +154,17 @@ def test_ffcv_crops_flips_randaug_erasing_reproducible_for_any_thread_count(beto
     assert same(erased[0], again[0]) and (erased[0][0] != plain[0][0]).flatten(1).any(1).all()
 
 
-def test_torchvision_crops_flips_randaug_erasing_reproducible(tree, randaug):
-    """The fallback: the same rules in worker processes (0 or 2 of them, persistent), and erasing
-    and Mixup/CutMix on the batch: the same batches for two epochs; epochs differ; both change them."""
+def test_torchvision_fallback_runs_randaug_in_workers_and_mixes_the_batch(tree, randaug):
+    """The fallback (torchvision's own random transforms): timm's RandAugment in 2 worker processes, then
+    Mixup/CutMix on the batch: soft labels over the folder's 3 classes, each row summing to 1."""
     import augment as A
 
-    folder = str(tree[0] / 'train')
-    make = lambda w, ra, aug: D.torchvision_loader(
-        folder, 4, CPU, True, 64, workers=w, seed=3, randaug=ra, on_batch=aug
-    )
-    batch_aug = A.BatchAugment(3, 0, 3, M.IMAGENET_MEAN, M.IMAGENET_STD, reprob=0.5, mixup=0.8, cutmix=1.0)
-    zero, two = epochs_of(make(0, randaug, batch_aug)), epochs_of(make(2, randaug, batch_aug))
-    plain, no_erase = epochs_of(make(0, None, None)), epochs_of(make(2, randaug, None))
-    for e in (0, 1):
-        assert same(zero[e], two[e]), e
-    assert not torch.equal(zero[0][0], zero[1][0])
-    assert (no_erase[0][0] != plain[0][0]).flatten(1).any(1).float().mean() >= 0.5  # RandAugment
-    assert not torch.equal(zero[0][0], no_erase[0][0])  # erasing and mixing on top
+    mix = A.BatchAugment(3, 0, 3, M.IMAGENET_MEAN, M.IMAGENET_STD, mixup=0.8, cutmix=1.0)
+    loader = D.torchvision_loader(str(tree[0] / 'train'), 4, CPU, True, 64, workers=2, randaug=randaug,
+                                  on_batch=mix)
+    for x, y in loader:
+        assert x.shape == (4, 3, 64, 64) and 0 <= x.min() and x.max() <= 1 and y.shape == (4, 3)
+        assert torch.allclose(y.sum(1), torch.ones(4)) and (y < 1).any()
 
 
 def test_in_memory_demo_randaug_reproducible(tiny_data):

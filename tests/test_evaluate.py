@@ -123,7 +123,7 @@ def test_autoattack_own_checks_are_surfaced(one_thread):
     model, x, y, _ = linear10(n=20)
     r = attack.autoattack(nn.Sequential(model, nn.Softmax(1)), [(x, y)], 0.01, components=['apgd-ce'])
     flags = [m for ok, m in attack.aa_checks(r['warnings']) if not ok]
-    assert len(flags) == 1 and 'logits, not probabilities' in flags[0]
+    assert len(flags) == 1 and 'probability distribution' in flags[0], flags
 
 
 # ---------------------------------------------------------------- the protocol and the command
@@ -183,7 +183,7 @@ def test_command_prints_autoattack_line_and_json(tiny_data, tmp_path, capsys, mo
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r'autoattack 0\.1 \d+\.\d', out[-1]), out[-5:]
     assert any('apgd-ce' in line and 'PGD worst' in line for line in out)
-    assert sum(line.startswith(('  ok ', '  FLAG ')) for line in out) >= 6 + 4  # AutoAttack's checks and ours
+    assert sum(line.startswith(('  ok ', '  FLAG ')) for line in out) >= 8 + 1  # ours, then AutoAttack's own
     res = json.load(open(tmp_path / 'eval_linf.json'))
     assert res['weights'] == 'model' and list(res['autoattack']) == ['0.1']
     assert f'{100 * res["autoattack"]["0.1"]["robust"]:.1f}' == out[-1].split()[-1]
