@@ -26,7 +26,7 @@ NEED_CKPT = @test -n '$(strip $(CKPT) $(CKPTS))' || exit 2
 EPS    ?=
 # AA=1: `make eval` also runs AutoAttack (standard version), the robust accuracy to report
 AA     ?=
-# multi-GPU / multi-node: torchrun (DDP); one process otherwise, same code path
+# multi-GPU / multi-node: torchrun (DDP; tools/torchrun.py: exit status 75 when preempted); else one process
 GPUS        ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 NNODES      ?= 1
 NODE_RANK   ?= 0
@@ -35,7 +35,7 @@ MASTER_PORT ?= 29500
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 ifeq ($(shell [ "0$(GPUS)" -gt 1 ] || [ "$(NNODES)" -gt 1 ] && echo multi),multi)
-RUN := $(VENV)/bin/torchrun --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_per_node=$(or $(filter-out 0,$(GPUS)),1) \
+RUN := $(PY) -m tools.torchrun --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_per_node=$(or $(filter-out 0,$(GPUS)),1) \
        --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
 else
 RUN := $(PY)
@@ -45,7 +45,7 @@ TRAIN = $(RUN) train.py --data=$(DATA) $(if $(RECIPE),--recipe=$(RECIPE)) $(if $
         $(if $(MODEL),--model=$(MODEL)) $(if $(INIT),--init=$(INIT)) \
         $(if $(EPOCHS),--epochs=$(EPOCHS)) $(if $(BATCH),--batch_size=$(BATCH)) $(if $(OUT),--out=$(OUT)) $(ARGS)
 
-.PHONY: setup data train train-gradnorm train-standard train-pgd train-edge eval test clean
+.PHONY: setup data train train-gradnorm train-standard train-pgd train-fgsm train-edge eval test clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-data.txt
@@ -72,6 +72,8 @@ train-standard: setup data
 	$(TRAIN) --objective=standard
 train-pgd: setup data
 	$(TRAIN) --objective=pgd
+train-fgsm: setup data
+	$(TRAIN) --objective=fgsm
 train-edge: setup data
 	$(TRAIN) --objective=edge
 
@@ -114,10 +116,11 @@ beton: setup
 bench-loader: setup
 	$(PY) -m tools.bench loader
 
-# Step cost of standard, GradNorm (exact, finite-difference), EdgeReg and PGD-3 AT, side by side, as ratios
-# to PGD-3 (a few minutes on a 2-core CPU). Default: the demo model on a batch of DATA, on the CPU; resnet50
-# and vit_small on random 224 px images (bf16; compiled rows too) where there is a GPU and DATA is not given.
-# ARGS=--compile=gradnorm adds compiled exact GradNorm on the CPU (Inductor: minutes of compiling).
+# Step cost of standard, GradNorm (exact, finite-difference), EdgeReg, PGD-3 AT and FGSM-RS AT, side by side,
+# as ratios to PGD-3 run the same way (a few minutes on a 2-core CPU). Each method runs as training runs it:
+# compiled on CUDA, eager on the CPU. Default: the demo model on a batch of DATA, on the CPU; resnet50 and
+# vit_small on random 224 px images (bf16) where there is a GPU and DATA is not given.
+# ARGS=--compile=gradnorm adds compiled exact GradNorm and PGD-3 on the CPU (Inductor: minutes of compiling).
 RES ?=
 BENCH_MODELS = $(or $(MODEL),$(if $(filter-out 0,$(GPUS)),resnet50 vit_small,resnet_demo_pool))
 BENCH_DATA = $(if $(and $(filter file,$(origin DATA)),$(filter-out 0,$(GPUS))),,$(DATA))
@@ -126,10 +129,11 @@ bench: setup $(if $(BENCH_DATA),data)
 	for m in $(BENCH_MODELS); do $(PY) -m tools.bench step --model=$$m --data=$(BENCH_DATA) $(if $(RES),--res=$(RES)) \
 	  $(if $(BATCH),--batch=$(BATCH)) $(ARGS) || exit 1; done
 
-# The CUDA path on a fresh GPU box in about 10 minutes (ARGS=--skip=... for less), with the torch already there
-# (nothing installed): CUDA tests, 1-process torchrun epochs (the demo; an ImageFolder with EMA and --resume=auto),
-# the paper's Swin-B in float32 and bf16 (step costs, largest micro-batch, --accum), AutoAttack on a demo
-# checkpoint (ARGS=--ckpt=...); ARGS=--all adds the fast conv's measurements. No GPU: one line, exit 0.
+# The CUDA path on a fresh GPU box in at most about 10 minutes (its steps' time limits add up to 600 s;
+# ARGS=--skip=... for less), with the torch already there (nothing installed): CUDA tests, 1-process torchrun
+# epochs (the demo; an ImageFolder with EMA and --resume=auto), the paper's Swin-B in float32 and bf16 (step
+# costs, largest micro-batch, --accum), AutoAttack on a demo checkpoint (ARGS=--ckpt=...); ARGS=--all adds
+# the fast conv's measurements (about 8 minutes more). No GPU: one line, exit 0.
 .PHONY: check-gpu
 check-gpu:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m tools.check_gpu $(ARGS)

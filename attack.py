@@ -1,6 +1,7 @@
-"""L-inf attacks on images in [0,1]: PGD (CE, margin or DLR loss, restarts), PGD-k adversarial training,
-and AutoAttack and Square from the authors' reference code (pyautoattack, imported when called).
-Imports only torch and the standard library; evaluate.py builds on it."""
+"""L-inf attacks on images in [0,1]: PGD (CE, margin or DLR loss, restarts), PGD-k and FGSM-RS adversarial
+training, and AutoAttack and Square from the authors' reference code (pyautoattack, imported when called).
+Copy alone: needs only torch (tested with 2.14.1); pass x in [0,1], the model normalizing inside.
+evaluate.py builds on it."""
 import hashlib
 import json
 import logging
@@ -38,8 +39,8 @@ LOSSES = {'ce': ce_loss, 'margin': margin_loss, 'dlr': dlr_loss}
 
 def inside(x_adv, x, eps):
     """Per sample: in the eps-ball around x (up to float rounding) and in [0,1]: never trust, verify."""
-    flat, dist = x_adv.flatten(1), (x_adv - x).flatten(1).abs().amax(1)
-    return (dist <= eps * (1 + 1e-5) + 1e-6) & (flat.amin(1) >= 0) & (flat.amax(1) <= 1)
+    flat, gap = x_adv.flatten(1), (x_adv - x).flatten(1).abs().amax(1)
+    return (gap <= eps * (1 + 1e-5) + 1e-6) & (flat.amin(1) >= 0) & (flat.amax(1) <= 1)
 
 
 def step(x, x_adv, grad, size, eps):
@@ -65,11 +66,12 @@ def pgd(model, x, y, eps, steps, step_size=None, random_start=True, keep_best=Fa
     if not keep_best:
         x_adv, top = start(x), torch.full((len(x),), float('-inf'), device=x.device)
         for _ in range(steps):
-            x_adv.requires_grad_(True)
-            value = loss_fn(model(x_adv), y)
+            with torch.enable_grad():  # the attack needs input gradients, even called under no_grad
+                x_adv.requires_grad_(True)
+                value = loss_fn(model(x_adv), y)
+                (g,) = torch.autograd.grad(value.sum(), x_adv)
             if max_loss:
                 top = torch.maximum(top, value.detach())
-            (g,) = torch.autograd.grad(value.sum(), x_adv)
             x_adv = step(x, x_adv.detach(), g, size, eps)
         if not max_loss:
             return x_adv.detach()
@@ -108,7 +110,16 @@ def pgd_at(model, x, y, eps, steps=3, smoothing=0.1):
     """The adversarial-training baseline: CE on PGD-k examples (random start, step 2*eps/k)."""
     x_adv = pgd(model, x, y, eps, steps, 2 * eps / steps)
     ce = F.cross_entropy(model(x_adv), y, label_smoothing=smoothing)
-    return ce, {'ce_adv': ce}
+    return ce, {'ce_adv': ce.detach()}
+
+
+def fgsm_at(model, x, y, eps, smoothing=0.1):
+    """FGSM-RS adversarial training (Wong, Rice & Kolter 2020, "Fast is better than free"): a uniform
+    random start in the eps-ball, one signed-gradient step of 1.25*eps back into the ball and [0,1]
+    (PGD-1 with that step), then CE on the result."""
+    x_adv = pgd(model, x, y, eps, 1, 1.25 * eps)
+    ce = F.cross_entropy(model(x_adv), y, label_smoothing=smoothing)
+    return ce, {'ce_adv': ce.detach()}
 
 
 def loss_gain(model, x, y, eps, loss, steps=10):
@@ -152,7 +163,7 @@ def write_json(path, obj, **kw):
         with open(tmp, 'w') as f:
             json.dump(obj, f, **kw)
         os.replace(tmp, path)
-    except OSError:  # json and the file system raise it
+    except BaseException:  # OSError from json and the file system; a stop signal too
         if os.path.isfile(tmp):
             os.remove(tmp)
         raise

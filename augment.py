@@ -1,8 +1,8 @@
-"""Training augmentations. Every random number is a hash of its coordinates (`uniform(seed, epoch, index,
-stream)`), never drawn from shared state: the same batches for any number of loader threads, in every
-run and after a resume. Crop and flip run as FFCV operations (the end of this file, compiled by numba),
-timm's RandAugment per image under generators seeded by that hash, erasing and Mixup/CutMix on the
-device batch (BatchAugment). PIL, timm and FFCV are imported on first use.
+"""The loaders and their augmentation: ffcv_loader, torchvision_loader (the fallback) and TensorLoader (in
+memory); data.py decides which, on what data. Every random number is a hash of its coordinates (`uniform(seed,
+epoch, index, stream)`), never shared state: the same batches for any number of loader threads, in every run
+and after a resume. Crop and flip run as FFCV operations (compiled by numba), timm's RandAugment per image,
+erasing and Mixup/CutMix on the device batch (BatchAugment).
 """
 import functools
 import math
@@ -15,9 +15,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from config import UserError, warn
+
 M32 = 0xFFFFFFFF
-# streams: which random number of a sample (crop attempt t < 10 uses CROP + 4t .. CROP + 4t + 3);
-# STEP + rank seeds a training step's own random numbers, BATCH + rank a batch's (train.py, BatchAugment)
+# streams: which random number of a sample (crop try t < 10: CROP + 4t .. CROP + 4t + 3); a training step's
+# are rand_u32(seed, step, rank, STEP) (train.py), a batch's rand_u32(seed, epoch, batch, BATCH + rank)
 FLIP, RANDAUG, CROP, STEP, BATCH = 0, 1, 2, 1 << 15, 1 << 16
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # ImageNet's random-resized crop
 VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evaluation crop
@@ -102,7 +104,7 @@ def python_rng(seed):
 
 def randaug_image(transform, image, seed, epoch, index):
     """RGB uint8 HWC array -> the same, through transform (PIL in, PIL out), seeded by the image."""
-    from PIL import Image
+    from PIL import Image  # PIL, timm and FFCV are imported on first use
     with python_rng(rand_u32(seed, epoch, index, RANDAUG)):
         return np.array(transform(Image.fromarray(image)))
 
@@ -116,10 +118,51 @@ def randaug_gray(transform, images, seed, epoch, index):
 
 # ---------------------------------------------------------------- on the device batch
 
+class TensorLoader:
+    """In-memory uint8 images -> float batches in [0,1] on the device, each rank its shard of a
+    seeded order; Fashion-MNIST without FFCV (or with --loader=torchvision)."""
+
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world=1, randaug=None):
+        self.images, self.labels, self.train, self.seed, self.randaug = images, labels, train, seed, randaug
+        self.device, self.rank, self.world = device, rank, world
+        self.batch = batch_size // world if train else batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        per_rank = len(self.labels) // self.world if self.train else -(-len(self.labels) // self.world)
+        return per_rank // self.batch if self.train else -(-per_rank // self.batch)
+
+    def __iter__(self):
+        n = len(self.labels)
+        if self.train:  # drop_last: a new batch shape would make torch.compile recompile
+            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            idx = torch.randperm(n, generator=g)[: n // self.world * self.world][self.rank::self.world]
+        else:
+            idx = torch.arange(self.rank, n, self.world)
+        for i in range(len(self)):
+            j = idx[i * self.batch:(i + 1) * self.batch]
+            x = self.images[j]
+            if self.train:  # flip, then RandAugment, as FFCV's path and timm order them
+                # uniform(...) < 0.5, in integers
+                flip = rand_u32(self.seed, self.epoch, j, FLIP) < 2 ** 31
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+                x = randaug_gray(self.randaug, x, self.seed, self.epoch, j) if self.randaug else x
+            x = x.to(self.device, non_blocking=True).float().div_(255)
+            yield x.contiguous(memory_format=torch.channels_last), self.labels[j].to(self.device)
+
+
+def center(im, res):
+    """The central res square, its offset rounded down as FFCV's (T.CenterCrop rounds it to even)."""
+    left, top = (im.width - res) // 2, (im.height - res) // 2
+    return im.crop((left, top, left + res, top + res))
+
+
 class BatchAugment:
-    """Random erasing per image, then Mixup or CutMix per batch, under a generator seeded by (seed, epoch,
-    rank, batch). Erasing is torchvision's RandomErasing with timm's noise (N(0,1) in normalized units);
-    with both alphas set, Mixup or CutMix with probability 1/2 each (timm's switch_prob)."""
+    """Random erasing per image (torchvision's, timm's N(0,1) noise in normalized units), then Mixup or CutMix
+    (1/2 each with both alphas set, timm's switch_prob), seeded by (seed, epoch, rank, batch)."""
 
     def __init__(self, seed, rank, num_classes, mean, std, reprob=0.0, mixup=0.0, cutmix=0.0):
         from torchvision.transforms import v2
@@ -150,11 +193,145 @@ class BatchAugment:
                 x, y = self.mix(x, y)
         return x, y
 
+
 def from_config(cfg, rank, num_classes, res, mean, std):
     """The training loader's randaug (per image) and on_batch (erasing, Mixup/CutMix), None when off."""
     on_batch = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
     randaug = randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None
     return dict(randaug=randaug, on_batch=on_batch or None)
+
+
+# ---------------------------------------------------------------- the loaders
+
+def load_rgb(path, draft=None):
+    """Any file PIL can decode (by content: a PNG named .JPEG too) -> RGB; alpha is composited over white.
+    draft: the JPEG decoder may shrink by 2/4/8 (exact DCT scaling, fast) while both sides stay >= draft."""
+    from PIL import Image
+    with Image.open(path) as im:
+        if draft:
+            im.draft('RGB', (draft, draft))
+        if im.mode.startswith('I'):  # 16-bit gray (I;16*, or I as PNG's open): 0..65535 scaled, not clipped
+            im = Image.fromarray(((np.asarray(im, np.int64) + 128) // 257).clip(0, 255).astype(np.uint8))
+        if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
+            rgba = im.convert('RGBA')
+            white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert('RGB')
+        return im.convert('RGB')
+
+
+class Batches:
+    """(uint8 or [0,1] float NCHW, labels) -> x float in [0,1] on the device, channels_last, y int64, then
+    on_batch (BatchAugment). From FFCV on the CPU, x is its buffer: valid until the next batch."""
+
+    def __init__(self, loader, device, set_epoch, channels=3, on_batch=None):
+        self.loader, self.device, self._set_epoch, self.channels = loader, device, set_epoch, channels
+        self.on_batch, self.epoch = on_batch or None, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self._set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, (x, y) in enumerate(self.loader):
+            # the layout first, while the pixels are 1-byte; uint8 / 255 makes float32 in one pass
+            x = x[:, :self.channels].to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.div(255) if x.dtype == torch.uint8 else x
+            # FFCV reuses its output buffers: copy the labels
+            y = y.to(self.device, non_blocking=True).view(-1).to(torch.int64, copy=True)
+            if self.on_batch:
+                x, y = self.on_batch(x, y, self.epoch, i)
+            yield x, y
+
+
+def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, world=1, seed=0, workers=2,
+                indices=None, channels=3, randaug=None, on_batch=None):
+    """train: shuffled (DDP: each rank its shard), random-resized crop + flip (+ randaug), each a function
+    of (seed, epoch, image index) (ffcv_ops); val: center crop, in order, each rank every world-th
+    of indices (default: all). crop=False: fixed-size images as stored. FFCV must import (data.need_ffcv)."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+
+    SeededRandomResizedCrop, SeededFlip, RandAugment = ffcv_ops()
+    if not crop:
+        decoder = SimpleRGBImageDecoder()
+    elif train:
+        decoder = SeededRandomResizedCrop(seed, (res, res))
+    else:
+        decoder = CenterCropRGBImageDecoder((res, res), VAL_RATIO)
+    randaugs = [RandAugment(seed, randaug)] if randaug is not None else []
+    augs = [SeededFlip(seed)] + randaugs if train else []
+    device = torch.device(device)
+    # GPU: uint8 to the device, float there (a quarter of the bytes). CPU: / 255 in FFCV's threads, into
+    # buffers it reuses; not with RandAugment (Python), which FFCV 1.0.2 cannot put before a compiled op
+    # (docs/data.md, Loader speed)
+    on_device = [ToTensor(), ToDevice(device, non_blocking=True)]
+    if device.type == 'cpu' and randaug is None:
+        on_device = [NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32), ToTensor()]
+    image = [decoder] + augs + on_device + [ToTorchImage(channels_last=True)]
+    label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
+    order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
+    size = Reader(path).num_samples
+    if indices is not None and len(indices) and not 0 <= min(indices) <= max(indices) < size:
+        # FFCV would read past the end: phantom samples, junk labels
+        raise ValueError(f'{path} holds samples 0..{size - 1}, not {min(indices)}..{max(indices)}')
+    if not train:  # not distributed=True: DistributedSampler pads with repeats, which would bias accuracy
+        indices = np.asarray(range(size) if indices is None else indices)[rank::world]
+    loader = Loader(path, batch_size, num_workers=workers, os_cache=True, order=order, seed=seed,
+                    distributed=train and world > 1, indices=indices, drop_last=train,
+                    pipelines={'image': image, 'label': label})
+    seeded = [op for op in [decoder] + augs if isinstance(op, Seeded)]
+
+    def set_epoch(epoch):
+        loader.next_epoch = epoch  # FFCV's order is a function of seed + epoch
+        for op in seeded:
+            op.epoch = epoch
+    return Batches(loader, device, set_epoch, channels, on_batch)
+
+
+class _Folder(torch.utils.data.Dataset):
+    """[(path, label)] -> (transform(image), label); an undecodable image is named and the next one used."""
+
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                return self.transform(load_rgb(path)), label
+            except Exception as e:
+                warn(f'cannot decode {path} ({type(e).__name__}: {e}); using the next image in its place')
+        raise UserError('no image of the folder can be decoded')
+
+
+def torchvision_loader(samples, batch_size, device, train, res=224, rank=0, world=1, seed=0, workers=2,
+                       indices=None, randaug=None, on_batch=None):
+    """[(path, label)] (data.list_images) through torchvision's transforms (train: random-resized crop, flip,
+    RandAugment; val: ImageNet's center crop) in a DataLoader, DistributedSampler's order under DDP."""
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+    from torchvision import transforms as T
+    if train:
+        tf = [T.RandomResizedCrop(res), T.RandomHorizontalFlip()] + ([randaug] if randaug else [])
+        dataset = _Folder(samples, T.Compose(tf + [T.PILToTensor()]))
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+    else:
+        crop = functools.partial(center, res=res)
+        tf = T.Compose([T.Resize(round(res / VAL_RATIO)), crop, T.PILToTensor()])
+        idx = range(len(samples)) if indices is None else indices
+        dataset, sampler = Subset(_Folder(samples, tf), list(idx)[rank::world]), None
+    loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+                        pin_memory=torch.device(device).type == 'cuda', persistent_workers=workers > 0)
+    return Batches(loader, torch.device(device), sampler.set_epoch if train else (lambda epoch: None),
+                   on_batch=on_batch)
 
 
 # ---------------------------------------------------------------- the same rules as FFCV operations
@@ -185,9 +362,6 @@ class Seeded:
         self.seed, self.epoch = seed, 0
         super().__init__(*args)
 
-    def epoch_reader(self):
-        return lambda: self.epoch
-
 
 class _Crop(Seeded):
     """FFCV's random-resized-crop decoder with the crop from crop_params; its decode loop restated, as
@@ -200,7 +374,7 @@ class _Crop(Seeded):
         from ffcv.pipeline.compiler import Compiler
         mem_read, my_range, jpg = self.memory_read, Compiler.get_iterator(), IMAGE_MODES['jpg']
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        seed, scale, ratio, read = self.seed, tuple(self.scale), tuple(self.ratio), self.epoch_reader()
+        seed, scale, ratio, read = self.seed, tuple(self.scale), tuple(self.ratio), lambda: self.epoch
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             with numba.objmode(epoch='int64'):
@@ -232,7 +406,7 @@ class _Flip(Seeded):
     def generate_code(self):
         import numba
         from ffcv.pipeline.compiler import Compiler
-        my_range, seed, read = Compiler.get_iterator(), self.seed, self.epoch_reader()
+        my_range, seed, read = Compiler.get_iterator(), self.seed, lambda: self.epoch
 
         def flip(images, dst, indices):
             with numba.objmode(epoch='int64'):

@@ -5,13 +5,16 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import glob
 import importlib
+import inspect
 import math
 import os
 import re
 import runpy
 import shutil
+import signal
 import socket
 import sys
 
@@ -27,20 +30,66 @@ class UserError(Exception):
     """A problem the user can fix: printed as one line, `error: ...`, exit status 2, no traceback."""
 
 
+def say(line, file=None):
+    """line on a line of its own: on a terminal, a progress bar drawn there (any rank's) is cleared first."""
+    file = file or sys.stderr
+    print(('\r\033[K' if file.isatty() else '') + line, file=file, flush=True)
+
+
+def warn(msg):
+    say(f'warning: {msg}')
+
+
+warn_once = functools.cache(warn)
+
+
 def cli(main, argv):
-    """Runs main(argv) as a command: a UserError becomes one line on stderr and exit status 2."""
+    """Runs main(argv) as a command: a UserError becomes one line on stderr and exit status 2, a stop
+    signal one line and 75 (130 for Ctrl-C)."""
     try:
         return main(argv)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        say(f'error: {e}')
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or evaluate.Stopped (a stop signal): rank 0 says it
+        signum = getattr(e, 'signum', signal.SIGINT)
+        if int(os.environ.get('RANK', 0)) == 0:
+            say(f'interrupted: {e or "stopped"}' if signum == signal.SIGINT else
+                f'preempted: {signal.Signals(signum).name}: {e}')
+        return 130 if signum == signal.SIGINT else 75  # 75: EX_TEMPFAIL, requeue it
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`error: ...`), like every other error here."""
+    """argparse whose errors are one line (`error: ...`), like every other error; --help shows defaults."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **{**kw, 'formatter_class': HelpFormatter})
 
     def error(self, message):
         raise UserError(f'{message} (see --help)')
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; each option's default after its meaning, unless the meaning says it."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or '', action.default
+        unset = any(default is v for v in (None, False, argparse.SUPPRESS))
+        if 'default' in text or unset or not action.option_strings:
+            return text
+        return f'{text} (default: {" ".join(map(str, default)) if isinstance(default, list) else default})'
+
+
+def print_help(doc):
+    """train.py --help: each option, its default and its meaning, read from Config's own source (its same-line
+    comments), grouped as its `# --` lines group them. -> 0"""
+    print(doc.strip() + '\n\noptions, --key=value (a boolean alone, --key, means true):')
+    for line in inspect.getsource(Config).splitlines():
+        if m := re.fullmatch(r'\s+# -- (.+)', line):
+            print(f'\n{m[1]}:')
+        elif m := re.match(r'\s+(\w+): \w+ = .*?\s+# (.+)', line):
+            print(f'  {"--" + m[1] + "=" + (str(getattr(Config, m[1])) or chr(39) * 2):<32} {m[2]}')
+    return 0
 
 
 def checked(kind, ok, what):
@@ -72,50 +121,56 @@ def data_kind(path):
 
 @dataclasses.dataclass
 class Config:
-    objective: str = 'gradnorm'   # standard | gradnorm | pgd | edge
-    gradnorm_impl: str = 'auto'   # auto: fd in float32 with a smooth activation, else exact (double backprop)
-    model: str = 'resnet_demo_pool'  # the demo's ResNet; its stem leaves no checkerboard in d loss / d x
-    act: str = 'gelu'             # relu | gelu | silu: GradNorm needs a smooth one
-    data: str = '/usr/share/datasets/fashion-mnist'
-    epochs: int = 4
-    batch_size: int = 128         # global, split over ranks
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr: float = 1e-5
-    smoothing: float = 0.1        # label smoothing
-    clip: float = 1.0             # gradient-norm clipping
+    # -- the method
+    objective: str = 'gradnorm'   # standard | gradnorm | pgd | fgsm (FGSM-RS) | edge
     eps: float = 0.1              # L-inf budget in pixel units: GradNorm's eps and the eval's
     ramp_epochs: float = 1.0      # GradNorm alpha: 0 -> 1 over these epochs (paper: 5)
+    gn_weights: str = '0.8,1.2'   # GradNorm: weights of CE and of the penalty
+    gradnorm_impl: str = 'auto'   # auto: fd in float32 with a smooth activation, else exact (double backprop)
+    fd_h: float = 1e-4            # finite-difference step of --gradnorm_impl=fd (pixel units)
     edge_alpha: str = '1,0.09,19' # EdgeReg alpha = min(a + b*epoch, c)
     pgd_steps: int = 3            # adversarial-training baseline: PGD-k, step 2*eps/k
+    recipe: str = ''              # one of the paper's runs (RECIPES); unset: swinb_gradnorm on ImageNet data
+    # -- the model
+    model: str = 'resnet_demo_pool'  # the demo's ResNet; its stem leaves no checkerboard in d loss / d x
+    act: str = 'gelu'             # relu | gelu | silu: GradNorm needs a smooth one
+    init: str = ''                # '' (random) | pretrained (timm's) | a checkpoint of ours | a state_dict
+    conv: str = 'auto'            # fast (models.Conv2d) | native (nn.Conv2d) | auto: fast for double backward
+    # -- optimization
+    epochs: int = 4               # passes over the training set
+    batch_size: int = 128         # global, split over ranks
+    accum: int = 1                # micro-batches per optimizer step (accumulation); batch_size stays global
+    lr: float = 2e-3              # AdamW's peak learning rate, after warm-up
+    min_lr: float = 1e-5          # the cosine decay's end
+    warmup_epochs: float = 1.0    # linear warm-up from 0
+    weight_decay: float = 0.05    # AdamW's, on all but norms and biases
+    smoothing: float = 0.1        # label smoothing
+    clip: float = 1.0             # gradient-norm clipping
     ema: float = 0.0              # EMA decay of the weights, 0 = off
-    eval_n: int = 1000            # fixed validation subset for PGD accuracy
-    eval_steps: int = 20          # PGD steps for the per-epoch robust accuracy
+    bn_eval: bool = False         # train in eval mode (BatchNorm keeps running stats), as the authors' script
+    amp: bool = True              # bf16 autocast on CUDA; off: float32 without TF32 (the paper's runs)
     compile: str = 'auto'         # auto (= on CUDA only) | on | off
-    out: str = ''                 # '' = runs/<data>/<model>-<objective>-<act>
-    overwrite: bool = False       # start afresh in an --out that holds another run (deletes its checkpoints)
-    resume: str = ''              # a checkpoint to continue from, or 'auto': the newest valid one in --out
-    ckpt_every: int = 0           # also checkpoint every N steps (0: at epoch ends only)
-    keep: int = 3                 # checkpoints of this run kept in --out
     max_bad_steps: int = 5        # non-finite steps in a row before training stops
-    seed: int = 0
+    seed: int = 0                 # data order, augmentation, initial weights, attacks' starts
+    # -- data and augmentation
+    data: str = '/usr/share/datasets/fashion-mnist'  # Fashion-MNIST IDX, {train,val}.beton or {train,val}/
     loader: str = 'ffcv'          # ffcv | torchvision (fallback for ImageFolder data)
     res: int = 224                # ImageNet training/eval resolution
-    workers: int = 8
-    init: str = ''                # '' (random) | pretrained (timm's weights) | a checkpoint of ours
-    fd_h: float = 1e-4            # finite-difference step of --gradnorm_impl=fd (pixel units)
+    workers: int = 8              # data-loading workers
     mixup: float = 0.0            # Mixup alpha; with --cutmix too, one of the two per batch (p=0.5); 0 = off
     cutmix: float = 0.0           # CutMix alpha; with --mixup too, one of the two per batch (p=0.5); 0 = off
     randaug: str = ''             # RandAugment, timm's spec, e.g. rand-m9-mstd0.5-inc1; '' = off
     reprob: float = 0.0           # random-erasing probability per image (timm's RandomErasing, pixel mode)
-    recipe: str = ''              # one of the paper's runs (RECIPES); unset: swinb_gradnorm on ImageNet data
-    accum: int = 1                # micro-batches per optimizer step (accumulation); batch_size stays global
-    amp: bool = True              # bf16 autocast on CUDA; off: float32 without TF32 (the paper's runs)
-    bn_eval: bool = False         # train in eval mode (BatchNorm keeps running stats), as the authors' script
-    gn_weights: str = '0.8,1.2'   # GradNorm: weights of CE and of the penalty
-    conv: str = 'auto'            # fast (models.Conv2d) | native (nn.Conv2d) | auto: fast for double backward
-
+    # -- evaluation after each epoch
+    eval_n: int = 1000            # fixed validation subset for PGD accuracy
+    eval_steps: int = 20          # PGD steps for the per-epoch robust accuracy
+    # -- the run folder
+    out: str = ''                 # '' = runs/<data>/<model>-<objective>-<act>
+    overwrite: bool = False       # start afresh in an --out that holds another run (deletes its checkpoints)
+    resume: str = ''              # a checkpoint to continue from, or 'auto': the newest valid one in --out
+    resume_changes: str = ''      # settings a resume may change, e.g. lr,batch_size,data (else refused)
+    ckpt_every: int = 0           # also checkpoint every N steps (0: at epoch ends only)
+    keep: int = 3                 # checkpoints of this run kept in --out
 
 # ---------------------------------------------------------------- the paper's runs
 
@@ -123,10 +178,23 @@ class Config:
 RECIPES = runpy.run_path(os.path.join(os.path.dirname(__file__) or '.', 'recipes', 'paper.py'))['RECIPES']
 IMAGENET_DEFAULT = 'swinb_gradnorm'  # --recipe='' on ImageNet-like data: the paper's headline run
 
-finite = lambda v: math.isfinite(v)
+finite = math.isfinite
+# settings that leave what a run means alone: a resume may change them freely; the others it compares
+FREE = {'out', 'overwrite', 'resume', 'resume_changes', 'ckpt_every', 'keep', 'max_bad_steps', 'compile',
+        'workers', 'loader', 'eval_n', 'eval_steps', 'conv', 'gradnorm_impl', 'amp', 'accum', 'init',
+        'recipe', 'data'}  # the data are compared by identity (data.identity): 'data' stands for their size
+CHANGEABLE = {f.name for f in dataclasses.fields(Config)} - FREE - {'model', 'epochs'} | {'data'}
+
+
+def changed(old, cfg):
+    """-> [(key, old value, new value)] of the settings that are not FREE and differ from a checkpoint's."""
+    now = dataclasses.asdict(cfg)
+    return [(k, old.get(k, getattr(Config, k)), v) for k, v in now.items() if k not in FREE
+            and old.get(k, getattr(Config, k)) != v]
 # field -> (test, what a good value is); every field of Config but the four any value of its type fits
 RULES = {
-    'objective': (lambda v: v in ('standard', 'gradnorm', 'pgd', 'edge'), 'standard, gradnorm, pgd or edge'),
+    'objective': (lambda v: v in ('standard', 'gradnorm', 'pgd', 'fgsm', 'edge'),
+                  'standard, gradnorm, pgd, fgsm or edge'),
     'gradnorm_impl': (lambda v: v in ('auto', 'exact', 'fd'), 'auto, exact or fd'),
     'model': (is_model, 'a model of models.py (resnet_demo, resnet50, vit_small, ...) or of timm '
                         '(swin_base_patch4_window7_224, timm/resnet50, ...)'),
@@ -140,7 +208,7 @@ RULES = {
     'min_lr': (lambda v: finite(v) and v >= 0, 'a finite number >= 0'),
     'smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'clip': (lambda v: v > 0, 'a positive number (inf: no clipping)'),
-    'eps': (lambda v: 0 < v <= 1, 'in (0, 1]: pixels are in [0, 1]'),
+    'eps': (lambda v: 0 < v <= 1, 'a finite number in (0, 1]: pixels are in [0, 1]'),
     'ramp_epochs': (lambda v: finite(v) and v >= 0, 'a finite number >= 0'),
     'edge_alpha': (lambda v: _floats(v, 3), 'three finite numbers a,b,c (alpha = min(a + b*epoch, c))'),
     'pgd_steps': (lambda v: v >= 1, 'at least 1'),
@@ -148,7 +216,9 @@ RULES = {
     'eval_n': (lambda v: v >= 1, 'at least 1'),
     'eval_steps': (lambda v: v >= 1, 'at least 1'),
     'compile': (lambda v: v in ('auto', 'on', 'off'), 'auto, on or off'),
-    'resume': (lambda v: v in ('', 'auto') or os.path.isfile(v), "'auto' or an existing checkpoint file"),
+    'resume': (lambda v: v in ('', 'auto') or os.path.exists(v), "'auto' or an existing checkpoint file"),
+    'resume_changes': (lambda v: set(v.split(',')) <= CHANGEABLE | {''},
+                       'settings a resume may change, comma-separated: ' + ','.join(sorted(CHANGEABLE))),
     'ckpt_every': (lambda v: v >= 0, 'a number of steps >= 0 (0: at epoch ends only)'),
     'keep': (lambda v: v >= 1, 'at least 1'),
     'max_bad_steps': (lambda v: v >= 1, 'at least 1'),
@@ -156,7 +226,7 @@ RULES = {
     'loader': (lambda v: v in ('ffcv', 'torchvision'), 'ffcv or torchvision'),
     'res': (lambda v: 16 <= v <= 4096, 'in [16, 4096] pixels'),
     'workers': (lambda v: 0 <= v <= 256, 'in [0, 256]'),
-    'init': (lambda v: v in ('', 'pretrained') or os.path.isfile(v),
+    'init': (lambda v: v in ('', 'pretrained') or os.path.exists(v),
              "'' (random), pretrained or a checkpoint file (a recipe's stage 2: run its stage 1 first)"),
     'fd_h': (lambda v: 0 < v <= 0.1, 'in (0, 0.1] (pixel units)'),
     'mixup': (lambda v: finite(v) and v >= 0, "Mixup's alpha, a finite number >= 0 (0: off)"),
@@ -296,11 +366,11 @@ def save_checkpoint(path, state):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        raise UserError(f'cannot write checkpoint {path!r} ({write_failure(e, path)}); earlier checkpoints '
+                        'are intact: free some disk space or pass --out=DIR, then --resume=auto') from None
+    finally:  # any exception, a second Ctrl-C's too, leaves no partial file
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        why = write_failure(e, path)
-        raise UserError(f'cannot write checkpoint {path!r} ({why}); earlier checkpoints are '
-                        'intact: free some disk space or pass --out=DIR, then --resume=auto') from None
 
 
 def append_line(path, line):
@@ -325,18 +395,43 @@ CONFIG_KEYS = ('model', 'act', 'objective', 'eps', 'data')
 RETIRED = {'res_start': 0}  # options of earlier versions: their runs load if they left them at this value
 
 
-def load_checkpoint(path, keys=EVAL_KEYS):
-    """A checkpoint of ours holding keys of their types: refused in one line, never a KeyError later."""
-    if not os.path.isfile(path):
+def what_file(path, e):
+    """What a file torch.load(weights_only=True) refused is, in words."""
+    if os.path.isdir(path):
+        return 'it is a directory'
+    with open(path, 'rb') as f:
+        head = f.read(4096)
+    if not head:
+        return 'it is empty (0 bytes)'
+    if b'\0' not in head and not head.startswith((b'PK', b'\x80')):
+        return 'it is a text file'
+    if 'weights_only' in str(e):
+        return 'it holds pickled Python code or objects, refused by torch.load(weights_only=True)'
+    if head.startswith(b'PK\x03\x04'):
+        return 'it is a truncated or corrupt zip (torch.save writes zip files)'
+    return 'it is corrupt, or not a file of torch.save'
+
+
+def load_checkpoint(path, keys=EVAL_KEYS, weights=False):
+    """A checkpoint of ours holding keys of their types: refused in one line naming what the file is, never a
+    KeyError later. weights: a bare state_dict is accepted too, as {'model': it, 'config': None}."""
+    if not os.path.exists(path):
         raise UserError(f'no checkpoint at {path!r}')
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # weights_only refuses pickled code; a truncated file fails to unzip
-        why = 'it holds pickled Python objects, refused by torch.load(weights_only=True)' \
-            if 'weights_only' in str(e) else 'it is truncated or corrupt'
-        raise UserError(f'cannot load checkpoint {path!r}: {why}') from None
+        raise UserError(f'cannot load checkpoint {path!r}: {what_file(path, e)}') from None
     if not isinstance(ck, dict):
-        raise UserError(f'{path} holds a {type(ck).__name__}, not a checkpoint of train.py (a dict)')
+        raise UserError(f'{path} is a torch.save of a {type(ck).__name__}, not a checkpoint of train.py')
+    if ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
+        if weights:
+            return {'model': ck, 'config': None}
+        raise UserError(f'{path} is a bare state_dict ({len(ck)} tensors), weights without a run\'s config: '
+                        f'train from them with train.py --init={path} (--init takes weights alone)')
+    if isinstance(ck.get('state_dict'), dict) and 'config' not in ck:
+        raise UserError(f'{path} is another program\'s training checkpoint (timm\'s layout: weights under '
+                        "'state_dict'): save them alone, torch.save(ck['state_dict'], 'weights.pt'), and "
+                        'pass --init=weights.pt')
     bad = [f'its {k!r} is missing or not a {kind.__name__}'
            for k, kind in keys if not isinstance(ck.get(k), kind)]
     if not bad and 'config' in dict(keys):

@@ -1,8 +1,10 @@
-"""The loaders of train.py and evaluate.py. Each yields (x, y): x float in [0,1] on the device,
-channels_last; y int64 (soft labels with --mixup or --cutmix). `--data` is a Fashion-MNIST IDX folder
+"""The data of train.py and evaluate.py: which loaders (augment.py's) read what, the files, caches and
+identity of the data. Each loader yields (x, y): x float in [0,1] on the device, channels_last; y int64 (soft
+labels with --mixup or --cutmix). `--data` is a Fashion-MNIST IDX folder
 (the demo, cached once as .beton), a folder with train.beton + val.beton (tools/beton.py writes them),
 or an ImageFolder (train/<class>/*, val/<class>/*).
 """
+import contextlib
 import functools
 import glob
 import gzip
@@ -18,15 +20,17 @@ os.environ.setdefault('NUMBA_THREADING_LAYER', 'omp')
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 import augment
-from config import Config, UserError, data_kind
+from augment import Batches, TensorLoader, ffcv_loader, torchvision_loader
+from config import Config, UserError, data_kind, warn, warn_once
 from models import IMAGENET_MEAN, IMAGENET_STD
 
 INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev '
                 'libopencv-dev; pip install ffcv==1.0.2), or pass --loader=torchvision')
 FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
+FASHION_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                   'Ankle boot')
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROBUSTBENCH_LIST = os.path.join(HERE, 'lists', 'robustbench_imagenet_val_5000.txt')
 CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'gradnorm')
@@ -48,10 +52,6 @@ def need_ffcv():
         raise UserError(f'FFCV is not importable ({ffcv_error()}): {INSTALL_FFCV}')
 
 
-def warn(msg):
-    print(f'warning: {msg}', file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------- Fashion-MNIST (the demo)
 
 def read_idx(path):
@@ -63,7 +63,8 @@ def read_idx(path):
     return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
 
 
-def load_fashion_mnist(root):
+def fashion_files(root):
+    """-> the paths of the four IDX files (train images, labels, test images, labels), or UserError."""
     names = ['train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
              't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz']
     missing = [n for n in names if not os.path.exists(os.path.join(root, n))]
@@ -71,44 +72,12 @@ def load_fashion_mnist(root):
         raise UserError(f'no Fashion-MNIST in {root!r} (missing {missing[0]}): run `make data` '
                         '(apt-get install dataset-fashion-mnist), or pass --data=DIR with train.beton + '
                         'val.beton or an ImageFolder train/ + val/')
-    xtr, ytr, xte, yte = (read_idx(os.path.join(root, n)) for n in names)
+    return [os.path.join(root, n) for n in names]
+
+
+def load_fashion_mnist(root):
+    xtr, ytr, xte, yte = map(read_idx, fashion_files(root))
     return (xtr[:, None], ytr.long()), (xte[:, None], yte.long())
-
-
-class TensorLoader:
-    """In-memory uint8 images -> float batches in [0,1] on the device, each rank its shard of a
-    seeded order; Fashion-MNIST without FFCV (or with --loader=torchvision)."""
-
-    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world=1, randaug=None):
-        self.images, self.labels, self.train, self.seed, self.randaug = images, labels, train, seed, randaug
-        self.device, self.rank, self.world = device, rank, world
-        self.batch = batch_size // world if train else batch_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        per_rank = len(self.labels) // self.world if self.train else -(-len(self.labels) // self.world)
-        return per_rank // self.batch if self.train else -(-per_rank // self.batch)
-
-    def __iter__(self):
-        n = len(self.labels)
-        if self.train:  # drop_last: a new batch shape would make torch.compile recompile
-            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-            idx = torch.randperm(n, generator=g)[: n // self.world * self.world][self.rank::self.world]
-        else:
-            idx = torch.arange(self.rank, n, self.world)
-        for i in range(len(self)):
-            j = idx[i * self.batch:(i + 1) * self.batch]
-            x = self.images[j]
-            if self.train:  # flip, then RandAugment, as FFCV's path and timm order them
-                # uniform(...) < 0.5, in integers
-                flip = augment.rand_u32(self.seed, self.epoch, j, augment.FLIP) < 2 ** 31
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-                x = augment.randaug_gray(self.randaug, x, self.seed, self.epoch, j) if self.randaug else x
-            x = x.to(self.device, non_blocking=True).float().div_(255)
-            yield x.contiguous(memory_format=torch.channels_last), self.labels[j].to(self.device)
 
 
 def gray_as_rgb(images, labels):
@@ -127,30 +96,120 @@ def fashion_cache(root):
 
 
 def fashion_betons(root, workers):
-    """Writes Fashion-MNIST once to fashion_cache(root)/{train,val}.beton; -> that folder."""
+    """Fashion-MNIST written once to fashion_cache(root)/{train,val}.beton (+ .sum: size and SHA-256), each
+    checked when opened (damaged: named and written again). -> that folder; None if it cannot be written"""
     out = fashion_cache(root)
-    if data_kind(out) != 'beton':
-        (xtr, ytr), (xte, yte) = load_fashion_mnist(root)
-        os.makedirs(out, exist_ok=True)
-        for split, (x, y) in (('train', (xtr, ytr)), ('val', (xte, yte))):
-            write_split(gray_as_rgb(x, y), os.path.join(out, f'{split}.beton'), workers, write_mode='raw')
+    damaged = [s for s in ('train', 'val') if beton_damage(f'{out}/{s}.beton', warn)]
+    try:
+        if damaged:
+            os.makedirs(out, exist_ok=True)
+        for split, (x, y) in zip(('train', 'val'), load_fashion_mnist(root) if damaged else ()):
+            path = f'{out}/{split}.beton'
+            write_split(gray_as_rgb(x, y), path + '.new', workers, write_mode='raw')
+            with open(path + '.sum.new', 'w') as f:
+                f.write(f'{os.path.getsize(path + ".new")} {file_sha256(path + ".new")}\n')
+            os.replace(path + '.new', path)  # a crash between the two: a .beton without its sum, rebuilt
+            os.replace(path + '.sum.new', path + '.sum')
+    except OSError as e:
+        return warn(f'cannot write the FFCV cache {out} ({e.strerror or e}): Fashion-MNIST is read in memory '
+                    'instead (XDG_CACHE_HOME: a writable folder to cache it)')
     return out
 
 
+def cached_fashion(data, workers, rank):
+    """The first rank of each node writes the cache (fashion_betons), the others wait, then check it."""
+    first, root = int(os.environ.get('LOCAL_RANK', rank)) == 0, fashion_cache(data)
+    out = fashion_betons(data, workers) if first else None
+    if dist.is_initialized():
+        dist.barrier()
+    return out if first else None if any(beton_damage(f'{root}/{s}.beton') for s in ('train', 'val')) \
+        else root
+
+
+def file_sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def beton_damage(path, say=lambda msg: None):
+    """Whether path is missing or not the file fashion_betons wrote (size, SHA-256 in path.sum); say why."""
+    try:
+        with open(path + '.sum') as f:
+            size, digest = f.read().split()
+        why = (f'{os.path.getsize(path)} bytes, {size} written' if os.path.getsize(path) != int(size) else
+               'its SHA-256 differs from what was written' if file_sha256(path) != digest else None)
+    except (FileNotFoundError, NotADirectoryError):
+        return True  # never written (or a crash before its sum)
+    except (OSError, ValueError) as e:
+        why = f'its record {path}.sum: {e}'
+    if why:
+        say(f'{path} is damaged ({why}): writing it again')
+    return bool(why)
+
+
+def identity(data):
+    """What the data are, read without decoding an image: path, class names in label order (None: betons
+    without classes.txt), training images per class and their sum, a fingerprint (the IDX headers and
+    labels, or the list of files)."""
+    kind, h, classes = data_kind(data), hashlib.sha256(), None
+    if kind == 'fashion':
+        for i, f in enumerate(fashion_files(data)):  # images, labels, images, labels
+            with gzip.open(f) as g:
+                h.update(g.read(16) + str(os.path.getsize(f)).encode() + (g.read() if i % 2 else b''))
+        labels, classes = read_idx(fashion_files(data)[1]).numpy(), FASHION_CLASSES
+    elif kind == 'folder':
+        classes, train = list_images(os.path.join(data, 'train'))
+        names = [f'{os.path.relpath(p, data)} {y}' for p, y in train + list_images(f'{data}/val', classes)[1]]
+        h.update('\n'.join(names).encode('utf-8', 'surrogateescape'))
+        labels = np.array([y for _, y in train], np.int64)
+    else:
+        labels = np.asarray(beton_labels(f'{data}/train.beton'), np.int64)
+        for name in ('train_files.txt', 'val_files.txt', 'classes.txt'):  # tools/beton.py writes them
+            with contextlib.suppress(FileNotFoundError), open(os.path.join(data, name), 'rb') as f:
+                h.update(text := f.read())
+                classes = text.decode(errors='surrogateescape').splitlines() if 'classes' in name else None
+    counts = np.bincount(labels, minlength=len(classes or ())).tolist()
+    return dict(path=os.path.abspath(data), classes=classes and list(classes), counts=counts,
+                size=sum(counts), fingerprint=h.hexdigest()[:16])
+
+
+def check_data(path, ck, info, data, subset=False):
+    """UserError unless the data fit the checkpoint's model (classes, channels); subset: fewer classes do."""
+    want = {k: ck['data_info'].get(k) for k in ('num_classes', 'in_ch')}
+    have = {k: info[k] for k in want}
+    n_here, n_trained = have['num_classes'], want['num_classes']
+    if want['in_ch'] != have['in_ch'] or not (n_here <= n_trained if subset else n_here == n_trained):
+        trained, here = (f'{d["num_classes"]} classes of {d["in_ch"]}-channel images' for d in (want, have))
+        raise UserError(f'{path} was trained on {trained}, {data} has {here}: pass the data it was '
+                        'trained on (--data=DIR)')
+
+
+def check_identity(path, ck, data_id, remap=False):
+    """The data against the checkpoint's record of its training data (data.identity): other class names or
+    another order refused (remap: evaluation maps the labels by name instead, said in one line); other
+    images, a warning naming both fingerprints (a resume: of as many images; more or fewer is a change of
+    settings). -> each class's index in the checkpoint, or None"""
+    was = ck.get('data_id')
+    if not was:
+        return print(f'{path} records no class names or data fingerprint (an earlier version): the data are '
+                     'not checked against them', file=sys.stderr)
+    old, new, where, order = was['classes'], data_id['classes'], data_id['path'], None
+    if old and new and old != new:
+        i = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)  # as many: check_data came first
+        if not remap or sorted(old) != sorted(new):
+            raise UserError(f'{path} was trained on other classes than {where} has, or in another order: '
+                            f'class {i} is {old[i]!r} there, {new[i]!r} here: pass the data it was '
+                            'trained on')
+        order = [old.index(c) for c in new]
+        print(f'{where}: the classes of {path} in another order (class {i} is {new[i]!r} here, {old[i]!r} '
+              'there): labels mapped by name', file=sys.stderr)
+    if was['fingerprint'] != data_id['fingerprint'] and (remap or was['size'] == data_id['size']):
+        warn(f'{where} (fingerprint {data_id["fingerprint"]}, {data_id["size"]} training images) holds other '
+             f'images than {path} was trained on: {was["path"]} (fingerprint {was["fingerprint"]})')
+    return order
+
+
 # ---------------------------------------------------------------- writing .beton files
-
-def load_rgb(path, draft=None):
-    """Any file PIL can decode (by content: a PNG named .JPEG too) -> RGB; alpha is composited over white.
-    draft: the JPEG decoder may shrink by 2/4/8 (exact DCT scaling, fast) while both sides stay >= draft."""
-    with Image.open(path) as im:
-        if draft:
-            im.draft('RGB', (draft, draft))
-        if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
-            rgba = im.convert('RGBA')
-            white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert('RGB')
-        return im.convert('RGB')
-
 
 def class_folders(folder):
     return sorted(e.name for e in os.scandir(folder) if e.is_dir())
@@ -159,7 +218,7 @@ def class_folders(folder):
 def list_images(folder, classes=None):
     """ImageFolder order: sorted classes -> labels 0..C-1, sorted files; with classes (val takes
     train's), folder must have no other class. -> classes, [(path, label)]"""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    from torchvision.datasets.folder import IMG_EXTENSIONS
     # a class train/ lacks: its images would be dropped without a word, or carry labels never trained
     if classes and (extra := sorted(set(class_folders(folder)) - set(classes))):
         raise UserError(f'{os.path.join(folder, extra[0])} is a class folder the {len(classes)} training '
@@ -167,8 +226,32 @@ def list_images(folder, classes=None):
     classes = classes or class_folders(folder)
     if not classes:
         raise UserError(f'{folder!r} has no class folders: expected {folder}/<class>/<image>')
-    labels = {c: i for i, c in enumerate(classes)}
-    return classes, make_dataset(folder, labels, IMG_EXTENSIONS, allow_empty=True)
+    top, samples = os.path.realpath(folder), []
+    tops = [os.path.realpath(os.path.join(folder, c)) for c in classes]
+    seen = set(tops)  # each real folder once: none is listed under two classes, no link loops
+    for label, c in enumerate(classes):
+        if (first := tops.index(tops[label])) < label:
+            warn(f'{os.path.join(folder, c)} is the folder of class {classes[first]}: skipped')
+            continue
+        for _, files in sorted(image_dirs(os.path.join(folder, c), IMG_EXTENSIONS, seen, top)):
+            samples += [(f, label) for f in files]
+    return classes, samples
+
+
+def image_dirs(path, extensions, seen, top):
+    """-> [(folder, its image files by name)] under path, as os.walk(followlinks=True) lists them, but each
+    real folder once (seen); a link out of top is named in a warning."""
+    found, below = [], []
+    for e in sorted(os.scandir(path), key=lambda e: e.name):
+        real = os.path.realpath(e.path) if e.is_symlink() or e.is_dir() else None
+        if e.is_symlink() and os.path.commonpath([top, real]) != top:
+            warn_once(f'{e.path} links out of {top}, to {real}')  # listed again by make_loaders
+        if e.is_dir() and real not in seen:
+            seen.add(real)
+            below += image_dirs(e.path, extensions, seen, top)
+        elif e.is_file() and e.name.lower().endswith(extensions):
+            found.append(e.path)
+    return [(path, found)] + below
 
 
 def write_split(dataset, path, workers, write_mode='proportion', max_side=None, quality=90, compress=0.5):
@@ -186,136 +269,11 @@ def write_split(dataset, path, workers, write_mode='proportion', max_side=None, 
 
 # ---------------------------------------------------------------- loaders
 
-class Batches:
-    """(uint8 or [0,1] float NCHW, labels) -> x float in [0,1] on the device, channels_last, y int64, then
-    on_batch (augment.BatchAugment). From FFCV on the CPU, x is its buffer: valid until the next batch."""
-
-    def __init__(self, loader, device, set_epoch, channels=3, on_batch=None):
-        self.loader, self.device, self._set_epoch, self.channels = loader, device, set_epoch, channels
-        self.on_batch, self.epoch = on_batch or None, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self._set_epoch(epoch)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for i, (x, y) in enumerate(self.loader):
-            # the layout first, while the pixels are 1-byte; uint8 / 255 makes float32 in one pass
-            x = x[:, :self.channels].to(self.device, non_blocking=True)
-            x = x.contiguous(memory_format=torch.channels_last)
-            x = x.div(255) if x.dtype == torch.uint8 else x
-            # FFCV reuses its output buffers: copy the labels
-            y = y.to(self.device, non_blocking=True).view(-1).to(torch.int64, copy=True)
-            if self.on_batch:
-                x, y = self.on_batch(x, y, self.epoch, i)
-            yield x, y
-
-
 def beton_labels(path):
     """The label of every sample, from the .beton's metadata table (no image is read)."""
     from ffcv.reader import Reader
     reader = Reader(path)
     return reader.metadata[f'f{list(reader.handlers).index("label")}']
-
-
-def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, world=1, seed=0, workers=2,
-                indices=None, channels=3, randaug=None, on_batch=None):
-    """train: shuffled (DDP: each rank its shard), random-resized crop + flip (+ randaug), each a function
-    of (seed, epoch, image index) (augment.ffcv_ops); val: center crop, in order, each rank every world-th
-    of indices (default: all). crop=False: fixed-size images as stored."""
-    need_ffcv()
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
-
-    SeededRandomResizedCrop, SeededFlip, RandAugment = augment.ffcv_ops()
-    if not crop:
-        decoder = SimpleRGBImageDecoder()
-    elif train:
-        decoder = SeededRandomResizedCrop(seed, (res, res))
-    else:
-        decoder = CenterCropRGBImageDecoder((res, res), augment.VAL_RATIO)
-    augs = []
-    if train:
-        augs = [SeededFlip(seed)] + ([RandAugment(seed, randaug)] if randaug is not None else [])
-    device = torch.device(device)
-    # GPU: uint8 to the device, float there (a quarter of the bytes). CPU: / 255 in FFCV's threads, into
-    # buffers it reuses; not with RandAugment (Python), which FFCV 1.0.2 cannot put before a compiled op
-    # (docs/data.md, Loader speed)
-    on_device = [ToTensor(), ToDevice(device, non_blocking=True)]
-    if device.type == 'cpu' and randaug is None:
-        on_device = [NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32), ToTensor()]
-    image = [decoder] + augs + on_device + [ToTorchImage(channels_last=True)]
-    label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
-    order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
-    from ffcv.reader import Reader
-    size = Reader(path).num_samples
-    if indices is not None and len(indices) and not 0 <= min(indices) <= max(indices) < size:
-        # FFCV would read past the end: phantom samples, junk labels
-        raise ValueError(f'{path} holds samples 0..{size - 1}, not {min(indices)}..{max(indices)}')
-    if not train:  # not distributed=True: DistributedSampler pads with repeats, which would bias accuracy
-        indices = np.asarray(range(size) if indices is None else indices)[rank::world]
-    loader = Loader(path, batch_size, num_workers=workers, os_cache=True, order=order, seed=seed,
-                    distributed=train and world > 1, indices=indices, drop_last=train,
-                    pipelines={'image': image, 'label': label})
-    seeded = [op for op in [decoder] + augs if isinstance(op, augment.Seeded)]
-
-    def set_epoch(epoch):
-        loader.next_epoch = epoch  # FFCV's order is a function of seed + epoch
-        for op in seeded:
-            op.epoch = epoch
-    return Batches(loader, device, set_epoch, channels, on_batch)
-
-
-class _Folder(torch.utils.data.Dataset):
-    """(path, label) pairs -> (transform(load_rgb(path)), label); an undecodable file is reported and the
-    next image takes its place (the FFCV writer drops such files instead)."""
-
-    def __init__(self, samples, transform):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        for k in range(len(self.samples)):
-            path, label = self.samples[(i + k) % len(self.samples)]
-            try:
-                return self.transform(load_rgb(path)), label
-            except Exception as e:
-                warn(f'cannot decode {path} ({type(e).__name__}: {e}); using the next image in its place')
-        raise UserError('no image of the folder can be decoded')
-
-
-def center(im, res):
-    """The central res square, its offset rounded down as FFCV's (T.CenterCrop rounds it to even)."""
-    left, top = (im.width - res) // 2, (im.height - res) // 2
-    return im.crop((left, top, left + res, top + res))
-
-
-def torchvision_loader(folder, batch_size, device, train, res=224, rank=0, world=1, seed=0, workers=2,
-                       indices=None, classes=None, randaug=None, on_batch=None):
-    """The fallback where FFCV does not build: torchvision's transforms (train: random-resized crop, flip,
-    RandAugment; val: ImageNet's center crop) in a DataLoader, DistributedSampler's order under DDP."""
-    from torch.utils.data import DataLoader, DistributedSampler, Subset
-    from torchvision import transforms as T
-    samples = list_images(folder, classes)[1]
-    if train:
-        tf = [T.RandomResizedCrop(res), T.RandomHorizontalFlip()] + ([randaug] if randaug else [])
-        dataset = _Folder(samples, T.Compose(tf + [T.PILToTensor()]))
-        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
-    else:
-        tf = T.Compose([T.Resize(round(res / augment.VAL_RATIO)), functools.partial(center, res=res),
-                        T.PILToTensor()])
-        idx = range(len(samples)) if indices is None else indices
-        dataset, sampler = Subset(_Folder(samples, tf), list(idx)[rank::world]), None
-    loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=train,
-                        pin_memory=torch.device(device).type == 'cuda', persistent_workers=workers > 0)
-    return Batches(loader, torch.device(device), sampler.set_epoch if train else (lambda epoch: None),
-                   on_batch=on_batch)
 
 
 def robustbench_indices(names, n):
@@ -341,6 +299,34 @@ def data_shape(data):
     return dict(in_ch=3, num_classes=int(beton_labels(f'{data}/train.beton').max()) + 1)
 
 
+def data_info(cfg):
+    """build_model's kwargs for cfg.data, as make_loaders' info will say, read without opening an image."""
+    if data_kind(cfg.data) == 'fashion':
+        return dict(data_shape(cfg.data), img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
+    return dict(data_shape(cfg.data), img_size=cfg.res)
+
+
+def val_size(data):
+    """Images in the validation split, from the IDX header, the .beton header or the ImageFolder listing."""
+    kind = data_kind(data)
+    if kind == 'fashion':
+        with gzip.open(fashion_files(data)[3]) as f:
+            return int.from_bytes(f.read(8)[4:], 'big')
+    if kind == 'folder':
+        return len(list_images(os.path.join(data, 'val'), class_folders(os.path.join(data, 'train')))[1])
+    need_ffcv()
+    from ffcv.reader import Reader
+    return Reader(os.path.join(data, 'val.beton')).num_samples
+
+
+def check_sizes(cfg, train_size, rank, world, n_flag='--eval_n'):
+    """--batch_size and --eval_n against the splits' sizes, before any image is read."""
+    if train_size // world < cfg.batch_size // world:
+        raise UserError(f'--batch_size={cfg.batch_size} is larger than the training set ({cfg.data}, '
+                        f'{train_size} images): lower it')
+    clamp_eval_n(cfg, val_size(cfg.data), rank, n_flag)
+
+
 def clamp_eval_n(cfg, size, rank, n_flag):
     """cfg.eval_n at most the size of the validation split, so every later message (the number of
     held-out images) is true; said once if n_flag set it (a default means 'up to': no word)."""
@@ -356,8 +342,9 @@ def fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint):
         warn(f'--res={cfg.res} is ignored: Fashion-MNIST\'s images are 28 px and are used as they are')
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
     aug = augment.from_config(cfg, rank, 10, 28, FASHION_MEAN, FASHION_STD)
-    if cfg.loader == 'torchvision' or ffcv_error():
-        if cfg.loader == 'ffcv' and rank == 0:
+    root = None if cfg.loader == 'torchvision' or ffcv_error() else cached_fashion(cfg.data, workers, rank)
+    if root is None:
+        if cfg.loader == 'ffcv' and ffcv_error() and rank == 0:
             warn(f'FFCV is not importable ({ffcv_error()}); Fashion-MNIST is read in memory instead')
         (xtr, ytr), (xte, yte) = load_fashion_mnist(cfg.data)
         clamp_eval_n(cfg, len(yte), rank, n_flag)
@@ -367,11 +354,6 @@ def fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint):
         val = TensorLoader(xte, yte, 500, device, False, rank=rank, world=world)
         n = cfg.eval_n
         return train, val, TensorLoader(xte[:n], yte[:n], 500, device, False, rank=rank, world=world), info
-    if int(os.environ.get('LOCAL_RANK', rank)) == 0:
-        fashion_betons(cfg.data, workers)
-    if dist.is_initialized():
-        dist.barrier()  # the other ranks wait for the cache
-    root = fashion_cache(cfg.data)
     from ffcv.reader import Reader
     clamp_eval_n(cfg, Reader(f'{root}/val.beton').num_samples, rank, n_flag)
     kw = dict(device=device, crop=False, rank=rank, world=world, seed=cfg.seed, workers=workers, channels=1)
@@ -393,11 +375,10 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
         if kind != 'folder':
             raise UserError(f'--loader=torchvision reads an ImageFolder ({cfg.data}/train/<class>/...), '
                             f'not {kind} data: pass --data=IMAGENET_DIR')
-        train_path, val_path = os.path.join(cfg.data, 'train'), os.path.join(cfg.data, 'val')
-        classes, _ = list_images(train_path)
-        _, val_samples = list_images(val_path, classes)
-        names = [os.path.relpath(p, val_path).replace(os.sep, '/') for p, _ in val_samples]
-        load = functools.partial(torchvision_loader, classes=classes)
+        classes, train_path = list_images(os.path.join(cfg.data, 'train'))  # the loader's [(path, label)]
+        _, val_path = list_images(os.path.join(cfg.data, 'val'), classes)
+        names = [os.path.relpath(p, os.path.join(cfg.data, 'val')).replace(os.sep, '/') for p, _ in val_path]
+        load = torchvision_loader
     else:
         need_ffcv()
         if kind != 'beton':
@@ -405,23 +386,27 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
                             f'IMAGENET={cfg.data}` and pass --data=<its output folder>, or read the JPEGs '
                             'with --loader=torchvision')
         classes = range(int(beton_labels(f'{cfg.data}/train.beton').max()) + 1)
-        with open(os.path.join(cfg.data, 'val_files.txt')) as f:
-            names = f.read().split('\n')[:-1]
         from ffcv.reader import Reader
-        stored = Reader(f'{cfg.data}/val.beton').num_samples
-        if len(names) != stored:  # one written without the other
+        stored, names = Reader(f'{cfg.data}/val.beton').num_samples, None  # another tool's: no file names
+        with contextlib.suppress(FileNotFoundError), open(os.path.join(cfg.data, 'val_files.txt'),
+                                                         errors='surrogateescape') as f:
+            names = f.read().split('\n')[:-1]
+        if names is not None and len(names) != stored:  # one written without the other
             raise UserError(f'{cfg.data}/val_files.txt names {len(names)} images, val.beton holds {stored}: '
                             f'write both again (make beton)')
         load, train_path, val_path = ffcv_loader, f'{cfg.data}/train.beton', f'{cfg.data}/val.beton'
     # the models' default normalization: ImageNet's mean, std
     info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res)
-    clamp_eval_n(cfg, len(names), rank, n_flag)
-    subset = robustbench_indices(names, cfg.eval_n)
+    clamp_eval_n(cfg, stored if names is None else len(names), rank, n_flag)
+    subset = robustbench_indices(names, cfg.eval_n) if names is not None else None
     if subset is None:
         subset = list(range(cfg.eval_n))
+        why = ('it needs eval_n <= 5000 and the ImageNet val files' if names is not None else
+               f'{cfg.data} has no val_files.txt, the val images\' names in val.beton\'s order, as '
+               'tools/beton.py writes it')
         if rank == 0:
-            warn(f'robust accuracy on the first {len(subset)} val images, not RobustBench\'s list '
-                 f'(it needs eval_n <= 5000 and the ImageNet val files): not comparable with the paper')
+            warn(f'robust accuracy on the first {len(subset)} val images, not RobustBench\'s list ({why}): '
+                 'not comparable with the paper')
     aug = augment.from_config(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
     kw = dict(batch_size=cfg.batch_size // world, device=device, res=cfg.res, rank=rank, world=world,
               seed=cfg.seed, workers=workers)

@@ -8,8 +8,10 @@ An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. The authors' ch
 import argparse
 import math
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from fractions import Fraction
 
 import torch
@@ -17,7 +19,7 @@ import torch
 import attack
 import config
 from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint
-from data import data_shape, make_loaders
+from data import check_data, check_identity, data_shape, identity, make_loaders
 from models import build_model
 
 UNBOUNDED = ('ce-10', 'margin-10')  # at an eps where any image can become any other
@@ -159,6 +161,46 @@ def sanity_checks(result, attacks, gap=0.1, slack_images=2, min_gain=0.95):
     return out
 
 
+# ---------------------------------------------------------------- stop signals (SLURM, Kubernetes, Ctrl-C)
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal: SIGTERM, SIGUSR1 (preemption) or SIGINT (Ctrl-C). A KeyboardInterrupt: no `except
+    Exception` swallows it, and config.cli prints it in one line (exit status 75, 130 for Ctrl-C)."""
+
+    def __init__(self, signum, where='stopped at once: the newest checkpoint is whole'):
+        super().__init__(where)
+        self.signum = signum
+
+
+class Stops(list):
+    """`with Stops() as stops:` SIGTERM, SIGUSR1, SIGINT are noted in stops (training looks between steps); in
+    stops.at_once() (evaluation) one ends the program where it lands, as a second Ctrl-C does anywhere."""
+    hard = False
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def handle(self, signum, frame):
+        self.append(signum)
+        if self.hard or self.count(signal.SIGINT) > 1:
+            raise Stopped(signum)
+
+    @contextmanager
+    def at_once(self):
+        if self:
+            raise Stopped(self[0])
+        self.hard = True
+        try:
+            yield
+        finally:
+            self.hard = False
+
+
 # ---------------------------------------------------------------- the command
 
 def parse_eps(text):
@@ -173,10 +215,11 @@ def parser(doc=__doc__):
     nonneg = checked(int, lambda v: v >= 0, 'an integer >= 0')
     positive = checked(int, lambda v: v >= 1, 'at least 1')
     in_folder = lambda v: os.path.isdir(os.path.dirname(os.path.abspath(v)))
-    p = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', type=checked(str, os.path.isfile, 'an existing checkpoint file'), required=True)
-    p.add_argument('--eps', nargs='+', default=None, type=checked(str, lambda t: 0 < parse_eps(t) < math.inf,
-                                                                  'positive'),
+    eps = checked(str, lambda t: 0 < parse_eps(t) < math.inf, 'positive')
+    p = ArgumentParser(description=doc)
+    p.add_argument('--ckpt', type=checked(str, os.path.exists, 'an existing checkpoint file'), required=True,
+                   help='a checkpoint of train.py (its ckpt.pt)')
+    p.add_argument('--eps', nargs='+', default=None, type=eps,
                    help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the '
                         'training eps)')
     p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'],
@@ -196,7 +239,7 @@ def parser(doc=__doc__):
                    help='auto: the EMA weights if the run kept them, else the model\'s')
     p.add_argument('--json', default=None, help='write the results here (default: next to the checkpoint)',
                    type=checked(str, in_folder, 'in an existing folder'))
-    p.add_argument('--seed', type=nonneg, default=0)
+    p.add_argument('--seed', type=nonneg, default=0, help='random starts of the attacks')
     p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help='auto = on CUDA only')
     p.add_argument('--square-queries', type=nonneg, default=1000,
                    help='Square queries of the masking check when AutoAttack is off (0: skip it)')
@@ -232,17 +275,6 @@ def resolve(args, ck):
     return args
 
 
-def check_data(path, ck, info, data, subset=False):
-    """UserError unless the data fit the checkpoint's model (classes, channels); subset: fewer classes do."""
-    want = {k: ck['data_info'].get(k) for k in ('num_classes', 'in_ch')}
-    have = {k: info[k] for k in want}
-    n_here, n_trained = have['num_classes'], want['num_classes']
-    if want['in_ch'] != have['in_ch'] or not (n_here <= n_trained if subset else n_here == n_trained):
-        trained, here = (f'{d["num_classes"]} classes of {d["in_ch"]}-channel images' for d in (want, have))
-        raise UserError(f'{path} was trained on {trained}, {data} has {here}: pass the data it was '
-                        'trained on (--data=DIR)')
-
-
 def model_from_checkpoint(ck, key='model', path='the checkpoint'):
     """nn.Conv2d whatever --conv trained it (the same state_dict): evaluation differentiates once."""
     cfg = ck['config']
@@ -269,15 +301,16 @@ def load(args, rank, world, device, checkpoint):
     n_flag = '--n' if args.n else None  # before resolve fills in the default
     ck, model = checkpoint(args)
     model = model.to(device).eval().requires_grad_(False)
-    cfg = Config(**{**ck['config'], 'eval_n': args.n})
-    cfg.data = args.data or cfg.data
+    cfg = Config(**{**ck['config'], 'eval_n': args.n, 'data': args.data or ck['config']['data']})
     if not os.path.isdir(cfg.data):
         raise UserError(f'{args.ckpt} was trained on {cfg.data}, which is not here: pass --data=DIR')
     check_data(args.ckpt, ck, data_shape(cfg.data), cfg.data, subset=ck.get('run') == 'official')
+    args.data_id = identity(cfg.data)
+    order = None if ck.get('run') == 'official' else check_identity(args.ckpt, ck, args.data_id, remap=True)
     threads = torch.get_num_threads()
     _, _, robust_val, info = make_loaders(cfg, rank, world, device, n_flag, from_checkpoint=True)
-    args.n = cfg.eval_n
-    batches = [(x.clone(), y.clone()) for x, y in robust_val]
+    args.n, order = cfg.eval_n, order and torch.tensor(order, device=device)
+    batches = [(x.clone(), order[y] if order is not None else y.clone()) for x, y in robust_val]
     torch.set_num_threads(threads)  # FFCV sets torch's threads to its worker count
     return ck, model, batches, info
 
@@ -331,9 +364,9 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
     c = ck['config']
     also = ' (the run kept EMA weights too)' if ck.get('ema') is not None else ''
     weights = 'EMA weights' if args.weights == 'ema' else f'model weights{also}'
-    flags = ' | compiled' if compiled else ''
     print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {weights} | eval mode | {r["n"]} images '
-          f'| linf | seed {args.seed} | {seconds:.0f} s{flags}')
+          f'| linf | seed {args.seed} | {seconds:.0f} s{" | compiled" * compiled}\ndata: '
+          f'{args.data_id["path"]} (fingerprint {args.data_id["fingerprint"]})')
     names = args.attacks + ['worst']
     print(f'PGD: {"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))
     for e, t in zip(eps_list, args.eps):
@@ -351,7 +384,8 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
     for ok, msg in checks:
         print(f'  {"ok  " if ok else "FLAG"} {msg}')
     result = {
-        'ckpt': args.ckpt, 'weights': args.weights, 'objective': c['objective'], 'model': c['model'],
+        'ckpt': args.ckpt, 'data': {k: args.data_id[k] for k in ('path', 'fingerprint')},
+        'weights': args.weights, 'objective': c['objective'], 'model': c['model'],
         'act': c['act'], 'norm': 'linf', 'attacks': args.attacks,
         'n': r['n'], 'seed': args.seed, 'seconds': seconds, 'clean': r['clean'],
         'robust': {t: r['robust'][e] for e, t in zip(eps_list, args.eps)},
@@ -381,16 +415,14 @@ def run(args, checkpoint=ours):
         raise UserError('the DLR loss needs at least 3 classes: use the margin loss (margin-STEPS)')
     eps_list = [parse_eps(t) for t in args.eps]
     torch.manual_seed(args.seed + rank)
-    compiled = args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda')
-    t0 = time.time()
+    compiled, t0 = args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda'), time.time()
     r = evaluate(model, batches, eps_list, args.attacks, args.step_size, not args.no_checks, compile=compiled)
     fwd = torch.compile(model, dynamic=True) if compiled else model
     aa, square, state = run_autoattack(args, fwd, batches, eps_list, r, rank, world)
     if rank == 0:
         checks = [] if args.no_checks else sanity_checks(r, args.attacks)
-        for e, t in zip(eps_list, args.eps):
-            if e in square:
-                checks.append((square[e][0], f'eps {t}: {square[e][1]}'))
+        checks += [(square[e][0], f'eps {t}: {square[e][1]}')
+                   for e, t in zip(eps_list, args.eps) if e in square]
         if aa and not args.no_checks:
             checks += attack.aa_checks([w for a in aa.values() for w in a['warnings']])
         report(args, r, checks, aa, ck, eps_list, time.time() - t0, compiled)
@@ -400,7 +432,18 @@ def run(args, checkpoint=ours):
 
 
 def main(argv):
-    run(parse_args(argv))
+    """A stop signal ends it where it lands: AutoAttack's progress is on disk after each of its steps."""
+    args = parse_args(argv)
+    with Stops() as stops, stops.at_once():
+        try:
+            run(args)
+        except Stopped as e:
+            kept = os.path.exists(getattr(args, 'state', ''))
+            where = (f'AutoAttack\'s progress is in {args.state}: the same command resumes it' if kept else
+                     'nothing to resume before AutoAttack: run the same command again')
+            raise Stopped(e.signum, where) from None
+        finally:
+            config.end_distributed()
 
 
 if __name__ == '__main__':

@@ -386,6 +386,15 @@ def no_weight_decay(model):
             if p.ndim <= 1 or any(fnmatch.fnmatch(name, pattern) for pattern in listed)}
 
 
+def param_groups(model, weight_decay):
+    """AdamW's two groups: weight decay on all parameters but no_weight_decay's (norms, biases, and what the
+    architecture names, e.g. timm's Swin: relative positions)."""
+    skip = no_weight_decay(model)
+    decay = [p for n, p in model.named_parameters() if n not in skip]
+    rest = [p for n, p in model.named_parameters() if n in skip]
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}]
+
+
 def normalization(model):
     """(mean, std) of the Normalize inside model, shaped (1, C, 1, 1); None if it has none."""
     norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)

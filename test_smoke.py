@@ -16,7 +16,7 @@ import config as C
 import evaluate as E
 import gradnorm as G
 import models as M
-from attack import pgd, pgd_at
+from attack import fgsm_at, pgd, pgd_at
 from data import load_fashion_mnist
 from edge_reg import edge_energy, edge_reg
 from models import IMAGENET_MEAN, IMAGENET_STD
@@ -97,7 +97,7 @@ def test_every_model_forward_and_double_backward(name, act, channels_last):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     # the penalty itself must reach the weights (double backprop, not a detached term)
     model.zero_grad()
-    G.gradnorm(model, x, y, 4 / 255, torch.tensor(1.0))[1]['gradnorm'].backward()
+    G.gradnorm(model, x, y, 4 / 255, torch.tensor(1.0), weights=(0.0, 1.0))[0].backward()  # the penalty alone
     assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
 
 
@@ -159,7 +159,7 @@ def test_edge_teacher_marks_square_boundary():
 # ---------------------------------------------------------------- objectives train
 
 
-@pytest.mark.parametrize('name', ['standard', 'gradnorm', 'pgd', 'edge'])
+@pytest.mark.parametrize('name', ['standard', 'gradnorm', 'pgd', 'fgsm', 'edge'])
 def test_each_objective_lowers_its_loss(name, batch):
     x, y = batch
     model = demo_model()
@@ -168,7 +168,8 @@ def test_each_objective_lowers_its_loss(name, batch):
         'standard': lambda: G.standard(model, x, y),
         'gradnorm': lambda: G.gradnorm(model, x, y, 0.1, one),
         'pgd': lambda: pgd_at(model, x, y, 0.1, 3),
-        'edge': lambda: edge_reg(model, x, y, one),
+        'fgsm': lambda: fgsm_at(model, x, y, 0.1),
+        'edge': lambda: edge_reg(model, x, y, one, norm=M.normalization(model)),
     }[name]
 
     def loss(seed=0):
@@ -320,7 +321,7 @@ def test_bad_checkpoints_and_divergence_get_one_line_errors(tiny_data, tmp_path)
     one_line_error(run(['evaluate.py', f'--ckpt={tmp_path / "pickled.pt"}']), 'pickled')
 
     # an absurd learning rate overflows the weights: the message names the term, the checkpoint survives
-    r = run(train_args(tiny_data, out, f'--resume={ckpt}', '--lr=1e30'))
+    r = run(train_args(tiny_data, out, f'--resume={ckpt}', '--lr=1e30', '--resume_changes=lr'))
     one_line_error(r, 'non-finite ce', 'checkpoint', '--lr')
     assert ckpt.read_bytes() == good
 

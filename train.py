@@ -2,7 +2,7 @@
 (Rodriguez-Munoz, Wang, Torralba, ECCV 2024), or one of the baselines it is compared with.
 
     python train.py --objective=gradnorm --act=gelu                # one process: the Fashion-MNIST demo
-    torchrun --nproc_per_node=8 train.py --objective=gradnorm      # DDP, the same code path
+    python -m tools.torchrun --nproc_per_node=8 train.py          # DDP (torchrun; exit 75 when preempted)
 Options are config.py's Config fields, --key=value. Read top to bottom: the objective, the step, the
 epoch, checkpoints, the loop.
 """
@@ -12,25 +12,24 @@ import json
 import math
 import os
 import secrets
-import signal
 import sys
 import time
 import types
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 import config
-from attack import pgd_at
+from attack import fgsm_at, pgd_at
 from augment import STEP, rand_u32
 from config import UserError, cli
-from data import make_loaders
+from data import check_identity, check_sizes, data_info, identity, make_loaders
 from edge_reg import edge_reg
-from evaluate import epoch_metrics, pgd_name
+from evaluate import Stopped, Stops, epoch_metrics, pgd_name
 from gradnorm import SMOOTH_ACTS, choose_impl, fd_float32, gradnorm, gradnorm_fd, standard
-from models import build_model, no_weight_decay, normalization
+from models import build_model, normalization, param_groups
 
 # ---------------------------------------------------------------- the objective, as training runs it
 
@@ -54,20 +53,21 @@ def objective(cfg, device, compiled=False, norm=None):
     model's (mean, std), for EdgeReg. Alphas go in as tensors: the compiled objective never recompiles."""
     fd = plan(cfg, device).impl == 'fd'
     fn = {'standard': standard, 'gradnorm': gradnorm_fd if fd else gradnorm, 'pgd': pgd_at,
-          'edge': edge_reg}[cfg.objective]
-    # fullgraph, so a double backward cannot silently fall back to eager; PGD's attack loop makes
+          'fgsm': fgsm_at, 'edge': edge_reg}[cfg.objective]
+    # fullgraph, so a double backward cannot silently fall back to eager; the attacks (PGD, FGSM) make
     # intermediates require grad, which Dynamo can only handle with a graph break
-    fn = torch.compile(fn, fullgraph=cfg.objective != 'pgd') if compiled else fn
+    fn = torch.compile(fn, fullgraph=cfg.objective not in ('pgd', 'fgsm')) if compiled else fn
     scalar = lambda v: torch.tensor(float(v), device=device)
     if cfg.objective == 'standard':
         return lambda m, x, y, t: fn(m, x, y, cfg.smoothing)
     if cfg.objective == 'pgd':
         return lambda m, x, y, t: fn(m, x, y, cfg.eps, cfg.pgd_steps, cfg.smoothing)
+    if cfg.objective == 'fgsm':
+        return lambda m, x, y, t: fn(m, x, y, cfg.eps, cfg.smoothing)
     if cfg.objective == 'edge':
         a, b, c = map(float, cfg.edge_alpha.split(','))
-        mean, std = norm or (None, None)
         alpha = lambda t: scalar(min(a + b * t, c))
-        return lambda m, x, y, t: fn(m, x, y, alpha(t), smoothing=cfg.smoothing, mean=mean, std=std)
+        return lambda m, x, y, t: fn(m, x, y, alpha(t), norm=norm, smoothing=cfg.smoothing)
     weights = tuple(map(float, cfg.gn_weights.split(',')))
     h = {'h': cfg.fd_h} if fd else {}
     ramp = lambda t: scalar(min(t / max(cfg.ramp_epochs, 1e-9), 1.0))
@@ -111,14 +111,16 @@ class Run:
     step: int = 0       # optimizer steps taken (or skipped) since the start of training
     bad_steps: int = 0  # non-finite steps in a row
     ema_pairs: list = dataclasses.field(default_factory=list)  # (EMA, model) state_dict tensors, in place
+    epoch: int = 0      # the epoch under way and this rank's images of it done: where a resume continues,
+    pos: int = 0        # whatever the batch size
+    sums: dict = dataclasses.field(default_factory=dict)  # the epoch's running sums of the terms over
+    done: int = 0       # its steps done, checkpointed: a resumed epoch reports the whole epoch's means
+    changes: list = dataclasses.field(default_factory=list)  # settings changed at resumes (--resume_changes)
+    data_id: dict = dataclasses.field(default_factory=dict)  # data.identity of the training data
 
     @property
     def steps(self):  # per epoch
         return len(self.loaders[0])
-
-
-class Preempted(Exception):
-    """SIGTERM/SIGUSR1 (SLURM, Kubernetes): a checkpoint was written; rerun with --resume=auto."""
 
 
 def find_resume(cfg, log):
@@ -141,9 +143,9 @@ def initial_model(cfg, info, conv, log):
     except ValueError as e:  # a ViT's patches that do not tile the images; timm's weights not found
         raise UserError(f'--model={cfg.model}: {e}') from None
     if cfg.init not in ('', 'pretrained'):
-        ck = config.load_checkpoint(cfg.init)
+        ck = config.load_checkpoint(cfg.init, weights=True)
         old = ck['model']  # the trained weights, not the EMA (the authors' stage 2 too)
-        if ck['config']['objective'] != cfg.objective:
+        if ck['config'] and ck['config']['objective'] != cfg.objective:
             was = ck['config']['objective']
             log(f'--init={cfg.init}: the weights of a {was} run, trained on with {cfg.objective}')
         new = model.state_dict()
@@ -158,28 +160,23 @@ def start(cfg, rank, world, device, log):
     """Loaders, model (pretrained or resumed), EMA, optimizer and DDP: everything training needs."""
     how = plan(cfg, device)
     torch.manual_seed(cfg.seed)
-    *loaders, info = make_loaders(cfg, rank, world, device)
-    if len(loaders[0]) == 0:
-        raise UserError(f'--batch_size={cfg.batch_size} is larger than the training set ({cfg.data}): '
-                        'lower it')
+    info = data_info(cfg)  # every option is checked before an image is read: weights, checkpoints, sizes
     model = initial_model(cfg, info, how.conv, log)
+    path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
+    data_id = identity(cfg.data)
+    if ck:
+        changes = check_resume(cfg, ck, path, info, data_id)
+        model.load_state_dict(ck['model'])
+    check_sizes(cfg, data_id['size'], rank, world)
+    *loaders, info = make_loaders(cfg, rank, world, device)
     if device.type == 'cuda' and not cfg.amp:
         # float32 as the paper (cuDNN's convolutions: PyTorch's default)
         torch.backends.cuda.matmul.allow_tf32 = False
     if how.impl == 'fd':
         fd_float32(device.type)
-    path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
-    if ck:
-        check_resume(cfg, ck, path, info)
-        model.load_state_dict(ck['model'])
     model = model.to(device, memory_format=how.fmt)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
-    # norms, biases, and what the architecture names (timm's Swin: relative positions)
-    skip = no_weight_decay(model)
-    decay = [p for n, p in model.named_parameters() if n not in skip]
-    rest = [p for n, p in model.named_parameters() if n in skip]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
-                             {'params': rest, 'weight_decay': 0.0}], lr=cfg.lr, fused=device.type == 'cuda')
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == 'cuda')
     compiled = cfg.compile == 'on' or (cfg.compile == 'auto' and device.type == 'cuda')
     if compiled:
         torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
@@ -189,36 +186,67 @@ def start(cfg, rank, world, device, log):
         group = dist.new_group() if device.type == 'cpu' else None
         net = nn.parallel.DistributedDataParallel(net, process_group=group)
     run_id = (ck or {}).get('run') or secrets.token_hex(4)
-    run = Run(cfg, model, ema, opt, net, loaders, info, run_id, rank, world, device, how)
+    run = Run(cfg, model, ema, opt, net, loaders, info, run_id, rank, world, device, how, data_id=data_id)
     if ema is not None:
         run.ema_pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
     if ck:
         run.opt.load_state_dict(ck['optimizer'])
         if ema is not None and ck['ema'] is not None:
             ema.load_state_dict(ck['ema'])
-        run.step = ck['step']
-        log(f'resumed from {path} at epoch {run.step // run.steps} step {run.step % run.steps}')
+        restore(run, ck, path, changes, log)
     if rank == 0:
         config.clear_old_run(cfg)
     return run, compiled
 
 
-def check_resume(cfg, ck, path, info):
-    """A checkpoint continues only the run it came from: same model, activation, objective and data."""
-    old = ck['config']
-    if (old['model'], old['act']) != (cfg.model, cfg.act):
+def check_resume(cfg, ck, path, info, data_id):
+    """A checkpoint continues only the run it came from: the same model, data (class names, shape) and
+    settings, but those --resume_changes accepts. -> [dict(key, old, new)], the settings changed now"""
+    old, accept = ck['config'], set(cfg.resume_changes.split(','))
+    if old['model'] != cfg.model or (old['act'] != cfg.act and 'act' not in accept):
         raise UserError(f'{path} holds a {old["model"]}/{old["act"]} model, not the requested '
                         f'{cfg.model}/{cfg.act}: pass --model={old["model"]} --act={old["act"]} or another '
                         '--out')
-    if old['objective'] != cfg.objective:
+    if old['objective'] != cfg.objective and 'objective' not in accept:
         raise UserError(f'{path} is a {old["objective"]} run, not {cfg.objective}: resume it with '
                         f'--objective={old["objective"]}, or start a new run from its weights with '
                         f'--init={path}')
-    differ = [k for k in ('in_ch', 'num_classes', 'img_size') if ck['data_info'].get(k) != info[k]]
-    if differ:
+    if differ := [k for k in ('in_ch', 'num_classes', 'img_size') if ck['data_info'].get(k) != info[k]]:
         raise UserError(f'{path} was trained on data with {differ[0]}={ck["data_info"].get(differ[0])}, '
                         f'--data={cfg.data} has {info[differ[0]]}: pass the data it was trained on, or '
                         'another --out')
+    check_identity(path, ck, data_id)
+    was, now, diffs = (ck.get('data_id') or data_id)['size'], data_id['size'], config.changed(old, cfg)
+    diffs += [('data', f'{was} training images', f'{now} training images')] * (was != now)
+    # more or fewer epochs change no step done; an earlier version's position is in steps of its batch size
+    fixed = {'batch_size'} if 'images' not in ck else set()
+    refused = [d for d in diffs if d[0] not in accept - fixed | {'epochs'}]
+    if refused:
+        raise UserError(f'{path} was trained with other settings: '
+                        + ', '.join(f'{k} {o} -> {n}' for k, o, n in refused) + ': pass its values, or '
+                        f'accept the change with --resume_changes={",".join(k for k, _, _ in refused)}')
+    return [dict(key=k, old=o, new=n) for k, o, n in diffs]
+
+
+def restore(run, ck, path, changes, log):
+    """Continues where the checkpoint stopped: its epoch, the images of it done (whatever the batch size
+    then), the epoch's running sums; the settings changed now join the run's history (run.changes)."""
+    b, run.step, run.epoch = run.cfg.batch_size // run.world, ck['step'], ck.get('epoch', 0)
+    run.pos = ck.get('images', (run.step - run.epoch * run.steps) * run.cfg.batch_size) // run.world
+    run.done, run.sums = ck.get('done', 0), ck.get('sums', {})
+    run.sums = {k: v.to(run.device) for k, v in run.sums.items()}
+    if 'images' not in ck:
+        log(f'{path} records no position in images nor running sums (an earlier version): epoch '
+            f'{run.epoch}\'s means count from here')
+    done = run.pos >= run.steps * b  # the epoch's last step: changes count from the next one
+    at = dict(step=run.step, epoch=run.epoch + done, images=0 if done else run.pos * run.world)
+    run.changes = ck.get('changes', []) + [dict(c, **at) for c in changes]
+    for c in changes:
+        log(f'resume: {c["key"]} {c["old"]} -> {c["new"]} from step {run.step} (epoch {at["epoch"]})')
+    if done and evaluated(run):  # its evaluation ended too (the checkpoint is written before it): the next
+        run.epoch, run.pos, run.sums, run.done = run.epoch + 1, 0, {}, 0
+    part = f' (+{run.pos % b} images)' if run.pos % b else ''
+    log(f'resumed from {path} at epoch {run.epoch} step {run.pos // b}{part}')
 
 
 # ---------------------------------------------------------------- one step, one epoch
@@ -246,7 +274,7 @@ def micro_steps(run, x, y, t):
 
 def train_step(run, x, y, t, stop):
     """Objective, backward, clipping, AdamW, EMA; a non-finite step is skipped on every rank.
-    -> (terms or None if skipped, whether any rank was asked to stop)"""
+    -> (terms or None if skipped, the stop signal any rank received, or 0)"""
     cfg = run.cfg
     for group in run.opt.param_groups:
         group['lr'] = lr_at(cfg, t)
@@ -256,8 +284,8 @@ def train_step(run, x, y, t, stop):
     buffers = [b.clone() for b in run.model.buffers()]  # BatchNorm's statistics, kept if the step is skipped
     loss, parts = micro_steps(run, x, y, t)
     grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip)
-    flags = torch.tensor([float(bool(stop)), float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))],
-                         device=run.device)
+    finite = torch.isfinite(loss) and torch.isfinite(grad_norm)
+    flags = torch.tensor([float(stop[0] if stop else 0), float(not finite)], device=run.device)
     if run.world > 1:
         dist.all_reduce(flags, dist.ReduceOp.MAX)
     run.step += 1
@@ -272,14 +300,15 @@ def train_step(run, x, y, t, stop):
             raise UserError(f'non-finite {bad[0]} for {run.bad_steps} steps in a row at {where}: training '
                             f'stopped; {newest_checkpoint(run)} (try a lower --lr)')
         if run.rank == 0:
-            print(f'\nwarning: non-finite {bad[0]} at {where}: step skipped ({run.bad_steps} in a row)')
-        return None, bool(flags[0])
+            config.say(f'warning: non-finite {bad[0]} at {where}: step skipped ({run.bad_steps} in a row)',
+                       sys.stdout)
+        return None, int(flags[0])
     run.bad_steps = 0
     run.opt.step()
     with torch.no_grad():
         for e, p in run.ema_pairs:
             e.lerp_(p, 1 - cfg.ema) if e.is_floating_point() else e.copy_(p)
-    return {k: v.detach().float() for k, v in parts.items()}, bool(flags[0])
+    return {k: v.detach().float() for k, v in parts.items()}, int(flags[0])
 
 
 def train_epoch(run, epoch, stop):
@@ -287,27 +316,50 @@ def train_epoch(run, epoch, stop):
     train_loader, steps = run.loaders[0], run.steps
     train_loader.set_epoch(epoch)
     run.net.train(not run.cfg.bn_eval)
-    sums, seen, done, t0 = {}, 0, 0, time.time()
-    for i, (x, y) in enumerate(train_loader):
-        if i < run.step - epoch * steps:  # resuming inside this epoch: same order, skip what was done
+    skip, seen, t0, per_epoch = run.pos, 0, time.time(), steps * (run.cfg.batch_size // run.world)
+    for i, (x, y) in enumerate(train_loader if run.pos < per_epoch else ()):  # else stopped in its evaluation
+        if skip >= len(y):  # resuming inside this epoch: same order, skip what was done
+            skip -= len(y)
             continue
-        parts, stopping = train_step(run, x, y, epoch + i / steps, stop)
+        if skip:  # resumed with another batch size: the rest of this batch
+            x, y, skip = x[skip:], y[skip:], 0
+        parts, stopping = train_step(run, x, y, epoch + run.pos / per_epoch, stop)
+        run.pos += len(y)
         for k, v in (parts or {}).items():
-            sums[k] = sums.get(k, 0.0) + v
-        done += parts is not None
+            run.sums[k] = run.sums.get(k, 0.0) + v
+        run.done += parts is not None
         seen += len(y) * run.world
         if stopping:
             save(run)
-            raise Preempted(f'signal {stop[0] if stop else "on another rank"}: checkpoint at step {run.step} '
-                            f'in {run.cfg.out}; continue with --resume=auto')
+            raise Stopped(stopping, f'checkpoint at step {run.step} in {run.cfg.out}; continue with '
+                          '--resume=auto')
         if run.cfg.ckpt_every and run.step % run.cfg.ckpt_every == 0 and i < steps - 1:
             save(run)
-        if run.rank == 0 and (i % 20 == 0 or i == steps - 1):
-            bar = '#' * int(30 * (i + 1) / steps)
-            terms = ' '.join(f'{k} {v.item() / max(done, 1):.3f}' for k, v in sums.items())
-            speed = seen / (time.time() - t0)
-            print(f'\repoch {epoch} [{bar:.<30}] {terms} {speed:.0f} img/s', end='', flush=True)
-    return {k: v.item() / max(done, 1) for k, v in sums.items()}, seen / (time.time() - t0)
+        if run.rank == 0:
+            progress(run, epoch, i, seen / (time.time() - t0))
+    if run.rank == 0 and sys.stdout.isatty():
+        print()  # the bar's line ends
+    terms = {k: v.item() / max(run.done, 1) for k, v in run.sums.items()}
+    return terms, seen / max(time.time() - t0, 1e-9) if seen else None
+
+
+def progress(run, epoch, i, speed):
+    """The progress bar: drawn over itself on a terminal, else a whole line 10 times an epoch (a log)."""
+    tty = sys.stdout.isatty()
+    if (i % 20 and i != run.steps - 1) if tty else 10 * (i + 1) // run.steps == 10 * i // run.steps:
+        return
+    terms = ' '.join(f'{k} {v.item() / max(run.done, 1):.3f}' for k, v in run.sums.items())
+    bar = '#' * int(30 * (i + 1) / run.steps)
+    print(f'{chr(13) * tty}epoch {epoch} [{bar:.<30}] {terms} {speed:.0f} img/s', end='\n' * (not tty),
+          flush=True)
+
+
+def evaluated(run):
+    """Whether OUT/metrics.jsonl has this run's line for run.epoch: a resume from the checkpoint written
+    before that epoch's evaluation, after the evaluation ended."""
+    path = os.path.join(run.cfg.out, 'metrics.jsonl')
+    lines = map(json.loads, open(path).read().splitlines()) if os.path.exists(path) else ()
+    return any(m.get('run') == run.run_id and m.get('epoch') == run.epoch for m in lines)
 
 
 # ---------------------------------------------------------------- checkpoints, the end of an epoch
@@ -334,8 +386,10 @@ def save(run):
     path = os.path.join(cfg.out, f'ckpt-{run.step:08d}-{run.run_id}.pt')
     config.save_checkpoint(path, dict(
         model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None,
-        optimizer=run.opt.state_dict(), step=run.step, epoch=run.step // run.steps,
-        config=dataclasses.asdict(cfg), data_info=run.info, run=run.run_id, version=config.__version__))
+        optimizer=run.opt.state_dict(), step=run.step, epoch=run.epoch, images=run.pos * run.world,
+        steps_per_epoch=run.steps, batch_size=cfg.batch_size, sums={k: v.cpu() for k, v in run.sums.items()},
+        done=run.done, changes=run.changes, data_id=run.data_id, config=dataclasses.asdict(cfg),
+        data_info=run.info, run=run.run_id, version=config.__version__))
     latest = os.path.join(cfg.out, 'ckpt.pt')
     try:
         with suppress(FileNotFoundError):
@@ -349,32 +403,29 @@ def save(run):
                         'continue with --resume=auto') from None
 
 
-def end_epoch(run, epoch, terms, img_per_s, log):
-    """Evaluate the model (and its EMA), append a line to OUT/metrics.jsonl, checkpoint."""
+def end_epoch(run, epoch, terms, img_per_s, log, stops):
+    """Checkpoint (a resume from it evaluates the epoch), evaluate the model (and its EMA), where a stop
+    signal ends the program at once, then a line in OUT/metrics.jsonl; the next epoch starts."""
     cfg, (_, val, robust_val) = run.cfg, run.loaders
-    metrics = dict(run=run.run_id, epoch=epoch, lr=lr_at(cfg, epoch + 1), img_per_s=img_per_s, **terms,
-                   **epoch_metrics(run.model, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed))
-    if run.ema is not None:
-        ema = epoch_metrics(run.ema, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed)
-        metrics.update({f'ema_{k}': v for k, v in ema.items()})
-    log('\n' + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+    save(run)
+    try:
+        with stops.at_once():
+            metrics = dict(run=run.run_id, epoch=epoch, lr=lr_at(cfg, epoch + 1), img_per_s=img_per_s,
+                           **terms, **epoch_metrics(run.model, val, robust_val, cfg.eps, cfg.eval_steps,
+                                                    cfg.seed))
+            if run.ema is not None:
+                ema = epoch_metrics(run.ema, val, robust_val, cfg.eps, cfg.eval_steps, cfg.seed)
+                metrics.update({f'ema_{k}': v for k, v in ema.items()})
+    except Stopped as e:
+        raise Stopped(e.signum, f'checkpoint at step {run.step} in {cfg.out}; continue with --resume=auto '
+                      f'(it evaluates epoch {epoch} first)') from None
+    if changes := [c for c in run.changes if c['epoch'] == epoch]:  # settings changed at a resume in it
+        metrics['changes'] = changes
+    log(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
     if run.rank == 0:
         config.append_line(os.path.join(cfg.out, 'metrics.jsonl'), json.dumps(metrics))
-    save(run)
+    run.epoch, run.pos, run.sums, run.done = epoch + 1, 0, {}, 0
     return metrics
-
-
-@contextmanager
-def stop_signals():
-    """SIGTERM/SIGUSR1 ask training to stop at the next step; the caller's handlers come back after."""
-    stop = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield stop
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 # ---------------------------------------------------------------- the loop
@@ -390,37 +441,39 @@ def train(cfg):
                         f'--accum={cfg.accum} micro-batches: make it a multiple of {world * cfg.accum}')
     claim = config.claim_out(cfg) if rank == 0 else None
     try:
-        return loop(cfg, rank, world, device, log)
+        with Stops() as stops:
+            return loop(cfg, rank, world, device, log, stops)
     finally:
         if claim:
             config.release(claim, cfg)
 
 
-def loop(cfg, rank, world, device, log):
-    """For each epoch: a pass over the data with the objective, then evaluation and a checkpoint."""
+def loop(cfg, rank, world, device, log, stops):
+    """For each epoch: a pass over the data with the objective, a checkpoint, then evaluation. Stop signals:
+    at the next step, or at once in the evaluation (evaluate.Stops)."""
     run, compiled = start(cfg, rank, world, device, log)
-    if run.step >= cfg.epochs * run.steps:
-        log(f'{cfg.out}: the run finished all {cfg.epochs} epochs: nothing to train (to train longer: '
-            '--epochs=N)')
+    if run.epoch >= cfg.epochs:
+        n = run.epoch + (run.pos >= run.steps * (cfg.batch_size // world))  # trained through, not evaluated
+        log(f'{cfg.out}: the run finished {n} epoch{"s" * (n != 1)} (--epochs={cfg.epochs}): nothing to '
+            'train (to train longer: --epochs=N)')
         return run.model
     params = sum(p.numel() for p in run.model.parameters())
     log(f'{cfg.objective} | {cfg.model} {cfg.act} | {params:,} params | {world} x {device.type} '
         f'| compile={compiled} | eps={cfg.eps:.4g} | {cfg.out} | v{config.__version__}'
         + (f' | gradnorm_impl={run.plan.why}' if run.plan.why else '') + f' | conv={run.plan.conv}')
     if rank == 0 and run.plan.impl == 'fd' and cfg.act not in SMOOTH_ACTS:
-        print(f'warning: --gradnorm_impl={run.plan.why}', file=sys.stderr)
+        config.warn(f'--gradnorm_impl={run.plan.why}')
     log(f'per epoch: clean accuracy on the validation set; pgd_upper = {pgd_name(cfg)}, an upper bound on '
         'robust accuracy (AutoAttack, the number to report: evaluate.py --autoattack)')
     metrics = {}
-    with stop_signals() as stop:
-        for epoch in range(run.step // run.steps, cfg.epochs):
-            terms, img_per_s = train_epoch(run, epoch, stop)
+    for epoch in range(run.epoch, cfg.epochs):
+        terms, img_per_s = train_epoch(run, epoch, stops)
             # once; a fullgraph objective is one graph, each extra one a recompile
-            if compiled and not metrics:
-                graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-                more = f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'
-                log(f'\ntorch.compile: {graphs} graph(s) in the first epoch' + more, end='')
-            metrics = end_epoch(run, epoch, terms, img_per_s, log)
+        if compiled and not metrics:
+            graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+            more = f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'
+            log(f'torch.compile: {graphs} graph(s) in the first epoch' + more)
+        metrics = end_epoch(run, epoch, terms, img_per_s, log, stops)
     if metrics:
         clean, upper = 100 * metrics['clean_acc'], 100 * metrics['pgd_upper']
         log(f'final: clean {clean:.1f}% | {pgd_name(cfg)} {upper:.1f}% (an upper bound; AutoAttack: '
@@ -430,13 +483,13 @@ def loop(cfg, rank, world, device, log):
 
 
 def main(argv):
+    """A stop signal ends it with one line on rank 0 and exit status 75, 130 for Ctrl-C (config.cli)."""
+    if {'-h', '--help'} & set(argv):
+        return config.print_help(__doc__)
     try:
         train(config.parse_config(argv))
-    except Preempted as e:
-        print(f'\npreempted: {e}', file=sys.stderr)
-        return 75  # EX_TEMPFAIL: try again, e.g. requeue with --resume=auto
     finally:
-        config.end_distributed()  # a preempted run's too: its exit status must stay 75
+        config.end_distributed()  # a stopped run's too: its exit status must stay 75
 
 
 if __name__ == '__main__':

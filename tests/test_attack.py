@@ -1,12 +1,17 @@
 """The evaluator against exact answers (linear models), its invariants on a trained GradNorm model,
-and the characterization statistics against independent computations."""
+and the gradient-masking checks on deliberately masked models."""
 
+import ast
+import functools
+import json
+import math
 import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import attack
 import config
@@ -16,9 +21,8 @@ import models
 import train
 from attack import square_check
 from data import FASHION_MEAN, FASHION_STD, TensorLoader, load_fashion_mnist
-from edge_reg import edge_energy
-from tests.conftest import FASHION
-from tools import characterize
+from test_smoke import train_args
+from tests.conftest import FASHION, HERE
 
 
 class Linear2(nn.Module):
@@ -215,79 +219,109 @@ def test_masked_models_trip_checks_and_plain_model_passes(masked, one_thread):
     ]  # no margin attack to compare with: Square (margin loss) finds what CE missed
 
 
-# ---------------------------------------------------------------- characterization
+# ---------------------------------------------------------------- what a copier of attack.py can rely on
 
 
-def small_model(seed):
-    torch.manual_seed(seed)
-    return models.build_model(
-        'resnet_demo', 'gelu', in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD
-    ).eval()
-
-
-def test_gradient_norms_match_one_image_at_a_time():
-    model = small_model(0)
-    torch.manual_seed(1)
-    x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
-    l1, l2, align, channels, nyq = characterize.gradient_stats(model, [(x[:4], y[:4]), (x[4:], y[4:])])
-    for i in range(6):
-        xi = x[i : i + 1].clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i : i + 1]), xi)
-        assert l1[i].item() == pytest.approx(g.abs().sum().item(), rel=1e-4)
-        assert l2[i].item() == pytest.approx(g.pow(2).sum().sqrt().item(), rel=1e-4)
-    assert channels[0]['l1_share'] == pytest.approx(1.0)
-    assert channels[0]['mean_abs'] * 6 * 28 * 28 == pytest.approx(l1.sum().item(), rel=1e-4)
-    s = characterize.summary(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
-    assert s['median'] == 3 and s['mean'] == 3 and s['q25'] == 2
-
-
-def test_edge_alignment_of_teacher_is_one_and_of_noise_near_zero():
+def test_pgd_under_no_grad_reaches_the_worst_corner(one_thread):
+    """Called from an evaluation loop under torch.no_grad(), training's PGD still takes its gradients:
+    on the linear model the loss is highest at x -/+ eps * sign(w), which 5 steps of 0.5 eps reach from
+    any start in the ball (the box does not bind: x in [0.3, 0.7])."""
+    model, x, y, _ = linear_problem(n=100)
+    eps, corner = 0.05, model.w.detach().sign().view(1, 1, 8, 8)
+    want = x - eps * corner * (2 * y - 1).view(-1, 1, 1, 1).float()
     torch.manual_seed(0)
-    x = torch.rand(8, 3, 32, 32)
-    x = characterize.F.avg_pool2d(x, 5, 1, 2)  # smoother, image-like structure
-    teacher = edge_energy(x)
-    assert torch.allclose(characterize.edge_alignment(teacher, x), torch.ones(8), atol=1e-5)
-    assert torch.allclose(characterize.edge_alignment(-teacher, x), torch.ones(8), atol=1e-5)  # |g|
-    noise = characterize.edge_alignment(torch.randn(8, 3, 32, 32), x)
-    assert noise.abs().max() < 0.1
+    with torch.no_grad():
+        x_adv = attack.pgd(model, x, y, eps, 5)
+        x_top, top = attack.pgd(model, x, y, eps, 5, max_loss=True)
+        clean, adv = attack.ce_loss(model(x), y), attack.ce_loss(model(x_adv), y)
+    for point in (x_adv, x_top):
+        assert not point.requires_grad and attack.inside(point, x, eps).all()
+        torch.testing.assert_close(point, want, rtol=0, atol=1e-6)
+    assert (adv > clean).all() and torch.allclose(top, adv)
 
 
-def test_characterize_writes_pictures_and_numbers(tmp_path):
-    if not os.path.exists(os.path.join(FASHION, 't10k-labels-idx1-ubyte.gz')):
-        pytest.skip('no Fashion-MNIST: run `make data`')
-    from PIL import Image
+class Affine(nn.Module):
+    """logits = W x + b, keeping every input it is called with."""
 
-    info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
-    paths = []
-    for i in range(2):
-        os.makedirs(tmp_path / f'run{i}')
-        paths.append(str(tmp_path / f'run{i}' / 'ckpt.pt'))
-        cfg = config.Config(data=FASHION, model='resnet_demo')  # small_model's architecture
-        import dataclasses
+    def __init__(self, W, b):
+        super().__init__()
+        self.W, self.b, self.seen = nn.Parameter(W), nn.Parameter(b), []
 
-        config.save_checkpoint(
-            paths[-1],
-            dict(model=small_model(i).state_dict(), config=dataclasses.asdict(cfg), data_info=info, epoch=0),
-        )
-    out = str(tmp_path / 'out')
-    characterize.main(paths + ['--n', '40', '--rows', '3', '--steps', '2', '--fo-n', '16', '--out', out])
-    grid = Image.open(os.path.join(out, 'gradients.png'))
-    assert grid.size == (4 * (112 + 2) + 2, 14 + 3 * (112 + 2) + 2)  # 4 columns: input, 2 runs, edges
-    assert Image.open(os.path.join(out, 'norm_vs_robust.png')).size == (520, 360)
-    import json
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return x.flatten(1) @ self.W.T + self.b
 
-    res = json.load(open(os.path.join(out, 'characterize.json')))
-    assert [r['name'] for r in res] == ['run0', 'run1'] and res[0]['n'] == 40
-    assert (
-        res[0]['first_order']['n'] == 16
-        and res[0]['first_order']['ratio'] > 0
-        and res[0]['nyquist']['rel'] > 0
-    )
-    _, (xte, yte) = load_fashion_mnist(
-        FASHION
-    )  # the same number from the untouched model: nothing moved its BN stats
-    direct = characterize.first_order_ratio(
-        small_model(0), [(xte[:16].float() / 255, yte[:16])], res[0]['eps']
-    )
-    assert res[0]['first_order']['ratio'] == pytest.approx(direct['ratio'], rel=1e-4)
-    assert open(os.path.join(out, 'characterize.csv')).read().count('\n') == 3
+
+def test_fgsm_at_is_one_signed_step_of_1_25_eps_from_a_uniform_start(one_thread):
+    """FGSM-RS on a linear model against its closed form: the start x + U(-eps, eps) clipped to [0,1]
+    (the same seed), then start + 1.25 eps sign(W^T (softmax(W start + b) - onehot(y))), clipped to the
+    ball and [0,1]; CE with label smoothing on that point. Pixels near 0 and 1: the box binds too."""
+    g, f64 = torch.Generator().manual_seed(0), torch.float64
+    W, b = torch.randn(5, 48, generator=g, dtype=f64), torch.randn(5, generator=g, dtype=f64)
+    x, y = torch.rand(64, 3, 4, 4, generator=g, dtype=f64), torch.randint(0, 5, (64,), generator=g)
+    model, eps = Affine(W, b), 0.1
+    torch.manual_seed(3)
+    loss, terms = attack.fgsm_at(model, x, y, eps)
+    start, x_adv = model.seen  # the attack's forward, then the training forward
+    torch.manual_seed(3)
+    assert torch.equal(start, (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1))
+    p = torch.softmax(start.flatten(1) @ W.T + b, 1)
+    grad = ((p - F.one_hot(y, 5)) @ W).view_as(x)
+    want = torch.minimum(torch.maximum(start + 1.25 * eps * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    torch.testing.assert_close(x_adv, want, rtol=0, atol=1e-12)
+    assert attack.inside(x_adv, x, eps).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert ((x_adv - x).abs() > eps - 1e-9).double().mean() > 0.5  # 1.25 eps: most land on the surface
+    torch.testing.assert_close(loss, F.cross_entropy(x_adv.flatten(1) @ W.T + b, y, label_smoothing=0.1))
+    assert loss.requires_grad and not terms['ce_adv'].requires_grad and terms['ce_adv'] == loss
+
+
+def test_fgsm_compiled_as_training_compiles_it(monkeypatch, one_thread):
+    """train.objective compiles the attacks with graph breaks: the same loss and parameter gradient."""
+    counter = CompileCounterWithBackend('aot_eager_decomp_partition')
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=counter))
+    cfg, cpu = config.Config(objective='fgsm', eps=0.1), torch.device('cpu')
+    torch.manual_seed(0)
+    model = models.build_model('resnet_demo_pool', 'gelu', in_ch=1, num_classes=10, img_size=28).train()
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    out = []
+    torch._dynamo.reset()
+    for fn in (train.objective(cfg, cpu), train.objective(cfg, cpu, compiled=True)):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same random start
+        loss, _ = fn(model, x, y, 0.0)
+        loss.backward()
+        out.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    torch._dynamo.reset()
+    assert counter.frame_count >= 1
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_train_py_with_fgsm_runs_end_to_end(tiny_data, tmp_path):
+    """One epoch (8 steps) of --objective=fgsm: its term in the metrics, the objective in the checkpoint."""
+    out = tmp_path / 'fgsm'
+    train.train(config.parse_config(train_args(tiny_data, out, '--epochs=1', '--objective=fgsm')[1:]))
+    line = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert math.isfinite(line['ce_adv']) and 0 <= line['pgd_upper'] <= line['clean_acc'] <= 1
+    ck = config.load_checkpoint(str(out / 'ckpt.pt'))
+    assert ck['config']['objective'] == 'fgsm' and ck['step'] == 8
+
+
+def test_no_name_shadows_an_import():
+    """In the three files a reader copies, no argument, variable, function or inner import rebinds a
+    module-level import (attack.inside's `dist` once hid torch.distributed)."""
+    for name in ('attack.py', 'gradnorm.py', 'edge_reg.py'):
+        tree = ast.parse(open(os.path.join(HERE, name)).read())
+        imported = {(a.asname or a.name).split('.')[0] for node in tree.body
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+        bound = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                bound.append(node.id)
+            elif isinstance(node, ast.arg):
+                bound.append(node.arg)
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                bound.append(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and node not in tree.body:
+                bound += [(a.asname or a.name).split('.')[0] for a in node.names]
+        assert imported and not set(bound) & imported, (name, set(bound) & imported)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import augment as A
 import data as D
 import models as M
 from tests.conftest import CPU, check_batch, collect, needs_ffcv
@@ -30,7 +31,6 @@ def test_crop_rule_is_torchvisions_and_the_same_in_numba():
     import numba
     import torchvision.transforms as T
 
-    import augment as A
 
     A.ffcv_ops()  # makes augment's functions callable from numba
 
@@ -62,7 +62,6 @@ def test_crop_rule_is_torchvisions_and_the_same_in_numba():
 
 
 def test_batch_augment_erases_mixes_and_is_a_function_of_its_key():
-    import augment as A
 
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     aug = A.BatchAugment(7, 0, 10, mean, std, reprob=1.0)
@@ -96,13 +95,12 @@ def test_batch_augment_erases_mixes_and_is_a_function_of_its_key():
 def test_fashion_beton_flips_are_a_function_of_seed_epoch_index(tiny_data, tmp_path):
     """The demo's path: raw Fashion-MNIST in a .beton, SeededFlip. 1 or 2 threads, the same batches;
     each image is the stored one, mirrored exactly when augment.uniform(seed, epoch, index, FLIP) < 0.5."""
-    import augment as A
 
     (x, y), _ = D.load_fashion_mnist(tiny_data)
     D.write_split(D.gray_as_rgb(x, y), str(tmp_path / 'train.beton'), workers=1, write_mode='raw')
     runs = [
         epochs_of(
-            D.ffcv_loader(
+            A.ffcv_loader(
                 str(tmp_path / 'train.beton'), 64, CPU, True, crop=False, workers=w, seed=1, channels=1
             )
         )
@@ -126,7 +124,6 @@ def test_fashion_beton_flips_are_a_function_of_seed_epoch_index(tiny_data, tmp_p
 
 @pytest.fixture(scope='module')
 def randaug():
-    import augment as A
 
     return A.randaug_transform('rand-m9-mstd0.5-inc1', 64, M.IMAGENET_MEAN)
 
@@ -136,10 +133,9 @@ def test_ffcv_crops_flips_randaug_erasing_reproducible_for_any_thread_count(beto
     """Photos: random-resized crop + flip (+ RandAugment) from (seed, epoch, index): two loaders, 1
     and 2 threads, the same batches for two epochs; epochs differ; RandAugment changes most images,
     and so does random erasing on the batch, the same way every time."""
-    import augment as A
 
     path = str(betons[0] / 'train.beton')
-    make = lambda w, ra: D.ffcv_loader(path, 4, CPU, True, 64, workers=w, seed=3, randaug=ra)
+    make = lambda w, ra: A.ffcv_loader(path, 4, CPU, True, 64, workers=w, seed=3, randaug=ra)
     plain_loader = make(2, None)
     one, two, plain = epochs_of(make(1, randaug)), epochs_of(make(2, randaug)), epochs_of(plain_loader)
     for e in (0, 1):
@@ -157,11 +153,10 @@ def test_ffcv_crops_flips_randaug_erasing_reproducible_for_any_thread_count(beto
 def test_torchvision_fallback_runs_randaug_in_workers_and_mixes_the_batch(tree, randaug):
     """The fallback (torchvision's own random transforms): timm's RandAugment in 2 worker processes, then
     Mixup/CutMix on the batch: soft labels over the folder's 3 classes, each row summing to 1."""
-    import augment as A
 
     mix = A.BatchAugment(3, 0, 3, M.IMAGENET_MEAN, M.IMAGENET_STD, mixup=0.8, cutmix=1.0)
-    loader = D.torchvision_loader(str(tree[0] / 'train'), 4, CPU, True, 64, workers=2, randaug=randaug,
-                                  on_batch=mix)
+    samples = D.list_images(str(tree[0] / 'train'))[1]
+    loader = A.torchvision_loader(samples, 4, CPU, True, 64, workers=2, randaug=randaug, on_batch=mix)
     for x, y in loader:
         assert x.shape == (4, 3, 64, 64) and 0 <= x.min() and x.max() <= 1 and y.shape == (4, 3)
         assert torch.allclose(y.sum(1), torch.ones(4)) and (y < 1).any()
@@ -169,7 +164,6 @@ def test_torchvision_fallback_runs_randaug_in_workers_and_mixes_the_batch(tree, 
 
 def test_in_memory_demo_randaug_reproducible(tiny_data):
     """The demo without FFCV (TensorLoader): RandAugment per image from (seed, epoch, index)."""
-    import augment as A
 
     (x, y), _ = D.load_fashion_mnist(tiny_data)
     ra = A.randaug_transform('rand-m9-mstd0.5-inc1', 28, D.FASHION_MEAN)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+import augment as A
 import config as C
 import data as D
 import models as M
@@ -61,14 +62,14 @@ def test_writer_counts_skips_and_labels(betons, tree):
     assert (
         np.minimum(stored['val']['height'], stored['val']['width']) == 256
     ).all()  # Resize(256), 150 px ones too
-    x, y = collect(D.ffcv_loader(str(out / 'val.beton'), 4, CPU, train=False))
+    x, y = collect(A.ffcv_loader(str(out / 'val.beton'), 4, CPU, train=False))
     assert y.tolist() == [c for _, c, ok in files['val'] if ok]  # sorted-class labels, in order
     check_batch(x, y, 224)
 
 
 @needs_ffcv
 def test_val_matches_pil_center_crop(betons, tree):
-    x, _ = collect(D.ffcv_loader(str(betons[0] / 'val.beton'), 4, CPU, train=False))
+    x, _ = collect(A.ffcv_loader(str(betons[0] / 'val.beton'), 4, CPU, train=False))
     good = [p for p, _, ok in tree[1]['val'] if ok]
     scores = [psnr(a, reference(p)) for a, p in zip(x, good)]
     assert min(scores) >= 30, scores  # JPEG q90 only; a wrong crop, scale or channel order is < 20 dB
@@ -76,7 +77,7 @@ def test_val_matches_pil_center_crop(betons, tree):
 
 def test_torchvision_fallback(tree, capfd):
     root, files = tree
-    x, y = collect(D.torchvision_loader(str(root / 'val'), 4, CPU, train=False, workers=0))
+    x, y = collect(A.torchvision_loader(D.list_images(str(root / 'val'))[1], 4, CPU, train=False, workers=0))
     err = capfd.readouterr().err
     assert f'cannot decode {broken(files["val"])}' in err
     assert len(y) == len(files['val'])  # the broken file's slot holds the next image
@@ -86,7 +87,8 @@ def test_torchvision_fallback(tree, capfd):
     good = [(a, p) for a, (p, _, ok) in zip(x, files['val']) if ok]
     assert min(psnr(a, reference(p)) for a, p in good) >= 30
     check_batch(x, y, 224)
-    x, y = next(iter(D.torchvision_loader(str(root / 'train'), 4, CPU, train=True, res=160, workers=0)))
+    train = D.list_images(str(root / 'train'))[1]
+    x, y = next(iter(A.torchvision_loader(train, 4, CPU, train=True, res=160, workers=0)))
     check_batch(x, y, 160)
 
 
@@ -111,10 +113,12 @@ def id_folder(tmp_path_factory):
 def _rank(rank, root, pg_file, out):
     dist.init_process_group('gloo', init_method=f'file://{pg_file}', rank=rank, world_size=2)
     loaders = {
-        'torchvision': D.torchvision_loader(f'{root}/train', 5, CPU, True, 32, rank, 2, seed=3, workers=0)
+        'torchvision': A.torchvision_loader(
+            D.list_images(f'{root}/train')[1], 5, CPU, True, 32, rank, 2, seed=3, workers=0
+        )
     }
     if not D.ffcv_error():
-        loaders['ffcv'] = D.ffcv_loader(
+        loaders['ffcv'] = A.ffcv_loader(
             f'{root}/beton/train.beton', 5, CPU, True, 32, rank=rank, world=2, seed=3
         )
     seen = {}
@@ -321,3 +325,99 @@ def test_without_ffcv_demo_still_loads_and_imagenet_says_what_to_install(tree):
     assert 'TensorLoader 10' in r.stdout
     assert 'UserError FFCV is not importable' in r.stdout and 'libturbojpeg0-dev' in r.stdout
     assert '--loader=torchvision' in r.stdout
+
+
+# ---------------------------------------------------------------- images read right; the cache checked
+
+
+def test_16_bit_gray_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit PNG (PIL mode I;16) of a gradient reads as its 8-bit original, in load_rgb (the
+    torchvision loader) and in tools/beton.py's reader, not as 255 wherever the 16-bit value is above 255."""
+    g = np.tile(np.arange(256, dtype=np.uint8), (8, 1))
+    Image.fromarray(g).save(tmp_path / 'g8.png')
+    Image.fromarray(g.astype(np.uint16) * 257).save(tmp_path / 'g16.png')
+    assert Image.open(tmp_path / 'g16.png').mode == 'I;16'
+    want = np.asarray(A.load_rgb(tmp_path / 'g8.png'))
+    assert np.array_equal(np.asarray(A.load_rgb(tmp_path / 'g16.png')), want) and want[0, -1, 0] == 255
+    assert np.array_equal(beton._Photos([(str(tmp_path / 'g16.png'), 0)])[0][0], want)
+
+
+def test_listing_follows_links_once(tmp_path, capfd):
+    """Links to files and folders are followed; a loop, or a link to another class's folder, lists no
+    image twice; a link out of the split is named."""
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    for p in ('train/a/1.png', 'train/a/deep/2.png', 'train/b/3.png', 'elsewhere/4.png'):
+        os.makedirs(tmp_path / os.path.dirname(p), exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / p)
+    train = tmp_path / 'train'
+    os.symlink(train / 'b', train / 'a' / 'to_b')  # another class's folder
+    os.symlink('..', train / 'a' / 'deep' / 'loop')  # a loop
+    os.symlink(tmp_path / 'elsewhere', train / 'a' / 'out')  # out of the split
+    os.symlink(train / 'a' / '1.png', train / 'b' / '0.png')  # a link to a file
+    classes, samples = D.list_images(str(train))
+    assert classes == ['a', 'b']
+    assert [(os.path.relpath(p, train), y) for p, y in samples] == [
+        ('a/1.png', 0),
+        ('a/deep/2.png', 0),
+        ('a/out/4.png', 0),
+        ('b/0.png', 1),
+        ('b/3.png', 1),
+    ]
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('warning: ') and f'{train}/a/out links out' in err[0], err
+
+
+@needs_ffcv
+def test_beton_writer_takes_a_name_that_is_not_utf8(tmp_path):
+    """tools.beton writes such a file as the torchvision loader reads it: the image, its name as its bytes."""
+    pixels = np.full((16, 16, 3), 100, np.uint8)  # uniform: any resize or crop keeps it
+    for split in ('train', 'val'):
+        for c in ('a', 'b'):
+            os.makedirs(tmp_path / 'src' / split / c)
+            name = os.path.join(os.fsencode(tmp_path / 'src' / split / c), b'caf\xe9.png')  # Latin-1
+            Image.fromarray(pixels).save(name)
+    beton.write_beton(str(tmp_path / 'src'), str(tmp_path / 'out'), compress=0, workers=1, val_side=0)
+    assert (tmp_path / 'out' / 'val_files.txt').read_bytes() == b'a/caf\xe9.png\nb/caf\xe9.png\n'
+    assert (tmp_path / 'out' / 'classes.txt').read_text() == 'a\nb\n'
+    val = D.list_images(str(tmp_path / 'src' / 'val'))[1]
+    tv = A.torchvision_loader(val, 2, CPU, False, res=16, workers=0)
+    cfg = C.parse_config([f'--data={tmp_path / "out"}', '--recipe=', '--res=16', '--eval_n=2', '--workers=1'])
+    x, y = collect(D.make_loaders(cfg, 0, 1, CPU)[2])
+    assert torch.equal(x, collect(tv)[0]) and (x == 100 / 255).all() and y.tolist() == [0, 1]
+    assert D.identity(str(tmp_path / 'out'))['classes'] == ['a', 'b']
+
+
+def test_identity_reads_no_image(tiny_data, tree, monkeypatch):
+    """Class names in label order, counts, a fingerprint that tells other images of the same shape apart."""
+    monkeypatch.setattr(Image, 'open', None)  # any decoded image fails
+    fashion = D.identity(tiny_data)
+    assert fashion['classes'][0] == 'T-shirt/top' and fashion['size'] == 512 == sum(fashion['counts'])
+    assert D.identity(tiny_data) == fashion
+    assert D.identity(C.Config.data)['fingerprint'] != fashion['fingerprint']
+    folder = D.identity(str(tree[0]))
+    assert folder['classes'] == ['apple', 'bird', 'car'] and folder['counts'] == [3, 4, 3]
+
+
+@needs_ffcv
+def test_the_ffcv_cache_is_checked_never_trusted(tiny_data, tmp_path, monkeypatch, capfd):
+    """A cached .beton truncated, emptied or changed in place is named and written again; a cache that
+    cannot be written (a regular file where the folder goes) is one warning and the in-memory loader."""
+    monkeypatch.setattr(D, 'CACHE', str(tmp_path / 'cache'))
+    root = D.fashion_betons(tiny_data, 1)
+    path = os.path.join(root, 'train.beton')
+    good = open(path, 'rb').read()
+    flip = lambda b: b[:5000] + bytes([b[5000] ^ 1]) + b[5001:]  # one bit
+    damages = [lambda b: b[: len(b) // 2], lambda b: b'', flip]
+    for damage, why in zip(damages, ['bytes, ', 'bytes, ', 'SHA-256']):
+        open(path, 'wb').write(damage(good))
+        assert D.fashion_betons(tiny_data, 1) == root
+        err = [line for line in capfd.readouterr().err.splitlines() if 'warning' in line]  # not FFCV's bars
+        assert len(err) == 1 and err[0].startswith(f'warning: {path} is damaged') and why in err[0], err
+        assert open(path, 'rb').read() == good
+    assert D.fashion_betons(tiny_data, 1) == root and not capfd.readouterr().err  # intact: not written again
+    (tmp_path / 'file').write_text('')
+    monkeypatch.setattr(D, 'CACHE', str(tmp_path / 'file' / 'gradnorm'))
+    train = D.make_loaders(C.parse_config([f'--data={tiny_data}', '--eval_n=8', '--workers=1']), 0, 1, CPU)[0]
+    err = capfd.readouterr().err.strip().splitlines()
+    assert isinstance(train, D.TensorLoader) and len(err) == 1, err
+    assert err[0].startswith('warning: cannot write the FFCV cache') and 'XDG_CACHE_HOME' in err[0]

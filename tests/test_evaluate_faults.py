@@ -17,6 +17,7 @@ import torch.nn as nn
 from PIL import Image
 
 import attack
+import augment as A
 import config as C
 import data as D
 import evaluate
@@ -37,6 +38,7 @@ def demo_ckpt(path, data, loader='torchvision', **changes):
         ema=None,
         config=vars(C.Config(data=data, loader=loader, model='resnet_demo')),
         data_info=FASHION_INFO,
+        data_id=D.identity(data) if os.path.isdir(data) else None,
     )
     ck = {k: v for k, v in {**ck, **changes}.items() if v is not None}
     C.save_checkpoint(str(path), ck)
@@ -130,7 +132,7 @@ def test_imagefolder_and_beton_paths_yield_exactly_their_images(loader, folder, 
         data = tmp_path / 'beton'
         beton.write_beton(str(folder), str(data), workers=1)
         with pytest.raises(ValueError, match='holds samples 0..5, not 0..8'):  # no caller reads past the end
-            D.ffcv_loader(str(data / 'val.beton'), 4, CPU, train=False, res=32, indices=range(9))
+            A.ffcv_loader(str(data / 'val.beton'), 4, CPU, train=False, res=32, indices=range(9))
     capsys.readouterr()
     cfg = C.parse_config(
         [
@@ -409,3 +411,41 @@ def test_vit_patch_must_tile_the_images(tiny_data, tmp_path, capsys):
     assert (tmp_path / 'run' / 'ckpt.pt').exists()  # 4 px patches tile 28 px
     with pytest.raises(ValueError, match='16 px patches do not tile 200 px'):
         M.build_model('vit_small', img_size=200)
+
+
+def test_the_data_evaluated_are_checked_and_recorded(folder, tmp_path, capsys):
+    """Header and JSON name the data and their fingerprint; the checkpoint's classes in another order are
+    mapped by name (one line), other class names refused (one line), other images warned (one line); a
+    checkpoint without the record is said to lack it."""
+    info = dict(in_ch=3, num_classes=3, img_size=32)
+    cfg = vars(C.Config(data=str(folder), loader='torchvision', model='resnet_demo', res=32, recipe=''))
+    torch.manual_seed(0)
+    state = M.build_model('resnet_demo', 'gelu', **info).state_dict()
+    state['fc.bias'] = torch.tensor([100.0, 0.0, 0.0])  # always its class 0
+    data_id = D.identity(str(folder))  # classes a, b, c; val: 2, 1, 3 images
+
+    def evaluated(**changes):
+        ckpt = demo_ckpt(tmp_path / 'ckpt.pt', str(folder), model=state, config=cfg, data_info=info,
+                         data_id={**data_id, **changes})
+        code = C.cli(evaluate.main, ['--ckpt', ckpt, '--attacks', 'ce-1', '--no-checks', '--n=6'])
+        out, err = capsys.readouterr()
+        ours = [line for line in err.splitlines() if 'fingerprint' in line or 'class' in line]
+        return code, out, ours, (json.load(open(tmp_path / 'eval_linf.json')) if code is None else None)
+
+    code, out, err, res = evaluated()
+    assert code is None and not err and f'data: {folder} (fingerprint {data_id["fingerprint"]})' in out
+    assert res['data'] == {'path': str(folder), 'fingerprint': data_id['fingerprint']}
+    assert res['clean'] == 2 / 6  # class a
+    code, out, err, res = evaluated(classes=['b', 'a', 'c'])  # its class 0 is b
+    assert len(err) == 1 and 'labels mapped by name' in err[0] and res['clean'] == 1 / 6
+    # a resume maps nothing: another order is refused
+    with pytest.raises(C.UserError, match="another order: class 0 is 'b' there, 'a' here"):
+        D.check_identity('ckpt.pt', {'data_id': {**data_id, 'classes': ['b', 'a', 'c']}}, data_id)
+    code, out, err, res = evaluated(classes=['a', 'b', 'dog'])
+    assert code == 2 and len(err) == 1 and err[0].startswith('error: ') and "'dog' there, 'c' here" in err[0]
+    code, out, err, res = evaluated(fingerprint='0123456789abcdef')
+    assert code is None and len(err) == 1 and err[0].startswith('warning: ') and '0123456789abcdef' in err[0]
+    assert data_id['fingerprint'] in err[0]
+    ckpt = demo_ckpt(tmp_path / 'ckpt.pt', str(folder), model=state, config=cfg, data_info=info, data_id=None)
+    assert C.cli(evaluate.main, ['--ckpt', ckpt, '--attacks', 'ce-1', '--no-checks', '--n=6']) is None
+    assert 'records no class names or data fingerprint' in capsys.readouterr().err

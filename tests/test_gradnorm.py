@@ -92,3 +92,83 @@ def test_cuda_fd_in_float32_without_tf32_is_within_1_percent():
         assert fd_error(model, x, y, 0.1) < 0.01
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# ---------------------------------------------------------------- what a copier of gradnorm.py can rely on
+
+
+def demo_batch():
+    torch.manual_seed(0)
+    model = M.build_model('resnet_demo_pool', 'gelu', in_ch=1, num_classes=10, img_size=28).train()
+    return model, torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+
+
+def test_fd_refuses_autocast_and_exact_does_not():
+    """bf16 rounds to ~4e-3, 40x the difference quotient's step: refused, with how to avoid it."""
+    model, x, y = demo_batch()
+    with torch.autocast('cpu', torch.bfloat16):
+        with pytest.raises(ValueError, match='autocast is on: call it outside torch.autocast'):
+            G.gradnorm_fd(model, x, y, 0.1, torch.tensor(1.0))
+        G.gradnorm(model, x, y, 0.1, torch.tensor(1.0))[0].backward()  # double backprop takes bf16
+    G.gradnorm_fd(model, x, y, 0.1, torch.tensor(1.0))[0].backward()
+
+
+@pytest.fixture
+def tf32_flags():
+    """Sets the two TF32 flags, restored after the test (monkeypatch cannot: they are not attributes)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def put(matmul, cudnn):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+    yield put
+    put(*old)
+
+
+def test_fd_refuses_tf32_where_it_applies(tf32_flags):
+    """The TF32 flags govern CUDA only. No GPU here: fd_check takes the device type, so the CUDA branch
+    runs on flags set by hand; test_cuda_fd_refuses_tf32 below runs it on a real CUDA tensor."""
+    model, x, y = demo_batch()
+    for matmul, cudnn in ((True, False), (False, True), (True, True)):
+        tf32_flags(matmul, cudnn)
+        with pytest.raises(ValueError, match=r'TF32 is on: set torch\.backends\.cuda\.matmul\.allow_tf32'):
+            G.fd_check('cuda')
+        G.fd_check('cpu')
+        G.gradnorm_fd(model, x, y, 0.1, torch.tensor(1.0))  # CPU tensors: the flags do not apply
+    G.fd_float32('cuda')  # what train.py calls before an fd run: what the check asks for
+    G.fd_check('cuda')
+
+
+def test_fd_checks_compile_into_one_graph():
+    """train.py compiles the objective with fullgraph=True: the checks must trace, and still refuse."""
+    model, x, y = demo_batch()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):  # as train.py sets it
+        fn = torch.compile(G.gradnorm_fd, backend='eager', fullgraph=True)
+        loss, _ = fn(model, x.clone().requires_grad_(), y, 0.1, torch.tensor(1.0))
+        want, _ = G.gradnorm_fd(model, x.clone().requires_grad_(), y, 0.1, torch.tensor(1.0))
+        torch.testing.assert_close(loss, want)
+        with torch.autocast('cpu', torch.bfloat16), pytest.raises(Exception, match='autocast is on'):
+            fn(model, x.clone().requires_grad_(), y, 0.1, torch.tensor(1.0))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize('fn', ['standard', 'gradnorm', 'gradnorm_fd'])
+def test_terms_are_detached(fn):
+    """The terms are for logging: a caller keeping them (a running sum) must not keep the graph."""
+    model, x, y = demo_batch()
+    args = () if fn == 'standard' else (0.1, torch.tensor(1.0))
+    loss, terms = getattr(G, fn)(model, x.clone().requires_grad_(), y, *args)
+    assert loss.requires_grad and terms
+    assert all(not v.requires_grad and v.grad_fn is None for v in terms.values()), terms
+
+
+@cuda
+def test_cuda_fd_refuses_tf32(tf32_flags):
+    model, x, y = demo_batch()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    tf32_flags(False, True)
+    with pytest.raises(ValueError, match='TF32 is on'):
+        G.gradnorm_fd(model, x, y, 0.1, torch.tensor(1.0, device='cuda'))
+    tf32_flags(False, False)
+    G.gradnorm_fd(model, x, y, 0.1, torch.tensor(1.0, device='cuda'))[0].backward()

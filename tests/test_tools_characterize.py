@@ -1,12 +1,24 @@
-"""characterize.py's first-order ratio and Nyquist share against answers known in closed form:
+"""tools/characterize.py's first-order ratio and Nyquist share against answers known in closed form:
 linear and saturating models (the attack losses are float32, attack.LOSSES: tolerances 1e-6),
-pure periodic patterns, white noise."""
+pure periodic patterns, white noise; its gradient norms and edge alignment against direct
+computations, and its pictures and numbers from two real checkpoints."""
 
+import dataclasses
+import json
+import os
+
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
+import config
+import models
 import tools.characterize as C
+from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist
+from edge_reg import edge_energy
+from tests.conftest import FASHION
 
 
 class Linear2(nn.Module):
@@ -109,3 +121,75 @@ def test_column_headers_drop_what_every_run_folder_shares_whole_words_only():
     assert C.short_names(runs) == ['standard', 'gradnorm', 'pgd']
     assert C.short_names(['x-gelu', 'x-relu']) == ['gelu', 'relu']  # not 'g', 'r'
     assert C.short_names(['run', 'run']) == ['run', 'run'] and C.short_names(['solo']) == ['solo']
+
+
+# ---------------------------------------------------------------- on a real model and real data
+
+
+def small_model(seed):
+    torch.manual_seed(seed)
+    return models.build_model(
+        'resnet_demo', 'gelu', in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD
+    ).eval()
+
+
+def test_gradient_norms_match_one_image_at_a_time():
+    model = small_model(0)
+    torch.manual_seed(1)
+    x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    l1, l2, align, channels, nyq = C.gradient_stats(model, [(x[:4], y[:4]), (x[4:], y[4:])])
+    for i in range(6):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i : i + 1]), xi)
+        assert l1[i].item() == pytest.approx(g.abs().sum().item(), rel=1e-4)
+        assert l2[i].item() == pytest.approx(g.pow(2).sum().sqrt().item(), rel=1e-4)
+    assert channels[0]['l1_share'] == pytest.approx(1.0)
+    assert channels[0]['mean_abs'] * 6 * 28 * 28 == pytest.approx(l1.sum().item(), rel=1e-4)
+    s = C.summary(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert s['median'] == 3 and s['mean'] == 3 and s['q25'] == 2
+
+
+def test_edge_alignment_of_teacher_is_one_and_of_noise_near_zero():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 32, 32)
+    x = F.avg_pool2d(x, 5, 1, 2)  # smoother, image-like structure
+    teacher = edge_energy(x)
+    assert torch.allclose(C.edge_alignment(teacher, x), torch.ones(8), atol=1e-5)
+    assert torch.allclose(C.edge_alignment(-teacher, x), torch.ones(8), atol=1e-5)  # |g|
+    noise = C.edge_alignment(torch.randn(8, 3, 32, 32), x)
+    assert noise.abs().max() < 0.1
+
+
+def test_characterize_writes_pictures_and_numbers(tmp_path):
+    if not os.path.exists(os.path.join(FASHION, 't10k-labels-idx1-ubyte.gz')):
+        pytest.skip('no Fashion-MNIST: run `make data`')
+    info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
+    paths = []
+    for i in range(2):
+        os.makedirs(tmp_path / f'run{i}')
+        paths.append(str(tmp_path / f'run{i}' / 'ckpt.pt'))
+        cfg = config.Config(data=FASHION, model='resnet_demo')  # small_model's architecture
+        config.save_checkpoint(
+            paths[-1],
+            dict(model=small_model(i).state_dict(), config=dataclasses.asdict(cfg), data_info=info, epoch=0),
+        )
+    out = str(tmp_path / 'out')
+    C.main(paths + ['--n', '40', '--rows', '3', '--steps', '2', '--fo-n', '16', '--out', out])
+    grid = Image.open(os.path.join(out, 'gradients.png'))
+    assert grid.size == (4 * (112 + 2) + 2, 14 + 3 * (112 + 2) + 2)  # 4 columns: input, 2 runs, edges
+    assert Image.open(os.path.join(out, 'norm_vs_robust.png')).size == (520, 360)
+    res = json.load(open(os.path.join(out, 'characterize.json')))
+    assert [r['name'] for r in res] == ['run0', 'run1'] and res[0]['n'] == 40
+    assert (
+        res[0]['first_order']['n'] == 16
+        and res[0]['first_order']['ratio'] > 0
+        and res[0]['nyquist']['rel'] > 0
+    )
+    _, (xte, yte) = load_fashion_mnist(
+        FASHION
+    )  # the same number from the untouched model: nothing moved its BN stats
+    direct = C.first_order_ratio(
+        small_model(0), [(xte[:16].float() / 255, yte[:16])], res[0]['eps']
+    )
+    assert res[0]['first_order']['ratio'] == pytest.approx(direct['ratio'], rel=1e-4)
+    assert open(os.path.join(out, 'characterize.csv')).read().count('\n') == 3

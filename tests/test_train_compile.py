@@ -24,6 +24,9 @@ from edge_reg import edge_reg
 from tests.conftest import param_grad, rel
 
 BACKEND = 'aot_eager_decomp_partition'
+# EdgeReg in pixel space: the tiny models normalize nothing
+OBJECTIVES = {'gradnorm': functools.partial(G.gradnorm, eps=0.1),
+              'edge': functools.partial(edge_reg, norm=None)}
 
 
 def tiny(name, act='gelu', conv='native'):
@@ -53,7 +56,7 @@ def dynamo():
 @pytest.mark.parametrize('objective', ['gradnorm', 'edge'])
 def test_compiled_step_matches_eager_and_alpha_does_not_recompile(arch, objective):
     model, (x, y) = tiny(arch), batch()
-    fn = {'gradnorm': functools.partial(G.gradnorm, eps=0.1), 'edge': edge_reg}[objective]
+    fn = OBJECTIVES[objective]
     counter = CompileCounterWithBackend(BACKEND)
     compiled = torch.compile(fn, backend=counter, fullgraph=True)
     grads = []
@@ -147,17 +150,25 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GP
 @cuda
 @pytest.mark.parametrize('arch', ['resnet', 'vit'])
 @pytest.mark.parametrize('objective', ['gradnorm', 'edge'])
-def test_cuda_inductor_step_matches_eager_in_float32_and_bf16(arch, objective, monkeypatch):
+def test_cuda_inductor_step_matches_eager_in_float32_and_bf16(arch, objective):
     """The training configuration on a GPU: Inductor, training's memory format; float32 must match to
     1e-4, and bf16 autocast must be no less accurate compiled than eager (both against float32 eager)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    # assigned and restored by hand: monkeypatch's undo of these backend flags raises AttributeError
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        inductor_matches_eager(arch, objective)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def inductor_matches_eager(arch, objective):
     cfg, cuda = C.Config(objective=objective), torch.device('cuda')
     fmt = T.plan(cfg, cuda).fmt
     model = tiny(arch, conv=T.plan(cfg, cuda).conv).cuda().to(memory_format=fmt)  # the fast conv, as training
     x, y = (t.cuda() for t in batch(32))
     x = x.contiguous(memory_format=fmt)
-    fn = {'gradnorm': functools.partial(G.gradnorm, eps=0.1), 'edge': edge_reg}[objective]
+    fn = OBJECTIVES[objective]
     compiled = torch.compile(fn, fullgraph=True)
     alpha = torch.tensor(1.0, device='cuda')
     ref = param_grad(model, fn, x, y, alpha=alpha)[1]

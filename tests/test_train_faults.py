@@ -217,7 +217,7 @@ def test_resume_says_what_it_does(tiny_data, base, tmp_path, capsys):
     shutil.copytree(base, out)
     before = snapshot(out)
     trained(tiny_data, out, '--resume=auto')
-    assert 'finished all 1 epochs: nothing to train' in capsys.readouterr().out
+    assert 'finished 1 epoch (--epochs=1): nothing to train' in capsys.readouterr().out
     assert snapshot(out) == before
     trained(tiny_data, tmp_path / 'new', '--resume=auto')
     assert f'--resume=auto: no checkpoint in {tmp_path / "new"}' in capsys.readouterr().out

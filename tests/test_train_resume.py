@@ -1,6 +1,8 @@
 """Long runs that survive: kill -9, preemption signals, truncated checkpoints, full disks."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import config as C
 import data as D
 import train as T
 from test_smoke import HERE, run, train_args
+from tools.check_gpu import write_idx
 
 
 def wait_for(folder, pattern, proc, timeout=300):
@@ -154,13 +157,13 @@ def test_sigterm_checkpoints_and_exits_75(tiny_data, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for(out, 'ckpt.pt', proc)  # epoch 0 done
+    wait_for(out, 'ckpt.pt', proc)  # epoch 0 trained, its checkpoint written before its evaluation
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     assert 'preempted' in err and '--resume=auto' in err
     ck = C.load_checkpoint(str(out / 'ckpt.pt'))
-    assert 8 < ck['step'] < 50 * 8  # stopped mid-run, at a step boundary after epoch 0
+    assert 8 <= ck['step'] < 50 * 8  # stopped mid-run: in epoch 0's evaluation or at a later step
 
 
 def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_path):
@@ -176,10 +179,10 @@ def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_p
     wait_for(out, 'ckpt.pt', proc)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert err.count('preempted: signal') == 2, err[-3000:]  # both ranks stopped cleanly
+    assert proc.returncode != 0  # plain torchrun: 1 (python -m tools.torchrun: 75, test_train_stops)
+    assert err.count('preempted: SIGTERM: checkpoint at step') == 1, err[-3000:]  # rank 0 alone says it
     step = C.load_checkpoint(str(out / 'ckpt.pt'))['step']
-    assert step > 8  # the global batch is split over the ranks: still 8 steps per epoch
+    assert step >= 8  # the global batch is split over the ranks: still 8 steps per epoch
 
     r = subprocess.run(
         [
@@ -194,8 +197,10 @@ def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_p
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f'at epoch {step // 8} step {step % 8}' in r.stdout
+    assert 'resumed from' in r.stdout
     assert C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == (step // 8 + 2) * 8
+    epochs = [json.loads(line)['epoch'] for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert epochs == list(range(step // 8 + 2))  # one line per epoch, the one stopped in included
 
 
 def poison(monkeypatch, bad):
@@ -241,3 +246,164 @@ def test_handlers_come_back_when_training_fails(tiny_data, tmp_path, monkeypatch
     except C.UserError as e:
         assert 'non-finite' in str(e)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+# ---------------------------------------------------------------- resuming with other settings or data
+
+
+@pytest.fixture(scope='module')
+def every_step(tiny_data, tmp_path_factory):
+    """2 epochs x 8 steps of 64 images, a checkpoint at every step. -> its folder"""
+    out = tmp_path_factory.mktemp('every_step') / 'run'
+    r = run(train_args(tiny_data, out, '--ckpt_every=1', '--keep=100'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def resume(full, step, out, data, *extra, capsys, ts=None, monkeypatch=None):
+    """train.py --resume=auto in out, a fresh folder holding full's checkpoint of step. ts: gets
+    (t, images) of each step taken. -> (exit status, stdout, stderr)"""
+    if not out.exists():
+        out.mkdir()
+        shutil.copy(next(full.glob(f'ckpt-{step:08d}-*.pt')), out)
+    if ts is not None:
+        real = T.train_step
+        step = lambda r, x, y, t, stop: ts.append((t, len(y))) or real(r, x, y, t, stop)
+        monkeypatch.setattr(T, 'train_step', step)
+    code = C.cli(T.main, train_args(data, out, '--resume=auto', *extra)[1:])
+    out_err = capsys.readouterr()
+    return code, out_err.out, out_err.err
+
+
+def error_line(code, err):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), err
+    return lines[0]
+
+
+def epoch_lines(out):
+    return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    'batch,step,at', [(128, 12, 'step 2'), (32, 12, 'step 8'), (128, 9, 'step 0 (+64 images)')]
+)
+def test_another_batch_size_is_refused_or_continues_at_the_same_image(
+    every_step, tiny_data, tmp_path, capsys, monkeypatch, batch, step, at
+):
+    """Up, down, and to a size the images done are no multiple of: the same epoch, the same image, the
+    schedule continuous (t = epoch + images done / images per epoch), the epoch's line written once."""
+    out = tmp_path / 'run'
+    line = error_line(*resume(every_step, step, out, tiny_data, f'--batch_size={batch}', capsys=capsys)[::2])
+    assert f'batch_size 64 -> {batch}' in line and '--resume_changes=batch_size' in line
+    ts, done = [], (step - 8) * 64  # images of epoch 1 done before the checkpoint
+    code, stdout, _ = resume(
+        every_step,
+        step,
+        out,
+        tiny_data,
+        f'--batch_size={batch}',
+        '--resume_changes=batch_size',
+        capsys=capsys,
+        ts=ts,
+        monkeypatch=monkeypatch,
+    )
+    assert code is None and f'at epoch 1 {at}' in stdout, stdout
+    assert ts[0] == (1 + done / 512, min(batch, 512 - done) - done % batch)
+    assert [t for t, _ in ts] == [1 + (done + sum(n for _, n in ts[:i])) / 512 for i in range(len(ts))]
+    assert sum(n for _, n in ts) == 512 - done  # the rest of epoch 1, each image once
+    ck = C.load_checkpoint(str(out / 'ckpt.pt'), C.RESUME_KEYS)
+    change = dict(key='batch_size', old=64, new=batch, step=step, epoch=1, images=done)
+    assert (
+        ck['changes'] == [change]
+        and ck['config']['batch_size'] == batch
+        and ck['steps_per_epoch'] == 512 // batch
+    )
+    assert [(m['epoch'], m['changes']) for m in epoch_lines(out)] == [(1, [change])]
+
+
+def test_data_of_another_size_is_refused_or_accepted_and_other_images_warned(
+    every_step, tiny_data, tmp_path, capsys
+):
+    (xtr, ytr), (xte, yte) = D.load_fashion_mnist(tiny_data)
+    half, flipped = tmp_path / 'half', tmp_path / 'flipped'
+    for folder, (x, y) in ((half, (xtr[:256], ytr[:256])), (flipped, (xtr.flip(3), ytr))):
+        folder.mkdir()
+        for name, t in (
+            ('train-images-idx3', x[:, 0]),
+            ('train-labels-idx1', y),
+            ('t10k-images-idx3', xte[:, 0]),
+            ('t10k-labels-idx1', yte),
+        ):
+            write_idx(folder / f'{name}-ubyte.gz', t.to(torch.uint8))
+    line = error_line(*resume(every_step, 10, tmp_path / 'a', str(half), capsys=capsys)[::2])
+    assert 'data 512 training images -> 256 training images' in line and '--resume_changes=data' in line
+    code, stdout, _ = resume(
+        every_step, 10, tmp_path / 'a', str(half), '--resume_changes=data', capsys=capsys
+    )
+    assert code is None and 'at epoch 1 step 2' in stdout  # 128 of epoch 1's images done: 2 of 4 steps
+    assert C.load_checkpoint(str(tmp_path / 'a' / 'ckpt.pt'), C.RESUME_KEYS)['step'] == 12
+    code, _, err = resume(every_step, 12, tmp_path / 'b', str(flipped), capsys=capsys)
+    was, now = D.identity(tiny_data)['fingerprint'], D.identity(str(flipped))['fingerprint']
+    warnings = [line for line in err.splitlines() if line.startswith('warning: ')]
+    assert code is None and len(warnings) == 1 and was in warnings[0] and now in warnings[0] and was != now
+
+
+def test_fewer_or_more_epochs(every_step, tiny_data, tmp_path, capsys):
+    """--epochs may shrink (nothing is trained again) or grow (training longer, recorded)."""
+    code, stdout, _ = resume(every_step, 16, tmp_path / 'a', tiny_data, '--epochs=1', capsys=capsys)
+    assert code is None and 'the run finished 2 epochs (--epochs=1): nothing to train' in stdout
+    assert not (tmp_path / 'a' / 'metrics.jsonl').exists()
+    code, stdout, _ = resume(every_step, 12, tmp_path / 'b', tiny_data, '--epochs=1', capsys=capsys)
+    assert code is None and 'the run finished 1 epoch (--epochs=1)' in stdout
+    code, _, _ = resume(every_step, 16, tmp_path / 'c', tiny_data, '--epochs=3', capsys=capsys)
+    change = dict(key='epochs', old=2, new=3, step=16, epoch=2, images=0)
+    lines = [(m['epoch'], m.get('changes')) for m in epoch_lines(tmp_path / 'c')]
+    assert code is None and lines == [(1, None), (2, [change])]  # epoch 1, trained, is evaluated first
+    assert C.load_checkpoint(str(tmp_path / 'c' / 'ckpt.pt'), C.RESUME_KEYS)['step'] == 24
+
+
+def test_every_setting_that_changes_the_run_is_compared(every_step, tiny_data, tmp_path, capsys):
+    new = ['--lr=0.001', '--smoothing=0.2', '--mixup=0.5', '--eval_n=32', '--workers=1']  # the last two: free
+    line = error_line(*resume(every_step, 12, tmp_path / 'a', tiny_data, *new, capsys=capsys)[::2])
+    assert 'lr 0.002 -> 0.001, smoothing 0.1 -> 0.2, mixup 0.0 -> 0.5' in line, line
+    assert line.endswith('--resume_changes=lr,smoothing,mixup')
+    line = error_line(
+        *resume(every_step, 12, tmp_path / 'a', tiny_data, *new, '--resume_changes=lr', capsys=capsys)[::2]
+    )
+    assert 'lr' not in line.split(':')[1] and 'smoothing' in line
+    code, _, _ = resume(
+        every_step, 12, tmp_path / 'a', tiny_data, *new, '--resume_changes=lr,smoothing,mixup', capsys=capsys
+    )
+    ck = C.load_checkpoint(str(tmp_path / 'a' / 'ckpt.pt'), C.RESUME_KEYS)
+    assert code is None and [(c['key'], c['old'], c['new'], c['step']) for c in ck['changes']] == [
+        ('lr', 0.002, 0.001, 12),
+        ('smoothing', 0.1, 0.2, 12),
+        ('mixup', 0.0, 0.5, 12),
+    ]
+    assert (ck['config']['lr'], ck['config']['smoothing']) == (0.001, 0.2)  # the settings it trains with now
+    with pytest.raises(C.UserError, match='settings a resume may change'):
+        C.parse_config(['--resume_changes=lr,out'])
+
+
+def test_a_resumed_epoch_reports_the_whole_epoch(every_step, tiny_data, tmp_path, capsys):
+    """The epoch's running sums travel in the checkpoint: the metrics line of an epoch resumed mid-way is
+    the uninterrupted run's (bit for bit, the weights being); a checkpoint of an earlier version, without
+    the new keys, resumes, said in one line each."""
+    (tmp_path / 'a').mkdir()  # in a process of its own, as the uninterrupted run: the same threads
+    shutil.copy(next(every_step.glob('ckpt-00000012-*.pt')), tmp_path / 'a')
+    r = run(train_args(tiny_data, tmp_path / 'a', '--resume=auto'))
+    full, cut = epoch_lines(every_step)[1], epoch_lines(tmp_path / 'a')
+    assert r.returncode == 0 and [m['epoch'] for m in cut] == [1], r.stderr[-3000:]
+    assert same_weights(*(C.load_checkpoint(str(d / 'ckpt.pt')) for d in (every_step, tmp_path / 'a')))
+    assert {k: v for k, v in cut[0].items() if k != 'img_per_s'} == {
+        k: v for k, v in full.items() if k != 'img_per_s'
+    }
+    old = tmp_path / 'old'
+    old.mkdir()
+    ck = C.load_checkpoint(str(next(every_step.glob('ckpt-00000012-*.pt'))), C.RESUME_KEYS)
+    new_keys = ('images', 'steps_per_epoch', 'batch_size', 'sums', 'done', 'changes', 'data_id')
+    C.save_checkpoint(str(old / 'ckpt-00000012-old.pt'), {k: v for k, v in ck.items() if k not in new_keys})
+    code, stdout, err = resume(every_step, 12, old, tiny_data, capsys=capsys)
+    assert code is None and 'at epoch 1 step 4' in stdout and 'an earlier version' in stdout
+    assert 'records no class names or data fingerprint' in err

@@ -9,27 +9,23 @@
     python -m tools.bench twice                          # which timm architectures survive a double backward
     python -m tools.bench conv skip|batchnorm|first_order  # models.Conv2d's choices (skipped weight
                                                    # gradients, a primitive-op BatchNorm, first-order steps)
-step: standard, GradNorm (exact eager and compiled, each with nn.Conv2d and models.Conv2d: native
-and fast; finite-difference where float32 runs), EdgeReg and PGD-3 adversarial training, on one
-batch of the data (--data), timed interleaved, medians after warm-up and compile, as ratios to
-standard and to PGD-3. A step is everything the training loop does: objective, backward,
+step: standard, GradNorm (exact, with nn.Conv2d and models.Conv2d: native and fast; finite-difference
+where float32 runs), EdgeReg, FGSM-RS and PGD-3 adversarial training, each as training runs it (compiled
+on CUDA, eager on the CPU; --compile for more), on one batch of the data (--data), timed interleaved,
+medians after warm-up and compile, as ratios to standard and to PGD-3 run the same way (compiled to
+compiled, eager to eager). A step is everything the training loop does: objective, backward,
 clipping, AdamW. Peak memory is torch's allocator peak on CUDA, the peak resident-set growth over
 the step on the CPU. loader is in tools/bench_loader.py; fd_error, conv and twice in tools/bench_grad.py.
 """
 
-import argparse
-import ctypes
-import platform
-import re
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn as nn
 
-from attack import pgd, pgd_at
+from attack import fgsm_at, pgd, pgd_at
 from config import ArgumentParser, Config, UserError, checked, cli
 from data import (
     FASHION_MEAN,
@@ -39,82 +35,47 @@ from data import (
 )
 from edge_reg import edge_reg
 from gradnorm import FD_H, choose_impl, gradnorm, gradnorm_fd, standard
-from models import build_model
+from models import build_model, normalization
+from tools import bench_grad, bench_loader
+from tools.bench_grad import hardware, timed_step
 from train import plan
-
-LIBC = ctypes.CDLL(None)
 
 
 def bind(fn, *args, compiled=False, dynamic=None):
     """fn(model, x, y, *args) as objective(model, x, y), compiled as training compiles it (fullgraph,
-    except PGD: its attack loop needs a graph break, see train.objective); dynamic: torch.compile's."""
-    f = torch.compile(fn, fullgraph=fn is not pgd_at, dynamic=dynamic) if compiled else fn
+    except the attacks: they need graph breaks, see train.objective), EdgeReg in the model's input
+    space as training runs it; dynamic: torch.compile's."""
+    f = torch.compile(fn, fullgraph=fn not in (pgd_at, fgsm_at), dynamic=dynamic) if compiled else fn
+    if fn is edge_reg:
+        return lambda m, x, y: f(m, x, y, *args, norm=normalization(m))
     return lambda m, x, y: f(m, x, y, *args)
 
 
-def methods(compile_all, compile_gradnorm, eps, h, device, amp=False, act='gelu', dynamic=None):
-    """-> {name: (objective(model, x, y), compiled?, the Config training would run it with)};
-    input-gradient objectives need x a leaf. The finite-difference row where choose_impl allows it
+def methods(compile_all, compile_gradnorm, eps, h, device, amp=False, act='gelu', dynamic=None, which=None):
+    """-> {name: (objective(model, x, y), compiled?, the Config training would run it with)}, a compiled
+    row named '<method> compiled'; input-gradient objectives need x a leaf. which(method, compiled) ->
+    bool picks the rows; without it every method eager, compiled too with compile_all, and exact
+    GradNorm compiled with compile_gradnorm. The finite-difference rows where choose_impl allows them
     (float32: on the CPU, or CUDA without autocast). dynamic=True: one compile for every batch size."""
     alpha = torch.tensor(1.0, device=device)  # a tensor: the value is not baked into a compiled graph
-    cfg = lambda **kw: Config(amp=amp, act=act, **kw)
-    std, exact, fd = cfg(objective='standard'), cfg(gradnorm_impl='exact'), cfg(gradnorm_impl='fd')
-    edge, pgd = cfg(objective='edge'), cfg(objective='pgd')
-    rows = {'standard': (bind(standard), False, std)}
-    if compile_all:
-        rows['standard compiled'] = (bind(standard, compiled=True, dynamic=dynamic), True, std)
-    rows['gradnorm exact'] = (bind(gradnorm, eps, alpha), False, exact)
-    if compile_gradnorm:
-        fn = bind(gradnorm, eps, alpha, compiled=True, dynamic=dynamic)
-        rows['gradnorm exact compiled'] = (fn, True, exact)
+    table = {'standard': (standard, (), dict(objective='standard')),
+             'gradnorm exact': (gradnorm, (eps, alpha), dict(gradnorm_impl='exact')),
+             'gradnorm fd': (gradnorm_fd, (eps, alpha, h), dict(gradnorm_impl='fd')),
+             'edgereg': (edge_reg, (alpha,), dict(objective='edge')),
+             'fgsm at': (fgsm_at, (eps,), dict(objective='fgsm')),
+             'pgd3 at': (pgd_at, (eps, 3), dict(objective='pgd'))}
     try:
         choose_impl('fd', device.type, amp, act)
-        rows['gradnorm fd'] = (bind(gradnorm_fd, eps, alpha, h), False, fd)
     except ValueError:  # bf16 autocast
-        pass
-    rows['edgereg'] = (bind(edge_reg, alpha), False, edge)
-    if compile_all:
-        rows['edgereg compiled'] = (bind(edge_reg, alpha, compiled=True, dynamic=dynamic), True, edge)
-    rows['pgd3 at'] = (bind(pgd_at, eps, 3), False, pgd)
-    if compile_all:
-        rows['pgd3 at compiled'] = (bind(pgd_at, eps, 3, compiled=True, dynamic=dynamic), True, pgd)
+        del table['gradnorm fd']
+    which = which or (lambda name, c: not c or compile_all or (compile_gradnorm and name == 'gradnorm exact'))
+    rows = {}
+    for name, (fn, args, kw) in table.items():
+        for c in (False, True):
+            if which(name, c):
+                f = bind(fn, *args, compiled=c, dynamic=dynamic)
+                rows[name + ' compiled' * c] = (f, c, Config(amp=amp, act=act, **kw))
     return rows
-
-
-def hardware(device):
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name()
-    return f'{platform.processor() or platform.machine()} CPU'
-
-
-def rss_kib(key):
-    return int(re.search(key + r':\s+(\d+)', open('/proc/self/status').read()).group(1))
-
-
-def timed_step(model, opt, fn, x, y, device, autocast):
-    """One training step -> (seconds, peak bytes above the memory in use before it)."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        LIBC.malloc_trim(0)  # hand cached free memory back, so the step's allocations show in the RSS
-        open('/proc/self/clear_refs', 'w').write('5')  # resets the peak RSS (Linux >= 4.0)
-        base = rss_kib('VmRSS') * 1024
-    t0 = time.perf_counter()
-    x = x.detach().requires_grad_()  # a leaf before any compiled code; standard and PGD ignore it
-    with autocast:
-        loss, _ = fn(model, x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = rss_kib('VmHWM') * 1024 - base
-    return time.perf_counter() - t0, peak
 
 
 def step_args(p):
@@ -150,11 +111,13 @@ def step_args(p):
         '--compile',
         default='auto',
         choices=['auto', 'all', 'gradnorm', 'none'],
-        help='auto: all objectives on CUDA, none on the CPU (Inductor compiles a double backward '
-        'there for minutes; --compile=gradnorm adds that row)',
+        help='auto: each method as training runs it, compiled on CUDA, eager on the CPU; none: all '
+        'eager; all: each method eager and compiled; gradnorm: auto, plus exact GradNorm and PGD-3 '
+        'the other way (on the CPU compiled: Inductor compiles a double backward there for minutes)',
     )
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
-    p.add_argument('--skip', default='', help="comma-separated methods to leave out, e.g. 'edgereg compiled'")
+    p.add_argument('--skip', default='', help="comma-separated rows to leave out, e.g. 'edgereg compiled'; "
+                   "a method's name ('edgereg') leaves out all its rows")
     p.add_argument(
         '--memory_format',
         default='auto',
@@ -199,12 +162,15 @@ def bench_input(args, device):
     return x.contiguous(), y, info
 
 
-def step_rows(args, device, amp, mode):
-    """-> {row name: (objective, compiled?, Config, conv)}: each method, exact GradNorm once per conv
-    with --conv=both, less --skip."""
+def step_rows(args, device, amp):
+    """-> {row name: (objective, compiled?, Config, conv)}: each method compiled or not per --compile,
+    exact GradNorm once per conv with --conv=both, less --skip."""
+    cuda = device.type == 'cuda'
+    which = {'auto': lambda n, c: c == cuda, 'none': lambda n, c: not c, 'all': lambda n, c: True,
+             'gradnorm': lambda n, c: c == cuda or n in ('gradnorm exact', 'pgd3 at')}[args.compile]
     rows = {}
     for name, (fn, compiled, cfg) in methods(
-        mode == 'all', mode in ('all', 'gradnorm'), args.eps, args.fd_h, device, amp, args.act
+        False, False, args.eps, args.fd_h, device, amp, args.act, which=which
     ).items():
         convs = (
             ('native', 'fast')
@@ -213,14 +179,15 @@ def step_rows(args, device, amp, mode):
         )
         for conv in convs:
             rows[f'{name} {conv}' if len(convs) > 1 else name] = (fn, compiled, cfg, conv)
-    return {n: r for n, r in rows.items() if n not in args.skip.split(',')}
+    skip = [k for k in args.skip.split(',') if k]
+    return {n: r for n, r in rows.items() if not any(n == k or n.startswith(k + ' ') for k in skip)}
 
 
 def warm_up(rows, args, info, x, y, device, autocast, build=None):
     """Each row's model (the same weights), optimizer and input in training's memory format, after
     --warmup untimed steps (the first compiles); a row that fails is reported and left out.
     build(conv) -> model: build_model(args.model, args.act, conv=conv, **info) unless given.
-    -> {name: dict(model, opt, x, fmt, fn, layout, warm (s), times, peaks)}"""
+    -> {name: dict(model, opt, x, fmt, fn, layout, warm (s), times, peaks, compiled)}"""
     build = build or (lambda conv: build_model(args.model, args.act, conv=conv, **info))
     torch.manual_seed(0)
     weights = build('native').state_dict()
@@ -249,9 +216,8 @@ def warm_up(rows, args, info, x, y, device, autocast, build=None):
         warm = time.perf_counter() - t0
         print(f'warm-up {name}: {warm:.1f} s' + (' (includes compiling)' if compiled else ''), flush=True)
         layout = ('channels_last' if fmt == torch.channels_last else 'contiguous') + f'  {conv}'
-        state[name] = dict(
-            model=model, opt=opt, x=x_, fmt=fmt, fn=fn, layout=layout, warm=warm, times=[], peaks=[]
-        )
+        state[name] = dict(model=model, opt=opt, x=x_, fmt=fmt, fn=fn, layout=layout, warm=warm, times=[],
+                           peaks=[], compiled=compiled)
     return state
 
 
@@ -272,8 +238,8 @@ def time_rows(state, args, y, device, autocast):
 
 
 def step_table(state, args, info, device, amp):
-    """Each row's median step time, as a ratio to standard and to PGD-3, warm-up apart; then GradNorm's
-    best (and auto's) cost over PGD-3's."""
+    """Each row's median step time, as a ratio to standard and to PGD-3 run the same way (compiled or
+    eager), warm-up apart; then, per way, GradNorm's best (and auto's) cost over PGD-3's."""
     res, precision = info['img_size'], 'bf16 autocast' if amp else 'float32'
     precision += ', TF32 off' if device.type == 'cuda' and not amp else ''
     print(
@@ -284,32 +250,36 @@ def step_table(state, args, info, device, amp):
         f'median of {args.repeats} interleaved steps after {args.warmup} warm-up'
     )
     med = {name: statistics.median(s['times']) for name, s in state.items()}
-    std = med.get('standard')
-    pgds = [t for n, t in med.items() if n.startswith('pgd3')]
-    pgd = min(pgds) if pgds else None
-    ratio = lambda t, ref: f'{t / ref:9.2f}x' if ref else f'{"-":>10}'
+    way = lambda c: 'compiled' if c else 'eager'
+    ref = lambda method, c: med.get(method + ' compiled' * c)  # the same method run the same way
+    ratio = lambda t, r: f'{t / r:9.2f}x' if r else f'{"-":>10}'
     print(
         f'{"method":<30} {"warm-up s":>9} {"step ms":>8} {"img/s":>8} {"peak MiB":>9} {"x standard":>10} '
-        f'{"x pgd3":>10}  format  conv'
+        f'{"x pgd3":>10}  format  conv  run'
     )
     for name, s in state.items():
+        c = s['compiled']
         print(
             f'{name:<30} {s["warm"]:9.1f} {1000 * med[name]:8.1f} {args.batch / med[name]:8.0f} '
-            f'{statistics.median(s["peaks"]) / 2**20:9.1f} {ratio(med[name], std)} '
-            f'{ratio(med[name], pgd)}  {s["layout"]}'
+            f'{statistics.median(s["peaks"]) / 2**20:9.1f} {ratio(med[name], ref("standard", c))} '
+            f'{ratio(med[name], ref("pgd3 at", c))}  {s["layout"]}  {way(c)}'
         )
-    gn = {n: t for n, t in med.items() if n.startswith('gradnorm')}
-    if not (gn and pgd):
-        return
-    best = min(gn, key=gn.get)
-    exact = ', '.join(f'{n[len("gradnorm ") :]} {t / pgd:.2f}' for n, t in gn.items() if 'exact' in n)
-    auto, why = choose_impl('auto', device.type, amp, args.act)
-    print(
-        f'gradnorm/pgd3 {gn[best] / pgd:.2f} (best: {best}) | double backprop: {exact} | '
-        + (f'fd {gn["gradnorm fd"] / pgd:.2f} | ' if 'gradnorm fd' in gn else '')
-        + (f'pgd3/standard {pgd / std:.2f} | ' if std else '')
-        + f'auto picks {why}'
-    )
+    _, why = choose_impl('auto', device.type, amp, args.act)
+    for c in sorted({s['compiled'] for s in state.values()}):
+        gn = {n: t for n, t in med.items() if n.startswith('gradnorm') and state[n]['compiled'] == c}
+        pgd, std, fgsm = ref('pgd3 at', c), ref('standard', c), ref('fgsm at', c)
+        if not (gn and pgd):
+            continue
+        best = min(gn, key=gn.get)
+        exact = ', '.join(f'{n[len("gradnorm ") :]} {t / pgd:.2f}' for n, t in gn.items() if 'exact' in n)
+        fd = [t for n, t in gn.items() if 'fd' in n]
+        print(
+            f'gradnorm/pgd3 {gn[best] / pgd:.2f} (best: {best}) | {way(c)} vs {way(c)} | double backprop: '
+            f'{exact} | ' + (f'fd {fd[0] / pgd:.2f} | ' if fd else '')
+            + (f'fgsm/pgd3 {fgsm / pgd:.2f} | ' if fgsm else '')
+            + (f'pgd3/standard {pgd / std:.2f} | ' if std else '')
+            + f'auto picks {why}'
+        )
 
 
 def bench_step(args):
@@ -317,14 +287,13 @@ def bench_step(args):
         torch.set_num_threads(args.threads)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     amp = device.type == 'cuda' and args.amp == 'true'  # training autocasts on CUDA only
-    mode = {'auto': 'all' if device.type == 'cuda' else 'none'}.get(args.compile, args.compile)
-    if mode != 'none':
-        torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
     if device.type == 'cuda':  # float32 as the paper runs it, and as fd needs it (gradnorm.fd_float32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp
     autocast = torch.autocast('cuda', torch.bfloat16) if amp else nullcontext()
     x, y, info = bench_input(args, device)
-    rows = step_rows(args, device, amp, mode)
+    rows = step_rows(args, device, amp)
+    if any(compiled for _, compiled, *_ in rows.values()):
+        torch._dynamo.config.trace_autograd_ops = True  # lets the inner autograd.grad compile
     print(
         f'bench step: {len(rows)} methods x ({args.warmup} warm-up + {args.repeats} timed steps), '
         f'{args.model} {tuple(x.shape[1:])}, batch {args.batch} on {device.type}: {", ".join(rows)}',
@@ -378,7 +347,7 @@ def bench_attack(args):
 
 def main(argv):
     positive = checked(int, lambda v: v >= 1, 'at least 1')
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest='cmd', required=True)
     step_args(sub.add_parser('step', help='a training step of every objective'))
     a = sub.add_parser('attack', help='PGD seconds per 1,000 images, eager vs compiled')
@@ -386,8 +355,6 @@ def main(argv):
     a.add_argument('--batch', type=positive, default=500)
     a.add_argument('--images', type=positive, default=1000)
     a.add_argument('--steps', type=positive, default=10)
-    from tools import bench_grad, bench_loader  # they use this file's timing helpers
-
     bench_grad.add_args(sub)
     bench_loader.add_args(sub)
     args = p.parse_args(argv)

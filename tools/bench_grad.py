@@ -3,11 +3,16 @@
     fd_error  finite-difference GradNorm against float64 double backprop (CPU)
     conv      models.Conv2d's choices: skipped weight gradients, a primitive-op BatchNorm, first-order steps
     twice     which timm architectures survive a double backward (CPU)
+
+and timed_step, the one timed training step that tools/bench.py's tables and these commands share.
 """
 
 import copy
+import ctypes
 import platform
+import re
 import statistics
+import time
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -16,9 +21,49 @@ import torch.nn as nn
 import models
 from attack import pgd_at
 from config import checked
-from gradnorm import FD_H, gradnorm, gradnorm_fd, standard
+from gradnorm import FD_H, gradnorm, gradnorm_fd_unchecked, standard
 from models import build_model
-from tools.bench import hardware, timed_step
+
+# ---------------------------------------------------------------- one timed training step
+
+LIBC = ctypes.CDLL(None)
+
+
+def hardware(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name()
+    return f'{platform.processor() or platform.machine()} CPU'
+
+
+def rss_kib(key):
+    return int(re.search(key + r':\s+(\d+)', open('/proc/self/status').read()).group(1))
+
+
+def timed_step(model, opt, fn, x, y, device, autocast):
+    """One training step -> (seconds, peak bytes above the memory in use before it)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        LIBC.malloc_trim(0)  # hand cached free memory back, so the step's allocations show in the RSS
+        open('/proc/self/clear_refs', 'w').write('5')  # resets the peak RSS (Linux >= 4.0)
+        base = rss_kib('VmRSS') * 1024
+    t0 = time.perf_counter()
+    x = x.detach().requires_grad_()  # a leaf before any compiled code; standard and PGD ignore it
+    with autocast:
+        loss, _ = fn(model, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = rss_kib('VmHWM') * 1024 - base
+    return time.perf_counter() - t0, peak
+
 
 # ---------------------------------------------------------------- fd_error: finite differences' error
 
@@ -38,11 +83,13 @@ def reference_grad(model, x, y, eps, weights=(0.8, 1.2)):
     return param_grad(copy.deepcopy(model).double(), gradnorm, x.double(), y, eps, weights=weights)
 
 
-def fd_error(model, x, y, eps, h=FD_H, ref=None, autocast=None, weights=(0.8, 1.2), fn=gradnorm_fd):
+def fd_error(model, x, y, eps, h=FD_H, ref=None, autocast=None, weights=(0.8, 1.2),
+             fn=gradnorm_fd_unchecked):
     """||g - g_ref|| / ||g_ref||: the float32 parameter gradient of fn (finite differences at h, or
-    fn=gradnorm: double backprop) against float64 double backprop of the same weights."""
+    fn=gradnorm: double backprop) against float64 double backprop of the same weights. Unchecked: it
+    also measures what gradnorm_fd refuses (autocast, TF32)."""
     ref = reference_grad(model, x, y, eps, weights) if ref is None else ref
-    kw = dict(h=h) if fn is gradnorm_fd else {}
+    kw = dict(h=h) if fn is gradnorm_fd_unchecked else {}
     g = param_grad(model, fn, x, y, eps, autocast, weights=weights, **kw)
     return ((g - ref).norm() / ref.norm()).item()
 
@@ -245,13 +292,9 @@ def bench_conv(args):
     for _ in range(args.repeats):
         for m, opt, fn, times in state.values():
             times.append(timed_step(m, opt, fn, x, y, device, autocast)[0])
-    hw = (
-        torch.cuda.get_device_name()
-        if device.type == 'cuda'
-        else f'{platform.processor() or platform.machine()} CPU'
-    )
     print(
-        f'\nconv {args.what}: {hw}, {torch.get_num_threads()} threads | torch {torch.__version__} | '
+        f'\nconv {args.what}: {hardware(device)}, {torch.get_num_threads()} threads | '
+        f'torch {torch.__version__} | '
         f'{args.model} {args.res} px batch {args.batch} | median of {args.repeats} interleaved steps'
     )
     first = None
@@ -356,3 +399,7 @@ def add_args(sub):
     w = sub.add_parser('twice', help='which timm architectures survive a double backward (CPU)')
     w.add_argument('--models', nargs='*', default=None, help='timm names (default: one of each family)')
     w.add_argument('--res', type=checked(int, lambda v: v >= 16, 'at least 16'), default=64)
+
+
+if __name__ == '__main__':  # a part of another command: --help says which
+    print(__doc__)

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from augment import BatchAugment, randaug_transform
+from augment import BatchAugment, ffcv_loader, randaug_transform, torchvision_loader
 from config import RULES, checked
-from data import VAL_SIDE, ffcv_loader, need_ffcv, torchvision_loader
+from data import VAL_SIDE, list_images, need_ffcv
 from models import IMAGENET_MEAN, IMAGENET_STD
 from tools.beton import write_beton
 
@@ -77,7 +77,7 @@ def bench_loader(n=512, res=224, batch=64, workers=2, rounds=5, val_side=VAL_SID
                     f'{tmp}/beton/{split}.beton', batch, 'cpu', train, res, workers=workers, **kw
                 ),
                 'torchvision': torchvision_loader(
-                    f'{tmp}/{split}', batch, 'cpu', train, res, workers=workers, **kw
+                    list_images(f'{tmp}/{split}')[1], batch, 'cpu', train, res, workers=workers, **kw
                 ),
             }
             best = {}
@@ -127,3 +127,7 @@ def add_args(sub):
 def run(args):
     bench_loader(args.n, batch=args.batch, workers=args.workers, val_side=args.val_side, randaug=args.randaug,
                  reprob=args.reprob)
+
+
+if __name__ == '__main__':  # a part of another command: --help says which
+    print(__doc__)

@@ -10,8 +10,9 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from config import ArgumentParser, UserError, checked, cli
-from data import VAL_SIDE, class_folders, list_images, load_rgb, need_ffcv, warn, write_split
+from augment import load_rgb
+from config import ArgumentParser, UserError, checked, cli, warn
+from data import VAL_SIDE, class_folders, list_images, need_ffcv, write_split
 
 
 def _decode_error(path):
@@ -74,7 +75,8 @@ def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None, 
             f'{split}: writing {len(good)} images, {len(samples) - len(good)} skipped as undecodable',
             flush=True,
         )
-        with open(os.path.join(out, f'{split}_files.txt.tmp'), 'w') as f:
+        # a name that is not UTF-8 is written as its bytes, as the file system holds it (and data.py reads it)
+        with open(os.path.join(out, f'{split}_files.txt.tmp'), 'w', errors='surrogateescape') as f:
             f.writelines(os.path.relpath(p, folder).replace(os.sep, '/') + '\n' for p, _ in good)
         sized = _Photos(good, short_side=val_side) if split == 'val' and val_side else _Photos(good, max_side)
         write_split(
@@ -84,6 +86,8 @@ def write_beton(src, out, max_side=500, quality=90, compress=0.5, workers=None, 
         size = os.path.getsize(os.path.join(out, f'{split}.beton'))
         print(f'{out}/{split}.beton: {len(good)} images, {size / 2**20:.1f} MiB', flush=True)
         result[split] = (len(good), len(samples) - len(good))
+    with open(os.path.join(out, 'classes.txt'), 'w', errors='surrogateescape') as f:  # names, in label order
+        f.writelines(c + '\n' for c in classes)
     return result
 
 
@@ -96,8 +100,9 @@ def main(argv):
             lambda v: all(os.path.isdir(os.path.join(v, s)) for s in ('train', 'val')),
             'an ImageFolder tree with train/ and val/ folders',
         ),
+        help='an ImageFolder tree: train/<class>/*, val/<class>/*',
     )
-    w.add_argument('out')
+    w.add_argument('out', help='the folder to write train.beton, val.beton, val_files.txt to')
     w.add_argument(
         '--max-side',
         type=checked(int, lambda v: v >= 32, 'at least 32'),
@@ -122,7 +127,8 @@ def main(argv):
         default=VAL_SIDE,
         help='val images are stored at this short side (224 / 0.875); 0 = like train',
     )
-    w.add_argument('--workers', type=checked(int, lambda v: 1 <= v <= 256, 'in [1, 256]'), default=None)
+    w.add_argument('--workers', type=checked(int, lambda v: 1 <= v <= 256, 'in [1, 256]'), default=None,
+                   help='writer processes (default: the CPUs this process may use)')
     args = w.parse_args(argv)
     try:
         os.makedirs(args.out, exist_ok=True)

@@ -24,9 +24,9 @@ from torchvision.utils import make_grid, save_image
 
 from attack import LOSSES, pgd
 from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint
-from data import data_shape, make_loaders
+from data import check_data, data_shape, make_loaders
 from edge_reg import edge_energy
-from evaluate import check_data, evaluate, model_from_checkpoint, parse_eps
+from evaluate import evaluate, model_from_checkpoint, parse_eps
 
 QUANTILES = {'q10': 0.1, 'q25': 0.25, 'median': 0.5, 'q75': 0.75, 'q90': 0.9}
 
@@ -309,7 +309,8 @@ def characterize(ckpts, n=None, rows=8, eps=None, steps=20, out='runs/characteri
 def main(argv):
     positive = checked(int, lambda v: v >= 1, 'at least 1')
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('ckpts', nargs='+', type=checked(str, os.path.isfile, 'an existing checkpoint file'))
+    p.add_argument('ckpts', nargs='+', type=checked(str, os.path.isfile, 'an existing checkpoint file'),
+                   help='checkpoints of train.py')
     p.add_argument('--n', type=positive, default=None, help='first n test images (default 1000)')
     p.add_argument(
         '--rows',
@@ -323,9 +324,10 @@ def main(argv):
         type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
         help='PGD budget (default: each checkpoint\'s training eps)',
     )
-    p.add_argument('--steps', type=positive, default=20)
-    p.add_argument('--out', default='runs/characterize')
-    p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'))
+    p.add_argument('--steps', type=positive, default=20, help='PGD steps')
+    p.add_argument('--out', default='runs/characterize', help='folder for the pictures and the JSON')
+    p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'),
+                   help='data path (default: the one each checkpoint was trained on)')
     p.add_argument(
         '--fo-n',
         type=checked(int, lambda v: v >= 0, 'at least 0'),

@@ -400,6 +400,9 @@ def run_all(dry, skip=(), fashion=FASHION, ckpt=None, extra=False):
 
 
 def main(argv):
+    if {'-h', '--help'} & set(argv):
+        print(__doc__.strip())  # its options are the words and --key=value forms shown there
+        return 0
     opts = dict(a.removeprefix('--').split('=', 1) for a in argv if a.startswith('--') and '=' in a)
     unknown = set(opts) - {'skip', 'data', 'ckpt'}
     bad = [f'unknown option --{k}' for k in unknown]

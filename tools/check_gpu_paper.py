@@ -12,12 +12,14 @@ import torch
 # ---------------------------------------------------------------- paper: the paper's model, costs and sizes
 
 SWINB = 'swin_base_patch4_window7_224'
-# the rows, and the recipe whose per-GPU batch each would train (config.RECIPES)
+# the rows, and the recipe whose per-GPU batch each would train (config.RECIPES); each row runs as
+# training runs it (compiled on the GPU, eager on the dry run's CPU), so 'x pgd3' is like against like
 PAPER_ROWS = {
     'standard': 'swinb_standard',
-    'gradnorm exact compiled': 'swinb_gradnorm',
+    'gradnorm exact': 'swinb_gradnorm',
     'gradnorm fd': 'swinb_gradnorm',
     'edgereg': 'swinb_edge',
+    'fgsm at': 'swinb_pgd',
     'pgd3 at': 'swinb_pgd',
 }
 
@@ -90,7 +92,7 @@ def fits(s, b, classes, device, autocast, cap_bytes):
     """Whether one training step of row s at micro-batch b runs without running out of memory. On the
     CPU (the dry run) the card is cap_bytes: the step's peak memory growth must stay below it (making
     allocations fail for real, under an address-space limit, crashed oneDNN's bf16 kernels)."""
-    from tools.bench import timed_step
+    from tools.bench_grad import timed_step
 
     x = torch.rand(b, *s['x'].shape[1:], device=device).contiguous(memory_format=s['fmt'])
     y = torch.randint(0, classes, (b,), device=device)
@@ -209,7 +211,8 @@ def paper(dry):
     import argparse
 
     from gradnorm import FD_H
-    from tools.bench import hardware, methods, time_rows, warm_up
+    from tools.bench import methods, time_rows, warm_up
+    from tools.bench_grad import hardware
     from train import plan
 
     p = paper_settings(dry)
@@ -231,9 +234,9 @@ def paper(dry):
         tf32(device, amp)
         autocast = torch.autocast(device.type, torch.bfloat16) if amp else nullcontext()
         # dynamic: one compile serves every micro-batch of the search; no Inductor on the dry run's CPU
-        rows = methods(False, not dry, 4 / 255, FD_H, device, amp, 'gelu', dynamic=True)
-        keep = {*PAPER_ROWS, 'gradnorm exact'} - {'gradnorm exact compiled' if dry else 'gradnorm exact'}
-        rows = {n: (fn, c, cfg, plan(cfg, device).conv) for n, (fn, c, cfg) in rows.items() if n in keep}
+        rows = methods(False, False, 4 / 255, FD_H, device, amp, 'gelu', dynamic=True,
+                       which=lambda name, c: name in PAPER_ROWS and c != dry)
+        rows = {n: (fn, c, cfg, plan(cfg, device).conv) for n, (fn, c, cfg) in rows.items()}
         precision = 'bf16 autocast' if amp else 'float32, TF32 off'
         print(f'\n{precision}: {", ".join(rows)}', flush=True)
         state = warm_up(rows, args, info, x, y, device, autocast, build=p['build'])
@@ -263,9 +266,9 @@ def paper_table(tables, p, hw, seconds):
     )
     for precision, state in tables.items():
         med = {n: statistics.median(s['times']) for n, s in state.items()}
-        pgd = med.get('pgd3 at', math.nan)
+        pgd = med.get('pgd3 at compiled', med.get('pgd3 at', math.nan))
         for name, s in state.items():
-            per_gpu = RECIPES[PAPER_ROWS.get(name, 'swinb_gradnorm')]['batch_size'] // 8
+            per_gpu = RECIPES[PAPER_ROWS[name.removesuffix(' compiled')]]['batch_size'] // 8
             accum = accum_for(per_gpu, s['micro']) if s.get('micro') else None
             split = f'{accum} x {per_gpu // accum}' if accum else '-'
             mib = statistics.median(s['peaks']) / p['batch'] / 2**20
@@ -280,3 +283,7 @@ def paper_table(tables, p, hw, seconds):
         'buckets: leave a margin',
         flush=True,
     )
+
+
+if __name__ == '__main__':  # a part of another command: --help says which
+    print(__doc__)

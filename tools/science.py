@@ -292,7 +292,8 @@ def parser():
     p = ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
     m = sub.add_parser('measure', help='every checkpoint of each run folder -> RUN/science.jsonl')
-    m.add_argument('runs', nargs='+', type=checked(str, os.path.isdir, 'a run folder'))
+    m.add_argument('runs', nargs='+', type=checked(str, os.path.isdir, 'a run folder'),
+                   help='run folders (--out)')
     m.add_argument('--n', type=positive, default=1000, help='first n test images for the attacks')
     m.add_argument(
         '--square',
@@ -303,31 +304,34 @@ def parser():
     m.add_argument('--final', action='store_true', help='the final checkpoint only')
     m.add_argument('--square-all', action='store_true', help='Square at every epoch, not just the final one')
     t = sub.add_parser('table', help='per-epoch mean +- sd over seeds, markdown; --png draws the curves')
-    t.add_argument('runs', nargs='+')
-    t.add_argument('--png', default=None)
+    t.add_argument('runs', nargs='+', help='run folders (--out)')
+    t.add_argument('--png', default=None, help='draw the curves into this PNG file')
     t.add_argument('--final', action='store_true', help='only the last epoch of each group')
     t.add_argument('--per-run', action='store_true', help='one row per run instead of mean +- sd over seeds')
     logs = sub.add_parser('logs', help='per-epoch clean and PGD accuracy from the training logs')
-    logs.add_argument('runs', nargs='+')
+    logs.add_argument('runs', nargs='+', help='run folders (--out)')
     e = sub.add_parser('eps', help='worst-case robust accuracy against eps, mean +- sd over seeds')
-    e.add_argument('ckpts', nargs='+')
+    e.add_argument('ckpts', nargs='+', help='checkpoints of train.py')
     e.add_argument(
         '--eps',
         nargs='+',
         type=checked(parse_eps, lambda v: 0 < v <= 1, 'in (0, 1]'),
         default=[0.02, 0.05, 0.1, 0.15, 0.2],
+        help='L-inf budgets in pixel units',
     )
-    e.add_argument('--n', type=positive, default=1000)
+    e.add_argument('--n', type=positive, default=1000, help='first n test images')
     e.add_argument('--json', default=None, help='also write the results here')
     g = sub.add_parser('pictures', help='|grad| maps, edge correlation, Nyquist share')
-    g.add_argument('ckpts', nargs='+')
-    g.add_argument('--out', required=True)
-    g.add_argument('--n', type=positive, default=1000)
-    g.add_argument('--rows', type=checked(int, lambda v: 1 <= v <= 64, 'in [1, 64]'), default=8)
+    g.add_argument('ckpts', nargs='+', help='checkpoints of train.py')
+    g.add_argument('--out', required=True, help='folder for the pictures')
+    g.add_argument('--n', type=positive, default=1000, help='first n test images')
+    g.add_argument('--rows', type=checked(int, lambda v: 1 <= v <= 64, 'in [1, 64]'), default=8,
+                   help='images in the picture grid')
     fd = sub.add_parser('fdcheck', help='finite-difference GradNorm against double backprop')
-    fd.add_argument('ckpts', nargs='+')
+    fd.add_argument('ckpts', nargs='+', help='checkpoints of train.py')
     st = sub.add_parser('stems', help='Nyquist share and edge correlation of |grad| at initialization')
-    st.add_argument('models', nargs='+', type=checked(str, is_model, 'a model name (models.py)'))
+    st.add_argument('models', nargs='+', type=checked(str, is_model, 'a model name (models.py)'),
+                    help='model names of models.py')
     return p
 
 

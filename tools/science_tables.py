@@ -182,3 +182,7 @@ def plot_curves(groups, path, panels=PANELS, cols=3):
     fig.suptitle('per epoch: thin lines one seed each, thick the mean over seeds', fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(path)
+
+
+if __name__ == '__main__':  # a part of another command: --help says which
+    print(__doc__)
