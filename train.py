@@ -1,8 +1,9 @@
 """Train a model robust to adversarial perturbations from its natural input gradients
 (Rodriguez-Munoz, Wang, Torralba, ECCV 2024), or one of the baselines it is compared with.
 
-    python train.py --objective=gradnorm --act=gelu                # one process: the Fashion-MNIST demo
-    python -m tools.torchrun --nproc_per_node=8 train.py          # DDP (torchrun; exit 75 when preempted)
+    python train.py --objective=gradnorm --act=gelu         # one process: the Fashion-MNIST demo
+    python -m tools.torchrun --nproc_per_node=8 train.py   # DDP (torchrun; exit 75 when preempted)
+
 Options are config.py's Config fields, --key=value. Read top to bottom: the objective, the step, the
 epoch, checkpoints, the loop.
 """
