@@ -15,7 +15,6 @@ import functools
 import gzip
 import math
 import os
-import re
 import sys
 import time
 
@@ -75,9 +74,10 @@ def show_help():
     """Each setting, its default and its comment, read from the settings section above."""
     print(__doc__.strip() + '\n\nsettings (--key=value):')
     with open(__file__) as f:
-        for m in filter(None, (re.match(r'(\w+) = .*?\s+# (.*)', line) for line in f)):
-            if m[1] in SETTINGS:
-                print(f'  --{m[1]}={SETTINGS[m[1]]!s}'.ljust(48), m[2])
+        for line in f:
+            key, _, rest = line.partition(' = ')
+            if key in SETTINGS and '  # ' in rest:
+                print(f'  --{key}={SETTINGS[key]!s}'.ljust(48), rest.split('  # ', 1)[1].strip())
     sys.exit(0)
 
 

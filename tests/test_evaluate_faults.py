@@ -1,7 +1,6 @@
-"""What a user does by accident on the evaluation and data side ends in a true number or one line:
-more images asked for than exist, outputs that cannot be written (a folder in the way, a read-only
-or full file system), a damaged AutoAttack state, checkpoints and data that do not fit each other,
-a bad value under make, timm's weights missing offline, and options the data make meaningless."""
+"""What a user does by accident on the evaluation and data side ends in a true number or one line: more
+images than exist, unwritable outputs (a folder in the way, a read-only or full disk), a damaged AutoAttack
+state, checkpoints and data that do not fit, a bad make value, timm's weights offline, pointless options."""
 
 import json
 import os
