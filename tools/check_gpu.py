@@ -95,67 +95,7 @@ def steps(logs, dry, fashion=FASHION, ckpt=None, extra=False):
     expected strings differ. extra: the fast conv's measurements too (docs/speed.md, section 3)."""
     py = sys.executable
     data, what = fashion_or_synthetic(os.path.join(logs, 'fashion'), 256 if dry else None, fashion)
-    torchrun = [py, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1']
-    demo = os.path.join(logs, 'demo')
-    train = [
-        *torchrun,
-        'train.py',
-        '--objective=gradnorm',
-        '--gradnorm_impl=exact',
-        '--epochs=1',
-        f'--data={data}',
-        '--loader=torchvision',
-        f'--out={demo}',
-        '--overwrite=true',
-        *(['--batch_size=64', '--eval_n=64', '--eval_steps=2', '--compile=off'] if dry else ['--eval_n=500']),
-    ]
-    evaluate = [
-        *torchrun,
-        'evaluate.py',
-        '--ckpt',
-        os.path.join(demo, 'ckpt.pt'),
-        '--images',
-        '64' if dry else '500',
-        '--attacks',
-        'ce-10',
-        'margin-10',
-        '--no-autoattack',
-        '--square-queries',
-        '0',
-        '--json',
-        os.path.join(logs, 'demo_eval.json'),
-    ]
-    folder = image_folder(os.path.join(logs, 'imagefolder'))
-    folder_out = os.path.join(logs, 'imagefolder_run')
-    # --recipe= keeps the plain defaults: ImageNet-like data would get the paper's Swin-B run
-    folder_run = [
-        *torchrun,
-        'train.py',
-        f'--data={folder}',
-        '--loader=torchvision',
-        '--recipe=',
-        '--res=32',
-        '--objective=gradnorm',
-        '--batch_size=16',
-        '--ema=0.9',
-        '--ckpt_every=1',
-        '--eval_n=16',
-        '--eval_steps=2',
-        '--workers=2',
-        f'--out={folder_out}',
-        *(['--compile=off'] if dry else []),
-    ]
-    autoattack = [
-        py,
-        'evaluate.py',
-        '--ckpt',
-        ckpt or os.path.join(demo, 'ckpt.pt'),
-        '--autoattack',
-        f'--data={data}',
-        '--json',
-        os.path.join(logs, 'autoattack.json'),
-        *(['--images=64', '--compile=off'] if dry else []),
-    ]
+    train, evaluate, autoattack, folder_run = commands(py, logs, data, dry, ckpt)
     compiled = [] if dry else ['compile=True', 'torch.compile: 1 graph(s)']
     tests = ['tests/test_models.py', 'tests/test_train_compile.py', 'tests/test_gradnorm.py']
     dry_flag = ['--dry-run'] if dry else []
@@ -163,58 +103,53 @@ def steps(logs, dry, fashion=FASHION, ckpt=None, extra=False):
     exact_rows = [f'float32, TF32 off  {exact}', f'bf16 autocast      {exact}']
     groups = [
         [
-            (
-                'CUDA tests',
-                [[py, '-m', 'pytest', '-q', '-rs', '-k', 'cuda', *tests]],
-                240,
-                ['skipped' if dry else 'passed'],
-                NEEDS + ('pytest', 'timm'),
-            ),
-            (
-                f'torchrun demo epoch and evaluation ({what})',
-                [train, evaluate],
-                240,
-                ['conv=fast', 'final: clean', 'PGD:', *compiled],
-                NEEDS,
-            ),
-            (
-                'torchrun ImageFolder epoch and resume (EMA, checkpoints, --resume=auto)',
-                [
-                    [*folder_run, '--epochs=1', '--overwrite=true'],
-                    [*folder_run, '--epochs=2', '--resume=auto'],
-                ],
-                240,
-                ['ema_clean_acc', 'resumed from', 'at epoch 1 step 0', 'final: clean', *compiled],
-                NEEDS + ('torchvision',),
-            ),
+            ('CUDA tests', [[py, '-m', 'pytest', '-q', '-rs', '-k', 'cuda', *tests]], 240,
+             ['skipped' if dry else 'passed'], NEEDS + ('pytest', 'timm')),
+            (f'torchrun demo epoch and evaluation ({what})', [train, evaluate], 240,
+             ['conv=fast', 'final: clean', 'PGD:', *compiled], NEEDS),
+            ('torchrun ImageFolder epoch and resume (EMA, checkpoints, --resume=auto)',
+             [[*folder_run, '--epochs=1', '--overwrite=true'], [*folder_run, '--epochs=2', '--resume=auto']],
+             240, ['ema_clean_acc', 'resumed from', 'at epoch 1 step 0', 'final: clean', *compiled],
+             NEEDS + ('torchvision',)),
         ],
         [
-            (
-                'paper Swin-B table',
-                [[py, '-m', 'tools.check_gpu', 'paper', *dry_flag]],
-                270,
-                [
-                    'fd, float32 TF32 off',
-                    'largest micro-batch',
-                    'float32, TF32 off  gradnorm fd',
-                    *exact_rows,
-                ],
-                NEEDS + ('timm',),
-            )
+            ('paper Swin-B table', [[py, '-m', 'tools.check_gpu', 'paper', *dry_flag]], 270,
+             ['fd, float32 TF32 off', 'largest micro-batch', 'float32, TF32 off  gradnorm fd', *exact_rows],
+             NEEDS + ('timm',)),
         ],
         [
-            (
-                f'autoattack {"--ckpt" if ckpt else "demo epoch"}',
-                [autoattack],
-                90,
-                ['autoattack '],
-                NEEDS + ('pyautoattack',),
-            )
+            (f'autoattack {"--ckpt" if ckpt else "demo epoch"}', [autoattack], 90, ['autoattack '],
+             NEEDS + ('pyautoattack',)),
         ],
     ]
     if dry:  # nothing is timed on the CPU: the paper's table runs beside steps 1-3
         groups = [groups[0] + groups[1], *groups[2:]]
     return groups + (conv_steps(py, data, dry) if extra else [])
+
+
+def commands(py, logs, data, dry, ckpt):
+    """-> the demo's torchrun epoch and evaluation, AutoAttack on its checkpoint (or ckpt), and an
+    ImageFolder run under torchrun (without its --epochs)."""
+    torchrun = [py, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1']
+    demo = os.path.join(logs, 'demo')
+    train = [*torchrun, 'train.py', '--objective=gradnorm', '--gradnorm_impl=exact', '--epochs=1',
+             f'--data={data}', '--loader=torchvision', f'--out={demo}', '--overwrite=true',
+             *(['--batch_size=64', '--eval_n=64', '--eval_steps=2', '--compile=off'] if dry
+               else ['--eval_n=500'])]
+    evaluate = [*torchrun, 'evaluate.py', '--ckpt', os.path.join(demo, 'ckpt.pt'),
+                '--images', '64' if dry else '500',
+                '--attacks', 'ce-10', 'margin-10', '--no-autoattack', '--square-queries', '0',
+                '--json', os.path.join(logs, 'demo_eval.json')]
+    autoattack = [py, 'evaluate.py', '--ckpt', ckpt or os.path.join(demo, 'ckpt.pt'), '--autoattack',
+                  f'--data={data}', '--json', os.path.join(logs, 'autoattack.json'),
+                  *(['--images=64', '--compile=off'] if dry else [])]
+    folder = image_folder(os.path.join(logs, 'imagefolder'))
+    # --recipe= keeps the plain defaults: ImageNet-like data would get the paper's Swin-B run
+    folder_run = [*torchrun, 'train.py', f'--data={folder}', '--loader=torchvision', '--recipe=', '--res=32',
+                  '--objective=gradnorm', '--batch_size=16', '--ema=0.9', '--ckpt_every=1', '--eval_n=16',
+                  '--eval_steps=2', '--workers=2', f'--out={os.path.join(logs, "imagefolder_run")}',
+                  *(['--compile=off'] if dry else [])]
+    return train, evaluate, autoattack, folder_run
 
 
 def conv_steps(py, data, dry):
