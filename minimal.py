@@ -61,6 +61,7 @@ CHOICES = dict(objective=('standard', 'gradnorm', 'edge', 'pgd', 'fgsm'), act=('
                arch=('resnet', 'vit'), gradnorm_impl=('auto', 'exact', 'fd'), compile=('auto', 'on', 'off'))
 POSITIVE = ('res', 'epochs', 'batch_size', 'lr', 'eps', 'eval_n', 'eval_steps')  # the other numbers: >= 0
 BOOLS = {'true': True, '1': True, 'false': False, '0': False}
+KINDS = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}  # for error lines
 UNIT = ('eps', 'smoothing')  # at most 1: pixels are in [0, 1]; smoothing is a probability
 
 
@@ -97,7 +98,7 @@ def configure(argv):
             except ValueError:
                 value = None
         if value is None or value not in CHOICES.get(key, (value,)):
-            fail(f'--{key}={text}: expected ' + ' | '.join(CHOICES.get(key, [f'a {kind.__name__}'])))
+            fail(f'--{key}={text}: expected ' + ' | '.join(CHOICES.get(key, [KINDS[kind]])))
         if kind in (int, float) and not (value > 0 if key in POSITIVE else value >= 0):  # NaN fails too
             fail(f'--{key}={text}: must be ' + ('positive' if key in POSITIVE else '>= 0'))
         if key in UNIT and value > 1:
@@ -366,8 +367,7 @@ def main(argv):
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = (resnet if arch == 'resnet' else ViT)(*shape)
     torch.manual_seed(seed + rank)  # each rank its own attack starts and crops
-    # channels_last is faster for convolutions; double backward (exact GradNorm, EdgeReg) stays
-    # contiguous, where compiled CUDA kernels were seen to fail on it (README, Troubleshooting)
+    # channels_last for speed; double backward stays contiguous (compiled CUDA kernels failed on it: README)
     fmt = torch.contiguous_format if objective == 'edge' or impl == 'exact' else torch.channels_last
     model = model.to(device, memory_format=fmt)
     decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on biases and norms
