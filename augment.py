@@ -18,9 +18,10 @@ import torch
 from config import UserError, warn
 
 M32 = 0xFFFFFFFF
-# streams: which random number of a sample (crop try t < 10: CROP + 4t .. CROP + 4t + 3); a training step's
-# are rand_u32(seed, step, rank, STEP) (train.py), a batch's rand_u32(seed, epoch, batch, BATCH + rank)
-FLIP, RANDAUG, CROP, STEP, BATCH = 0, 1, 2, 1 << 15, 1 << 16
+# streams: which random number of a sample (crop try t < 10: CROP + 4t .. CROP + 4t + 3; PAD, PAD + 1: the
+# padded crop's offsets); a training step's are rand_u32(seed, step, rank, STEP) (train.py), a batch's
+# rand_u32(seed, epoch, batch, BATCH + rank)
+FLIP, RANDAUG, CROP, PAD, STEP, BATCH = 0, 1, 2, 64, 1 << 15, 1 << 16
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # ImageNet's random-resized crop
 VAL_RATIO = 224 / 256  # center crop side / short side, the usual ImageNet evaluation crop
 
@@ -71,6 +72,14 @@ def crop_params(height, width, seed, epoch, index, scale=SCALE, ratio=RATIO):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def pad_crop(image, pad, seed, epoch, index):
+    """HWC image -> a crop of its size from it zero-padded by pad pixels on each side (CIFAR-10's usual
+    augmentation), at offsets drawn from (seed, epoch, index)."""
+    h, w = image.shape[:2]
+    top, left = (rand_u32(seed, epoch, index, PAD + k) % (2 * pad + 1) for k in (0, 1))
+    return np.pad(image, ((pad, pad), (pad, pad), (0, 0)))[top:top + h, left:left + w]
+
+
 # ---------------------------------------------------------------- RandAugment (timm's, per image)
 
 def randaug_transform(spec, res, mean):
@@ -109,22 +118,26 @@ def randaug_image(transform, image, seed, epoch, index):
         return np.array(transform(Image.fromarray(image)))
 
 
-def randaug_gray(transform, images, seed, epoch, index):
-    """uint8 (B, 1, H, W), their indices -> through RandAugment as RGB, one channel kept (as FFCV's path)."""
-    rgb = np.repeat(images[:, 0, :, :, None].numpy(), 3, axis=3)
-    out = [randaug_image(transform, im, seed, epoch, int(i))[:, :, :1] for im, i in zip(rgb, index)]
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+def per_image(images, seed, epoch, index, pad=0, transform=None):
+    """uint8 (B, C, H, W), their indices -> pad_crop (pad > 0), then RandAugment (transform), as FFCV's path;
+    gray images as RGB, one channel kept."""
+    out = []
+    for im, i in zip(images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy(), index.tolist()):
+        im = np.ascontiguousarray(pad_crop(im, pad, seed, epoch, i) if pad else im)
+        out.append(randaug_image(transform, im, seed, epoch, i) if transform else im)
+    return torch.from_numpy(np.stack(out)[..., :images.shape[1]]).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------- on the device batch
 
 class TensorLoader:
     """In-memory uint8 images -> float batches in [0,1] on the device, each rank its shard of a
-    seeded order; Fashion-MNIST without FFCV (or with --loader=torchvision)."""
+    seeded order; Fashion-MNIST or CIFAR-10 without FFCV (or with --loader=torchvision)."""
 
-    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world=1, randaug=None):
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world=1, randaug=None,
+                 pad=0):
         self.images, self.labels, self.train, self.seed, self.randaug = images, labels, train, seed, randaug
-        self.device, self.rank, self.world = device, rank, world
+        self.device, self.rank, self.world, self.pad = device, rank, world, pad
         self.batch = batch_size // world if train else batch_size
         self.epoch = 0
 
@@ -145,11 +158,12 @@ class TensorLoader:
         for i in range(len(self)):
             j = idx[i * self.batch:(i + 1) * self.batch]
             x = self.images[j]
-            if self.train:  # flip, then RandAugment, as FFCV's path and timm order them
+            if self.train:  # flip, then the padded crop and RandAugment, as FFCV's path orders them
                 # uniform(...) < 0.5, in integers
                 flip = rand_u32(self.seed, self.epoch, j, FLIP) < 2 ** 31
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-                x = randaug_gray(self.randaug, x, self.seed, self.epoch, j) if self.randaug else x
+                if self.randaug or self.pad:
+                    x = per_image(x, self.seed, self.epoch, j, self.pad, self.randaug)
             x = x.to(self.device, non_blocking=True).float().div_(255)
             yield x.contiguous(memory_format=torch.channels_last), self.labels[j].to(self.device)
 
@@ -248,30 +262,31 @@ class Batches:
 
 
 def ffcv_loader(path, batch_size, device, train, res=224, crop=True, rank=0, world=1, seed=0, workers=2,
-                indices=None, channels=3, randaug=None, on_batch=None):
-    """train: shuffled (DDP: each rank its shard), random-resized crop + flip (+ randaug), each a function
-    of (seed, epoch, image index) (ffcv_ops); val: center crop, in order, each rank every world-th
+                indices=None, channels=3, randaug=None, on_batch=None, pad=0):
+    """train: shuffled (DDP: each rank its shard), random-resized crop + flip (+ pad_crop, randaug), each a
+    function of (seed, epoch, image index) (ffcv_ops); val: center crop, in order, each rank every world-th
     of indices (default: all). crop=False: fixed-size images as stored. FFCV must import (data.need_ffcv)."""
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.reader import Reader
     from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
-    SeededRandomResizedCrop, SeededFlip, RandAugment = ffcv_ops()
+    SeededRandomResizedCrop, SeededFlip, PerImage = ffcv_ops()
     if not crop:
         decoder = SimpleRGBImageDecoder()
     elif train:
         decoder = SeededRandomResizedCrop(seed, (res, res))
     else:
         decoder = CenterCropRGBImageDecoder((res, res), VAL_RATIO)
-    randaugs = [RandAugment(seed, randaug)] if randaug is not None else []
-    augs = [SeededFlip(seed)] + randaugs if train else []
+    python = ([PerImage(seed, functools.partial(pad_crop, pad=pad))] if pad else []) + \
+             ([PerImage(seed, functools.partial(randaug_image, randaug))] if randaug is not None else [])
+    augs = [SeededFlip(seed)] + python if train else []
     device = torch.device(device)
     # GPU: uint8 to the device, float there (a quarter of the bytes). CPU: / 255 in FFCV's threads, into
-    # buffers it reuses; not with RandAugment (Python), which FFCV 1.0.2 cannot put before a compiled op
-    # (docs/data.md, Loader speed)
+    # buffers it reuses; not after RandAugment or the padded crop (Python), which FFCV 1.0.2 cannot put
+    # before a compiled op (docs/data.md, Loader speed)
     on_device = [ToTensor(), ToDevice(device, non_blocking=True)]
-    if device.type == 'cpu' and randaug is None:
+    if device.type == 'cpu' and not (python and train):
         on_device = [NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32), ToTensor()]
     image = [decoder] + augs + on_device + [ToTorchImage(channels_last=True)]
     label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
@@ -341,7 +356,7 @@ def torchvision_loader(samples, batch_size, device, train, res=224, rank=0, worl
 
 @functools.cache
 def ffcv_ops():
-    """-> SeededRandomResizedCrop(seed, output_size), SeededFlip(seed), RandAugment(seed, transform): the
+    """-> SeededRandomResizedCrop(seed, output_size), SeededFlip(seed), PerImage(seed, fn): the
     mixins below on FFCV's bases, built on first use, this file's random functions callable from numba."""
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.pipeline.operation import Operation
@@ -352,7 +367,7 @@ def ffcv_ops():
     # object mode holds the GIL for the epoch read only; the loops after it run in parallel
     warnings.filterwarnings('ignore', "Code running in object mode won't allow parallel", NumbaWarning)
     return (type('SeededRandomResizedCrop', (_Crop, RandomResizedCropRGBImageDecoder), {}),
-            type('SeededFlip', (_Flip, Operation), {}), type('RandAugment', (_RandAug, Operation), {}))
+            type('SeededFlip', (_Flip, Operation), {}), type('PerImage', (_PerImage, Operation), {}))
 
 
 class Seeded:
@@ -427,20 +442,20 @@ class _Flip(Seeded):
         return replace(previous_state, jit_mode=True), alloc
 
 
-class _RandAug(Seeded):
-    """A PIL transform (timm's RandAugment) on each decoded image, seeded by its index, in plain Python."""
+class _PerImage(Seeded):
+    """fn(image, seed, epoch, index) on each decoded image (RandAugment, pad_crop), in plain Python."""
 
-    def __init__(self, seed, transform):
+    def __init__(self, seed, fn):
         super().__init__(seed)
-        self.transform = transform
+        self.fn = fn
 
     def generate_code(self):
-        def randaug(images, dst, indices):
+        def apply(images, dst, indices):
             for k in range(len(indices)):
-                dst[k] = randaug_image(self.transform, images[k], self.seed, self.epoch, int(indices[k]))
+                dst[k] = self.fn(images[k], seed=self.seed, epoch=self.epoch, index=int(indices[k]))
             return dst
-        randaug.with_indices = True
-        return randaug
+        apply.with_indices = True
+        return apply
 
     def declare_state_and_memory(self, previous_state):
         from ffcv.pipeline.allocation_query import AllocationQuery

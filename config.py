@@ -107,14 +107,28 @@ def checked(kind, ok, what):
     return convert
 
 
+CIFAR_FILES = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']  # CIFAR-10's python version
+
+
+def cifar_dir(path):
+    """The folder of CIFAR-10's batch files: path itself (cifar-10-batches-py/ or a folder with any of its
+    files: a missing one is then named) or its cifar-10-batches-py/; else None."""
+    if os.path.basename(os.path.normpath(path)) == 'cifar-10-batches-py' or any(
+            os.path.exists(os.path.join(path, f)) for f in CIFAR_FILES + ['batches.meta']):
+        return path
+    inner = os.path.join(path, 'cifar-10-batches-py')
+    return inner if os.path.isdir(inner) else None
+
+
 def data_kind(path):
-    """'beton' (train.beton + val.beton), 'folder' (ImageFolder train/ + val/) or 'fashion'."""
+    """'beton' (train.beton + val.beton), 'folder' (ImageFolder train/ + val/), 'cifar' (cifar_dir) or
+    'fashion'."""
     has = lambda name, test: test(os.path.join(path, name))
     if has('train.beton', os.path.isfile) and has('val.beton', os.path.isfile):
         return 'beton'
     if has('train', os.path.isdir) and has('val', os.path.isdir):
         return 'folder'
-    return 'fashion'
+    return 'cifar' if cifar_dir(path) else 'fashion'
 
 
 # ---------------------------------------------------------------- the configuration
@@ -153,7 +167,7 @@ class Config:
     max_bad_steps: int = 5        # non-finite steps in a row before training stops
     seed: int = 0                 # data order, augmentation, initial weights, attacks' starts
     # -- data and augmentation
-    data: str = '/usr/share/datasets/fashion-mnist'  # Fashion-MNIST IDX, {train,val}.beton or {train,val}/
+    data: str = '/usr/share/datasets/fashion-mnist'  # Fashion-MNIST, CIFAR-10, train+val .beton, ImageFolder
     loader: str = 'ffcv'          # ffcv | torchvision (fallback for ImageFolder data)
     res: int = 224                # ImageNet training/eval resolution
     workers: int = 8              # data-loading workers
@@ -161,6 +175,7 @@ class Config:
     cutmix: float = 0.0           # CutMix alpha; with --mixup too, one of the two per batch (p=0.5); 0 = off
     randaug: str = ''             # RandAugment, timm's spec, e.g. rand-m9-mstd0.5-inc1; '' = off
     reprob: float = 0.0           # random-erasing probability per image (timm's RandomErasing, pixel mode)
+    pad: int = 4                  # CIFAR-10: random crops of the image zero-padded by this many px; 0 = off
     # -- evaluation after each epoch
     eval_n: int = 1000            # fixed validation subset for PGD accuracy
     eval_steps: int = 20          # PGD steps for the per-epoch robust accuracy
@@ -234,6 +249,7 @@ RULES = {
     'randaug': (lambda v: _randaug_spec(v), "'' (off) or timm's RandAugment spec: rand-m9-mstd0.5-inc1, "
                                             "sections m, n, inc (integers), p, mstd"),
     'reprob': (lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    'pad': (lambda v: 0 <= v <= 16, 'in [0, 16] pixels (0: no crops)'),
     'recipe': (lambda v: v == '' or v in RECIPES, "'' or one of " + ', '.join(RECIPES)),
     'accum': (lambda v: 1 <= v <= 4096, 'at least 1 (and batch_size a multiple of ranks x accum)'),
     'gn_weights': (lambda v: _floats(v, 2) and min(map(float, v.split(','))) >= 0,
@@ -300,17 +316,29 @@ def apply_recipe(cfg, given):
     recipe = {k: v for k, v in RECIPES[cfg.recipe].items() if k not in given}
     if 'lr' in recipe and 'batch_size' in given:
         recipe['lr'] *= given['batch_size'] / RECIPES[cfg.recipe]['batch_size']
-        recipe['min_lr'] = min(recipe['min_lr'], recipe['lr'])  # tiny batches: lr below 1e-5
+        if 'min_lr' in recipe:  # tiny batches: lr below 1e-5
+            recipe['min_lr'] = min(recipe['min_lr'], recipe['lr'])
     cfg = dataclasses.replace(cfg, **recipe)
     if 'init' in recipe and '{' in cfg.init:
         name = os.path.basename(os.path.normpath(cfg.data)) or 'data'
         cfg.init = cfg.init.format(data=name, act=cfg.act)
-        stage1 = [r for r, v in RECIPES.items() if r.endswith('_stage1') and v['act'] == cfg.act]
         if not os.path.isfile(cfg.init):
-            first = stage1[0] if stage1 else '...'
-            raise UserError(f'--recipe={cfg.recipe} starts from stage 1\'s weights, {cfg.init}, not there: '
-                            f'run --recipe={first} first with this --data, or pass --init=CHECKPOINT')
+            raise UserError(f'--recipe={cfg.recipe} starts from the weights {cfg.init}, not there: run '
+                            f'{first_stage(cfg.init)} first with this --data, or pass --init=CHECKPOINT')
     return cfg
+
+
+def first_stage(init):
+    """The recipe whose default output folder holds init, e.g. --recipe=cifar_standard (and --act=A where
+    init's activation is not the recipe's own)."""
+    folder = os.path.basename(os.path.dirname(init))
+    out = lambda r, act: f'{r.get("model", "").replace("/", "-")}-{r.get("objective")}-{act}'
+    for own in (True, False):  # a recipe of that activation first: rn50_silu_stage1, not rn50_gelu's
+        for name, r in RECIPES.items():
+            act = r.get('act', Config.act) if own else folder.rpartition('-')[2]
+            if out(r, act) == folder:
+                return f'--recipe={name}' + ('' if own else f' --act={act}')
+    return 'its first stage'
 
 
 def describe_recipe(cfg):
@@ -336,7 +364,7 @@ def parse_config(argv):
             raise UserError(f'unknown option --{key}; known: ' + ' '.join(fields))
         given[key] = _convert(key, val, type(getattr(cfg, key)))
     cfg = dataclasses.replace(cfg, **given)
-    if 'recipe' not in given and os.path.isdir(cfg.data) and data_kind(cfg.data) != 'fashion':
+    if 'recipe' not in given and os.path.isdir(cfg.data) and data_kind(cfg.data) in ('beton', 'folder'):
         cfg.recipe = IMAGENET_DEFAULT  # --recipe= (empty) keeps the plain defaults
     if cfg.recipe in RECIPES:
         cfg = apply_recipe(cfg, given)

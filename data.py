@@ -1,8 +1,8 @@
 """The data of train.py and evaluate.py: which loaders (augment.py's) read what, the files, caches and
 identity of the data. Each loader yields (x, y): x float in [0,1] on the device, channels_last; y int64 (soft
 labels with --mixup or --cutmix). `--data` is a Fashion-MNIST IDX folder
-(the demo, cached once as .beton), a folder with train.beton + val.beton (tools/beton.py writes them),
-or an ImageFolder (train/<class>/*, val/<class>/*).
+(the demo) or CIFAR-10's python version (cifar-10-batches-py/), both cached once as .beton, a folder with
+train.beton + val.beton (tools/beton.py writes them), or an ImageFolder (train/<class>/*, val/<class>/*).
 """
 import contextlib
 import functools
@@ -10,6 +10,7 @@ import glob
 import gzip
 import hashlib
 import os
+import pickle
 import socket
 import sys
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 import augment
 from augment import Batches, TensorLoader, ffcv_loader, torchvision_loader
-from config import Config, UserError, data_kind, warn, warn_once
+from config import CIFAR_FILES, Config, UserError, cifar_dir, data_kind, warn, warn_once
 from models import IMAGENET_MEAN, IMAGENET_STD
 
 INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ libturbojpeg0-dev '
@@ -31,6 +32,12 @@ INSTALL_FFCV = ('install it with `make setup` (= apt-get install pkg-config g++ 
 FASHION_MEAN, FASHION_STD = (0.286,), (0.353,)
 FASHION_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                    'Ankle boot')
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+# the official release's MD5 of each file, as torchvision's datasets/cifar.py lists them
+CIFAR_MD5 = dict(zip(CIFAR_FILES, ['c99cafc152244af753f735de768cd75f', 'd4bba439e000b95fd0a9bffe97cbabec',
+                                   '54ebc095f3ab1f0389bbae665268c751', '634d18415352ddfa80567beed471001a',
+                                   '482c414d41f54cd18b22e5b47cb7c3cb', '40351d587109b95175f43aff81a1287e']))
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROBUSTBENCH_LIST = os.path.join(HERE, 'lists', 'robustbench_imagenet_val_5000.txt')
 CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'gradnorm')
@@ -82,28 +89,30 @@ def load_fashion_mnist(root):
 
 def gray_as_rgb(images, labels):
     """FFCV's image field is RGB: each gray image is stored raw (lossless) as 3 equal channels, and the
-    loader keeps one, so the model sees exactly the IDX pixels. -> [(HxWx3 uint8, label)], for write_split"""
-    return list(zip(np.repeat(images.numpy()[:, 0, :, :, None], 3, axis=3), labels.tolist()))
+    loader keeps one, so the model sees exactly the IDX pixels (RGB images: as they are).
+    -> [(HxWx3 uint8, label)], for write_split"""
+    return list(zip(images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy(), labels.tolist()))
 
 
-def fashion_cache(root):
-    """CACHE/fashion-mnist-<key>: the key names the source files, their sizes and times, so
-    another copy (a test's subset, say) gets its own cache."""
-    files = sorted(glob.glob(os.path.join(root, '*-ubyte.gz')))
+def small_cache(root, kind='fashion'):
+    """CACHE/fashion-mnist-<key> (cifar-10-<key>): the key names the source files, their sizes and times,
+    so another copy (a test's subset, say) gets its own cache."""
+    files = SMALL[kind][1](root)
     stamps = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]
     key = hashlib.sha1(repr(stamps).encode())
-    return os.path.join(CACHE, f'fashion-mnist-{key.hexdigest()[:12]}')
+    return os.path.join(CACHE, f'{SMALL[kind][0].lower()}-{key.hexdigest()[:12]}')
 
 
-def fashion_betons(root, workers):
-    """Fashion-MNIST written once to fashion_cache(root)/{train,val}.beton (+ .sum: size and SHA-256), each
-    checked when opened (damaged: named and written again). -> that folder; None if it cannot be written"""
-    out = fashion_cache(root)
+def small_betons(root, workers, kind='fashion'):
+    """Fashion-MNIST (CIFAR-10) written once to small_cache(root)/{train,val}.beton (+ .sum: size and
+    SHA-256), each checked when opened (damaged: named and written again). -> that folder; None if it cannot
+    be written"""
+    out = small_cache(root, kind)
     damaged = [s for s in ('train', 'val') if beton_damage(f'{out}/{s}.beton', warn)]
     try:
         if damaged:
             os.makedirs(out, exist_ok=True)
-        for split, (x, y) in zip(('train', 'val'), load_fashion_mnist(root) if damaged else ()):
+        for split, (x, y) in zip(('train', 'val'), SMALL[kind][2](root) if damaged else ()):
             path = f'{out}/{split}.beton'
             write_split(gray_as_rgb(x, y), path + '.new', workers, write_mode='raw')
             with open(path + '.sum.new', 'w') as f:
@@ -111,15 +120,15 @@ def fashion_betons(root, workers):
             os.replace(path + '.new', path)  # a crash between the two: a .beton without its sum, rebuilt
             os.replace(path + '.sum.new', path + '.sum')
     except OSError as e:
-        return warn(f'cannot write the FFCV cache {out} ({e.strerror or e}): Fashion-MNIST is read in memory '
+        return warn(f'cannot write the FFCV cache {out} ({e.strerror or e}): the data are read in memory '
                     'instead (XDG_CACHE_HOME: a writable folder to cache it)')
     return out
 
 
-def cached_fashion(data, workers, rank):
-    """The first rank of each node writes the cache (fashion_betons), the others wait, then check it."""
-    first, root = int(os.environ.get('LOCAL_RANK', rank)) == 0, fashion_cache(data)
-    out = fashion_betons(data, workers) if first else None
+def cached_small(data, workers, rank, kind='fashion'):
+    """The first rank of each node writes the cache (small_betons), the others wait, then check it."""
+    first, root = int(os.environ.get('LOCAL_RANK', rank)) == 0, small_cache(data, kind)
+    out = small_betons(data, workers, kind) if first else None
     if dist.is_initialized():
         dist.barrier()
     return out if first else None if any(beton_damage(f'{root}/{s}.beton') for s in ('train', 'val')) \
@@ -127,12 +136,16 @@ def cached_fashion(data, workers, rank):
 
 
 def file_sha256(path):
+    return file_digest(path, 'sha256')
+
+
+def file_digest(path, name):
     with open(path, 'rb') as f:
-        return hashlib.file_digest(f, 'sha256').hexdigest()
+        return hashlib.file_digest(f, name).hexdigest()
 
 
 def beton_damage(path, say=lambda msg: None):
-    """Whether path is missing or not the file fashion_betons wrote (size, SHA-256 in path.sum); say why."""
+    """Whether path is missing or not the file small_betons wrote (size, SHA-256 in path.sum); say why."""
     try:
         with open(path + '.sum') as f:
             size, digest = f.read().split()
@@ -147,10 +160,66 @@ def beton_damage(path, say=lambda msg: None):
     return bool(why)
 
 
+# ---------------------------------------------------------------- CIFAR-10 (its python version)
+
+def cifar_files(root):
+    """-> the paths of the six batch files (data_batch_1..5, test_batch), or UserError naming one missing."""
+    paths = [os.path.join(cifar_dir(root) or root, f) for f in CIFAR_FILES]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise UserError(f'{p} is missing: CIFAR-10\'s python version has data_batch_1..5 and test_batch '
+                            '(cifar-10-python.tar.gz, untarred: docs/data.md)')
+    return paths
+
+
+def cifar_batch(path):
+    """One batch file -> (N x 3 x 32 x 32 uint8, N int64 labels), or UserError naming it. Unpickling can run
+    code: the standard library's pickle, on files the user supplies (only files you trust)."""
+    want = "a pickled dict, b'data' N x 3072 uint8 and b'labels' N ints in 0..9"
+    try:
+        with open(path, 'rb') as f:
+            batch = pickle.load(f, encoding='bytes')  # written by Python 2: byte-string keys
+        x, y = batch[b'data'], np.asarray(batch[b'labels'])
+    except Exception as e:  # not a pickle, not a dict, a key missing: errors of many types
+        why = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
+        raise UserError(f'{path} is not a CIFAR-10 batch file ({why}): expected {want}') from None
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and y.ndim == 1 and y.dtype.kind in 'iu'
+            and x.shape == (len(y), 3072) and (not len(y) or 0 <= y.min() <= y.max() <= 9)):
+        what = f'data {getattr(x, "shape", type(x).__name__)} {getattr(x, "dtype", "")}, labels {y.shape}'
+        raise UserError(f'{path} is not a CIFAR-10 batch file ({what}): expected {want}')
+    return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y.astype(np.int64))
+
+
+@functools.cache
+def cifar_read(stamps):
+    """stamps: (path, size, mtime) of each batch file, so a changed file is read again; else once per process.
+    -> dict(train=(x, y), test=(x, y), md5=[...]); files other than the official release: one warning."""
+    paths = [p for p, _, _ in stamps]
+    parts, md5 = [cifar_batch(p) for p in paths], [file_digest(p, 'md5') for p in paths]
+    differ = [os.path.basename(p) for p, d in zip(paths, md5) if d != CIFAR_MD5[os.path.basename(p)]]
+    if differ and int(os.environ.get('RANK', 0)) == 0:
+        warn(f'{os.path.dirname(paths[0])}: {", ".join(differ)} not the official CIFAR-10 release (MD5): '
+             f'a subset or a modified copy ({sum(len(y) for _, y in parts[:5])} training images)')
+    train = torch.cat([x for x, _ in parts[:5]]), torch.cat([y for _, y in parts[:5]])
+    return dict(train=train, test=parts[5], md5=md5)
+
+
+def cifar10(root):
+    """-> dict(train=(images, labels), test=(images, labels), md5=[...]): uint8 N x 3 x 32 x 32, int64."""
+    return cifar_read(tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in cifar_files(root)))
+
+
+# kind -> the name, the source files (the cache's key), their reader, channels, side, mean, std
+SMALL = {'fashion': ('Fashion-MNIST', lambda root: sorted(glob.glob(os.path.join(root, '*-ubyte.gz'))),
+                     load_fashion_mnist, 1, 28, FASHION_MEAN, FASHION_STD),
+         'cifar': ('CIFAR-10', cifar_files, lambda root: (cifar10(root)['train'], cifar10(root)['test']),
+                   3, 32, CIFAR_MEAN, CIFAR_STD)}
+
+
 def identity(data):
     """What the data are, read without decoding an image: path, class names in label order (None: betons
     without classes.txt), training images per class and their sum, a fingerprint (the IDX headers and
-    labels, or the list of files)."""
+    labels, CIFAR-10's MD5s, or the list of files), the kind (config.data_kind; evaluate.resolve reads it)."""
     kind, h, classes = data_kind(data), hashlib.sha256(), None
     if kind == 'fashion':
         for i, f in enumerate(fashion_files(data)):  # images, labels, images, labels
@@ -162,6 +231,9 @@ def identity(data):
         names = [f'{os.path.relpath(p, data)} {y}' for p, y in train + list_images(f'{data}/val', classes)[1]]
         h.update('\n'.join(names).encode('utf-8', 'surrogateescape'))
         labels = np.array([y for _, y in train], np.int64)
+    elif kind == 'cifar':  # the batch files' MD5s
+        h.update(' '.join(cifar10(data)['md5']).encode())
+        labels, classes = cifar10(data)['train'][1].numpy(), CIFAR_CLASSES
     else:
         labels = np.asarray(beton_labels(f'{data}/train.beton'), np.int64)
         for name in ('train_files.txt', 'val_files.txt', 'classes.txt'):  # tools/beton.py writes them
@@ -170,7 +242,7 @@ def identity(data):
                 classes = text.decode(errors='surrogateescape').splitlines() if 'classes' in name else None
     counts = np.bincount(labels, minlength=len(classes or ())).tolist()
     return dict(path=os.path.abspath(data), classes=classes and list(classes), counts=counts,
-                size=sum(counts), fingerprint=h.hexdigest()[:16])
+                size=sum(counts), fingerprint=h.hexdigest()[:16], kind=kind)
 
 
 def check_data(path, ck, info, data, subset=False):
@@ -291,8 +363,8 @@ def data_shape(data):
     """-> dict(in_ch, num_classes) of the data at this path, as make_loaders' info will say, read
     without opening an image: a checkpoint can be checked against it before any loading."""
     kind = data_kind(data)
-    if kind == 'fashion':
-        return dict(in_ch=1, num_classes=10)
+    if kind in SMALL:
+        return dict(in_ch=SMALL[kind][3], num_classes=10)
     if kind == 'folder':
         return dict(in_ch=3, num_classes=len(class_folders(os.path.join(data, 'train'))))
     need_ffcv()
@@ -301,8 +373,8 @@ def data_shape(data):
 
 def data_info(cfg):
     """build_model's kwargs for cfg.data, as make_loaders' info will say, read without opening an image."""
-    if data_kind(cfg.data) == 'fashion':
-        return dict(data_shape(cfg.data), img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
+    if (kind := data_kind(cfg.data)) in SMALL:
+        return dict(data_shape(cfg.data), img_size=SMALL[kind][4], mean=SMALL[kind][5], std=SMALL[kind][6])
     return dict(data_shape(cfg.data), img_size=cfg.res)
 
 
@@ -312,6 +384,8 @@ def val_size(data):
     if kind == 'fashion':
         with gzip.open(fashion_files(data)[3]) as f:
             return int.from_bytes(f.read(8)[4:], 'big')
+    if kind == 'cifar':
+        return len(cifar10(data)['test'][1])
     if kind == 'folder':
         return len(list_images(os.path.join(data, 'val'), class_folders(os.path.join(data, 'train')))[1])
     need_ffcv()
@@ -336,28 +410,33 @@ def clamp_eval_n(cfg, size, rank, n_flag):
         cfg.eval_n = size
 
 
-def fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint):
-    """make_loaders on Fashion-MNIST: through FFCV (the .beton cache, written once), else in memory."""
+def small_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint, kind):
+    """make_loaders on Fashion-MNIST or CIFAR-10: through FFCV (the .beton cache, written once), else in
+    memory. CIFAR-10 trains on random crops of its images zero-padded by cfg.pad too, as the field does."""
+    name, _, read, channels, side, mean, std = SMALL[kind]
     if cfg.res != Config.res and rank == 0 and not from_checkpoint:
-        warn(f'--res={cfg.res} is ignored: Fashion-MNIST\'s images are 28 px and are used as they are')
-    info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
-    aug = augment.from_config(cfg, rank, 10, 28, FASHION_MEAN, FASHION_STD)
-    root = None if cfg.loader == 'torchvision' or ffcv_error() else cached_fashion(cfg.data, workers, rank)
+        warn(f'--res={cfg.res} is ignored: {name}\'s images are {side} px and are used as they are')
+    info = dict(in_ch=channels, num_classes=10, img_size=side, mean=mean, std=std)
+    pad, aug = cfg.pad if kind == 'cifar' else 0, augment.from_config(cfg, rank, 10, side, mean, std)
+    in_memory = cfg.loader == 'torchvision' or ffcv_error()
+    root = None if in_memory else cached_small(cfg.data, workers, rank, kind)
     if root is None:
         if cfg.loader == 'ffcv' and ffcv_error() and rank == 0:
-            warn(f'FFCV is not importable ({ffcv_error()}); Fashion-MNIST is read in memory instead')
-        (xtr, ytr), (xte, yte) = load_fashion_mnist(cfg.data)
+            warn(f'FFCV is not importable ({ffcv_error()}); {name} is read in memory instead')
+        (xtr, ytr), (xte, yte) = read(cfg.data)
         clamp_eval_n(cfg, len(yte), rank, n_flag)
-        train = TensorLoader(xtr, ytr, cfg.batch_size, device, True, cfg.seed, rank, world, aug['randaug'])
+        train = TensorLoader(xtr, ytr, cfg.batch_size, device, True, cfg.seed, rank, world, aug['randaug'],
+                             pad)
         if aug['on_batch']:
-            train = Batches(train, device, train.set_epoch, 1, aug['on_batch'])
+            train = Batches(train, device, train.set_epoch, channels, aug['on_batch'])
         val = TensorLoader(xte, yte, 500, device, False, rank=rank, world=world)
         n = cfg.eval_n
         return train, val, TensorLoader(xte[:n], yte[:n], 500, device, False, rank=rank, world=world), info
     from ffcv.reader import Reader
     clamp_eval_n(cfg, Reader(f'{root}/val.beton').num_samples, rank, n_flag)
-    kw = dict(device=device, crop=False, rank=rank, world=world, seed=cfg.seed, workers=workers, channels=1)
-    return (ffcv_loader(f'{root}/train.beton', cfg.batch_size // world, train=True, **aug, **kw),
+    kw = dict(device=device, crop=False, rank=rank, world=world, seed=cfg.seed, workers=workers,
+              channels=channels)
+    return (ffcv_loader(f'{root}/train.beton', cfg.batch_size // world, train=True, pad=pad, **aug, **kw),
             ffcv_loader(f'{root}/val.beton', 500, train=False, **kw),
             ffcv_loader(f'{root}/val.beton', 500, train=False, indices=range(cfg.eval_n), **kw), info)
 
@@ -369,8 +448,8 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
     if cfg.loader not in ('ffcv', 'torchvision'):
         raise UserError(f'unknown --loader={cfg.loader}: use ffcv or torchvision')
     kind, workers = data_kind(cfg.data), min(cfg.workers, len(os.sched_getaffinity(0)))
-    if kind == 'fashion':
-        return fashion_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint)
+    if kind in SMALL:
+        return small_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint, kind)
     if cfg.loader == 'torchvision':
         if kind != 'folder':
             raise UserError(f'--loader=torchvision reads an ImageFolder ({cfg.data}/train/<class>/...), '

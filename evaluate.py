@@ -3,6 +3,7 @@ gradient masking. PGD is fast and an upper bound; AutoAttack is the number the p
 
     python evaluate.py --ckpt runs/fashion-mnist/resnet_demo_pool-gradnorm-gelu/ckpt.pt --eps 0.1 --autoattack
     torchrun --nproc_per_node=8 evaluate.py --ckpt imagenet.pt  # 4/255, 5,000 images, AutoAttack
+    python evaluate.py --ckpt cifar10.pt --eps 8/255 4/255      # CIFAR-10: 10,000 images, AutoAttack
 An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. The authors' checkpoints: tools/official.py.
 """
 import argparse
@@ -23,6 +24,8 @@ from data import check_data, check_identity, data_shape, identity, make_loaders
 from models import build_model
 
 UNBOUNDED = ('ce-10', 'margin-10')  # at an eps where any image can become any other
+# RobustBench's L-inf protocols, AutoAttack's standard version: eps, images (ImageNet: their list)
+PROTOCOLS = {'imagenet': ('4/255', 5000), 'cifar': ('8/255', 10000)}
 
 
 # ---------------------------------------------------------------- PGD: the worst case over attacks
@@ -220,8 +223,8 @@ def parser(doc=__doc__):
     p.add_argument('--ckpt', type=checked(str, os.path.exists, 'an existing checkpoint file'), required=True,
                    help='a checkpoint of train.py (its ckpt.pt)')
     p.add_argument('--eps', nargs='+', default=None, type=eps,
-                   help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, else the '
-                        'training eps)')
+                   help='budgets in pixel units, e.g. 0.1 or 4/255 (default: 4/255 on ImageNet, 8/255 on '
+                        'CIFAR-10, else the training eps)')
     p.add_argument('--attacks', nargs='+', default=['ce-20', 'dlr-20', 'ce-50x2'],
                    type=checked(str, parse_attack, 'LOSS-STEPS[xRESTARTS], e.g. ce-20 or dlr-50x2'),
                    help='LOSS-STEPS[xRESTARTS]')
@@ -229,10 +232,10 @@ def parser(doc=__doc__):
     p.add_argument('--step-size', type=checked(float, lambda v: 0 < v <= 10, 'in (0, 10]'), default=None,
                    help='as a fraction of eps (default 2.5/steps)')
     p.add_argument('--autoattack', action=argparse.BooleanOptionalAction, default=None,
-                   help='AutoAttack (standard version) after the PGD attacks (default: on ImageNet only)')
+                   help='AutoAttack (standard version) after the PGD attacks (default: ImageNet, CIFAR-10)')
     p.add_argument('--n', '--images', dest='n', type=positive, default=None,
-                   help='first n validation images (default 5000 on ImageNet, else 1000); torchrun takes --n '
-                        'as its own')
+                   help='first n validation images (default 5000 on ImageNet, 10000 on CIFAR-10, else '
+                        '1000); torchrun takes --n as its own')
     p.add_argument('--data', default=None, type=checked(str, os.path.isdir, 'an existing folder'),
                    help='data path (default: the one used in training)')
     p.add_argument('--weights', default='auto', choices=['auto', 'model', 'ema'],
@@ -262,12 +265,13 @@ def check_args(args):
 
 
 def resolve(args, ck):
-    """Defaults from the checkpoint. ImageNet: the paper's and RobustBench's protocol (4/255, their 5,000
-    val images, AutoAttack); elsewhere the training eps on 1,000 test images. EMA weights if kept."""
+    """Defaults from the checkpoint: RobustBench's protocol (PROTOCOLS) on ImageNet and CIFAR-10 (the kind
+    data.identity recorded); elsewhere the training eps on 1,000 test images. EMA weights if kept."""
     imagenet, has_ema = ck['data_info'].get('num_classes') == 1000, ck.get('ema') is not None
-    args.eps = args.eps or (['4/255'] if imagenet else [f'{ck["config"]["eps"]:g}'])
-    args.n = args.n or (5000 if imagenet else 1000)
-    args.autoattack = imagenet if args.autoattack is None else args.autoattack
+    args.protocol = 'imagenet' if imagenet else (ck.get('data_id') or {}).get('kind')
+    eps, n = PROTOCOLS.get(args.protocol, (f'{ck["config"]["eps"]:g}', 1000))
+    args.eps, args.n = args.eps or [eps], args.n or n
+    args.autoattack = args.protocol in PROTOCOLS if args.autoattack is None else args.autoattack
     if args.weights == 'ema' and not has_ema:
         raise UserError(f'{args.ckpt} holds no EMA weights (trained with --ema=0): leave out --weights=ema')
     if args.weights == 'auto':
@@ -364,8 +368,11 @@ def report(args, r, checks, aa, ck, eps_list, seconds, compiled):
     c = ck['config']
     also = ' (the run kept EMA weights too)' if ck.get('ema') is not None else ''
     weights = 'EMA weights' if args.weights == 'ema' else f'model weights{also}'
+    eps, n = PROTOCOLS.get(args.protocol, (None, None))  # said: this run keeps it, or not
+    protocol = eps and (f' | {"" if args.autoattack and args.eps[0] == eps and r["n"] == n else "not "}'
+                        f'RobustBench\'s protocol (AutoAttack, L-inf {eps}, {n} images)')
     print(f'{args.ckpt}: {c["objective"]} {c["model"]}/{c["act"]} | {weights} | eval mode | {r["n"]} images '
-          f'| linf | seed {args.seed} | {seconds:.0f} s{" | compiled" * compiled}\ndata: '
+          f'| linf | seed {args.seed} | {seconds:.0f} s{" | compiled" * compiled}{protocol or ""}\ndata: '
           f'{args.data_id["path"]} (fingerprint {args.data_id["fingerprint"]})')
     names = args.attacks + ['worst']
     print(f'PGD: {"eps":>8} {"clean":>7} ' + ' '.join(f'{a:>8}' for a in names))

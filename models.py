@@ -203,6 +203,50 @@ class ResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class PreActBlock(nn.Module):
+    """He et al. 2016's block: BN, act, conv, BN, act, conv, plus the input; where the shape changes, a 1x1
+    conv of it, or of the BN-act output with preact_shortcut (He et al., the authors' prn18)."""
+
+    def __init__(self, cin, width, stride, act, conv, preact_shortcut):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv(cin, width, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv(width, width, 3, 1, 1, bias=False)
+        self.act, self.preact_shortcut = make_act(act), preact_shortcut
+        if stride != 1 or cin != width:  # a Sequential, so its key is theirs: shortcut.0.weight
+            self.shortcut = nn.Sequential(conv(cin, width, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = self.act(self.bn1(x))
+        skip = self.shortcut(out if self.preact_shortcut else x) if hasattr(self, 'shortcut') else x
+        return self.conv2(self.act(self.bn2(self.conv1(out)))) + skip
+
+
+class PreActResNet(nn.Module):
+    """PreAct ResNet-18 for 32 px images: a 3x3 stride-1 stem, four stages of two PreActBlocks (64 to 512
+    channels), then BN and act (final_norm), global average pooling, linear. fast_adversarial's parameter
+    names (and the authors'), so their state_dicts load strictly."""
+
+    def __init__(self, act='relu', in_ch=3, num_classes=10, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 conv='native', final_norm=True, preact_shortcut=False):
+        super().__init__()
+        conv, cin = CONVS[conv], 64
+        self.normalize, self.conv1 = Normalize(mean, std), conv(in_ch, 64, 3, 1, 1, bias=False)
+        for i, width in enumerate((64, 128, 256, 512)):
+            blocks = [PreActBlock(cin, width, 1 if i == 0 else 2, act, conv, preact_shortcut),
+                      PreActBlock(width, width, 1, act, conv, preact_shortcut)]
+            setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
+            cin = width
+        if final_norm:  # the last block's sum is never normalized otherwise
+            self.bn, self.act = nn.BatchNorm2d(cin), make_act(act)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.conv1(self.normalize(x))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.act(self.bn(x)) if hasattr(self, 'bn') else x
+        return self.linear(x.mean((2, 3)))  # = their 4x4 average pool at 32 px
+
+
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -259,6 +303,10 @@ MODELS = {
     'resnet_demo': lambda **kw: _demo(stem_stride=2, **kw),
     # the demo with a stem whose input gradients carry no 2-pixel checkerboard (1.3x the step cost)
     'resnet_demo_pool': lambda **kw: _demo(stem_pool=2, **kw),
+    # CIFAR-10's PreAct ResNet-18: fast_adversarial's (Wong et al. 2020; RobustBench's PreActResNet-18
+    # entries), and the authors' prn18 (kuangliu's pytorch-cifar), which their CIFAR-10 recipes train
+    'preact_resnet18': lambda **kw: PreActResNet(**kw),
+    'prn18': lambda **kw: PreActResNet(final_norm=False, preact_shortcut=True, **kw),
     'vit_tiny': lambda **kw: ViT(patch=16, dim=192, depth=12, heads=3, **kw),
     'vit_small': lambda **kw: ViT(patch=16, dim=384, depth=12, heads=6, **kw),
     'vit_demo': lambda **kw: ViT(patch=4, dim=96, depth=4, heads=3, **kw),

@@ -67,6 +67,7 @@ BAD_CONFIG = {
     'cutmix': ['-0.5', 'inf', 'nan'],
     'randaug': ['rand-x9', 'rand-m9-mstdfoo', 'rand-m9-mmax20', 'autoaug', 'm9', 'x'],
     'reprob': ['-0.1', '1.5', 'nan'],
+    'pad': ['-1', '17', 'x'],
     'recipe': ['swinb', 'x'],
     'accum': ['0', '-2', '1.5'],
     'amp': ['maybe'],

@@ -52,6 +52,26 @@ RN50_COMMON = dict(
     bn_eval=True,
     eval_n=5000,
 )
+CIFAR_COMMON = dict(  # configs_cifar/*_prn18_gelu.yaml, on 2 GPUs: 128 x 2 images, lr 1.25e-3 x 256 / 512
+    model='prn18',
+    act='gelu',
+    batch_size=256,
+    lr=1.25e-3 / 2,
+    weight_decay=0.05,
+    warmup_epochs=5.0,
+    min_lr=1e-5,
+    smoothing=0.1,
+    mixup=0.8,
+    cutmix=1.0,
+    randaug='rand-m9-mstd0.5-inc1',
+    reprob=0.25,
+    pad=4,
+    amp=False,
+    bn_eval=True,
+    eps=8 / 255,
+    accum=1,
+)
+CIFAR_STAGE2 = dict(CIFAR_COMMON, epochs=300, ema=0.9998, init='runs/cifar/prn18-standard-gelu/ckpt.pt')
 EXPECTED = {  # the authors' configs: per-GPU batch x accumulation x GPUs; lr = base lr x batch / 512
     'swinb_gradnorm': dict(
         SWIN_COMMON,
@@ -159,6 +179,13 @@ EXPECTED = {  # the authors' configs: per-GPU batch x accumulation x GPUs; lr = 
         ramp_epochs=5.0,
         gn_weights='0.5,0.5',
     ),
+    'cifar_standard': dict(CIFAR_COMMON, objective='standard', init='', epochs=51, clip=math.inf, ema=0.0),
+    # their 1.2 x (4/255) ||g||_1 written at 8/255: the penalty weight halves
+    'cifar_gradnorm': dict(
+        CIFAR_STAGE2, objective='gradnorm', clip=1.0, ramp_epochs=5.0, gn_weights='0.8,0.6'
+    ),
+    'cifar_pgd': dict(CIFAR_STAGE2, objective='pgd', pgd_steps=3, clip=math.inf),
+    'cifar_fgsm': dict(CIFAR_STAGE2, objective='fgsm', clip=math.inf),
 }
 
 
@@ -168,10 +195,13 @@ def test_every_recipe_resolves_to_the_papers_values(tmp_path, monkeypatch):
         stage1 = tmp_path / 'runs' / 'imnet' / f'timm-resnet50-standard-{act}'
         stage1.mkdir(parents=True)
         (stage1 / 'ckpt.pt').write_bytes(b'x')
+    (tmp_path / 'runs' / 'cifar' / 'prn18-standard-gelu').mkdir(parents=True)
+    (tmp_path / 'runs' / 'cifar' / 'prn18-standard-gelu' / 'ckpt.pt').write_bytes(b'x')
     (tmp_path / 'imnet').mkdir()
+    (tmp_path / 'cifar').mkdir()
     monkeypatch.chdir(tmp_path)
     for name, want in EXPECTED.items():
-        cfg = resolved(name, '--data=imnet')
+        cfg = resolved(name, '--data=' + ('cifar' if name.startswith('cifar') else 'imnet'))
         got = {k: getattr(cfg, k) for k in want}
         assert got['lr'] == pytest.approx(want['lr'], rel=1e-12), name
         assert {**got, 'lr': 0} == {**want, 'lr': 0}, name
@@ -190,6 +220,29 @@ def test_recipe_overrides_and_lr_scaling():
         and ' epochs=3* ' in line
         and ' clip=0.5 ' in line
     )
+
+
+def test_cifar_lr_follows_the_batch_and_the_penalty_is_theirs():
+    """lr = 1.25e-3 x batch / 512 (their 1-GPU run: 128 images, 3.125e-4); GradNorm's weight x eps is
+    their DBP's 1.2 x 4/255."""
+    cfg = resolved('cifar_standard', '--batch_size=128')
+    assert cfg.lr == pytest.approx(1.25e-3 * 128 / 512, rel=1e-12) and cfg.min_lr == 1e-5
+    assert ' batch_size=128* ' in C.describe_recipe(cfg) and ' epochs=51 ' in C.describe_recipe(cfg)
+    gradnorm = C.RECIPES['cifar_gradnorm']
+    assert float(gradnorm['gn_weights'].split(',')[1]) * gradnorm['eps'] == pytest.approx(1.2 * 4 / 255)
+
+
+@pytest.mark.parametrize(
+    'act,first', [('gelu', '--recipe=cifar_standard '), ('relu', '--recipe=cifar_standard --act=relu ')]
+)
+def test_cifar_stage2_without_the_standard_run_names_it(act, first, tmp_path, monkeypatch, capsys):
+    (tmp_path / 'cifar').mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ('cifar_gradnorm', 'cifar_pgd', 'cifar_fgsm'):
+        assert C.cli(C.parse_config, [f'--recipe={name}', '--data=cifar', f'--act={act}']) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('error: ') and f'run {first}first' in err, err
+        assert f'runs/cifar/prn18-standard-{act}/ckpt.pt' in err
 
 
 def test_accumulation_gives_the_same_gradient():

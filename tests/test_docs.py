@@ -29,6 +29,9 @@ NOT_NAMES = {
     'val.txt',  # ARES-Bench's list
     # the authors' scripts (docs/paper.md)
     'adversarial_training.py',
+    'adversarial_training_cifar.py',
+    'eval_white_box_cifar.py',
+    'prn.py',
     'adversarial_training_logit.py',
     'gradient_teachers.py',
     'swin_transformer_timm_version.py',

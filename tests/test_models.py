@@ -112,7 +112,10 @@ def twins(name, in_ch, dtype=torch.float64):
 
 
 
-@pytest.mark.parametrize('name,in_ch,size', [('resnet_demo', 1, 28), ('resnet18_small', 3, 8)])  # 8 px: cheap
+@pytest.mark.parametrize(
+    'name,in_ch,size',
+    [('resnet_demo', 1, 28), ('resnet18_small', 3, 8), ('preact_resnet18', 3, 8), ('prn18', 3, 8)],
+)  # 8 px: cheap
 def test_gradnorm_parameter_gradient_equals_native_double_backprop(name, in_ch, size):
     native, fast = twins(name, in_ch)
     g = torch.Generator().manual_seed(0)
@@ -124,6 +127,53 @@ def test_gradnorm_parameter_gradient_equals_native_double_backprop(name, in_ch, 
     assert rel(gradnorm_grad(fast, G.gradnorm, x, y), want) < 1e-12
     for a, b in zip(native.buffers(), fast.buffers()):  # same BatchNorm running statistics
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+
+
+@pytest.mark.parametrize(
+    'name,params,norms', [('preact_resnet18', 11_172_170, 17), ('prn18', 11_171_146, 16)]
+)
+def test_preact_resnet18_size_shape_and_input_gradient(name, params, norms):
+    """fast_adversarial's PreActResNet18 has 11,172,170 parameters for 10 classes; the authors' prn18 lacks
+    only the final BatchNorm (2 x 512). Logits for 32 px images; fast and native convolutions give the
+    same input gradient."""
+    fast = M.build_model(name, 'gelu', num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, conv='fast').eval()
+    native = M.build_model(name, 'gelu', num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD).eval()
+    native.load_state_dict(fast.state_dict(), strict=True)
+    assert sum(p.numel() for p in fast.parameters()) == params
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == norms
+    assert sum(isinstance(m, M.Conv2d) for m in fast.modules()) == 20  # stem, 16 in blocks, 3 shortcuts
+    keys = set(fast.state_dict())  # fast_adversarial's (and the authors') names: their weights load
+    assert {'conv1.weight', 'layer2.0.shortcut.0.weight', 'layer4.1.conv2.weight', 'linear.bias'} <= keys
+    assert 'layer1.0.shortcut.0.weight' not in keys and ('bn.weight' in keys) == (norms == 17)
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([3, 7])
+    grads = []
+    for model in (fast, native):
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        assert out.shape == (2, 10)
+        grads.append(torch.autograd.grad(F.cross_entropy(out, y), xi)[0])
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_preact_resnet18_activation_by_name_and_swapped():
+    """--act builds it with that activation; set_activation swaps all 9 (8 blocks and the final one) in a
+    built model, which then computes what a model built with the new one computes."""
+    torch.manual_seed(0)
+    relu = M.build_model('preact_resnet18', 'relu', num_classes=10).double().eval()
+    silu = M.build_model('preact_resnet18', 'silu', num_classes=10).double().eval()
+    silu.load_state_dict(relu.state_dict(), strict=True)
+    assert sum(isinstance(m, nn.ReLU) for m in relu.modules()) == 9
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        before = relu(x)
+        M.set_activation(relu, 'silu')
+        assert not any(isinstance(m, nn.ReLU) for m in relu.modules())
+        assert sum(isinstance(m, nn.SiLU) for m in relu.modules()) == 9
+        assert torch.equal(relu(x), silu(x)) and not torch.allclose(before, silu(x))
 
 
 def test_resnet50_loads_torchvision_weights_strictly_with_identical_logits():
