@@ -16,6 +16,7 @@ import config as C
 import evaluate as E
 import gradnorm as G
 import models as M
+import train as T
 from attack import fgsm_at, pgd, pgd_at
 from data import load_fashion_mnist
 from edge_reg import edge_energy, edge_reg
@@ -79,7 +80,7 @@ MODEL_CASES = [(m, a, cl) for m in M.MODELS for a in M.ACTS for cl in (False, Tr
 
 @pytest.mark.parametrize('name,act,channels_last', MODEL_CASES)
 def test_every_model_forward_and_double_backward(name, act, channels_last):
-    size = 16 if name.endswith(('_small', '_demo')) else 32  # small: cheap, yet every stage runs
+    size = 16 if name.endswith(('_small', '_demo', '18')) else 32  # small: cheap, yet every stage runs
     torch.manual_seed(0)
     model = M.build_model(name, act, in_ch=3, num_classes=7, img_size=size)
     x = torch.rand(2, 3, size, size)
@@ -282,6 +283,16 @@ def test_checkpoint_roundtrip_and_resume_continue_exactly(tiny_data, tmp_path):
 # ---------------------------------------------------------------- errors a user can fix
 
 
+def here(args, capfd):
+    """python ARGS (train.py or evaluate.py) run in this process as its __main__ runs it (config.cli):
+    the same exit status and stderr, without the seconds a new interpreter spends importing torch
+    (tests/test_config.py runs both scripts as new processes)."""
+    capfd.readouterr()
+    code = C.cli({'train.py': T.main, 'evaluate.py': E.main}[args[0]], args[1:])
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code or 0, out, err)
+
+
 def one_line_error(r, *words):
     assert r.returncode != 0
     assert 'Traceback' not in r.stderr, r.stderr[-2000:]
@@ -299,36 +310,35 @@ def one_line_error(r, *words):
         (['--bogus=1'], ['--bogus']),
     ],
 )
-def test_bad_arguments_get_one_line_errors(args, words):
-    one_line_error(run(['train.py', *args]), *words)
+def test_bad_arguments_get_one_line_errors(args, words, capfd):
+    one_line_error(here(['train.py', *args], capfd), *words)
 
 
-def test_bad_checkpoints_and_divergence_get_one_line_errors(tiny_data, tmp_path):
+def test_bad_checkpoints_and_divergence_get_one_line_errors(tiny_data, tmp_path, capfd):
     out = tmp_path / 'run'
-    r = run(train_args(tiny_data, out, '--epochs=1'))
+    train = lambda *extra, out=out: here(train_args(tiny_data, out, *extra), capfd)
+    r = train('--epochs=1')
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = out / 'ckpt.pt'
     good = ckpt.read_bytes()
 
-    one_line_error(run(train_args(tiny_data, out, f'--resume={ckpt}', '--act=relu')), 'gelu', 'relu')
-    one_line_error(
-        run(train_args(tiny_data, out, f'--resume={ckpt}', '--model=vit_demo')), 'resnet_demo', 'vit_demo'
-    )
+    one_line_error(train(f'--resume={ckpt}', '--act=relu'), 'gelu', 'relu')
+    one_line_error(train(f'--resume={ckpt}', '--model=vit_demo'), 'resnet_demo', 'vit_demo')
     (tmp_path / 'cut.pt').write_bytes(good[: len(good) // 2])
-    one_line_error(run(train_args(tiny_data, out, f'--resume={tmp_path / "cut.pt"}')), 'corrupt')
-    one_line_error(run(['evaluate.py', f'--ckpt={tmp_path / "cut.pt"}']), 'corrupt')
+    one_line_error(train(f'--resume={tmp_path / "cut.pt"}'), 'corrupt')
+    one_line_error(here(['evaluate.py', f'--ckpt={tmp_path / "cut.pt"}'], capfd), 'corrupt')
     torch.save({'model': object.__new__(C.Config)}, tmp_path / 'pickled.pt')
-    one_line_error(run(['evaluate.py', f'--ckpt={tmp_path / "pickled.pt"}']), 'pickled')
+    one_line_error(here(['evaluate.py', f'--ckpt={tmp_path / "pickled.pt"}'], capfd), 'pickled')
 
     # an absurd learning rate overflows the weights: the message names the term, the checkpoint survives
-    r = run(train_args(tiny_data, out, f'--resume={ckpt}', '--lr=1e30', '--resume_changes=lr'))
+    r = train(f'--resume={ckpt}', '--lr=1e30', '--resume_changes=lr')
     one_line_error(r, 'non-finite ce', 'checkpoint', '--lr')
     assert ckpt.read_bytes() == good
 
     # output that cannot be written: a clear message, earlier checkpoints intact
-    one_line_error(run(train_args(tiny_data, ckpt / 'sub')), 'cannot use output directory')
+    one_line_error(train(out=ckpt / 'sub'), 'cannot use output directory')
     (
         out / f'ckpt-00000016-{C.load_checkpoint(str(ckpt))["run"]}.pt.tmp'
     ).mkdir()  # the next one's temporary name is taken
-    one_line_error(run(train_args(tiny_data, out, '--resume=auto')), 'cannot write checkpoint', 'intact')
+    one_line_error(train('--resume=auto'), 'cannot write checkpoint', 'intact')
     assert ckpt.read_bytes() == good

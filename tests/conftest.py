@@ -18,7 +18,17 @@ FASHION = '/usr/share/datasets/fashion-mnist'  # the real data (make data)
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SWINB = 'swin_base_patch4_window7_224'  # the paper's headline model (timm)
 CPU = torch.device('cpu')
-needs_ffcv = pytest.mark.skipif(data.ffcv_error() is not None, reason=f'FFCV: {data.ffcv_error()}')
+
+
+@pytest.fixture
+def ffcv_importable():
+    if data.ffcv_error():
+        pytest.skip(f'FFCV: {data.ffcv_error()}')
+
+
+# asked when such a test runs, not when this file is imported: importing FFCV compiles numba code for
+# seconds, which every rank a test spawns (it imports the test's module, hence this one) would pay again
+needs_ffcv = pytest.mark.usefixtures('ffcv_importable')
 
 
 def run(args, timeout=600, **kw):

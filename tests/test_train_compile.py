@@ -105,43 +105,50 @@ def test_fd_gradnorm_chosen_by_config():
     assert T.plan(C.Config(gradnorm_impl='auto', act='relu'), torch.device('cpu')).impl == 'exact'
 
 
-def _ddp_rank(rank, init_file, x, y, out, compiled):
+IMPLS = 'fd', 'exact compiled'
+
+
+def _ddp_rank(rank, init_file, x, y, out):
+    """FD, then the compiled exact objective, each on its own model and DDP wrapper (one spawn for both:
+    a rank's start costs seconds)."""
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     torch.set_num_threads(1)  # as the parent's reference: FD divides any change of rounding order by h
-    cfg = C.Config(objective='gradnorm', gradnorm_impl='exact' if compiled else 'fd', ramp_epochs=1.0)
-    model = tiny('resnet', conv=T.plan(cfg, torch.device('cpu')).conv)  # exact: the fast conv, as training
-    with torch._dynamo.config.patch(trace_autograd_ops=True, optimize_ddp=False):
-        if compiled:  # as train() does it, with the test backend
-            torch.compile = functools.partial(torch.compile, backend=BACKEND)
-        net = nn.parallel.DistributedDataParallel(
-            T.Step(model, T.objective(cfg, torch.device('cpu'), compiled))
-        )
-        shard = slice(rank * 8, (rank + 1) * 8)
-        loss, _ = net(x[shard].clone().requires_grad_(), y[shard], 5.0)
-        loss.backward()
-    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+    grads = {}
+    for impl in IMPLS:
+        cfg = C.Config(objective='gradnorm', gradnorm_impl=impl.split()[0], ramp_epochs=1.0)
+        compiled = impl != 'fd'
+        model = tiny('resnet', conv=T.plan(cfg, torch.device('cpu')).conv)  # exact: the fast conv, as train()
+        with torch._dynamo.config.patch(trace_autograd_ops=True, optimize_ddp=False):
+            if compiled:  # as train() does it, with the test backend
+                torch.compile = functools.partial(torch.compile, backend=BACKEND)
+            net = nn.parallel.DistributedDataParallel(
+                T.Step(model, T.objective(cfg, torch.device('cpu'), compiled))
+            )
+            shard = slice(rank * 8, (rank + 1) * 8)
+            loss, _ = net(x[shard].clone().requires_grad_(), y[shard], 5.0)
+            loss.backward()
+        grads[impl] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        del net
     if rank == 0:
-        torch.save(flat, out)
+        torch.save(grads, out)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize('impl', ['fd', 'exact compiled'])
-def test_training_step_under_ddp_averages_the_ranks_gradients(impl, one_thread):
+def test_training_step_under_ddp_averages_the_ranks_gradients(one_thread):
     """The step as train() runs it under torchrun: DDP wraps model + objective (T.Step); FD makes two
     forwards and one backward, the compiled exact objective runs its double backward inside Dynamo
     (which cannot trace DDP's own forward). The synced gradient is the mean of each shard's."""
     x, y = batch(16)
-    model = tiny('resnet')
-    fn = G.gradnorm_fd if impl == 'fd' else G.gradnorm
-    want = (
-        sum(param_grad(model, fn, x[s], y[s], 0.1, torch.tensor(1.0))[1] for s in (slice(0, 8), slice(8, 16)))
-        / 2
-    )
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, 'grad.pt')
-        mp.spawn(_ddp_rank, args=(os.path.join(d, 'init'), x, y, out, impl != 'fd'), nprocs=2)
+        mp.spawn(_ddp_rank, args=(os.path.join(d, 'init'), x, y, out), nprocs=2)
         got = torch.load(out)
-    assert rel(got, want) < 1e-5
+    for impl in IMPLS:
+        model = tiny('resnet')
+        fn = G.gradnorm_fd if impl == 'fd' else G.gradnorm
+        shards = slice(0, 8), slice(8, 16)
+        want = sum(param_grad(model, fn, x[s], y[s], 0.1, torch.tensor(1.0))[1] for s in shards) / 2
+        assert rel(got[impl], want) < 1e-5, impl
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')

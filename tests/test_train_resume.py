@@ -92,7 +92,7 @@ def ffcv_demo(tiny_data, tmp_path, monkeypatch):
     if D.ffcv_error():
         pytest.skip(f'FFCV: {D.ffcv_error()}')
     monkeypatch.setattr(D, 'CACHE', str(tmp_path / 'cache' / 'gradnorm'))
-    D.fashion_betons(tiny_data, 1)
+    D.small_betons(tiny_data, 1)
     return dict(os.environ, XDG_CACHE_HOME=str(tmp_path / 'cache'))
 
 
