@@ -25,6 +25,7 @@ from contextlib import nullcontext
 
 import torch
 
+import attack
 from attack import fgsm_at, pgd, pgd_at
 from config import ArgumentParser, Config, UserError, checked, cli
 from data import (
@@ -118,6 +119,7 @@ def step_args(p):
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     p.add_argument('--skip', default='', help="comma-separated rows to leave out, e.g. 'edgereg compiled'; "
                    "a method's name ('edgereg') leaves out all its rows")
+    p.add_argument('--json', default='', help='also write each row\'s median step seconds here')
     p.add_argument(
         '--memory_format',
         default='auto',
@@ -280,6 +282,7 @@ def step_table(state, args, info, device, amp):
             + (f'pgd3/standard {pgd / std:.2f} | ' if std else '')
             + f'auto picks {why}'
         )
+    return med
 
 
 def bench_step(args):
@@ -301,7 +304,13 @@ def bench_step(args):
     )
     state = warm_up(rows, args, info, x, y, device, autocast)
     time_rows(state, args, y, device, autocast)
-    step_table(state, args, info, device, amp)
+    med = step_table(state, args, info, device, amp)
+    if args.json:  # tools/cost.py reads it
+        rows = {n: dict(seconds=t, compiled=state[n]['compiled']) for n, t in med.items()}
+        attack.write_json(args.json, dict(hardware=hardware(device), threads=torch.get_num_threads(),
+                                          torch=torch.__version__, model=args.model, batch=args.batch,
+                                          repeats=args.repeats, rows=rows), indent=1)
+        print(f'wrote {args.json}')
 
 
 # ---------------------------------------------------------------- attack
