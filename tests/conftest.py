@@ -1,5 +1,8 @@
 """Fixtures and helpers shared by the test files."""
 
+import ast
+import functools
+import gc
 import os
 import subprocess
 import sys
@@ -15,6 +18,22 @@ from tools import beton
 from tools.check_gpu import write_idx
 
 FASHION = '/usr/share/datasets/fashion-mnist'  # the real data (make data)
+
+
+@functools.cache
+def parse_file(path):
+    """ast.parse of a file, once, with the collector off: CPython 3.11.7 keeps the AST builder's recursion
+    depth in state shared by all threads, and finalizers a collection runs mid-build can hand the GIL to
+    another thread building one (SystemError: AST constructor recursion depth mismatch; fixed in 3.12)."""
+    with open(path) as f:
+        source = f.read()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source)
+    finally:
+        if enabled:
+            gc.enable()
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SWINB = 'swin_base_patch4_window7_224'  # the paper's headline model (timm)
 CPU = torch.device('cpu')

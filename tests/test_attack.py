@@ -22,7 +22,7 @@ import train
 from attack import square_check
 from data import FASHION_MEAN, FASHION_STD, TensorLoader, load_fashion_mnist
 from test_smoke import train_args
-from tests.conftest import FASHION, HERE
+from tests.conftest import FASHION, HERE, parse_file
 
 
 class Linear2(nn.Module):
@@ -311,7 +311,7 @@ def test_no_name_shadows_an_import():
     """In the three files a reader copies, no argument, variable, function or inner import rebinds a
     module-level import (attack.inside's `dist` once hid torch.distributed)."""
     for name in ('attack.py', 'gradnorm.py', 'edge_reg.py'):
-        tree = ast.parse(open(os.path.join(HERE, name)).read())
+        tree = parse_file(os.path.join(HERE, name))
         imported = {(a.asname or a.name).split('.')[0] for node in tree.body
                     if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
         bound = []

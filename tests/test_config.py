@@ -15,7 +15,7 @@ import pytest
 import config as C
 import evaluate
 import train as T
-from tests.conftest import HERE
+from tests.conftest import HERE, parse_file
 from tools import beton, characterize
 
 
@@ -333,7 +333,7 @@ def import_graph():
     graph = {}
     for m in mods:
         deps = set()
-        for node in ast.walk(ast.parse(open(os.path.join(HERE, m.replace('.', os.sep) + '.py')).read())):
+        for node in ast.walk(parse_file(os.path.join(HERE, m.replace('.', os.sep) + '.py'))):
             if isinstance(node, ast.Import):
                 deps |= {'.'.join(a.name.split('.')[:2]) for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -380,7 +380,7 @@ def test_no_import_cycles():
 
 def test_no_function_over_80_lines():
     for f in glob.glob(os.path.join(HERE, '*.py')):
-        for node in ast.walk(ast.parse(open(f).read())):
+        for node in ast.walk(parse_file(f)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno < 80, f'{os.path.basename(f)}: {node.name}'
 

@@ -15,7 +15,7 @@ import tokenize
 
 import pytest
 
-from tests.conftest import HERE
+from tests.conftest import HERE, parse_file
 
 DOCS = ['README.md', *sorted(os.path.relpath(f, HERE) for f in glob.glob(os.path.join(HERE, 'docs', '*.md')))]
 REQUIREMENTS = sorted(os.path.relpath(f, HERE) for f in glob.glob(os.path.join(HERE, 'requirements*.txt')))
@@ -132,7 +132,7 @@ def wrong(token):
         return None
     path, rest = module_path(token.split('.'))
     if path is not None:
-        ok = not rest or defined(ast.parse(open(os.path.join(HERE, path)).read()), rest)
+        ok = not rest or defined(parse_file(os.path.join(HERE, path)), rest)
         return None if ok else f'{path} defines no {".".join(rest)}'
     return None if installed(token) else 'neither a module here nor an installed name'
 
@@ -172,7 +172,7 @@ def notes(path):
     src = open(os.path.join(HERE, path)).read()
     if not path.endswith('.py'):
         return '\n'.join(re.findall(r'#(.*)', src))
-    tree = ast.parse(src)
+    tree = parse_file(os.path.join(HERE, path))
     docs = [ast.get_docstring(n) or '' for n in [tree, *ast.walk(tree)] if isinstance(n, DOCUMENTED)]
     lines = io.StringIO(src).readline
     return '\n'.join(docs + [t.string for t in tokenize.generate_tokens(lines) if t.type == tokenize.COMMENT])
