@@ -20,7 +20,9 @@ def write_run(out, name, seed, epochs, clean, pgd, aa, wall=60.0, cpu=50.0):
     os.makedirs(d)
     with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
         for e in range(epochs):
-            f.write(json.dumps({'epoch': e, 'clean_acc': clean if e == epochs - 1 else 0.1}) + '\n')
+            last = e == epochs - 1  # pgd_upper: training's PGD at eps 0.1, as the sweep's 0.1
+            line = {'epoch': e, 'clean_acc': clean if last else 0.1, 'pgd_upper': pgd[4] if last else 0}
+            f.write(json.dumps(line) + '\n')
     with open(os.path.join(d, 'time.txt'), 'w') as f:
         f.write(f'wall {wall} s user {cpu - 1} s sys 1.00 s\n')
     torch.save({'steps_per_epoch': SPE}, os.path.join(d, 'ckpt.pt'))
@@ -57,7 +59,8 @@ def test_table_and_answers_are_the_means(tmp_path):
     text = C.table(runs)
     gn = statistics.mean([0.48, 0.52, 0.50]) * 100, statistics.stdev([0.48, 0.52, 0.50]) * 100
     assert '| GradNorm | 3 | 0.60 ± 0.00 |' in text and f'{gn[0]:.1f} ± {gn[1]:.1f}' in text
-    assert '| PGD-3 AT, 2 epochs | 1 | 0.50 ± 0.00 (1) |' in text  # fewer than 3 runs: counted
+    assert '| PGD-3 AT, 2 epochs | 1 | 0.50 (1) |' in text  # fewer than 3 runs: counted
+    assert f'| {gn[0] + 2:.1f} ± {gn[1]:.1f} |' in text  # training's PGD at 0.1: the last epoch's pgd_upper
     lines = C.answers(runs)
     share = 0.52 / 0.72  # the eps-0.1 means
     assert f'0.1 {share:.2f}' in lines[0] and 'at least 0.90 up to eps 4/255' in lines[0]

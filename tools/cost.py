@@ -100,8 +100,8 @@ def load_run(d, steps_per_epoch):
     with open(os.path.join(d, 'time.txt')) as f:
         wall, user, sys_ = map(float, TIME.search(f.read()).groups())
     sweep, aa = read('sweep.json'), read('aa.json')
-    return dict(clean=epochs[-1]['clean_acc'], steps=len(epochs) * steps_per_epoch,
-                pgd_steps=Config.epochs * steps_per_epoch, wall=wall,
+    return dict(clean=epochs[-1]['clean_acc'], upper=epochs[-1]['pgd_upper'],
+                steps=len(epochs) * steps_per_epoch, pgd_steps=Config.epochs * steps_per_epoch, wall=wall,
                 cpu=user + sys_, pgd={e: sweep['robust'][e]['worst'] for e in SWEEP} if sweep else None,
                 aa=aa['autoattack'][AA_EPS]['robust'] if aa else None,
                 checks=[c['ok'] for c in aa.get('checks', [])] if aa else [])
@@ -141,6 +141,8 @@ def cell(values, scale=100, digits=1):
     m, s, n = stats(values)
     if m is None:
         return '-'
+    if n == 1:
+        return f'{scale * m:.{digits}f} (1)'
     return f'{scale * m:.{digits}f} ± {scale * s:.{digits}f}' + ('' if n > 2 else f' ({n})')
 
 
@@ -149,13 +151,14 @@ def cell(values, scale=100, digits=1):
 def table(runs):
     """Mean ± sd over seeds per method (a count in brackets where fewer than three runs were evaluated)."""
     head = ['method', 'runs', 'cost', 'wall min', 'CPU min', 'clean', f'AutoAttack {AA_EPS}',
-            *(f'PGD {e}' for e in SWEEP)]
+            f'training\'s PGD {AA_EPS}', *(f'PGD {e}' for e in SWEEP)]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
     for name, rs in runs.items():
         get = lambda key, rs=rs: [r[key] for r in rs]
         pgd = [[r['pgd'][e] if r['pgd'] else None for r in rs] for e in SWEEP]
         cells = [METHODS[name][2], str(len(rs)), cell(get('cost'), 1, 2), cell(get('wall'), 1 / 60, 1),
-                 cell(get('cpu'), 1 / 60, 1), cell(get('clean')), cell(get('aa')), *(cell(p) for p in pgd)]
+                 cell(get('cpu'), 1 / 60, 1), cell(get('clean')), cell(get('aa')), cell(get('upper')),
+                 *(cell(p) for p in pgd)]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -170,6 +173,22 @@ def run_table(runs):
         cells = [os.path.basename(r['dir']), f'{r["cost"]:.2f}', f'{r["wall"] / 60:.1f}',
                  f'{r["cpu"] / 60:.1f}', pct(r['clean']), pct(r['aa']), pct(r['pgd'] and r['pgd']['4/255']),
                  pct(r['pgd'] and r['pgd'][AA_EPS]), checks]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def short_table(runs):
+    """The README's: cost, clean and PGD at 0.1 over every seed; PGD at 4/255, AutoAttack and the masking
+    checks of the runs evaluated so (seed 0 first)."""
+    head = ['method', 'cost', 'clean', f'PGD-20 {AA_EPS}', 'PGD-20 4/255', f'**AutoAttack {AA_EPS}**',
+            'checks']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+    for name, rs in runs.items():
+        get = lambda key, rs=rs: [r[key] for r in rs]
+        checks = [c for r in rs for c in r['checks']]
+        cells = [METHODS[name][2], f'{stats(get("cost"))[0]:.2f}', cell(get('clean')), cell(get('upper')),
+                 cell([r['pgd'] and r['pgd']['4/255'] for r in rs]), f'**{cell(get("aa"))}**',
+                 f'{sum(checks)} of {len(checks)} ok' if checks else '-']
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -247,7 +266,7 @@ def report(args):
     print(f'step times: {b["hardware"]}, {b["threads"]} thread(s), torch {b["torch"]}, {b["model"]} batch '
           f'{b["batch"]}, median of {b["repeats"]} interleaved steps; over PGD-3: '
           + ', '.join(f'{n} {r["seconds"] / pgd:.2f}' for n, r in b['rows'].items()))
-    print(table(runs), run_table(runs), sep='\n\n', end='\n\n')
+    print(short_table(runs), table(runs), run_table(runs), sep='\n\n', end='\n\n')
     print('\n'.join(answers(runs)))
     if args.png:
         plot(runs, args.png)
