@@ -82,16 +82,6 @@ def pad_crop(image, pad, seed, epoch, index):
 
 # ---------------------------------------------------------------- RandAugment (timm's, per image)
 
-def randaug_transform(spec, res, mean):
-    """timm's RandAugment as its create_transform builds it (spec e.g. 'rand-m9-mstd0.5-inc1'), with the
-    magnitude capped just below 10: at 10 PosterizeIncreasing keeps 0 bits, which Pillow >= 11 refuses."""
-    from PIL import Image
-    from timm.data.auto_augment import rand_augment_transform
-    mean = tuple(mean) * (3 // len(mean))  # gray data is augmented as RGB
-    return rand_augment_transform(spec, dict(translate_const=int(res * 0.45), interpolation=Image.BICUBIC,
-                                             img_mean=tuple(min(255, round(255 * m)) for m in mean),
-                                             magnitude_max=10 - 1e-6))
-
 
 _py_rng = threading.Lock()
 
@@ -159,8 +149,7 @@ class TensorLoader:
             j = idx[i * self.batch:(i + 1) * self.batch]
             x = self.images[j]
             if self.train:  # flip, then the padded crop and RandAugment, as FFCV's path orders them
-                # uniform(...) < 0.5, in integers
-                flip = rand_u32(self.seed, self.epoch, j, FLIP) < 2 ** 31
+                flip = rand_u32(self.seed, self.epoch, j, FLIP) < 2 ** 31  # uniform(...) < 0.5, in integers
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
                 if self.randaug or self.pad:
                     x = per_image(x, self.seed, self.epoch, j, self.pad, self.randaug)
@@ -206,13 +195,6 @@ class BatchAugment:
             if self.mix:
                 x, y = self.mix(x, y)
         return x, y
-
-
-def from_config(cfg, rank, num_classes, res, mean, std):
-    """The training loader's randaug (per image) and on_batch (erasing, Mixup/CutMix), None when off."""
-    on_batch = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
-    randaug = randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None
-    return dict(randaug=randaug, on_batch=on_batch or None)
 
 
 # ---------------------------------------------------------------- the loaders

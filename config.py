@@ -1,21 +1,17 @@
-"""A run: its configuration (one flat Config, named recipes, --key=value), checkpoints, run folder and
-processes (torchrun). Every value is checked before any data is read; a bad one ends the program with
-one line, `error: ...`, exit status 2."""
+"""A run: its configuration (one flat Config, named recipes, --key=value), its processes (torchrun) and stop
+signals; its folder and checkpoints are checkpoint.py's. Every value is checked before any data is read;
+a bad one ends the program with one line, `error: ...`, exit status 2."""
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import functools
-import glob
 import importlib
 import inspect
 import math
 import os
 import re
 import runpy
-import shutil
 import signal
-import socket
 import sys
 
 import torch
@@ -51,7 +47,7 @@ def cli(main, argv):
     except UserError as e:
         say(f'error: {e}')
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or evaluate.Stopped (a stop signal): rank 0 says it
+    except KeyboardInterrupt as e:  # Ctrl-C, or Stopped (a stop signal): rank 0 says it
         signum = getattr(e, 'signum', signal.SIGINT)
         if int(os.environ.get('RANK', 0)) == 0:
             say(f'interrupted: {e or "stopped"}' if signum == signal.SIGINT else
@@ -197,7 +193,7 @@ finite = math.isfinite
 # settings that leave what a run means alone: a resume may change them freely; the others it compares
 FREE = {'out', 'overwrite', 'resume', 'resume_changes', 'ckpt_every', 'keep', 'max_bad_steps', 'compile',
         'workers', 'loader', 'eval_n', 'eval_steps', 'conv', 'gradnorm_impl', 'amp', 'accum', 'init',
-        'recipe', 'data'}  # the data are compared by identity (data.identity): 'data' stands for their size
+        'recipe', 'data'}  # the data: compared by checkpoint.identity; 'data' stands for their size
 CHANGEABLE = {f.name for f in dataclasses.fields(Config)} - FREE - {'model', 'epochs'} | {'data'}
 
 
@@ -374,166 +370,43 @@ def parse_config(argv):
     return validate(cfg)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- processes, stop signals (SLURM, Ctrl-C)
 
-def write_failure(e, path):
-    """Why a write failed, in a few words: torch.save raises RuntimeError, not OSError, on a full disk."""
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-    return f'{str(e).splitlines()[0][:120]}; {free / 2 ** 20:.1f} MiB free on its disk'
+class Stopped(KeyboardInterrupt):
+    """A stop signal: SIGTERM, SIGUSR1 (preemption) or SIGINT (Ctrl-C). A KeyboardInterrupt: no `except
+    Exception` swallows it, and config.cli prints it in one line (exit status 75, 130 for Ctrl-C)."""
 
+    def __init__(self, signum, where='stopped at once: the newest checkpoint is whole'):
+        super().__init__(where)
+        self.signum = signum
+class Stops(list):
+    """`with Stops() as stops:` SIGTERM, SIGUSR1, SIGINT are noted in stops (training looks between steps); in
+    stops.at_once() (evaluation) one ends the program where it lands, as a second Ctrl-C does anywhere."""
+    hard = False
 
-def save_checkpoint(path, state):
-    """Atomic (temp file, fsync, rename): a crash or a full disk leaves no truncated checkpoint."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f'cannot write checkpoint {path!r} ({write_failure(e, path)}); earlier checkpoints '
-                        'are intact: free some disk space or pass --out=DIR, then --resume=auto') from None
-    finally:  # any exception, a second Ctrl-C's too, leaves no partial file
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        return self
 
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
-def append_line(path, line):
-    """Appends line + newline, or nothing: a failed write (a full disk) is cut off again."""
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    try:
-        with open(path, 'a') as f:
-            f.write(line + '\n')
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.truncate(path, size)
-        raise UserError(f'cannot write {path!r} ({write_failure(e, path)}): free some disk space, '
-                        'then --resume=auto') from None
+    def handle(self, signum, frame):
+        self.append(signum)
+        if self.hard or self.count(signal.SIGINT) > 1:
+            raise Stopped(signum)
 
+    @contextlib.contextmanager
+    def at_once(self):
+        if self:
+            raise Stopped(self[0])
+        self.hard = True
+        try:
+            yield
+        finally:
+            self.hard = False
 
-# what each reader of a checkpoint needs: (key, type); config must name these fields
-EVAL_KEYS = (('config', dict), ('model', dict), ('data_info', dict))
-RESUME_KEYS = EVAL_KEYS + (('optimizer', dict), ('step', int), ('run', str))
-CONFIG_KEYS = ('model', 'act', 'objective', 'eps', 'data')
-RETIRED = {'res_start': 0}  # options of earlier versions: their runs load if they left them at this value
-
-
-def what_file(path, e):
-    """What a file torch.load(weights_only=True) refused is, in words."""
-    if os.path.isdir(path):
-        return 'it is a directory'
-    with open(path, 'rb') as f:
-        head = f.read(4096)
-    if not head:
-        return 'it is empty (0 bytes)'
-    if b'\0' not in head and not head.startswith((b'PK', b'\x80')):
-        return 'it is a text file'
-    if 'weights_only' in str(e):
-        return 'it holds pickled Python code or objects, refused by torch.load(weights_only=True)'
-    if head.startswith(b'PK\x03\x04'):
-        return 'it is a truncated or corrupt zip (torch.save writes zip files)'
-    return 'it is corrupt, or not a file of torch.save'
-
-
-def load_checkpoint(path, keys=EVAL_KEYS, weights=False):
-    """A checkpoint of ours holding keys of their types: refused in one line naming what the file is, never a
-    KeyError later. weights: a bare state_dict is accepted too, as {'model': it, 'config': None}."""
-    if not os.path.exists(path):
-        raise UserError(f'no checkpoint at {path!r}')
-    try:
-        ck = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code; a truncated file fails to unzip
-        raise UserError(f'cannot load checkpoint {path!r}: {what_file(path, e)}') from None
-    if not isinstance(ck, dict):
-        raise UserError(f'{path} is a torch.save of a {type(ck).__name__}, not a checkpoint of train.py')
-    if ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
-        if weights:
-            return {'model': ck, 'config': None}
-        raise UserError(f'{path} is a bare state_dict ({len(ck)} tensors), weights without a run\'s config: '
-                        f'train from them with train.py --init={path} (--init takes weights alone)')
-    if isinstance(ck.get('state_dict'), dict) and 'config' not in ck:
-        raise UserError(f'{path} is another program\'s training checkpoint (timm\'s layout: weights under '
-                        "'state_dict'): save them alone, torch.save(ck['state_dict'], 'weights.pt'), and "
-                        'pass --init=weights.pt')
-    bad = [f'its {k!r} is missing or not a {kind.__name__}'
-           for k, kind in keys if not isinstance(ck.get(k), kind)]
-    if not bad and 'config' in dict(keys):
-        for k, value in RETIRED.items():
-            if ck['config'].get(k, value) == value:
-                ck['config'].pop(k, None)
-        fields = {f.name for f in dataclasses.fields(Config)}
-        bad = [f'its config lacks {k!r}' for k in CONFIG_KEYS if k not in ck['config']]
-        bad += [f'its config has an unknown key {k!r}' for k in sorted(set(ck['config']) - fields)]
-    if bad:
-        raise UserError(f'{path} is not a checkpoint of this version of train.py: {bad[0]}')
-    return ck
-
-
-def checkpoints(out, run=None):
-    """The checkpoint files in out, oldest first: ckpt-<step>-<run id>.pt, of one run if given."""
-    return sorted(glob.glob(os.path.join(out, f'ckpt-*-{run or "*"}.pt')))
-
-
-# ---------------------------------------------------------------- the run folder: one run at a time
-
-def claim_out(cfg):
-    """One live run per folder: OUT/run.lock, flocked while this process lives (kill -9 leaves no stale lock).
-    A folder that holds another run needs --resume or --overwrite (clear_old_run). -> (lock file, made OUT)"""
-    made = not os.path.isdir(cfg.out)
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-        while True:  # the file may be removed (release) between open and flock: lock the one on disk
-            f = open(os.path.join(cfg.out, 'run.lock'), 'a+')
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                owner = f.read().strip() or 'starting'
-                raise UserError(f'{cfg.out} is in use by another run ({owner}): wait for it to end, or pass '
-                                'another --out') from None
-            if os.path.exists(f.name) and os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
-                break
-            f.close()
-        f.truncate(0)
-        f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-        f.flush()
-    except OSError as e:
-        raise UserError(f'cannot use output directory {cfg.out!r} ({e.strerror}): pass --out=DIR') from None
-    if not cfg.resume and old_run(cfg) and not cfg.overwrite:
-        release((f, made), cfg)
-        newest = os.path.basename(old_run(cfg)[-1])
-        raise UserError(f'{cfg.out} holds another run ({newest}): continue it with --resume=auto, start '
-                        'afresh there with --overwrite (deletes it), or pass another --out')
-    return f, made
-
-
-def old_run(cfg):
-    files = [os.path.join(cfg.out, f) for f in ('ckpt.pt', 'metrics.jsonl')]
-    return checkpoints(cfg.out) + [f for f in files if os.path.exists(f)]
-
-
-def clear_old_run(cfg):
-    """--overwrite: the old run goes only now, when the new one holds the lock and has passed every check."""
-    for path in old_run(cfg) if cfg.overwrite and not cfg.resume else ():
-        os.remove(path)
-
-
-def release(claim, cfg):
-    """Unlocks OUT; a folder this run made and left empty (it failed at start) is removed."""
-    f, made = claim
-    if made and os.listdir(cfg.out) == ['run.lock']:
-        os.remove(f.name)
-        with contextlib.suppress(OSError):
-            os.rmdir(cfg.out)
-    f.close()
-
-
-# ---------------------------------------------------------------- processes
 
 def end_distributed():
     """Ends torchrun's process group while Python is fully alive: gloo aborts a process that frees a

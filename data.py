@@ -1,8 +1,8 @@
-"""The data of train.py and evaluate.py: which loaders (augment.py's) read what, the files, caches and
-identity of the data. Each loader yields (x, y): x float in [0,1] on the device, channels_last; y int64 (soft
-labels with --mixup or --cutmix). `--data` is a Fashion-MNIST IDX folder
-(the demo) or CIFAR-10's python version (cifar-10-batches-py/), both cached once as .beton, a folder with
-train.beton + val.beton (tools/beton.py writes them), or an ImageFolder (train/<class>/*, val/<class>/*).
+"""The data of train.py and evaluate.py: which loaders (augment.py's) read what, with which augmentation,
+from which files and caches. Each loader yields (x, y): x float in [0,1] on the device, channels_last;
+y int64 (soft labels with --mixup or --cutmix). `--data` is a Fashion-MNIST IDX folder (the demo) or
+CIFAR-10's python version (cifar-10-batches-py/), both cached once as .beton, a folder with train.beton +
+val.beton (tools/beton.py writes them), or an ImageFolder (train/<class>/*, val/<class>/*).
 """
 import contextlib
 import functools
@@ -12,7 +12,6 @@ import hashlib
 import os
 import pickle
 import socket
-import sys
 
 # numba's default threading layer (TBB) can abort at exit, OpenMP's does not (docs/speed.md,
 # section 5). Set before numba is imported.
@@ -22,8 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import augment
-from augment import Batches, TensorLoader, ffcv_loader, torchvision_loader
+from augment import BatchAugment, Batches, TensorLoader, ffcv_loader, torchvision_loader
 from config import CIFAR_FILES, Config, UserError, cifar_dir, data_kind, warn, warn_once
 from models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -116,7 +114,7 @@ def small_betons(root, workers, kind='fashion'):
             path = f'{out}/{split}.beton'
             write_split(gray_as_rgb(x, y), path + '.new', workers, write_mode='raw')
             with open(path + '.sum.new', 'w') as f:
-                f.write(f'{os.path.getsize(path + ".new")} {file_sha256(path + ".new")}\n')
+                f.write(f'{os.path.getsize(path + ".new")} {file_digest(path + ".new", "sha256")}\n')
             os.replace(path + '.new', path)  # a crash between the two: a .beton without its sum, rebuilt
             os.replace(path + '.sum.new', path + '.sum')
     except OSError as e:
@@ -135,10 +133,6 @@ def cached_small(data, workers, rank, kind='fashion'):
         else root
 
 
-def file_sha256(path):
-    return file_digest(path, 'sha256')
-
-
 def file_digest(path, name):
     with open(path, 'rb') as f:
         return hashlib.file_digest(f, name).hexdigest()
@@ -150,7 +144,7 @@ def beton_damage(path, say=lambda msg: None):
         with open(path + '.sum') as f:
             size, digest = f.read().split()
         why = (f'{os.path.getsize(path)} bytes, {size} written' if os.path.getsize(path) != int(size) else
-               'its SHA-256 differs from what was written' if file_sha256(path) != digest else None)
+               'its SHA-256 differs from what was written' if file_digest(path, 'sha256') != digest else None)
     except (FileNotFoundError, NotADirectoryError):
         return True  # never written (or a crash before its sum)
     except (OSError, ValueError) as e:
@@ -216,71 +210,6 @@ SMALL = {'fashion': ('Fashion-MNIST', lambda root: sorted(glob.glob(os.path.join
                    3, 32, CIFAR_MEAN, CIFAR_STD)}
 
 
-def identity(data):
-    """What the data are, read without decoding an image: path, class names in label order (None: betons
-    without classes.txt), training images per class and their sum, a fingerprint (the IDX headers and
-    labels, CIFAR-10's MD5s, or the list of files), the kind (config.data_kind; evaluate.resolve reads it)."""
-    kind, h, classes = data_kind(data), hashlib.sha256(), None
-    if kind == 'fashion':
-        for i, f in enumerate(fashion_files(data)):  # images, labels, images, labels
-            with gzip.open(f) as g:
-                h.update(g.read(16) + str(os.path.getsize(f)).encode() + (g.read() if i % 2 else b''))
-        labels, classes = read_idx(fashion_files(data)[1]).numpy(), FASHION_CLASSES
-    elif kind == 'folder':
-        classes, train = list_images(os.path.join(data, 'train'))
-        names = [f'{os.path.relpath(p, data)} {y}' for p, y in train + list_images(f'{data}/val', classes)[1]]
-        h.update('\n'.join(names).encode('utf-8', 'surrogateescape'))
-        labels = np.array([y for _, y in train], np.int64)
-    elif kind == 'cifar':  # the batch files' MD5s
-        h.update(' '.join(cifar10(data)['md5']).encode())
-        labels, classes = cifar10(data)['train'][1].numpy(), CIFAR_CLASSES
-    else:
-        labels = np.asarray(beton_labels(f'{data}/train.beton'), np.int64)
-        for name in ('train_files.txt', 'val_files.txt', 'classes.txt'):  # tools/beton.py writes them
-            with contextlib.suppress(FileNotFoundError), open(os.path.join(data, name), 'rb') as f:
-                h.update(text := f.read())
-                classes = text.decode(errors='surrogateescape').splitlines() if 'classes' in name else None
-    counts = np.bincount(labels, minlength=len(classes or ())).tolist()
-    return dict(path=os.path.abspath(data), classes=classes and list(classes), counts=counts,
-                size=sum(counts), fingerprint=h.hexdigest()[:16], kind=kind)
-
-
-def check_data(path, ck, info, data, subset=False):
-    """UserError unless the data fit the checkpoint's model (classes, channels); subset: fewer classes do."""
-    want = {k: ck['data_info'].get(k) for k in ('num_classes', 'in_ch')}
-    have = {k: info[k] for k in want}
-    n_here, n_trained = have['num_classes'], want['num_classes']
-    if want['in_ch'] != have['in_ch'] or not (n_here <= n_trained if subset else n_here == n_trained):
-        trained, here = (f'{d["num_classes"]} classes of {d["in_ch"]}-channel images' for d in (want, have))
-        raise UserError(f'{path} was trained on {trained}, {data} has {here}: pass the data it was '
-                        'trained on (--data=DIR)')
-
-
-def check_identity(path, ck, data_id, remap=False):
-    """The data against the checkpoint's record of its training data (data.identity): other class names or
-    another order refused (remap: evaluation maps the labels by name instead, said in one line); other
-    images, a warning naming both fingerprints (a resume: of as many images; more or fewer is a change of
-    settings). -> each class's index in the checkpoint, or None"""
-    was = ck.get('data_id')
-    if not was:
-        return print(f'{path} records no class names or data fingerprint (an earlier version): the data are '
-                     'not checked against them', file=sys.stderr)
-    old, new, where, order = was['classes'], data_id['classes'], data_id['path'], None
-    if old and new and old != new:
-        i = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)  # as many: check_data came first
-        if not remap or sorted(old) != sorted(new):
-            raise UserError(f'{path} was trained on other classes than {where} has, or in another order: '
-                            f'class {i} is {old[i]!r} there, {new[i]!r} here: pass the data it was '
-                            'trained on')
-        order = [old.index(c) for c in new]
-        print(f'{where}: the classes of {path} in another order (class {i} is {new[i]!r} here, {old[i]!r} '
-              'there): labels mapped by name', file=sys.stderr)
-    if was['fingerprint'] != data_id['fingerprint'] and (remap or was['size'] == data_id['size']):
-        warn(f'{where} (fingerprint {data_id["fingerprint"]}, {data_id["size"]} training images) holds other '
-             f'images than {path} was trained on: {was["path"]} (fingerprint {was["fingerprint"]})')
-    return order
-
-
 # ---------------------------------------------------------------- writing .beton files
 
 def class_folders(folder):
@@ -337,6 +266,26 @@ def write_split(dataset, path, workers, write_mode='proportion', max_side=None, 
                                      compress_probability=compress), 'label': IntField()}
     DatasetWriter(tmp, fields, num_workers=workers).from_indexed_dataset(dataset, chunksize=64)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- augmentation, from the config
+
+def randaug_transform(spec, res, mean):
+    """timm's RandAugment as its create_transform builds it (spec e.g. 'rand-m9-mstd0.5-inc1'), with the
+    magnitude capped just below 10: at 10 PosterizeIncreasing keeps 0 bits, which Pillow >= 11 refuses."""
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+    mean = tuple(mean) * (3 // len(mean))  # gray data is augmented as RGB
+    return rand_augment_transform(spec, dict(translate_const=int(res * 0.45), interpolation=Image.BICUBIC,
+                                             img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                                             magnitude_max=10 - 1e-6))
+
+
+def augmentation(cfg, rank, num_classes, res, mean, std):
+    """The training loader's randaug (per image) and on_batch (erasing, Mixup/CutMix), None when off."""
+    on_batch = BatchAugment(cfg.seed, rank, num_classes, mean, std, cfg.reprob, cfg.mixup, cfg.cutmix)
+    randaug = randaug_transform(cfg.randaug, res, mean) if cfg.randaug else None
+    return dict(randaug=randaug, on_batch=on_batch or None)
 
 
 # ---------------------------------------------------------------- loaders
@@ -417,7 +366,7 @@ def small_loaders(cfg, rank, world, device, workers, n_flag, from_checkpoint, ki
     if cfg.res != Config.res and rank == 0 and not from_checkpoint:
         warn(f'--res={cfg.res} is ignored: {name}\'s images are {side} px and are used as they are')
     info = dict(in_ch=channels, num_classes=10, img_size=side, mean=mean, std=std)
-    pad, aug = cfg.pad if kind == 'cifar' else 0, augment.from_config(cfg, rank, 10, side, mean, std)
+    pad, aug = cfg.pad if kind == 'cifar' else 0, augmentation(cfg, rank, 10, side, mean, std)
     in_memory = cfg.loader == 'torchvision' or ffcv_error()
     root = None if in_memory else cached_small(cfg.data, workers, rank, kind)
     if root is None:
@@ -474,8 +423,7 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
             raise UserError(f'{cfg.data}/val_files.txt names {len(names)} images, val.beton holds {stored}: '
                             f'write both again (make beton)')
         load, train_path, val_path = ffcv_loader, f'{cfg.data}/train.beton', f'{cfg.data}/val.beton'
-    # the models' default normalization: ImageNet's mean, std
-    info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res)
+    info = dict(in_ch=3, num_classes=len(classes), img_size=cfg.res)  # mean, std: the models' (ImageNet's)
     clamp_eval_n(cfg, stored if names is None else len(names), rank, n_flag)
     subset = robustbench_indices(names, cfg.eval_n) if names is not None else None
     if subset is None:
@@ -486,7 +434,7 @@ def make_loaders(cfg, rank, world, device, n_flag='--eval_n', from_checkpoint=Fa
         if rank == 0:
             warn(f'robust accuracy on the first {len(subset)} val images, not RobustBench\'s list ({why}): '
                  'not comparable with the paper')
-    aug = augment.from_config(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
+    aug = augmentation(cfg, rank, len(classes), cfg.res, IMAGENET_MEAN, IMAGENET_STD)
     kw = dict(batch_size=cfg.batch_size // world, device=device, res=cfg.res, rank=rank, world=world,
               seed=cfg.seed, workers=workers)
     return (load(train_path, train=True, **aug, **kw), load(val_path, train=False, **kw),

@@ -9,18 +9,17 @@ An attack is LOSS-STEPS[xRESTARTS]: ce-20, dlr-50x2, margin-100. The authors' ch
 import argparse
 import math
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from fractions import Fraction
 
 import torch
 
 import attack
 import config
-from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint
-from data import check_data, check_identity, data_shape, identity, make_loaders
+from checkpoint import check_data, check_identity, identity, load_checkpoint
+from config import ArgumentParser, Config, Stopped, Stops, UserError, checked, cli
+from data import data_shape, make_loaders
 from models import build_model
 
 UNBOUNDED = ('ce-10', 'margin-10')  # at an eps where any image can become any other
@@ -164,46 +163,6 @@ def sanity_checks(result, attacks, gap=0.1, slack_images=2, min_gain=0.95):
     return out
 
 
-# ---------------------------------------------------------------- stop signals (SLURM, Kubernetes, Ctrl-C)
-
-class Stopped(KeyboardInterrupt):
-    """A stop signal: SIGTERM, SIGUSR1 (preemption) or SIGINT (Ctrl-C). A KeyboardInterrupt: no `except
-    Exception` swallows it, and config.cli prints it in one line (exit status 75, 130 for Ctrl-C)."""
-
-    def __init__(self, signum, where='stopped at once: the newest checkpoint is whole'):
-        super().__init__(where)
-        self.signum = signum
-
-
-class Stops(list):
-    """`with Stops() as stops:` SIGTERM, SIGUSR1, SIGINT are noted in stops (training looks between steps); in
-    stops.at_once() (evaluation) one ends the program where it lands, as a second Ctrl-C does anywhere."""
-    hard = False
-
-    def __enter__(self):
-        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
-    def handle(self, signum, frame):
-        self.append(signum)
-        if self.hard or self.count(signal.SIGINT) > 1:
-            raise Stopped(signum)
-
-    @contextmanager
-    def at_once(self):
-        if self:
-            raise Stopped(self[0])
-        self.hard = True
-        try:
-            yield
-        finally:
-            self.hard = False
-
-
 # ---------------------------------------------------------------- the command
 
 def parse_eps(text):
@@ -266,7 +225,7 @@ def check_args(args):
 
 def resolve(args, ck):
     """Defaults from the checkpoint: RobustBench's protocol (PROTOCOLS) on ImageNet and CIFAR-10 (the kind
-    data.identity recorded); elsewhere the training eps on 1,000 test images. EMA weights if kept."""
+    checkpoint.identity recorded); elsewhere the training eps on 1,000 test images. EMA weights if kept."""
     imagenet, has_ema = ck['data_info'].get('num_classes') == 1000, ck.get('ema') is not None
     args.protocol = 'imagenet' if imagenet else (ck.get('data_id') or {}).get('kind')
     eps, n = PROTOCOLS.get(args.protocol, (f'{ck["config"]["eps"]:g}', 1000))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import checkpoint as CK
 import config as C
 import evaluate as E
 import gradnorm as G
@@ -21,7 +22,10 @@ from attack import fgsm_at, pgd, pgd_at
 from data import load_fashion_mnist
 from edge_reg import edge_energy, edge_reg
 from models import IMAGENET_MEAN, IMAGENET_STD
-from tests.conftest import FASHION, HERE, demo_model, run, tiny_data  # noqa: F401 (tiny_data: a fixture)
+from tests.conftest import FASHION, HERE, demo_model, one_thread, run, tiny_data  # noqa: F401 (fixtures)
+
+# one thread in this process: CI's two workers fill its two cores, a second thread only spins (docs/speed.md)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='session')
@@ -258,11 +262,11 @@ def test_checkpoint_roundtrip_and_resume_continue_exactly(tiny_data, tmp_path):
     full = tmp_path / 'full'
     r = run(train_args(tiny_data, full, '--ckpt_every=3', '--keep=100'))  # 2 epochs x 8 steps
     assert r.returncode == 0, r.stderr[-3000:]
-    ck = C.load_checkpoint(str(full / 'ckpt.pt'))
+    ck = CK.load_checkpoint(str(full / 'ckpt.pt'))
     assert ck['step'] == 16 and ck['version'] == C.__version__
     model = E.model_from_checkpoint(ck).eval()
-    C.save_checkpoint(str(tmp_path / 'copy.pt'), ck)
-    again = E.model_from_checkpoint(C.load_checkpoint(str(tmp_path / 'copy.pt'))).eval()
+    CK.save_checkpoint(str(tmp_path / 'copy.pt'), ck)
+    again = E.model_from_checkpoint(CK.load_checkpoint(str(tmp_path / 'copy.pt'))).eval()
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
@@ -274,7 +278,7 @@ def test_checkpoint_roundtrip_and_resume_continue_exactly(tiny_data, tmp_path):
     r = run(train_args(tiny_data, part, '--resume=auto'))
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'resumed from' in r.stdout and 'at epoch 1 step 4' in r.stdout
-    resumed = C.load_checkpoint(str(part / 'ckpt.pt'))
+    resumed = CK.load_checkpoint(str(part / 'ckpt.pt'))
     assert resumed['step'] == 16
     assert all(torch.equal(resumed['model'][k], ck['model'][k]) for k in ck['model'])
     assert [json.loads(line)['epoch'] for line in (part / 'metrics.jsonl').read_text().splitlines()] == [1]
@@ -338,7 +342,7 @@ def test_bad_checkpoints_and_divergence_get_one_line_errors(tiny_data, tmp_path,
     # output that cannot be written: a clear message, earlier checkpoints intact
     one_line_error(train(out=ckpt / 'sub'), 'cannot use output directory')
     (
-        out / f'ckpt-00000016-{C.load_checkpoint(str(ckpt))["run"]}.pt.tmp'
+        out / f'ckpt-00000016-{CK.load_checkpoint(str(ckpt))["run"]}.pt.tmp'
     ).mkdir()  # the next one's temporary name is taken
     one_line_error(train('--resume=auto'), 'cannot write checkpoint', 'intact')
     assert ckpt.read_bytes() == good

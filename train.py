@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import checkpoint
 import config
 from attack import fgsm_at, pgd_at
 from augment import STEP, rand_u32
-from config import UserError, cli
-from data import check_identity, check_sizes, data_info, identity, make_loaders
+from config import Stopped, Stops, UserError, cli
+from data import check_sizes, data_info, make_loaders
 from edge_reg import edge_reg
-from evaluate import Stopped, Stops, epoch_metrics, pgd_name
+from evaluate import epoch_metrics, pgd_name
 from gradnorm import SMOOTH_ACTS, choose_impl, fd_float32, gradnorm, gradnorm_fd, standard
 from models import build_model, normalization, param_groups
 
@@ -117,24 +118,11 @@ class Run:
     sums: dict = dataclasses.field(default_factory=dict)  # the epoch's running sums of the terms over
     done: int = 0       # its steps done, checkpointed: a resumed epoch reports the whole epoch's means
     changes: list = dataclasses.field(default_factory=list)  # settings changed at resumes (--resume_changes)
-    data_id: dict = dataclasses.field(default_factory=dict)  # data.identity of the training data
+    data_id: dict = dataclasses.field(default_factory=dict)  # checkpoint.identity of the training data
 
     @property
     def steps(self):  # per epoch
         return len(self.loaders[0])
-
-
-def find_resume(cfg, log):
-    """--resume=PATH, or --resume=auto: the newest checkpoint in --out that loads."""
-    if cfg.resume != 'auto':
-        return cfg.resume, config.load_checkpoint(cfg.resume, config.RESUME_KEYS)
-    for path in reversed(config.checkpoints(cfg.out)):
-        try:
-            return path, config.load_checkpoint(path, config.RESUME_KEYS)
-        except UserError as e:
-            log(f'warning: skipping {e}')
-    log(f'--resume=auto: no checkpoint in {cfg.out} that loads: a new run starts there')
-    return None, None
 
 
 def initial_model(cfg, info, conv, log):
@@ -144,7 +132,7 @@ def initial_model(cfg, info, conv, log):
     except ValueError as e:  # a ViT's patches that do not tile the images; timm's weights not found
         raise UserError(f'--model={cfg.model}: {e}') from None
     if cfg.init not in ('', 'pretrained'):
-        ck = config.load_checkpoint(cfg.init, weights=True)
+        ck = checkpoint.load_checkpoint(cfg.init, weights=True)
         old = ck['model']  # the trained weights, not the EMA (the authors' stage 2 too)
         if ck['config'] and ck['config']['objective'] != cfg.objective:
             was = ck['config']['objective']
@@ -163,10 +151,10 @@ def start(cfg, rank, world, device, log):
     torch.manual_seed(cfg.seed)
     info = data_info(cfg)  # every option is checked before an image is read: weights, checkpoints, sizes
     model = initial_model(cfg, info, how.conv, log)
-    path, ck = find_resume(cfg, log) if cfg.resume else (None, None)
-    data_id = identity(cfg.data)
+    path, ck = checkpoint.find_resume(cfg, log) if cfg.resume else (None, None)
+    data_id = checkpoint.identity(cfg.data)
     if ck:
-        changes = check_resume(cfg, ck, path, info, data_id)
+        changes = checkpoint.check_resume(cfg, ck, path, info, data_id)
         model.load_state_dict(ck['model'])
     check_sizes(cfg, data_id['size'], rank, world)
     *loaders, info = make_loaders(cfg, rank, world, device)
@@ -194,60 +182,10 @@ def start(cfg, rank, world, device, log):
         run.opt.load_state_dict(ck['optimizer'])
         if ema is not None and ck['ema'] is not None:
             ema.load_state_dict(ck['ema'])
-        restore(run, ck, path, changes, log)
+        checkpoint.restore(run, ck, path, changes, log)
     if rank == 0:
-        config.clear_old_run(cfg)
+        checkpoint.clear_old_run(cfg)
     return run, compiled
-
-
-def check_resume(cfg, ck, path, info, data_id):
-    """A checkpoint continues only the run it came from: the same model, data (class names, shape) and
-    settings, but those --resume_changes accepts. -> [dict(key, old, new)], the settings changed now"""
-    old, accept = ck['config'], set(cfg.resume_changes.split(','))
-    if old['model'] != cfg.model or (old['act'] != cfg.act and 'act' not in accept):
-        raise UserError(f'{path} holds a {old["model"]}/{old["act"]} model, not the requested '
-                        f'{cfg.model}/{cfg.act}: pass --model={old["model"]} --act={old["act"]} or another '
-                        '--out')
-    if old['objective'] != cfg.objective and 'objective' not in accept:
-        raise UserError(f'{path} is a {old["objective"]} run, not {cfg.objective}: resume it with '
-                        f'--objective={old["objective"]}, or start a new run from its weights with '
-                        f'--init={path}')
-    if differ := [k for k in ('in_ch', 'num_classes', 'img_size') if ck['data_info'].get(k) != info[k]]:
-        raise UserError(f'{path} was trained on data with {differ[0]}={ck["data_info"].get(differ[0])}, '
-                        f'--data={cfg.data} has {info[differ[0]]}: pass the data it was trained on, or '
-                        'another --out')
-    check_identity(path, ck, data_id)
-    was, now, diffs = (ck.get('data_id') or data_id)['size'], data_id['size'], config.changed(old, cfg)
-    diffs += [('data', f'{was} training images', f'{now} training images')] * (was != now)
-    # more or fewer epochs change no step done; an earlier version's position is in steps of its batch size
-    fixed = {'batch_size'} if 'images' not in ck else set()
-    refused = [d for d in diffs if d[0] not in accept - fixed | {'epochs'}]
-    if refused:
-        raise UserError(f'{path} was trained with other settings: '
-                        + ', '.join(f'{k} {o} -> {n}' for k, o, n in refused) + ': pass its values, or '
-                        f'accept the change with --resume_changes={",".join(k for k, _, _ in refused)}')
-    return [dict(key=k, old=o, new=n) for k, o, n in diffs]
-
-
-def restore(run, ck, path, changes, log):
-    """Continues where the checkpoint stopped: its epoch, the images of it done (whatever the batch size
-    then), the epoch's running sums; the settings changed now join the run's history (run.changes)."""
-    b, run.step, run.epoch = run.cfg.batch_size // run.world, ck['step'], ck.get('epoch', 0)
-    run.pos = ck.get('images', (run.step - run.epoch * run.steps) * run.cfg.batch_size) // run.world
-    run.done, run.sums = ck.get('done', 0), ck.get('sums', {})
-    run.sums = {k: v.to(run.device) for k, v in run.sums.items()}
-    if 'images' not in ck:
-        log(f'{path} records no position in images nor running sums (an earlier version): epoch '
-            f'{run.epoch}\'s means count from here')
-    done = run.pos >= run.steps * b  # the epoch's last step: changes count from the next one
-    at = dict(step=run.step, epoch=run.epoch + done, images=0 if done else run.pos * run.world)
-    run.changes = ck.get('changes', []) + [dict(c, **at) for c in changes]
-    for c in changes:
-        log(f'resume: {c["key"]} {c["old"]} -> {c["new"]} from step {run.step} (epoch {at["epoch"]})')
-    if done and evaluated(run):  # its evaluation ended too (the checkpoint is written before it): the next
-        run.epoch, run.pos, run.sums, run.done = run.epoch + 1, 0, {}, 0
-    part = f' (+{run.pos % b} images)' if run.pos % b else ''
-    log(f'resumed from {path} at epoch {run.epoch} step {run.pos // b}{part}')
 
 
 # ---------------------------------------------------------------- one step, one epoch
@@ -355,19 +293,11 @@ def progress(run, epoch, i, speed):
           flush=True)
 
 
-def evaluated(run):
-    """Whether OUT/metrics.jsonl has this run's line for run.epoch: a resume from the checkpoint written
-    before that epoch's evaluation, after the evaluation ended."""
-    path = os.path.join(run.cfg.out, 'metrics.jsonl')
-    lines = map(json.loads, open(path).read().splitlines()) if os.path.exists(path) else ()
-    return any(m.get('run') == run.run_id and m.get('epoch') == run.epoch for m in lines)
-
-
 # ---------------------------------------------------------------- checkpoints, the end of an epoch
 
 def newest_checkpoint(run):
     """For the divergence message: every checkpoint is of finite weights (save checks)."""
-    saved = config.checkpoints(run.cfg.out, run.run_id)
+    saved = checkpoint.checkpoints(run.cfg.out, run.run_id)
     if not saved:
         return f'this run wrote no checkpoint to {run.cfg.out}'
     step = int(os.path.basename(saved[-1]).split('-')[1])
@@ -385,7 +315,7 @@ def save(run):
         raise UserError(f'the weights are not finite at step {run.step}: not saved; {newest_checkpoint(run)} '
                         '(try a lower --lr)')
     path = os.path.join(cfg.out, f'ckpt-{run.step:08d}-{run.run_id}.pt')
-    config.save_checkpoint(path, dict(
+    checkpoint.save_checkpoint(path, dict(
         model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None,
         optimizer=run.opt.state_dict(), step=run.step, epoch=run.epoch, images=run.pos * run.world,
         steps_per_epoch=run.steps, batch_size=cfg.batch_size, sums={k: v.cpu() for k, v in run.sums.items()},
@@ -397,7 +327,7 @@ def save(run):
             os.remove(latest + '.tmp')  # left by a crash between the two lines below
         os.link(path, latest + '.tmp')
         os.replace(latest + '.tmp', latest)
-        for old in config.checkpoints(cfg.out, run.run_id)[:-cfg.keep]:
+        for old in checkpoint.checkpoints(cfg.out, run.run_id)[:-cfg.keep]:
             os.remove(old)
     except OSError as e:
         raise UserError(f'cannot point {latest} at {path} ({e.strerror}): {path} is complete; '
@@ -424,7 +354,7 @@ def end_epoch(run, epoch, terms, img_per_s, log, stops):
         metrics['changes'] = changes
     log(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
     if run.rank == 0:
-        config.append_line(os.path.join(cfg.out, 'metrics.jsonl'), json.dumps(metrics))
+        checkpoint.append_line(os.path.join(cfg.out, 'metrics.jsonl'), json.dumps(metrics))
     run.epoch, run.pos, run.sums, run.done = epoch + 1, 0, {}, 0
     return metrics
 
@@ -440,18 +370,18 @@ def train(cfg):
     if cfg.batch_size % (world * cfg.accum):
         raise UserError(f'--batch_size={cfg.batch_size} does not split into {world} ranks x '
                         f'--accum={cfg.accum} micro-batches: make it a multiple of {world * cfg.accum}')
-    claim = config.claim_out(cfg) if rank == 0 else None
+    claim = checkpoint.claim_out(cfg) if rank == 0 else None
     try:
         with Stops() as stops:
             return loop(cfg, rank, world, device, log, stops)
     finally:
         if claim:
-            config.release(claim, cfg)
+            checkpoint.release(claim, cfg)
 
 
 def loop(cfg, rank, world, device, log, stops):
     """For each epoch: a pass over the data with the objective, a checkpoint, then evaluation. Stop signals:
-    at the next step, or at once in the evaluation (evaluate.Stops)."""
+    at the next step, or at once in the evaluation (config.Stops)."""
     run, compiled = start(cfg, rank, world, device, log)
     if run.epoch >= cfg.epochs:
         n = run.epoch + (run.pos >= run.steps * (cfg.batch_size // world))  # trained through, not evaluated
@@ -469,8 +399,7 @@ def loop(cfg, rank, world, device, log, stops):
     metrics = {}
     for epoch in range(run.epoch, cfg.epochs):
         terms, img_per_s = train_epoch(run, epoch, stops)
-            # once; a fullgraph objective is one graph, each extra one a recompile
-        if compiled and not metrics:
+        if compiled and not metrics:  # once; a fullgraph objective is one graph, each extra one a recompile
             graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
             more = f', {graphs - 1} recompile(s)' if cfg.objective != 'pgd' else ' (PGD: graph breaks)'
             log(f'torch.compile: {graphs} graph(s) in the first epoch' + more)

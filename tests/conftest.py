@@ -50,10 +50,18 @@ def ffcv_importable():
 needs_ffcv = pytest.mark.usefixtures('ffcv_importable')
 
 
-def run(args, timeout=600, **kw):
-    """python ARGS in the repository, as a user runs it."""
+def one_thread_env(**extra):
+    """os.environ with one OpenMP thread, for the commands the tests start: the suite's two workers fill
+    CI's two cores, and a child's second thread spins at every barrier against the other worker
+    (2-4x the CPU seconds; docs/speed.md, the test suite)."""
+    return dict(os.environ, OMP_NUM_THREADS='1', **extra)
+
+
+def run(args, timeout=600, env=None, **kw):
+    """python ARGS in the repository, as a user runs it (env: one_thread_env() unless given)."""
+    env = one_thread_env() if env is None else env
     return subprocess.run(
-        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw
+        [sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env, **kw
     )
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import attack
+import checkpoint as CK
 import config
 import evaluate
 import gradnorm
@@ -138,6 +139,8 @@ def trained():
     cfg = config.Config(epochs=1, warmup_epochs=0.2, ramp_epochs=0.3, lr=4e-3)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = TensorLoader(xtr[:8000], ytr[:8000], 128, torch.device('cpu'), True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture, which a module's fixture cannot use
     for i, (x, y) in enumerate(loader):
         t = i / len(loader)
         for group in opt.param_groups:
@@ -146,10 +149,11 @@ def trained():
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     return model, TensorLoader(xte[:200], yte[:200], 200, torch.device('cpu'), False), info
 
 
-def test_evaluator_invariants_on_gradnorm_model(trained):
+def test_evaluator_invariants_on_gradnorm_model(trained, one_thread):
     model, val, info = trained
     attacks, eps_list = ['ce-20', 'margin-20'], [0.03, 0.1, 0.2]
     torch.manual_seed(0)
@@ -297,13 +301,13 @@ def test_fgsm_compiled_as_training_compiles_it(monkeypatch, one_thread):
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-4, atol=1e-6)
 
 
-def test_train_py_with_fgsm_runs_end_to_end(tiny_data, tmp_path):
+def test_train_py_with_fgsm_runs_end_to_end(tiny_data, tmp_path, one_thread):
     """One epoch (8 steps) of --objective=fgsm: its term in the metrics, the objective in the checkpoint."""
     out = tmp_path / 'fgsm'
     train.train(config.parse_config(train_args(tiny_data, out, '--epochs=1', '--objective=fgsm')[1:]))
     line = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
     assert math.isfinite(line['ce_adv']) and 0 <= line['pgd_upper'] <= line['clean_acc'] <= 1
-    ck = config.load_checkpoint(str(out / 'ckpt.pt'))
+    ck = CK.load_checkpoint(str(out / 'ckpt.pt'))
     assert ck['config']['objective'] == 'fgsm' and ck['step'] == 8
 
 

@@ -125,7 +125,7 @@ def test_fashion_beton_flips_are_a_function_of_seed_epoch_index(tiny_data, tmp_p
 @pytest.fixture(scope='module')
 def randaug():
 
-    return A.randaug_transform('rand-m9-mstd0.5-inc1', 64, M.IMAGENET_MEAN)
+    return D.randaug_transform('rand-m9-mstd0.5-inc1', 64, M.IMAGENET_MEAN)
 
 
 @needs_ffcv
@@ -166,7 +166,7 @@ def test_in_memory_demo_randaug_reproducible(tiny_data):
     """The demo without FFCV (TensorLoader): RandAugment per image from (seed, epoch, index)."""
 
     (x, y), _ = D.load_fashion_mnist(tiny_data)
-    ra = A.randaug_transform('rand-m9-mstd0.5-inc1', 28, D.FASHION_MEAN)
+    ra = D.randaug_transform('rand-m9-mstd0.5-inc1', 28, D.FASHION_MEAN)
     make = lambda ra: D.TensorLoader(x[:128], y[:128], 64, CPU, True, seed=2, randaug=ra)
     a, b, plain = epochs_of(make(ra)), epochs_of(make(ra)), epochs_of(make(None))
     assert same(a[0], b[0]) and same(a[1], b[1]) and not torch.equal(a[0][0], a[1][0])

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import checkpoint as CK
 import config as C
 import evaluate
 import train as T
@@ -312,9 +313,9 @@ def test_retention_deletes_only_its_own_run(tiny_data, tmp_path):
 def test_overwrite_starts_afresh(tiny_data, tmp_path):
     out = tmp_path / 'run'
     assert small_run(tiny_data, out) is None
-    old = C.load_checkpoint(str(out / 'ckpt.pt'))['run']
+    old = CK.load_checkpoint(str(out / 'ckpt.pt'))['run']
     assert small_run(tiny_data, out, '--overwrite') is None
-    assert C.load_checkpoint(str(out / 'ckpt.pt'))['run'] != old
+    assert CK.load_checkpoint(str(out / 'ckpt.pt'))['run'] != old
     assert len(glob.glob(str(out / 'ckpt-*.pt'))) == 1 and len(open(out / 'metrics.jsonl').readlines()) == 1
 
 

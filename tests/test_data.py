@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import augment as A
+import checkpoint as CK
 import config as C
 import data as D
 import models as M
@@ -386,17 +387,17 @@ def test_beton_writer_takes_a_name_that_is_not_utf8(tmp_path):
     cfg = C.parse_config([f'--data={tmp_path / "out"}', '--recipe=', '--res=16', '--eval_n=2', '--workers=1'])
     x, y = collect(D.make_loaders(cfg, 0, 1, CPU)[2])
     assert torch.equal(x, collect(tv)[0]) and (x == 100 / 255).all() and y.tolist() == [0, 1]
-    assert D.identity(str(tmp_path / 'out'))['classes'] == ['a', 'b']
+    assert CK.identity(str(tmp_path / 'out'))['classes'] == ['a', 'b']
 
 
 def test_identity_reads_no_image(tiny_data, tree, monkeypatch):
     """Class names in label order, counts, a fingerprint that tells other images of the same shape apart."""
     monkeypatch.setattr(Image, 'open', None)  # any decoded image fails
-    fashion = D.identity(tiny_data)
+    fashion = CK.identity(tiny_data)
     assert fashion['classes'][0] == 'T-shirt/top' and fashion['size'] == 512 == sum(fashion['counts'])
-    assert D.identity(tiny_data) == fashion
-    assert D.identity(C.Config.data)['fingerprint'] != fashion['fingerprint']
-    folder = D.identity(str(tree[0]))
+    assert CK.identity(tiny_data) == fashion
+    assert CK.identity(C.Config.data)['fingerprint'] != fashion['fingerprint']
+    folder = CK.identity(str(tree[0]))
     assert folder['classes'] == ['apple', 'bird', 'car'] and folder['counts'] == [3, 4, 3]
 
 

@@ -14,6 +14,7 @@ import torch
 
 import attack
 import augment as A
+import checkpoint as CK
 import config as C
 import data as D
 import evaluate
@@ -66,10 +67,10 @@ def test_kind_shape_and_identity_without_loading(cifar, capfd):
     assert C.data_kind(os.path.dirname(root)) == 'fashion'  # nothing of CIFAR-10 there
     cfg = C.Config(data=root)
     assert D.data_info(cfg) == dict(in_ch=3, num_classes=10, img_size=32, mean=D.CIFAR_MEAN, std=D.CIFAR_STD)
-    ident = D.identity(root)
+    ident = CK.identity(root)
     assert ident['kind'] == 'cifar' and ident['size'] == 600 and D.val_size(root) == 200
     assert ident['classes'] == list(D.CIFAR_CLASSES)
-    assert D.identity(inner)['fingerprint'] == ident['fingerprint']
+    assert CK.identity(inner)['fingerprint'] == ident['fingerprint']
     # the parent is not the recipe's ImageNet default: CIFAR-10 gets the plain defaults
     assert C.parse_config([f'--data={root}']).recipe == ''
 
@@ -98,7 +99,7 @@ def test_loaders_give_the_pickled_arrays(cifar, capfd):
 def test_checksums_warn_once_unless_official(cifar, capfd, monkeypatch):
     root, _ = cifar
     D.cifar_read.cache_clear()
-    D.identity(root), D.val_size(root)
+    CK.identity(root), D.val_size(root)
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('warning: ') and 'not the official CIFAR-10 release' in err[0]
     assert 'a subset or a modified copy' in err[0] and 'data_batch_1' in err[0], err
@@ -106,7 +107,7 @@ def test_checksums_warn_once_unless_official(cifar, capfd, monkeypatch):
     official = {os.path.basename(p): hashlib.md5(open(p, 'rb').read()).hexdigest() for p in files}
     monkeypatch.setattr(D, 'CIFAR_MD5', official)
     D.cifar_read.cache_clear()
-    D.identity(root)
+    CK.identity(root)
     assert not capfd.readouterr().err
 
 
@@ -150,7 +151,7 @@ def test_training_batches_flip_and_pad_crop_reproducibly(cifar):
         src = np.ascontiguousarray(src[:, ::-1] if flipped else src)
         assert np.array_equal(out, A.pad_crop(src, 4, 3, 0, i))
     assert 20 < flips < 80
-    ra = A.randaug_transform('rand-m9-mstd0.5-inc1', 32, D.CIFAR_MEAN)  # the authors' RandAugment, on RGB
+    ra = D.randaug_transform('rand-m9-mstd0.5-inc1', 32, D.CIFAR_MEAN)  # the authors' RandAugment, on RGB
     make = lambda: D.TensorLoader(x_train[:32], torch.zeros(32), 32, CPU, True, seed=3, randaug=ra, pad=4)
     c, d = next(iter(make())), next(iter(make()))
     plain = next(iter(D.TensorLoader(x_train[:32], torch.zeros(32), 32, CPU, True, seed=3, pad=4)))
@@ -217,7 +218,7 @@ def test_trains_and_evaluates_under_robustbenchs_protocol(cifar, tmp_path, monke
     head = next(line for line in out if line.startswith(f'{ckpt}: '))  # after AutoAttack's progress
     assert "| not RobustBench's protocol (AutoAttack, L-inf 8/255, 10000 images)" in head, head
     assert '| 16 images |' in head and any(line.startswith('autoattack 8/255 ') for line in out), out
-    args = evaluate.resolve(evaluate.parse_args(['--ckpt', ckpt]), C.load_checkpoint(ckpt))
+    args = evaluate.resolve(evaluate.parse_args(['--ckpt', ckpt]), CK.load_checkpoint(ckpt))
     assert args.eps == ['8/255'] and args.n == 10000 and args.autoattack
     make = ['make', '-n', 'eval', f'CKPT={ckpt}', 'EPS=8/255 4/255']  # -n: the command, not run
     r = subprocess.run(make, cwd=HERE, capture_output=True, text=True)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import attack
+import checkpoint as CK
 import config
 import data
 import evaluate
@@ -157,7 +158,7 @@ def test_command_prints_autoattack_line_and_json(tiny_data, tmp_path, capsys, mo
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
     torch.manual_seed(0)
     ckpt = str(tmp_path / 'ckpt.pt')
-    config.save_checkpoint(
+    CK.save_checkpoint(
         ckpt,
         dict(
             model=build_model('resnet_demo', 'gelu', **info).state_dict(),

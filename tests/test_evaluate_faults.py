@@ -17,16 +17,16 @@ from PIL import Image
 
 import attack
 import augment as A
+import checkpoint as CK
 import config as C
 import data as D
 import evaluate
 import models as M
-from data import FASHION_MEAN, FASHION_STD
 from tests.conftest import HERE, run
 from tools import beton, characterize
 
 CPU = torch.device('cpu')
-FASHION_INFO = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
+FASHION_INFO = dict(in_ch=1, num_classes=10, img_size=28, mean=D.FASHION_MEAN, std=D.FASHION_STD)
 
 
 def demo_ckpt(path, data, loader='torchvision', **changes):
@@ -37,10 +37,10 @@ def demo_ckpt(path, data, loader='torchvision', **changes):
         ema=None,
         config=vars(C.Config(data=data, loader=loader, model='resnet_demo')),
         data_info=FASHION_INFO,
-        data_id=D.identity(data) if os.path.isdir(data) else None,
+        data_id=CK.identity(data) if os.path.isdir(data) else None,
     )
     ck = {k: v for k, v in {**ck, **changes}.items() if v is not None}
-    C.save_checkpoint(str(path), ck)
+    CK.save_checkpoint(str(path), ck)
     return str(path)
 
 
@@ -327,7 +327,7 @@ def test_checkpoint_of_an_earlier_version_loads_if_it_left_retired_options_alone
     """A run of the version with progressive resizing (--res_start, 0 = off) evaluates and resumes."""
     config = {**vars(C.Config(data=tiny_data, loader='torchvision', model='resnet_demo')), 'res_start': 0}
     ckpt = demo_ckpt(tmp_path / 'ckpt.pt', tiny_data, config=config)
-    assert 'res_start' not in C.load_checkpoint(ckpt)['config']
+    assert 'res_start' not in CK.load_checkpoint(ckpt)['config']
     evaluate.main(['--ckpt', ckpt, '--n', '8', '--attacks', 'ce-1', '--no-checks'])
     assert json.load(open(tmp_path / 'eval_linf.json'))['n'] == 8
 
@@ -421,7 +421,7 @@ def test_the_data_evaluated_are_checked_and_recorded(folder, tmp_path, capsys):
     torch.manual_seed(0)
     state = M.build_model('resnet_demo', 'gelu', **info).state_dict()
     state['fc.bias'] = torch.tensor([100.0, 0.0, 0.0])  # always its class 0
-    data_id = D.identity(str(folder))  # classes a, b, c; val: 2, 1, 3 images
+    data_id = CK.identity(str(folder))  # classes a, b, c; val: 2, 1, 3 images
 
     def evaluated(**changes):
         ckpt = demo_ckpt(tmp_path / 'ckpt.pt', str(folder), model=state, config=cfg, data_info=info,
@@ -439,7 +439,7 @@ def test_the_data_evaluated_are_checked_and_recorded(folder, tmp_path, capsys):
     assert len(err) == 1 and 'labels mapped by name' in err[0] and res['clean'] == 1 / 6
     # a resume maps nothing: another order is refused
     with pytest.raises(C.UserError, match="another order: class 0 is 'b' there, 'a' here"):
-        D.check_identity('ckpt.pt', {'data_id': {**data_id, 'classes': ['b', 'a', 'c']}}, data_id)
+        CK.check_identity('ckpt.pt', {'data_id': {**data_id, 'classes': ['b', 'a', 'c']}}, data_id)
     code, out, err, res = evaluated(classes=['a', 'b', 'dog'])
     assert code == 2 and len(err) == 1 and err[0].startswith('error: ') and "'dog' there, 'c' here" in err[0]
     code, out, err, res = evaluated(fingerprint='0123456789abcdef')

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint as CK
 import config as C
 import models as M
 from tests.conftest import HERE, SWINB, fake_hub, offline_env
@@ -101,7 +102,7 @@ def make(*args, env=None, timeout=900):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=dict(env or os.environ, OMP_NUM_THREADS='1'),  # conftest.one_thread_env
     )
 
 
@@ -182,7 +183,7 @@ def test_make_train_swinb_gradnorm_recipe_then_eval(tmp_path):
         w in first for w in (' model=swin_base_patch4_window7_224 ', ' res=64* ', ' batch_size=4* ',
                              ' accum=2 ', ' amp=False ', ' init=pretrained ')
     )
-    ck = C.load_checkpoint(str(out / 'ckpt.pt'))
+    ck = CK.load_checkpoint(str(out / 'ckpt.pt'))
     assert ck['step'] == 1 and ck['ema'] is not None and ck['config']['recipe'] == 'swinb_gradnorm'
     r = make(
         'eval',

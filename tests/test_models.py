@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import checkpoint as CK
 import config as C
 import evaluate
 import gradnorm as G
@@ -283,7 +284,7 @@ def test_trained_with_fast_conv_then_evaluated_and_characterized(tiny_data, tmp_
         ]
     )
     assert 'conv=fast' in capsys.readouterr().out
-    ck = C.load_checkpoint(str(out / 'ckpt.pt'))
+    ck = CK.load_checkpoint(str(out / 'ckpt.pt'))
     model = evaluate.model_from_checkpoint(ck).eval()  # nn.Conv2d: evaluation differentiates once
     fast = M.build_model(ck['config']['model'], 'gelu', conv='fast', **ck['data_info']).eval()
     fast.load_state_dict(ck['model'], strict=True)

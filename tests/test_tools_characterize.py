@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint as CK
 import config
 import models
 import tools.characterize as C
@@ -169,7 +170,7 @@ def test_characterize_writes_pictures_and_numbers(tmp_path):
         os.makedirs(tmp_path / f'run{i}')
         paths.append(str(tmp_path / f'run{i}' / 'ckpt.pt'))
         cfg = config.Config(data=FASHION, model='resnet_demo')  # small_model's architecture
-        config.save_checkpoint(
+        CK.save_checkpoint(
             paths[-1],
             dict(model=small_model(i).state_dict(), config=dataclasses.asdict(cfg), data_info=info, epoch=0),
         )

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint as CK
 import config
 import tools.science as S
 from data import FASHION_MEAN, FASHION_STD
@@ -111,7 +112,7 @@ def test_measure_run_end_to_end(tiny_data, tmp_path, monkeypatch):
     os.makedirs(run)
     cfg = config.Config(data=tiny_data, batch_size=8, epochs=1, eps=0.05, model='resnet_demo')  # demo_model's
     info = dict(in_ch=1, num_classes=10, img_size=28, mean=FASHION_MEAN, std=FASHION_STD)
-    config.save_checkpoint(
+    CK.save_checkpoint(
         str(run / 'ckpt-00000007-abc.pt'),
         dict(
             model=demo_model().eval().state_dict(),

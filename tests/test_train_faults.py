@@ -13,9 +13,14 @@ import sys
 import pytest
 import torch
 
+import checkpoint as CK
 import config as C
 import train as T
 from test_smoke import HERE, train_args
+from tests.conftest import one_thread_env
+
+# training in this process: one thread (conftest.one_thread), as the commands the tests start get
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def trained(tiny_data, out, *extra):
@@ -65,7 +70,7 @@ def test_two_runs_started_together_into_one_folder_one_trains(tiny_data, tmp_pat
     assert len(lines) == 1 and runs == {
         lines[0]['run']
     }  # one run's checkpoints and metrics, and they say whose
-    assert C.load_checkpoint(str(out / 'ckpt.pt'))['run'] == lines[0]['run']
+    assert CK.load_checkpoint(str(out / 'ckpt.pt'))['run'] == lines[0]['run']
 
 
 def test_a_run_into_a_locked_folder_stops_before_writing(base, tmp_path, capsys):
@@ -73,11 +78,11 @@ def test_a_run_into_a_locked_folder_stops_before_writing(base, tmp_path, capsys)
     out = tmp_path / 'run'
     shutil.copytree(base, out)
     cfg = C.parse_config(['--epochs=1', f'--out={out}', '--resume=auto'])
-    claim = C.claim_out(cfg)
+    claim = CK.claim_out(cfg)
     before = snapshot(out)
     assert 'in use by another run' in fails([f'--out={out}', '--resume=auto', '--epochs=2'], capsys)
     assert snapshot(out) == before
-    C.release(claim, cfg)
+    CK.release(claim, cfg)
     assert (out / 'run.lock').exists()  # not this run's folder to remove: it holds a run
 
 
@@ -117,7 +122,7 @@ def test_divergence_keeps_every_checkpoint_finite_and_names_the_newest(tiny_data
     assert saved, err
     assert f'its newest checkpoint, {saved[-1]}' in err and 'is finite' in err
     for path in saved + [out / 'ckpt.pt']:
-        ck = C.load_checkpoint(str(path))
+        ck = CK.load_checkpoint(str(path))
         assert all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point()), path
 
 
@@ -158,7 +163,8 @@ def test_full_disk_one_line_no_temp_file_and_resume_later(tiny_data, tmp_path):
 
     try:
         args = [sys.executable, *train_args(tiny_data, out, '--ckpt_every=1', '--keep=100', '--epochs=1')]
-        r = subprocess.run(args, cwd=HERE, capture_output=True, text=True, timeout=600, preexec_fn=child)
+        r = subprocess.run(args, cwd=HERE, capture_output=True, text=True, timeout=600, preexec_fn=child,
+                           env=one_thread_env())
         assert r.returncode == 2, r.stderr[-3000:]
         err = r.stderr.strip().splitlines()
         assert (
@@ -166,15 +172,16 @@ def test_full_disk_one_line_no_temp_file_and_resume_later(tiny_data, tmp_path):
         ), err
         assert not list(out.glob('*.tmp'))
         good = sorted(out.glob('ckpt-*.pt'))
-        assert good and all(C.load_checkpoint(str(p)) for p in good + [out / 'ckpt.pt'])
+        assert good and all(CK.load_checkpoint(str(p)) for p in good + [out / 'ckpt.pt'])
         if limit:
             return
         subprocess.run(['mount', '-o', 'remount,size=50m', str(disk)], check=True)
         r = subprocess.run(
-            args[:-3] + ['--resume=auto'], cwd=HERE, capture_output=True, text=True, timeout=600
+            args[:-3] + ['--resume=auto'], cwd=HERE, capture_output=True, text=True, timeout=600,
+            env=one_thread_env()
         )
         assert r.returncode == 0, r.stderr[-3000:]
-        assert C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == 16
+        assert CK.load_checkpoint(str(out / 'ckpt.pt'))['step'] == 16
     finally:
         if not limit:
             subprocess.run(['umount', str(disk)])
@@ -182,8 +189,8 @@ def test_full_disk_one_line_no_temp_file_and_resume_later(tiny_data, tmp_path):
 
 def test_resume_refuses_checkpoints_of_another_kind(tiny_data, base, tmp_path, capsys):
     broken = tmp_path / 'no-config.pt'
-    ck = C.load_checkpoint(str(base / 'ckpt.pt'))
-    C.save_checkpoint(str(broken), {k: v for k, v in ck.items() if k != 'config'})
+    ck = CK.load_checkpoint(str(base / 'ckpt.pt'))
+    CK.save_checkpoint(str(broken), {k: v for k, v in ck.items() if k != 'config'})
     out = tmp_path / 'run'
     cases = {
         f'--resume={broken}': "'config' is missing",

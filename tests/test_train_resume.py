@@ -11,11 +11,16 @@ import time
 import pytest
 import torch
 
+import checkpoint as CK
 import config as C
 import data as D
 import train as T
 from test_smoke import HERE, run, train_args
+from tests.conftest import one_thread_env
 from tools.check_gpu import write_idx
+
+# training in this process: one thread (conftest.one_thread), as the commands the tests start get
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def wait_for(folder, pattern, proc, timeout=300):
@@ -33,7 +38,7 @@ def same_weights(a, b):
 def same_run(full, cut, steps):
     """cut's checkpoints (written before it was killed) hold full's weights at the same steps."""
     for step in steps:
-        a, b = (C.load_checkpoint(str(next(d.glob(f'ckpt-{step:08d}-*.pt')))) for d in (cut, full))
+        a, b = (CK.load_checkpoint(str(next(d.glob(f'ckpt-{step:08d}-*.pt')))) for d in (cut, full))
         assert same_weights(a, b), step
 
 
@@ -84,7 +89,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tiny_data, tmp_path)
     assert f'skipping cannot load checkpoint {str(newest)!r}' in r.stdout
     step = int(r.stdout.split('at epoch 1 step ')[1].split()[0])
     assert 1 <= step < 8  # ckpt-00000009-*.pt or later: inside epoch 1
-    assert same_weights(C.load_checkpoint(str(cut / 'ckpt.pt')), C.load_checkpoint(str(full / 'ckpt.pt')))
+    assert same_weights(CK.load_checkpoint(str(cut / 'ckpt.pt')), CK.load_checkpoint(str(full / 'ckpt.pt')))
 
 
 def ffcv_demo(tiny_data, tmp_path, monkeypatch):
@@ -109,7 +114,7 @@ def test_ffcv_default_path_sigkill_then_resume_matches_uninterrupted_run(tiny_da
     r = run(args(cut, '--resume=auto'), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'at epoch 1 step {steps[-1] - 16}' in r.stdout
-    assert same_weights(C.load_checkpoint(str(cut / 'ckpt.pt')), C.load_checkpoint(str(full / 'ckpt.pt')))
+    assert same_weights(CK.load_checkpoint(str(cut / 'ckpt.pt')), CK.load_checkpoint(str(full / 'ckpt.pt')))
 
 
 def test_torchrun_two_ranks_sigkill_then_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
@@ -145,7 +150,7 @@ def test_torchrun_two_ranks_sigkill_then_resume_matches_uninterrupted_run(tiny_d
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'at epoch 1 step {steps[-1] - 16}' in r.stdout
-    assert same_weights(C.load_checkpoint(str(cut / 'ckpt.pt')), C.load_checkpoint(str(full / 'ckpt.pt')))
+    assert same_weights(CK.load_checkpoint(str(cut / 'ckpt.pt')), CK.load_checkpoint(str(full / 'ckpt.pt')))
 
 
 def test_sigterm_checkpoints_and_exits_75(tiny_data, tmp_path):
@@ -153,6 +158,7 @@ def test_sigterm_checkpoints_and_exits_75(tiny_data, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, *train_args(tiny_data, out, '--epochs=50')],
         cwd=HERE,
+        env=one_thread_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -162,7 +168,7 @@ def test_sigterm_checkpoints_and_exits_75(tiny_data, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     assert 'preempted' in err and '--resume=auto' in err
-    ck = C.load_checkpoint(str(out / 'ckpt.pt'))
+    ck = CK.load_checkpoint(str(out / 'ckpt.pt'))
     assert 8 <= ck['step'] < 50 * 8  # stopped mid-run: in epoch 0's evaluation or at a later step
 
 
@@ -181,7 +187,7 @@ def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_p
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0  # plain torchrun: 1 (python -m tools.torchrun: 75, test_train_stops)
     assert err.count('preempted: SIGTERM: checkpoint at step') == 1, err[-3000:]  # rank 0 alone says it
-    step = C.load_checkpoint(str(out / 'ckpt.pt'))['step']
+    step = CK.load_checkpoint(str(out / 'ckpt.pt'))['step']
     assert step >= 8  # the global batch is split over the ranks: still 8 steps per epoch
 
     r = subprocess.run(
@@ -198,7 +204,7 @@ def test_sigterm_stops_both_torchrun_ranks_and_resume_continues(tiny_data, tmp_p
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'resumed from' in r.stdout
-    assert C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == (step // 8 + 2) * 8
+    assert CK.load_checkpoint(str(out / 'ckpt.pt'))['step'] == (step // 8 + 2) * 8
     epochs = [json.loads(line)['epoch'] for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert epochs == list(range(step // 8 + 2))  # one line per epoch, the one stopped in included
 
@@ -231,7 +237,7 @@ def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert out.count('step skipped (1 in a row)') == 2  # once per epoch, and training went on
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert C.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))['step'] == 16
+    assert CK.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))['step'] == 16
 
 
 def test_handlers_come_back_when_training_fails(tiny_data, tmp_path, monkeypatch):
@@ -312,7 +318,7 @@ def test_another_batch_size_is_refused_or_continues_at_the_same_image(
     assert ts[0] == (1 + done / 512, min(batch, 512 - done) - done % batch)
     assert [t for t, _ in ts] == [1 + (done + sum(n for _, n in ts[:i])) / 512 for i in range(len(ts))]
     assert sum(n for _, n in ts) == 512 - done  # the rest of epoch 1, each image once
-    ck = C.load_checkpoint(str(out / 'ckpt.pt'), C.RESUME_KEYS)
+    ck = CK.load_checkpoint(str(out / 'ckpt.pt'), CK.RESUME_KEYS)
     change = dict(key='batch_size', old=64, new=batch, step=step, epoch=1, images=done)
     assert (
         ck['changes'] == [change]
@@ -342,9 +348,9 @@ def test_data_of_another_size_is_refused_or_accepted_and_other_images_warned(
         every_step, 10, tmp_path / 'a', str(half), '--resume_changes=data', capsys=capsys
     )
     assert code is None and 'at epoch 1 step 2' in stdout  # 128 of epoch 1's images done: 2 of 4 steps
-    assert C.load_checkpoint(str(tmp_path / 'a' / 'ckpt.pt'), C.RESUME_KEYS)['step'] == 12
+    assert CK.load_checkpoint(str(tmp_path / 'a' / 'ckpt.pt'), CK.RESUME_KEYS)['step'] == 12
     code, _, err = resume(every_step, 12, tmp_path / 'b', str(flipped), capsys=capsys)
-    was, now = D.identity(tiny_data)['fingerprint'], D.identity(str(flipped))['fingerprint']
+    was, now = CK.identity(tiny_data)['fingerprint'], CK.identity(str(flipped))['fingerprint']
     warnings = [line for line in err.splitlines() if line.startswith('warning: ')]
     assert code is None and len(warnings) == 1 and was in warnings[0] and now in warnings[0] and was != now
 
@@ -360,7 +366,7 @@ def test_fewer_or_more_epochs(every_step, tiny_data, tmp_path, capsys):
     change = dict(key='epochs', old=2, new=3, step=16, epoch=2, images=0)
     lines = [(m['epoch'], m.get('changes')) for m in epoch_lines(tmp_path / 'c')]
     assert code is None and lines == [(1, None), (2, [change])]  # epoch 1, trained, is evaluated first
-    assert C.load_checkpoint(str(tmp_path / 'c' / 'ckpt.pt'), C.RESUME_KEYS)['step'] == 24
+    assert CK.load_checkpoint(str(tmp_path / 'c' / 'ckpt.pt'), CK.RESUME_KEYS)['step'] == 24
 
 
 def test_every_setting_that_changes_the_run_is_compared(every_step, tiny_data, tmp_path, capsys):
@@ -375,7 +381,7 @@ def test_every_setting_that_changes_the_run_is_compared(every_step, tiny_data, t
     code, _, _ = resume(
         every_step, 12, tmp_path / 'a', tiny_data, *new, '--resume_changes=lr,smoothing,mixup', capsys=capsys
     )
-    ck = C.load_checkpoint(str(tmp_path / 'a' / 'ckpt.pt'), C.RESUME_KEYS)
+    ck = CK.load_checkpoint(str(tmp_path / 'a' / 'ckpt.pt'), CK.RESUME_KEYS)
     assert code is None and [(c['key'], c['old'], c['new'], c['step']) for c in ck['changes']] == [
         ('lr', 0.002, 0.001, 12),
         ('smoothing', 0.1, 0.2, 12),
@@ -395,15 +401,15 @@ def test_a_resumed_epoch_reports_the_whole_epoch(every_step, tiny_data, tmp_path
     r = run(train_args(tiny_data, tmp_path / 'a', '--resume=auto'))
     full, cut = epoch_lines(every_step)[1], epoch_lines(tmp_path / 'a')
     assert r.returncode == 0 and [m['epoch'] for m in cut] == [1], r.stderr[-3000:]
-    assert same_weights(*(C.load_checkpoint(str(d / 'ckpt.pt')) for d in (every_step, tmp_path / 'a')))
+    assert same_weights(*(CK.load_checkpoint(str(d / 'ckpt.pt')) for d in (every_step, tmp_path / 'a')))
     assert {k: v for k, v in cut[0].items() if k != 'img_per_s'} == {
         k: v for k, v in full.items() if k != 'img_per_s'
     }
     old = tmp_path / 'old'
     old.mkdir()
-    ck = C.load_checkpoint(str(next(every_step.glob('ckpt-00000012-*.pt'))), C.RESUME_KEYS)
+    ck = CK.load_checkpoint(str(next(every_step.glob('ckpt-00000012-*.pt'))), CK.RESUME_KEYS)
     new_keys = ('images', 'steps_per_epoch', 'batch_size', 'sums', 'done', 'changes', 'data_id')
-    C.save_checkpoint(str(old / 'ckpt-00000012-old.pt'), {k: v for k, v in ck.items() if k not in new_keys})
+    CK.save_checkpoint(str(old / 'ckpt-00000012-old.pt'), {k: v for k, v in ck.items() if k not in new_keys})
     code, stdout, err = resume(every_step, 12, old, tiny_data, capsys=capsys)
     assert code is None and 'at epoch 1 step 4' in stdout and 'an earlier version' in stdout
     assert 'records no class names or data fingerprint' in err

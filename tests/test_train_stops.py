@@ -18,22 +18,24 @@ import time
 import pytest
 import torch
 
+import checkpoint as CK
 import config as C
 import evaluate as E
 import train as T
 from test_smoke import HERE, train_args
-from tests.conftest import needs_ffcv, offline_env
+from tests.conftest import needs_ffcv, offline_env, one_thread_env
 from tests.test_train_faults import fails, tiny_disk, trained
 from tests.test_train_resume import wait_for
 
 TORCHRUN = [sys.executable, '-m', 'tools.torchrun', '--standalone', '--nproc_per_node=2']
 
 
-def start(args, **kw):
+def start(args, env=None, **kw):
     """A command as a shell's foreground job gets it: SIGINT at its default (bash starts `&` jobs with
-    SIGINT ignored, and a child inherits that)."""
+    SIGINT ignored, and a child inherits that). env: conftest.one_thread_env() unless given."""
     return subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            env=one_thread_env() if env is None else env, **kw)
 
 
 def stopped(proc, *signals, gap=0.0):
@@ -66,7 +68,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_130(tiny_data, tmp_path):
     rc, _, err, _ = stopped(proc, signal.SIGINT)
     line = one_line(err, 'interrupted: checkpoint at step ')
     assert rc == 130 and line.endswith(f'in {out}; continue with --resume=auto'), (rc, line)
-    assert C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == step_of(line) > 3
+    assert CK.load_checkpoint(str(out / 'ckpt.pt'))['step'] == step_of(line) > 3
     assert not list(out.glob('*.tmp'))
 
 
@@ -79,7 +81,7 @@ def test_a_second_ctrl_c_exits_at_once_leaving_no_partial_file(tiny_data, tmp_pa
     one_line(err, 'interrupted: ')
     assert rc == 130 and not list(out.glob('*.tmp')), err[-3000:]
     for path in out.glob('ckpt*.pt'):
-        C.load_checkpoint(str(path), C.RESUME_KEYS)
+        CK.load_checkpoint(str(path), CK.RESUME_KEYS)
 
 
 def test_a_signal_in_the_evaluation_stops_it_and_the_resume_evaluates_that_epoch(tiny_data, tmp_path):
@@ -91,13 +93,13 @@ def test_a_signal_in_the_evaluation_stops_it_and_the_resume_evaluates_that_epoch
     rc, _, err, seconds = stopped(proc, signal.SIGTERM)
     line = one_line(err, 'preempted: SIGTERM: checkpoint at step 8 ')
     assert rc == 75 and 'it evaluates epoch 0 first' in line, (rc, err[-3000:])
-    assert C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == 8 and not (out / 'metrics.jsonl').exists()
+    assert CK.load_checkpoint(str(out / 'ckpt.pt'))['step'] == 8 and not (out / 'metrics.jsonl').exists()
     print(f'signal to exit during the evaluation: {seconds:.1f} s')
     r = subprocess.run([sys.executable, *train_args(tiny_data, out, '--resume=auto')], cwd=HERE,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=one_thread_env())
     assert r.returncode == 0, r.stderr[-3000:]
     epochs = [json.loads(line)['epoch'] for line in (out / 'metrics.jsonl').read_text().splitlines()]
-    assert epochs == [0, 1] and C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == 16
+    assert epochs == [0, 1] and CK.load_checkpoint(str(out / 'ckpt.pt'))['step'] == 16
 
 
 @pytest.mark.parametrize('sig,rc,prefix', [(signal.SIGTERM, 75, 'preempted: SIGTERM: '),
@@ -111,7 +113,7 @@ def test_a_signal_to_the_torchrun_launcher_stops_both_ranks_in_one_line(tiny_dat
     lines = [line for line in err.splitlines() if line.startswith(('preempted', 'interrupted', 'error'))]
     assert code == rc and lines and len(lines) == 1 and lines[0].startswith(prefix), err[-3000:]
     assert 'Traceback' not in err and 'SignalException' not in err, err[-3000:]
-    assert C.load_checkpoint(str(out / 'ckpt.pt'))['step'] == step_of(lines[0])
+    assert CK.load_checkpoint(str(out / 'ckpt.pt'))['step'] == step_of(lines[0])
 
 
 def test_evaluate_stops_in_autoattack_keeping_its_progress(tiny_data, tmp_path):
@@ -143,7 +145,7 @@ def test_full_disk_error_stands_alone_on_a_terminal_with_a_progress_bar(tiny_dat
         main, child = pty.openpty()
         extra = ('--ckpt_every=1', '--keep=100', '--epochs=1')
         args = [sys.executable, *train_args(tiny_data, disk / 'run', *extra)]
-        proc = subprocess.Popen(args, cwd=HERE, stdout=child, stderr=child)
+        proc = subprocess.Popen(args, cwd=HERE, stdout=child, stderr=child, env=one_thread_env())
         os.close(child)
         raw = b''
         while chunk := _read(main):
@@ -169,7 +171,8 @@ def test_a_log_written_to_a_file_reads_as_lines(tiny_data, tmp_path):
     log = tmp_path / 'log.txt'
     with open(log, 'w') as f:
         args = [sys.executable, *train_args(tiny_data, tmp_path / 'run', '--eval_n=600')]
-        r = subprocess.run(args, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+        r = subprocess.run(args, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, timeout=600,
+                           env=one_thread_env())
     text = log.read_text()
     assert r.returncode == 0 and '\r' not in text and '\x1b' not in text, text[-3000:]
     lines = text.splitlines()
@@ -215,7 +218,7 @@ def test_a_checkpoint_argument_is_described_as_what_it_is(kind, base, tiny_data,
     if kind == 'state_dict':
         assert '--init takes weights alone' in err
         out = trained(tiny_data, tmp_path / 'from-weights', f'--init={path}', '--lr=1e-9', '--min_lr=0')
-        first, now = torch.load(path), C.load_checkpoint(str(out / 'ckpt.pt'))['model']
+        first, now = torch.load(path), CK.load_checkpoint(str(out / 'ckpt.pt'))['model']
         assert all(torch.allclose(v, first[k], atol=1e-6) for k, v in now.items()
                    if v.is_floating_point() and 'running' not in k)  # the run started from these weights
 

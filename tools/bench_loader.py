@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from augment import BatchAugment, ffcv_loader, randaug_transform, torchvision_loader
+from augment import BatchAugment, ffcv_loader, torchvision_loader
 from config import RULES, checked
-from data import VAL_SIDE, list_images, need_ffcv
+from data import VAL_SIDE, list_images, need_ffcv, randaug_transform
 from models import IMAGENET_MEAN, IMAGENET_STD
 from tools.beton import write_beton
 

@@ -23,8 +23,9 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
 from attack import LOSSES, pgd
-from config import ArgumentParser, Config, UserError, checked, cli, load_checkpoint
-from data import check_data, data_shape, make_loaders
+from checkpoint import check_data, load_checkpoint
+from config import ArgumentParser, Config, UserError, checked, cli
+from data import data_shape, make_loaders
 from edge_reg import edge_energy
 from evaluate import evaluate, model_from_checkpoint, parse_eps
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 import gradnorm
 from attack import square_broken
-from config import ArgumentParser, Config, checked, cli, load_checkpoint
+from checkpoint import load_checkpoint
+from config import ArgumentParser, Config, checked, cli
 from data import FASHION_MEAN, FASHION_STD, load_fashion_mnist, make_loaders
 from evaluate import evaluate, model_from_checkpoint, parse_eps
 from models import build_model, is_model
