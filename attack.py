@@ -317,6 +317,7 @@ def square_check(model, batches, gradient_standing, eps, queries=1000, seed=0, a
     device = batches[0][0].device if batches else torch.device('cpu')
     attacked, fooled = summed([before.sum().item(), broken.sum().item()], device)
     allowed = max(slack_images, slack_share * attacked)
+    rule = f'allowed {allowed:.3g}, the larger of {slack_images} and {slack_share:.0%}'  # 6.97 is not 7
     return fooled <= allowed, (f'Square ({queries} queries, no gradients) broke {fooled:.0f} of the '
-                               f'{attacked:.0f} images every gradient attack failed on '
-                               f'(allowed {allowed:.0f}; more: masked gradients)')
+                               f'{attacked:.0f} images every gradient attack failed on ({rule}; more: masked '
+                               'gradients)')
